@@ -1,0 +1,1 @@
+"""Images in: robust decoding (io), dataset layouts, ELPV, the synthetic generator, preprocessing."""

@@ -1,0 +1,218 @@
+"""Preprocessing that is stored with every model, so that training, evaluation, the
+exported model and the server all see exactly the same pixels.
+
+An image goes: HxWxC uint8/uint16 array -> float in [0, 1] (16-bit keeps its precision)
+-> 3 channels (grayscale is replicated, because the backbones are RGB networks) -> resize
+(bilinear, antialiased) -> optional centre crop -> (x - mean) / std.
+Masks go through the same geometry with nearest-neighbour resampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from iadkit.types import ANOMALOUS, Sample
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Geometry and normalisation of a model's input; JSON-serialisable via `to_dict`."""
+
+    image_size: tuple[int, int] = (256, 256)
+    crop_size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", _pair(self.image_size))
+        if self.crop_size is not None:
+            crop = _pair(self.crop_size)
+            if crop[0] > self.image_size[0] or crop[1] > self.image_size[1]:
+                raise ValueError(f"crop_size {crop} is larger than image_size {self.image_size}")
+            object.__setattr__(self, "crop_size", crop)
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return self.crop_size or self.image_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["crop_size"] = list(self.crop_size) if self.crop_size else None
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        return cls(
+            image_size=tuple(d["image_size"]),
+            crop_size=tuple(d["crop_size"]) if d.get("crop_size") else None,
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+        )
+
+    # -- images --------------------------------------------------------------------------
+    def to_unit_float(self, image: np.ndarray) -> torch.Tensor:
+        """HxWxC (or HxW) uint8/uint16/float array -> 3xHxW float32 in [0, 1]."""
+        arr = np.asarray(image)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise ValueError(f"expected an HxWxC image with C in 1, 3 or 4, got shape {arr.shape}")
+        if arr.shape[2] == 4:  # io.read_image drops alpha already; arrays from users may not
+            arr = arr[:, :, :3]
+        if arr.dtype == np.uint8:
+            t = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
+        elif arr.dtype == np.uint16:
+            t = torch.from_numpy(arr.astype(np.float32)).div_(65535.0)
+        elif np.issubdtype(arr.dtype, np.floating):
+            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        else:
+            raise ValueError(f"unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+        t = t.permute(2, 0, 1)
+        if t.shape[0] == 1:
+            t = t.expand(3, -1, -1)
+        return t.contiguous()
+
+    def geometry(self, chw: torch.Tensor, *, is_mask: bool = False) -> torch.Tensor:
+        """Resize then centre-crop a CxHxW tensor (images bilinear+antialias, masks nearest)."""
+        x = chw[None]
+        if tuple(x.shape[-2:]) != self.image_size:
+            if is_mask:
+                x = F.interpolate(x, size=self.image_size, mode="nearest")
+            else:
+                x = F.interpolate(x, size=self.image_size, mode="bilinear", antialias=True, align_corners=False)
+        if self.crop_size is not None:
+            ch, cw = self.crop_size
+            top = (self.image_size[0] - ch) // 2
+            left = (self.image_size[1] - cw) // 2
+            x = x[..., top : top + ch, left : left + cw]
+        return x[0]
+
+    def normalize(self, chw: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=chw.dtype).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=chw.dtype).view(3, 1, 1)
+        return (chw - mean) / std
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """One image array -> normalised 3xHxW float32 tensor."""
+        return self.normalize(self.geometry(self.to_unit_float(image)))
+
+    def mask(self, mask: np.ndarray) -> torch.Tensor:
+        """One HxW bool mask -> HxW bool tensor in the model's input geometry."""
+        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+        return self.geometry(m, is_mask=True)[0] > 0.5
+
+    def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return torch.stack([self(im) for im in images])
+
+    def denormalize(self, bchw: torch.Tensor) -> torch.Tensor:
+        """Inverse of normalisation, for drawing overlays: values back in [0, 1]."""
+        mean = torch.tensor(self.mean, dtype=bchw.dtype, device=bchw.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=bchw.dtype, device=bchw.device).view(1, 3, 1, 1)
+        return (bchw * std + mean).clamp(0, 1)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [B, 3, H, W] normalised
+    labels: torch.Tensor  # [B] int64 (0 good, 1 anomalous, -1 unknown)
+    masks: torch.Tensor | None  # [B, H, W] bool, or None when not requested
+    indices: torch.Tensor  # [B] positions in the ImageSet
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """Samples + the preprocessing a model uses: what `Detector.fit` receives.
+
+    Decoded, preprocessed images are cached in memory as float16 when `cache` is on (the
+    default for sets under ~1 GB), because multi-epoch methods would otherwise decode every
+    file on every epoch.
+    """
+
+    def __init__(self, samples: Sequence[Sample], preprocess: Preprocess, *, cache: bool | None = None):
+        self.samples = list(samples)
+        self.preprocess = preprocess
+        h, w = preprocess.output_size
+        est_bytes = len(self.samples) * 3 * h * w * 2
+        self.cache_enabled = cache if cache is not None else est_bytes < 1_000_000_000
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([s.label for s in self.samples], dtype=torch.long)
+
+    def image(self, index: int) -> torch.Tensor:
+        if index in self._cache:
+            return self._cache[index].float()
+        x = self.preprocess(self.samples[index].load_image())
+        if self.cache_enabled:
+            self._cache[index] = x.half()
+        return x
+
+    def mask(self, index: int) -> torch.Tensor:
+        """The sample's mask in model geometry; all-False for good images without a mask file.
+
+        Raises a clear error for an anomalous image without a mask, because pixel metrics
+        would silently be wrong otherwise.
+        """
+        s = self.samples[index]
+        if not s.has_mask:
+            if s.label == ANOMALOUS:
+                raise ValueError(f"{s.path}: anomalous image has no ground-truth mask; pixel metrics need one")
+            return torch.zeros(self.preprocess.output_size, dtype=torch.bool)
+        from iadkit.data.io import image_shape
+
+        shape = s.image.shape[:2] if s.image is not None else image_shape(s.path)
+        return self.preprocess.mask(s.load_mask(shape=shape))
+
+    def has_all_masks(self) -> bool:
+        return all(s.label == 0 or s.has_mask for s in self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.image(index), "label": self.samples[index].label, "index": index}
+
+    def batches(
+        self,
+        batch_size: int = 16,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        with_masks: bool = False,
+        drop_last: bool = False,
+    ) -> Iterator[Batch]:
+        order = np.arange(len(self))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(self))
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) == 0:
+                break
+            images = torch.stack([self.image(int(i)) for i in idx])
+            labels = torch.tensor([self.samples[int(i)].label for i in idx], dtype=torch.long)
+            masks = torch.stack([self.mask(int(i)) for i in idx]) if with_masks else None
+            yield Batch(images=images, labels=labels, masks=masks, indices=torch.as_tensor(idx))
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last else -(-n // batch_size)
