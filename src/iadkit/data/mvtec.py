@@ -1,0 +1,182 @@
+"""The MVTec AD family of layouts: MVTec AD, MPDD, BTAD, MVTec LOCO AD, MVTec 3D-AD (RGB).
+
+They share one idea (a folder per category with ``train/`` and ``test/``, a folder per
+defect type, ground truth beside) and differ in details, all handled here:
+
+* **mvtec** (also MPDD and the iadkit synthetic generator): ``train/good``,
+  ``test/good``, ``test/<defect>``, masks ``ground_truth/<defect>/<stem>_mask.png``.
+* **btad**: ``train/ok``, ``test/ok``, ``test/ko``, masks ``ground_truth/ko/<stem>.png``
+  (product 03 ships ``.bmp`` images; any image suffix is accepted for masks).
+* **loco** (MVTec LOCO AD): ``validation/good`` as well; the test defect types are
+  ``logical_anomalies`` and ``structural_anomalies``; each anomalous image has a *folder*
+  of masks ``ground_truth/<defect>/<stem>/000.png, 001.png, ...`` (one per defect
+  region), merged into one mask through ``Sample.mask_paths``.
+* **mvtec3d** (MVTec 3D-AD, RGB channel only): ``train/good/rgb``, ``validation/good/rgb``,
+  ``test/<defect>/rgb/<stem>.png`` with masks ``test/<defect>/gt/<stem>.png``; the
+  ``xyz`` point clouds are ignored.
+
+Masks are matched by stem, with or without a ``_mask`` suffix, whatever the suffix of the
+file, so re-encoded copies of these datasets still load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from iadkit.data.layouts import (
+    DatasetSplit,
+    MaskIndex,
+    handle_missing_masks,
+    list_images,
+    pick_category,
+    require_dir,
+    require_images,
+)
+from iadkit.errors import DatasetLayoutError
+from iadkit.types import ANOMALOUS, GOOD, Sample
+
+VARIANTS = ("mvtec", "btad", "loco", "mvtec3d")
+LOCO_DEFECT_TYPES = ("logical_anomalies", "structural_anomalies")
+
+_EXPECTED = {
+    "mvtec": "<root>/<category>/train/good/*.png, test/good, test/<defect>/*.png, ground_truth/<defect>/<stem>_mask.png",
+    "btad": "<root>/<category>/train/ok, test/ok, test/ko, ground_truth/ko/<stem>.png",
+    "loco": "<root>/<category>/train/good, validation/good, test/<defect>, ground_truth/<defect>/<stem>/000.png",
+    "mvtec3d": "<root>/<category>/train/good/rgb, test/<defect>/rgb, test/<defect>/gt/<stem>.png",
+}
+
+
+def _good_name(variant: str) -> str:
+    return "ok" if variant == "btad" else "good"
+
+
+def is_category_dir(path: Path) -> bool:
+    """A folder with ``train/`` and ``test/`` whose train part holds ``good`` or ``ok``."""
+    train = path / "train"
+    return (path / "test").is_dir() and ((train / "good").is_dir() or (train / "ok").is_dir())
+
+
+def variant_of(cat_dir: Path) -> str:
+    """Which member of the family one category folder belongs to."""
+    if (cat_dir / "train" / "ok").is_dir() and not (cat_dir / "train" / "good").is_dir():
+        return "btad"
+    if (cat_dir / "train" / "good" / "rgb").is_dir():
+        return "mvtec3d"
+    test = cat_dir / "test"
+    if any((test / d).is_dir() for d in LOCO_DEFECT_TYPES):
+        return "loco"
+    return "mvtec"
+
+
+def _category_dirs(root: Path) -> list[Path]:
+    if is_category_dir(root):
+        return [root]
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and is_category_dir(d))
+
+
+def detect_variant(root: Path) -> str | None:
+    """The variant of a root (or category folder), or None when it is not MVTec-like."""
+    dirs = _category_dirs(root)
+    return variant_of(dirs[0]) if dirs else None
+
+
+def list_mvtec_categories(root: Path, variant: str = "mvtec") -> list[str]:
+    """Category folder names under ``root`` (the root's own name if it is a category folder)."""
+    return [d.name for d in _category_dirs(Path(root))]
+
+
+def _image_dir(split_dir: Path, variant: str) -> Path:
+    return split_dir / "rgb" if variant == "mvtec3d" else split_dir
+
+
+def load_mvtec(
+    root: Path | str,
+    category: str | None = None,
+    *,
+    variant: str = "mvtec",
+    allow_missing_masks: bool = False,
+) -> DatasetSplit:
+    """Read one category of an MVTec-family dataset (see the module docstring for layouts)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    root = Path(root)
+    expected = _EXPECTED[variant]
+    dirs = {d.name: d for d in _category_dirs(root)}
+    if not dirs:
+        raise DatasetLayoutError(f"{root}: no category folder with train/ and test/ found. Expected: {expected}")
+    name = pick_category(sorted(dirs), category, root, variant)
+    cat_dir = dirs[name]
+    good = _good_name(variant)
+
+    train_dir = _image_dir(require_dir(cat_dir / "train" / good, f"training images, train/{good}", expected), variant)
+    train = [
+        Sample(path=str(p), label=GOOD, category=name, defect_type="good")
+        for p in require_images(train_dir, f"training images of {name!r}")
+    ]
+
+    validation: list[Sample] = []
+    val_dir = cat_dir / "validation" / good
+    if val_dir.is_dir():
+        validation = [
+            Sample(path=str(p), label=GOOD, category=name, defect_type="good")
+            for p in list_images(_image_dir(val_dir, variant))
+        ]
+
+    test_root = require_dir(cat_dir / "test", "test images", expected)
+    # good first, then the defect types alphabetically
+    defect_dirs = sorted(
+        (d for d in test_root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+        key=lambda d: (d.name != good, d.name),
+    )
+    if not defect_dirs:
+        raise DatasetLayoutError(f"{test_root}: no sub-folders; expected test/{good} and test/<defect_type>. Expected: {expected}")
+
+    test: list[Sample] = []
+    missing: list[str] = []
+    for ddir in defect_dirs:
+        images = list_images(_image_dir(ddir, variant))
+        if ddir.name == good:
+            test += [Sample(path=str(p), label=GOOD, category=name, defect_type="good") for p in images]
+            continue
+        defect_type = ddir.name
+        if variant == "loco":
+            gt_dir = cat_dir / "ground_truth" / defect_type
+            for p in images:
+                folder = gt_dir / p.stem
+                masks = tuple(str(m) for m in list_images(folder))
+                if not masks:
+                    missing.append(str(p))
+                test.append(
+                    Sample(path=str(p), label=ANOMALOUS, category=name, defect_type=defect_type, mask_paths=masks)
+                )
+            continue
+        if variant == "mvtec3d":
+            index = MaskIndex([ddir / "gt"])
+        else:
+            index = MaskIndex([cat_dir / "ground_truth" / defect_type])
+        for p in images:
+            mask = index.find(p.stem)
+            if mask is None:
+                missing.append(str(p))
+            test.append(
+                Sample(
+                    path=str(p),
+                    label=ANOMALOUS,
+                    category=name,
+                    defect_type=defect_type,
+                    mask_path=str(mask) if mask is not None else None,
+                )
+            )
+    if not test:
+        raise DatasetLayoutError(f"{test_root}: no test images found in its sub-folders. Expected: {expected}")
+    handle_missing_masks(missing, allow_missing_masks, f"{cat_dir} ({variant} layout)")
+    dataset_name = root.name if cat_dir != root else root.parent.name
+    return DatasetSplit(
+        name=dataset_name,
+        category=name,
+        train=train,
+        test=test,
+        validation=validation,
+        layout=variant,
+        root=str(root),
+    )
