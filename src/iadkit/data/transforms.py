@@ -79,11 +79,11 @@ class Preprocess:
         if arr.shape[2] == 4:  # io.read_image drops alpha already; arrays from users may not
             arr = arr[:, :, :3]
         if arr.dtype == np.uint8:
-            t = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
+            t = torch.from_numpy(arr.astype(np.float32)).div_(255.0)  # astype copies: inputs may be read-only
         elif arr.dtype == np.uint16:
             t = torch.from_numpy(arr.astype(np.float32)).div_(65535.0)
         elif np.issubdtype(arr.dtype, np.floating):
-            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            t = torch.from_numpy(np.array(arr, dtype=np.float32))
         else:
             raise ValueError(f"unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
         t = t.permute(2, 0, 1)
