@@ -113,6 +113,17 @@ def test_missing_mask_is_an_error_unless_allowed(tmp_path: Path) -> None:
     assert sum(s.has_mask for s in split.test_anomalous) == 2
 
 
+def test_missing_train_good_is_named(tmp_path: Path) -> None:
+    make_mvtec(tmp_path, "bottle")
+    cat = make_mvtec(tmp_path, "wood")
+    for p in (cat / "train" / "good").iterdir():
+        p.unlink()
+    (cat / "train" / "good").rmdir()
+    assert list_categories(tmp_path) == ["bottle"]
+    with pytest.raises(DatasetLayoutError, match=r"wood: missing folder train/good"):
+        load_dataset(tmp_path, "wood")
+
+
 def test_empty_train_and_bad_sources(tmp_path: Path) -> None:
     cat = make_mvtec(tmp_path)
     for p in (cat / "train" / "good").iterdir():

@@ -102,11 +102,16 @@ def load_mvtec(
     root = Path(root)
     expected = _EXPECTED[variant]
     dirs = {d.name: d for d in _category_dirs(root)}
+    good = _good_name(variant)
+    named = root / category if category is not None and root.name != category else root
+    if category is not None and category not in dirs and named.is_dir() and (named / "test").is_dir():
+        raise DatasetLayoutError(
+            f"{named}: missing folder train/{good} (the good training images). Expected layout: {expected}"
+        )
     if not dirs:
         raise DatasetLayoutError(f"{root}: no category folder with train/ and test/ found. Expected: {expected}")
     name = pick_category(sorted(dirs), category, root, variant)
     cat_dir = dirs[name]
-    good = _good_name(variant)
 
     train_dir = _image_dir(require_dir(cat_dir / "train" / good, f"training images, train/{good}", expected), variant)
     train = [
