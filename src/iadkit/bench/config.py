@@ -1,0 +1,279 @@
+"""Benchmark configuration: the grid, read from YAML or TOML, and its expansion into cells.
+
+A config file (YAML shown; TOML has the same keys)::
+
+    name: my-bench
+    methods:                       # a name, or a table with hyper-parameters
+      - padim
+      - name: patchcore
+        image_size: 224            # default: the top-level image_size
+        image_size_for: {elpv: 128}   # per dataset scheme (the part before ':')
+        params: {coreset_ratio: 0.1}
+    datasets:
+      - source: synthetic:./synth  # any iadkit.data.load_dataset source
+        categories: [fabric, tile] # omit for every category of the source
+      - source: elpv
+        categories: [mono, poly, all]
+        subsample: {train: 100, test: 120}   # optional, for quick runs; labelled in results
+    settings: [vanilla]            # or {name: few_shot, params: {k: 4}}
+    seeds: [0]
+    image_size: 224
+    device: auto                   # cpu | cuda | auto
+    gallery_size: 3                # overlays kept per cell: top defects and worst false alarms
+    imports: []                    # modules to import first (private methods, settings, sources)
+
+A cell is one (method + hyper-parameters, dataset, category, setting, seed, image size).
+Its identity is a hash of exactly these, so a rerun recognises finished cells, and
+changing any of them makes a new cell instead of silently reusing an old result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from iadkit.errors import IadkitError
+
+Size = int | tuple[int, int]
+
+
+class BenchConfigError(IadkitError, ValueError):
+    """A benchmark configuration file or preset is missing, unreadable or invalid."""
+
+
+def _size(v: Any) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    h, w = v
+    return (int(h), int(w))
+
+
+class MethodSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    image_size: Size | None = None
+    image_size_for: dict[str, Size] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class SubsampleSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: int | None = Field(default=None, ge=1)
+    test: int | None = Field(default=None, ge=2)
+
+
+class DatasetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    categories: list[str] | None = None
+    subsample: SubsampleSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"source": v} if isinstance(v, str) else v
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _one_category(cls, v: Any) -> Any:
+        if v == "*":
+            return None
+        return [v] if isinstance(v, str) else v
+
+    @property
+    def scheme(self) -> str:
+        return self.source.partition(":")[0]
+
+
+class SettingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "vanilla"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "benchmark"
+    methods: list[MethodSpec] = Field(min_length=1)
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    settings: list[SettingSpec] = Field(default_factory=lambda: [SettingSpec()])
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    image_size: Size = 224
+    batch_size: int = Field(default=16, ge=1)
+    device: str = "auto"
+    gallery_size: int = Field(default=3, ge=0)
+    imports: list[str] = Field(default_factory=list)
+    description: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BenchConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise BenchConfigError(f"{path}: no such benchmark config file")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() == ".toml":
+                data = tomllib.loads(text)
+            elif path.suffix.lower() in (".yaml", ".yml", ".json"):
+                data = yaml.safe_load(text)
+            else:
+                raise BenchConfigError(f"{path}: unknown config format {path.suffix!r}; use .yaml, .yml or .toml")
+        except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+            raise BenchConfigError(f"{path}: cannot parse: {exc}") from exc
+        return cls.parse(data, origin=str(path))
+
+    @classmethod
+    def parse(cls, data: Any, origin: str = "config") -> "BenchConfig":
+        if not isinstance(data, dict):
+            raise BenchConfigError(f"{origin}: expected a table of keys (methods, datasets, ...), got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+            raise BenchConfigError(f"{origin}: invalid benchmark config:\n  " + "\n  ".join(lines)) from None
+
+
+def canonical_json(obj: Any) -> str:
+    """Key-sorted compact JSON: equal values always give equal text (and equal hashes)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, tuple):
+        return list(o)
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fit-and-evaluate job. Everything a worker needs, and nothing that is not data."""
+
+    method: str
+    params: dict[str, Any]
+    dataset: str
+    category: str
+    setting: str
+    seed: int
+    image_size: tuple[int, int]
+    setting_params: dict[str, Any] = field(default_factory=dict)
+    subsample: dict[str, int | None] | None = None
+    batch_size: int = 16
+    device: str = "auto"
+    gallery_size: int = 3
+    imports: tuple[str, ...] = ()
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two cells the same experiment (batch size, device, gallery do not)."""
+        return {
+            "method": self.method,
+            "params": self.params,
+            "dataset": self.dataset,
+            "subsample": self.subsample,
+            "category": self.category,
+            "setting": self.setting,
+            "setting_params": self.setting_params,
+            "seed": self.seed,
+            "image_size": list(self.image_size),
+        }
+
+    @property
+    def cell_id(self) -> str:
+        return hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()[:16]
+
+    @property
+    def dataset_label(self) -> str:
+        """Display name; a subsample says so, so nobody mistakes it for the full protocol."""
+        if not self.subsample:
+            return self.dataset
+        parts = [f"{k}≤{v}" for k, v in sorted(self.subsample.items()) if v is not None]
+        return f"{self.dataset} (subsample {', '.join(parts)})" if parts else self.dataset
+
+    @property
+    def setting_label(self) -> str:
+        if not self.setting_params:
+            return self.setting
+        return self.setting + "(" + ",".join(f"{k}={v}" for k, v in sorted(self.setting_params.items())) + ")"
+
+    def describe(self) -> str:
+        return f"{self.method} · {self.dataset_label}/{self.category} · {self.setting_label} · seed {self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["imports"] = list(self.imports)
+        return d
+
+
+def expand(config: BenchConfig) -> list[Cell]:
+    """Every cell of the grid, ordered dataset -> category -> setting -> seed -> method.
+
+    That order keeps one category's data hot while every method runs on it, and fills the
+    leaderboard row by row.
+    """
+    from iadkit.bench.datasets import list_source_categories
+    from iadkit.bench.settings import get_setting
+
+    import_modules(config.imports)
+    for s in config.settings:
+        get_setting(s.name)  # fail before any work on a typo
+    cells: list[Cell] = []
+    for ds in config.datasets:
+        categories = ds.categories if ds.categories is not None else list_source_categories(ds.source)
+        if not categories:
+            raise BenchConfigError(f"dataset {ds.source!r} has no categories")
+        for category in categories:
+            for st in config.settings:
+                for seed in config.seeds:
+                    for m in config.methods:
+                        size = m.image_size_for.get(ds.scheme, m.image_size if m.image_size is not None else config.image_size)
+                        cells.append(
+                            Cell(
+                                method=m.name,
+                                params=dict(m.params),
+                                dataset=ds.source,
+                                category=category,
+                                setting=st.name,
+                                setting_params=dict(st.params),
+                                seed=int(seed),
+                                image_size=_size(size),
+                                subsample=ds.subsample.model_dump() if ds.subsample else None,
+                                batch_size=config.batch_size,
+                                device=config.device,
+                                gallery_size=config.gallery_size,
+                                imports=tuple(config.imports),
+                            )
+                        )
+    ids = [c.cell_id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise BenchConfigError("the grid lists the same cell twice (same method, parameters, data, setting, seed and size)")
+    return cells
+
+
+def import_modules(names: list[str] | tuple[str, ...]) -> None:
+    """Import plugin modules (they register methods, settings or dataset sources)."""
+    from importlib import import_module
+
+    for name in names:
+        try:
+            import_module(name)
+        except ImportError as exc:
+            raise BenchConfigError(f"cannot import {name!r} listed in the benchmark's imports: {exc}") from exc

@@ -1,0 +1,326 @@
+"""The results database: one SQLite file per benchmark, written only by the driver.
+
+Schema (version 1)::
+
+    meta(key TEXT PRIMARY KEY, value TEXT)          -- 'schema_version' = '1', 'created'
+    runs(                                           -- one row per cell
+        cell_id        TEXT PRIMARY KEY,            -- sha256(identity)[:16], see bench.config.Cell
+        method         TEXT NOT NULL,
+        params         TEXT NOT NULL,               -- JSON, the method's hyper-parameters as given
+        dataset        TEXT NOT NULL,               -- source string, e.g. 'elpv', 'synthetic:./synth'
+        dataset_label  TEXT NOT NULL,               -- display name; says "subsample" when one was used
+        subsample      TEXT,                        -- JSON {"train": n, "test": n} or NULL
+        category       TEXT NOT NULL,
+        setting        TEXT NOT NULL,               -- registered setting name, e.g. 'vanilla'
+        setting_params TEXT NOT NULL,               -- JSON
+        seed           INTEGER NOT NULL,
+        image_size     TEXT NOT NULL,               -- JSON [h, w]
+        status         TEXT NOT NULL,               -- 'running' | 'done' | 'failed'
+        metrics        TEXT,                        -- JSON {"image_auroc": ..., "pixel_auroc": ...}
+        timings        TEXT,                        -- JSON {"fit_seconds", "seconds_per_image",
+                                                    --   "model_seconds_per_image", "fit_peak_rss_mb",
+                                                    --   "peak_rss_mb", ...}
+        n_train        INTEGER, n_test INTEGER,
+        iadkit_version TEXT NOT NULL,
+        host           TEXT,                        -- machine that ran the cell (Ray workers differ)
+        error          TEXT,                        -- 'ExceptionType: message' when failed
+        traceback      TEXT,
+        started        TEXT, finished TEXT          -- ISO-8601 UTC
+    )
+    scores(                                         -- every test image of every finished cell
+        cell_id TEXT NOT NULL REFERENCES runs(cell_id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,                       -- position in the test set
+        path TEXT NOT NULL, label INTEGER NOT NULL, -- 0 good, 1 anomalous
+        defect_type TEXT NOT NULL, score REAL NOT NULL,
+        PRIMARY KEY (cell_id, idx))
+    overlays(                                       -- a few rendered heatmaps per cell, for the report
+        cell_id TEXT NOT NULL REFERENCES runs(cell_id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,                         -- 'defect' (highest-scored anomalous images)
+                                                    -- | 'false_alarm' (highest-scored good images)
+        rank INTEGER NOT NULL,                      -- 0 = highest score
+        path TEXT NOT NULL, label INTEGER NOT NULL, defect_type TEXT NOT NULL, score REAL NOT NULL,
+        png BLOB NOT NULL,                          -- [photo + outline | heatmap + outline]
+        PRIMARY KEY (cell_id, kind, rank))
+
+Per-image scores with labels let any image metric be recomputed later without rerunning
+(`image_scores`). Each finished cell is written in one transaction (run row, scores and
+overlays together), so a killed benchmark leaves either the whole cell or none of it. The
+default rollback journal keeps the database a single file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+import iadkit
+from iadkit.bench.config import Cell, canonical_json
+from iadkit.errors import IadkitError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    cell_id TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    params TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    dataset_label TEXT NOT NULL,
+    subsample TEXT,
+    category TEXT NOT NULL,
+    setting TEXT NOT NULL,
+    setting_params TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    image_size TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+    metrics TEXT,
+    timings TEXT,
+    n_train INTEGER,
+    n_test INTEGER,
+    iadkit_version TEXT NOT NULL,
+    host TEXT,
+    error TEXT,
+    traceback TEXT,
+    started TEXT,
+    finished TEXT
+);
+CREATE TABLE IF NOT EXISTS scores (
+    cell_id TEXT NOT NULL REFERENCES runs(cell_id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    label INTEGER NOT NULL,
+    defect_type TEXT NOT NULL,
+    score REAL NOT NULL,
+    PRIMARY KEY (cell_id, idx)
+);
+CREATE TABLE IF NOT EXISTS overlays (
+    cell_id TEXT NOT NULL REFERENCES runs(cell_id) ON DELETE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ('defect', 'false_alarm')),
+    rank INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    label INTEGER NOT NULL,
+    defect_type TEXT NOT NULL,
+    score REAL NOT NULL,
+    png BLOB NOT NULL,
+    PRIMARY KEY (cell_id, kind, rank)
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+"""
+
+
+class ResultsDBError(IadkitError, ValueError):
+    """A results database cannot be opened or is from a newer iadkit."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Overlay:
+    kind: str  # 'defect' | 'false_alarm'
+    rank: int
+    path: str
+    label: int
+    defect_type: str
+    score: float
+    png: bytes = field(repr=False)
+
+
+@dataclass
+class CellResult:
+    """What a worker sends back to the driver: everything the database stores for a cell."""
+
+    cell: Cell
+    status: str  # 'done' | 'failed'
+    metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    n_train: int | None = None
+    n_test: int | None = None
+    paths: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    defect_types: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    overlays: list[Overlay] = field(default_factory=list)
+    error: str | None = None
+    traceback: str | None = None
+    started: str | None = None
+    finished: str | None = None
+    host: str | None = None
+    iadkit_version: str = iadkit.__version__
+
+
+def _json_or_none(v: Any) -> str | None:
+    return None if v is None else canonical_json(v)
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN: an undefined metric is stored as null."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (float, np.floating)) and not np.isfinite(v):
+            out[k] = None
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out
+
+
+class ResultsDB:
+    """Open (or create) a results database. Use as a context manager or call `close()`."""
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise ResultsDBError(f"{self.path}: no such results database (run `iadkit benchmark` first)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=30.0)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            with self.conn:
+                self.conn.executescript(_SCHEMA)
+                row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                    self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (now_iso(),))
+        except sqlite3.DatabaseError as exc:
+            raise ResultsDBError(f"{self.path}: not a usable results database ({exc})") from exc
+        version = int(row["value"]) if row is not None else SCHEMA_VERSION
+        if version > SCHEMA_VERSION:
+            raise ResultsDBError(
+                f"{self.path}: results schema {version} is newer than this iadkit understands ({SCHEMA_VERSION}); upgrade iadkit"
+            )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "ResultsDB":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self.conn:
+            yield self.conn
+
+    # -- writing -----------------------------------------------------------------------------
+    def _run_values(self, cell: Cell) -> dict[str, Any]:
+        return {
+            "cell_id": cell.cell_id,
+            "method": cell.method,
+            "params": canonical_json(cell.params),
+            "dataset": cell.dataset,
+            "dataset_label": cell.dataset_label,
+            "subsample": _json_or_none(cell.subsample),
+            "category": cell.category,
+            "setting": cell.setting,
+            "setting_params": canonical_json(cell.setting_params),
+            "seed": cell.seed,
+            "image_size": canonical_json(list(cell.image_size)),
+        }
+
+    def mark_running(self, cell: Cell, started: str | None = None) -> None:
+        """Note that a cell started. A row left 'running' means the run was killed: rerun it."""
+        values = {
+            **self._run_values(cell),
+            "status": "running",
+            "iadkit_version": iadkit.__version__,
+            "started": started or now_iso(),
+        }
+        cols = ", ".join(values)
+        with self.conn:
+            self.conn.execute(f"DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
+            self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
+
+    def record(self, result: CellResult) -> None:
+        """Store a finished cell (done or failed) with its scores and overlays, atomically."""
+        cell = result.cell
+        values = {
+            **self._run_values(cell),
+            "status": result.status,
+            "metrics": canonical_json(_finite(result.metrics)),
+            "timings": canonical_json(_finite(result.timings)),
+            "n_train": result.n_train,
+            "n_test": result.n_test,
+            "iadkit_version": result.iadkit_version,
+            "host": result.host,
+            "error": result.error,
+            "traceback": result.traceback,
+            "started": result.started,
+            "finished": result.finished or now_iso(),
+        }
+        cols = ", ".join(values)
+        with self.conn:
+            # Deleting the run cascades to its old scores and overlays (a retried cell).
+            self.conn.execute("DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
+            self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
+            self.conn.executemany(
+                "INSERT INTO scores (cell_id, idx, path, label, defect_type, score) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (cell.cell_id, i, p, int(lab), d or "", float(s))
+                    for i, (p, lab, d, s) in enumerate(zip(result.paths, result.labels, result.defect_types, result.scores))
+                ],
+            )
+            self.conn.executemany(
+                "INSERT INTO overlays (cell_id, kind, rank, path, label, defect_type, score, png) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (cell.cell_id, o.kind, o.rank, o.path, int(o.label), o.defect_type or "", float(o.score), sqlite3.Binary(o.png))
+                    for o in result.overlays
+                ],
+            )
+
+    # -- reading -----------------------------------------------------------------------------
+    def statuses(self) -> dict[str, str]:
+        return {r["cell_id"]: r["status"] for r in self.conn.execute("SELECT cell_id, status FROM runs")}
+
+    def runs(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Run rows with JSON columns decoded (metrics with null -> NaN)."""
+        q = "SELECT * FROM runs" + (" WHERE status = ?" if status else "") + " ORDER BY rowid"
+        rows = []
+        for r in self.conn.execute(q, (status,) if status else ()):
+            d = dict(r)
+            for key in ("params", "setting_params", "image_size", "subsample"):
+                d[key] = json.loads(d[key]) if d[key] is not None else None
+            for key in ("metrics", "timings"):
+                raw = json.loads(d[key]) if d[key] else {}
+                d[key] = {k: (float("nan") if v is None else v) for k, v in raw.items()}
+            rows.append(d)
+        return rows
+
+    def image_scores(self, cell_id: str) -> dict[str, Any]:
+        """Per-image arrays of one cell, in test-set order: paths, labels, defect_types, scores."""
+        rows = self.conn.execute(
+            "SELECT path, label, defect_type, score FROM scores WHERE cell_id = ? ORDER BY idx", (cell_id,)
+        ).fetchall()
+        return {
+            "paths": [r["path"] for r in rows],
+            "labels": np.array([r["label"] for r in rows], dtype=np.int64),
+            "defect_types": [r["defect_type"] for r in rows],
+            "scores": np.array([r["score"] for r in rows], dtype=np.float64),
+        }
+
+    def overlays(self, cell_id: str) -> list[Overlay]:
+        rows = self.conn.execute(
+            "SELECT kind, rank, path, label, defect_type, score, png FROM overlays WHERE cell_id = ? ORDER BY kind, rank",
+            (cell_id,),
+        ).fetchall()
+        return [Overlay(r["kind"], r["rank"], r["path"], r["label"], r["defect_type"], r["score"], bytes(r["png"])) for r in rows]
+
+    def meta(self) -> dict[str, str]:
+        return {r["key"]: r["value"] for r in self.conn.execute("SELECT key, value FROM meta")}
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
