@@ -1,0 +1,232 @@
+"""Where work runs: in this process (``local``) or as Ray tasks (``ray``), one machine or many.
+
+Both executors take the same plain-data jobs and hand back the same plain-data results, so
+the driver (the only process that writes the results database) cannot tell them apart and
+Ray and local runs of a deterministic method store identical numbers.
+
+Ray is an optional extra (``pip install iadkit[ray]``) imported only when asked for. With
+``address=None`` a private local Ray instance is started; ``address="auto"`` or
+``"ray://host:10001"`` joins a running cluster. Workers import iadkit from their own
+environment and must be able to read the dataset files (shared storage); the model file
+for batch prediction is shipped through Ray's object store, so it need not be shared.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from iadkit.bench.config import Cell
+from iadkit.bench.db import CellResult, now_iso
+from iadkit.errors import IadkitError
+
+
+class ExecutorError(IadkitError, RuntimeError):
+    """An executor cannot be used (unknown name, Ray missing or unreachable)."""
+
+
+class Executor(Protocol):
+    def run(
+        self,
+        cells: Sequence[Cell],
+        *,
+        on_start: Callable[[Cell], Any],
+        on_stage: Callable[[Cell, str], Any],
+    ) -> Iterator[CellResult]: ...
+
+
+class LocalExecutor:
+    """Cells one after another in this process (torch uses the machine's cores inside a cell)."""
+
+    def run(
+        self,
+        cells: Sequence[Cell],
+        *,
+        on_start: Callable[[Cell], Any] = lambda c: None,
+        on_stage: Callable[[Cell, str], Any] = lambda c, s: None,
+    ) -> Iterator[CellResult]:
+        from iadkit.bench.runner import run_cell
+
+        for cell in cells:
+            on_start(cell)
+            yield run_cell(cell, on_stage=lambda stage, _c=cell: on_stage(_c, stage))
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ExecutorError(
+            "the Ray executor needs Ray: install it with `pip install 'iadkit[ray]'` (or use --executor local)"
+        ) from exc
+    return ray
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
+    """Start (or join) Ray once per process; returns the `ray` module."""
+    ray = _import_ray()
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+        if address is None:
+            kwargs["num_cpus"] = num_cpus
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ExecutorError(f"cannot start or join Ray at {address or 'a new local instance'}: {exc}") from exc
+    return ray
+
+
+def _extend_sys_path(paths: list[str]) -> None:
+    """Make the driver's import paths visible in a worker (plugin modules, tests)."""
+    for p in reversed(paths):
+        if p and p not in sys.path and os.path.isdir(p):
+            sys.path.insert(0, p)
+
+
+def _ray_cell(cell: Cell, sys_path: list[str]) -> CellResult:
+    _extend_sys_path(sys_path)
+    from iadkit.bench.runner import run_cell
+
+    return run_cell(cell)
+
+
+class RayExecutor:
+    """Every cell a Ray task; results come back in completion order.
+
+    `cpus_per_cell` is what each task reserves (and, through Ray, the threads torch uses in
+    it). A task that dies (worker crash, out of memory) becomes a 'failed' cell.
+    """
+
+    def __init__(self, address: str | None = None, *, cpus_per_cell: float = 1.0, num_cpus: int | None = None) -> None:
+        self.ray = init_ray(address, num_cpus=num_cpus)
+        self.cpus_per_cell = cpus_per_cell
+
+    def run(
+        self,
+        cells: Sequence[Cell],
+        *,
+        on_start: Callable[[Cell], Any] = lambda c: None,
+        on_stage: Callable[[Cell, str], Any] = lambda c, s: None,
+    ) -> Iterator[CellResult]:
+        ray = self.ray
+        remote = ray.remote(num_cpus=self.cpus_per_cell, max_retries=0)(_ray_cell)
+        paths = [p for p in sys.path if p]
+        pending: dict[Any, Cell] = {}
+        for cell in cells:
+            on_start(cell)
+            pending[remote.remote(cell, paths)] = cell
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                ref = ready[0]
+                cell = pending.pop(ref)
+                started = now_iso()
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:  # the task itself died: record, go on
+                    result = CellResult(
+                        cell=cell,
+                        status="failed",
+                        error=f"{type(exc).__name__}: {exc}".splitlines()[0][:2000],
+                        traceback="".join(traceback.format_exception(exc))[-20000:],
+                        started=started,
+                        finished=now_iso(),
+                    )
+                yield result
+        finally:
+            for ref in pending:  # interrupted: do not leave work running on the cluster
+                ray.cancel(ref, force=True)
+
+
+def make_executor(name: str, *, address: str | None = None) -> Executor:
+    if name == "local":
+        if address:
+            raise ExecutorError("--address is for the Ray executor; use --executor ray")
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address)
+    raise ExecutorError(f"unknown executor {name!r}; use 'local' or 'ray'")
+
+
+# -- batch prediction over many files --------------------------------------------------------
+def _predict_shard(model_source: str | bytes, files: list[str], batch_size: int = 16) -> list[dict[str, Any]]:
+    """Score one shard of files with a model given as a path or as the model file's bytes.
+
+    A file that cannot be read gets a row with `error` and no score, instead of failing the
+    shard: in a folder of thousands, one corrupt image must not lose the rest.
+    """
+    from iadkit.model import Model
+
+    if isinstance(model_source, bytes):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.iad"
+            path.write_bytes(model_source)
+            model = Model.load(path)
+    else:
+        model = Model.load(model_source)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        try:
+            rows.extend(_rows(model.predict(chunk, batch_size=batch_size, keep_maps=False)))
+        except (IadkitError, ValueError, OSError):
+            for f in chunk:  # find the bad file(s); score the others
+                try:
+                    rows.extend(_rows(model.predict([f], batch_size=1, keep_maps=False)))
+                except (IadkitError, ValueError, OSError) as exc:
+                    rows.append({"path": f, "score": None, "anomalous": None, "error": str(exc)})
+    return rows
+
+
+def _rows(result: Any) -> list[dict[str, Any]]:
+    return [{**r, "error": None} for r in result.rows()]
+
+
+def shard(files: Sequence[str], n: int) -> list[list[str]]:
+    """Split into at most n contiguous, nearly equal shards (order kept, none empty)."""
+    n = max(1, min(int(n), len(files)))
+    return [list(part) for part in np.array_split(np.asarray(list(files), dtype=object), n) if len(part)]
+
+
+def predict_folder(
+    model_path: str | Path,
+    files: Sequence[str | Path],
+    executor: str = "local",
+    address: str | None = None,
+    shards: int | None = None,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """Score many image files; rows come back in the order of `files`.
+
+    Each row: ``{"path", "score", "anomalous" (None without a threshold), "error"}``.
+    ``executor="ray"`` splits the files into `shards` (default: the cluster's CPU count)
+    and scores each shard as a Ray task; the model file is sent through Ray's object store.
+    """
+    files = [str(f) for f in files]
+    if not files:
+        return []
+    model_path = Path(model_path)
+    if executor == "local":
+        if address:
+            raise ExecutorError("--address is for the Ray executor; use --executor ray")
+        return _predict_shard(str(model_path), files, batch_size)
+    if executor != "ray":
+        raise ExecutorError(f"unknown executor {executor!r}; use 'local' or 'ray'")
+    from iadkit.store import read_manifest
+
+    read_manifest(model_path)  # a clear error here rather than in every worker
+    ray = init_ray(address)
+    n = shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    model_ref = ray.put(model_path.read_bytes())
+    remote = ray.remote(num_cpus=1, max_retries=1)(_predict_shard)
+    refs = [remote.remote(model_ref, part, batch_size) for part in shard(files, n)]
+    rows: list[dict[str, Any]] = []
+    for part in ray.get(refs):
+        rows.extend(part)
+    return rows

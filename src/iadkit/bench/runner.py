@@ -1,0 +1,309 @@
+"""The benchmark runner: expand the grid, skip finished cells, run the rest, store each result.
+
+One cell = fit one method on one category's training images (as shaped by the setting),
+evaluate it on the test images with the full metric suite, time it, measure its memory and
+render a few heatmaps for the report. Cells are independent: a worker gets a `Cell` (plain
+data) and returns a `CellResult` (plain data), so the same function runs in-process or as a
+Ray task, and only the driver writes the database.
+
+Resuming: the driver marks a cell 'running' before it starts and replaces that row with the
+finished result in one transaction. A rerun skips cells that are 'done' (and 'failed' ones
+unless `retry_failed`), and reruns cells left 'running' by a killed run. An exception inside
+a cell becomes a 'failed' row with its traceback; KeyboardInterrupt and SystemExit are not
+caught, because they mean "stop", and the interrupted cell simply stays 'running'.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from iadkit.bench.config import BenchConfig, Cell, expand, import_modules
+from iadkit.bench.db import CellResult, Overlay, ResultsDB, now_iso
+from iadkit.errors import IadkitError
+
+log = logging.getLogger(__name__)
+
+StageCallback = Callable[[str], None]
+
+# Keep the last loaded split: the grid runs every method on one category in a row.
+_split_cache: dict[tuple[str, str, str], tuple[list[Any], list[Any]]] = {}
+
+
+class CellError(IadkitError, RuntimeError):
+    """A cell cannot run as configured (e.g. the setting left no training images)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _load_split_cached(cell: Cell) -> tuple[list[Any], list[Any]]:
+    from iadkit.bench.config import canonical_json
+    from iadkit.bench.datasets import load_split
+
+    key = (cell.dataset, cell.category, canonical_json(cell.subsample))
+    if key not in _split_cache:
+        _split_cache.clear()
+        _split_cache[key] = load_split(cell.dataset, cell.category, cell.subsample)
+    train, test = _split_cache[key]
+    return list(train), list(test)
+
+
+def method_params(cell: Cell) -> dict[str, Any]:
+    """The cell's hyper-parameters; a method with a `seed` parameter gets the cell's seed
+    unless the config fixes it, so that the grid's seeds really vary the method."""
+    from iadkit.methods import get_method
+
+    params = dict(cell.params)
+    if "seed" not in params and "seed" in get_method(cell.method).param_names():
+        params["seed"] = cell.seed
+    return params
+
+
+def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult:
+    """Fit, evaluate and render one cell. Never raises for an ordinary error: returns 'failed'."""
+    from iadkit.bench.settings import apply_setting
+    from iadkit.data.transforms import ImageSet
+    from iadkit.evaluation import evaluate
+    from iadkit.metrics.efficiency import PeakMemory, Timer
+    from iadkit.model import Model
+
+    def stage(name: str) -> None:
+        if on_stage is not None:
+            on_stage(name)
+
+    result = CellResult(cell=cell, status="failed", started=now_iso(), host=socket.gethostname())
+    try:
+        import_modules(cell.imports)
+        seed_everything(cell.seed)
+        stage("load data")
+        train, test = _load_split_cached(cell)
+        train, test = apply_setting(cell.setting, train, test, seed=cell.seed, params=cell.setting_params)
+        result.n_train, result.n_test = len(train), len(test)
+        if not train:
+            raise CellError(f"{cell.describe()}: the setting left no training images")
+        if not test:
+            raise CellError(f"{cell.describe()}: the setting left no test images")
+        stage("fit")
+        model = Model.create(cell.method, image_size=cell.image_size, **method_params(cell))
+        model.to(resolve_device(cell.device))
+        # The detector is fitted directly: a benchmark reports threshold-free metrics, so
+        # there is no calibration split (Model.fit would warn about that on every cell).
+        with PeakMemory() as fit_memory, Timer() as fit_timer:
+            model.detector.fit(ImageSet(train, model.preprocess), progress=False)
+        model.info.update(n_train=len(train), dataset=cell.dataset, category=cell.category)
+        stage("evaluate")
+        evaluation = evaluate(model, test, batch_size=cell.batch_size, keep_maps=cell.gallery_size > 0)
+        stage("overlays")
+        result.overlays = render_gallery(model, test, evaluation, cell.gallery_size)
+        result.metrics = dict(evaluation.metrics)
+        result.timings = {
+            "fit_seconds": fit_timer.elapsed,
+            "fit_peak_rss_mb": fit_memory.peak_rss_mb,
+            "fit_extra_rss_mb": fit_memory.extra_mb,
+            **evaluation.timings,
+        }
+        if fit_memory.cuda_peak_mb is not None:
+            result.timings["fit_peak_cuda_mb"] = fit_memory.cuda_peak_mb
+        result.paths = list(evaluation.paths)
+        result.labels = [int(v) for v in evaluation.labels]
+        result.defect_types = list(evaluation.defect_types)
+        result.scores = [float(v) for v in evaluation.scores]
+        result.status = "done"
+    except Exception as exc:  # a failed cell is recorded; the grid goes on
+        result.status = "failed"
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.traceback = traceback.format_exc()
+        log.debug("cell %s failed", cell.describe(), exc_info=True)
+    result.finished = now_iso()
+    return result
+
+
+def gallery_range(maps: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """One colour range for all overlays of a cell, so its images compare with each other.
+
+    Low end: the median pixel of the good test images (a typical good pixel shows no colour).
+    High end: the 99.9th percentile of all test pixels (robust to a few extreme pixels).
+    """
+    good = maps[labels == 0] if (labels == 0).any() else maps
+    lo = float(np.median(good))
+    hi = float(np.percentile(maps, 99.9))
+    if not hi > lo:
+        hi = float(maps.max())
+    if not hi > lo:
+        hi = lo + 1e-6
+    return lo, hi
+
+
+def render_gallery(
+    model: Any, test: list[Any], evaluation: Any, k: int, max_side: int = 256, min_side: int = 128
+) -> list[Overlay]:
+    """Overlays of the k highest-scored defective images and the k highest-scored good ones
+    (the worst false alarms), each as [photo + ground-truth outline | heatmap + outline]."""
+    import cv2
+
+    from iadkit.data.transforms import ImageSet
+    from iadkit.viz import overlay, png_bytes, side_by_side
+
+    if k <= 0 or evaluation.maps is None or len(evaluation.scores) == 0:
+        return []
+    maps, labels, scores = evaluation.maps, evaluation.labels, evaluation.scores
+    map_range = gallery_range(maps, labels)
+    images = ImageSet(test, model.preprocess, cache=False)
+    out: list[Overlay] = []
+    for kind, wanted in (("defect", 1), ("false_alarm", 0)):
+        idx = np.flatnonzero(labels == wanted)
+        idx = idx[np.argsort(-scores[idx], kind="stable")][:k]
+        for rank, i in enumerate(idx):
+            sample = test[int(i)]
+            pp = model.preprocess
+            rgb = pp.geometry(pp.to_unit_float(sample.load_image())).permute(1, 2, 0).numpy()
+            if evaluation.masks is not None:
+                mask = evaluation.masks[int(i)]
+            elif sample.has_mask or sample.label == 0:
+                try:
+                    mask = images.mask(int(i)).numpy()
+                except (ValueError, OSError):
+                    mask = None
+            else:
+                mask = None
+            h, w = rgb.shape[:2]
+            if max(h, w) > max_side:  # keep the database small
+                scale = max_side / max(h, w)
+                rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+            elif max(h, w) < min_side:  # tiny inputs: enlarge so the outline does not hide the defect
+                scale = min_side / max(h, w)
+                rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_NEAREST)
+            over = overlay(rgb, maps[int(i)], map_range, mask)
+            out.append(
+                Overlay(
+                    kind=kind,
+                    rank=rank,
+                    path=sample.path,
+                    label=int(labels[i]),
+                    defect_type=sample.defect_type or "",
+                    score=float(scores[i]),
+                    png=png_bytes(side_by_side(rgb, over, mask)),
+                )
+            )
+    return out
+
+
+# -- the driver ------------------------------------------------------------------------------
+@dataclass
+class BenchmarkSummary:
+    db_path: Path
+    cells: list[Cell]
+    ran: int = 0
+    skipped: int = 0
+    failed: list[CellResult] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.cells)
+
+
+def plan(cells: list[Cell], db: ResultsDB, *, retry_failed: bool = False) -> tuple[list[Cell], int]:
+    """(cells to run, number skipped). 'done' is skipped; 'failed' too unless retried;
+    'running' (left by a killed run) and unknown cells run."""
+    statuses = db.statuses()
+    skip = {"done"} | (set() if retry_failed else {"failed"})
+    todo = [c for c in cells if statuses.get(c.cell_id) not in skip]
+    return todo, len(cells) - len(todo)
+
+
+def run_benchmark(
+    config: BenchConfig,
+    db_path: str | Path,
+    *,
+    executor: str = "local",
+    address: str | None = None,
+    retry_failed: bool = False,
+    progress: bool | None = None,
+) -> BenchmarkSummary:
+    """Run every unfinished cell of `config` and store the results in `db_path` (SQLite)."""
+    from iadkit.bench.config import canonical_json
+    from iadkit.bench.executors import make_executor
+
+    cells = expand(config)
+    summary = BenchmarkSummary(db_path=Path(db_path), cells=cells)
+    with ResultsDB(db_path) as db:
+        db.set_meta("config", canonical_json(config.model_dump()))
+        todo, summary.skipped = plan(cells, db, retry_failed=retry_failed)
+        failed_before = sum(1 for s in db.statuses().values() if s == "failed")
+        if summary.skipped:
+            note = f"{summary.skipped} of {len(cells)} cells already finished: skipped"
+            if failed_before and not retry_failed:
+                note += f" ({failed_before} failed earlier; use --retry-failed to rerun them)"
+            log.info(note)
+        ex = make_executor(executor, address=address)
+        with CellProgress(len(cells), done=summary.skipped, enabled=progress) as bar:
+            for result in ex.run(todo, on_start=lambda c: (db.mark_running(c), bar.start(c)), on_stage=bar.stage):
+                db.record(result)
+                summary.ran += 1
+                if result.status == "failed":
+                    summary.failed.append(result)
+                    bar.note(f"[red]failed[/red] {result.cell.describe()}: {result.error}")
+                bar.finish(result)
+    return summary
+
+
+class CellProgress:
+    """One bar: cells done out of the grid, and what the current cell is doing."""
+
+    def __init__(self, total: int, *, done: int = 0, enabled: bool | None = None) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.progress = Progress(
+            TextColumn("[bold]benchmark"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[current]}"),
+            console=self.console,
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task("benchmark", total=total, completed=done, current="")
+        self._current = ""
+
+    def __enter__(self) -> "CellProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def start(self, cell: Cell) -> None:
+        self._current = cell.describe()
+        self.progress.update(self.task, current=self._current)
+
+    def stage(self, cell: Cell, name: str) -> None:
+        self.progress.update(self.task, current=f"{cell.describe()} · {name}")
+
+    def note(self, text: str) -> None:
+        if not self.progress.disable:
+            self.progress.console.print(text)
+
+    def finish(self, result: CellResult) -> None:
+        self.progress.update(self.task, advance=1)

@@ -1,0 +1,192 @@
+"""Turning run rows into comparison tables: per-category rows, a mean row, one column per method.
+
+Shared by the terminal leaderboard and the HTML report, so both always show the same
+numbers. Seeds are averaged within a cell group first. A method's mean row averages the
+categories where it has a value; when that is fewer than the categories where some method
+has one (a failed cell), the mean is marked incomplete, because such a mean is not
+comparable with the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+# Display order and short names; threshold values are not comparable across methods, so
+# they are not tabulated.
+METRICS: dict[str, str] = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1_max": "I-F1max",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1_max": "P-F1max",
+    "aupro": "AUPRO@0.3",
+    "aupro_100": "AUPRO@0.3 (100 thr.)",
+}
+
+TIMINGS: dict[str, tuple[str, str]] = {
+    "fit_seconds": ("fit time", "s"),
+    "seconds_per_image": ("time / image", "ms"),
+    "model_seconds_per_image": ("model time / image", "ms"),
+    "fit_peak_rss_mb": ("peak RSS (fit)", "MiB"),
+    "peak_rss_mb": ("peak RSS (test)", "MiB"),
+    "fit_peak_cuda_mb": ("peak CUDA (fit)", "MiB"),
+    "peak_cuda_mb": ("peak CUDA (test)", "MiB"),
+}
+
+
+def _mean(values: Iterable[float]) -> float:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def is_nan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+@dataclass
+class MetricTable:
+    metric: str
+    setting: str
+    methods: list[str]
+    rows: list[tuple[str, dict[str, float]]]  # (row label "dataset/category", method -> value)
+    mean: dict[str, float] = field(default_factory=dict)
+    incomplete: set[str] = field(default_factory=set)  # methods whose mean misses a category
+
+    @property
+    def title(self) -> str:
+        return METRICS.get(self.metric, self.metric)
+
+    def best(self, values: dict[str, float]) -> str | None:
+        vals = {m: v for m, v in values.items() if not is_nan(v)}
+        return max(vals, key=vals.__getitem__) if vals else None
+
+
+def row_label(run: dict[str, Any]) -> str:
+    return f"{run['dataset_label']} / {run['category']}"
+
+
+def setting_label(run: dict[str, Any]) -> str:
+    params = run.get("setting_params") or {}
+    if not params:
+        return run["setting"]
+    return run["setting"] + "(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+
+
+def method_label(run: dict[str, Any], all_runs: list[dict[str, Any]]) -> str:
+    """The method name, plus its parameters when one method appears with several."""
+    variants = {(r["method"], _params_key(r)) for r in all_runs if r["method"] == run["method"]}
+    if len(variants) <= 1:
+        return run["method"]
+    params = run.get("params") or {}
+    size = run.get("image_size")
+    extra = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return f"{run['method']}[{extra}{',' if extra else ''}{size[0] if size else ''}px]"
+
+
+def _params_key(r: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps([r.get("params"), r.get("image_size")], sort_keys=True)
+
+
+def metric_tables(runs: list[dict[str, Any]], metrics: Iterable[str] | None = None) -> list[MetricTable]:
+    """One table per (setting, metric) present in the finished runs."""
+    done = [r for r in runs if r["status"] == "done"]
+    wanted = list(metrics) if metrics is not None else list(METRICS)
+    tables = []
+    for setting in sorted({setting_label(r) for r in done}):
+        in_setting = [r for r in done if setting_label(r) == setting]
+        methods = list(dict.fromkeys(method_label(r, runs) for r in in_setting))
+        row_order = list(dict.fromkeys(row_label(r) for r in in_setting))
+        for metric in wanted:
+            cell: dict[tuple[str, str], list[float]] = defaultdict(list)
+            for r in in_setting:
+                v = r["metrics"].get(metric)
+                if not is_nan(v):
+                    cell[(row_label(r), method_label(r, runs))].append(float(v))
+            if not cell:
+                continue
+            rows = []
+            for label in row_order:
+                values = {m: _mean(cell[(label, m)]) if (label, m) in cell else float("nan") for m in methods}
+                if any(not is_nan(v) for v in values.values()):
+                    rows.append((label, values))
+            table = MetricTable(metric=metric, setting=setting, methods=methods, rows=rows)
+            for m in methods:
+                col = [vals[m] for _, vals in rows]
+                table.mean[m] = _mean(col)
+                if any(is_nan(v) for v in col):
+                    table.incomplete.add(m)
+            tables.append(table)
+    return tables
+
+
+@dataclass
+class MethodCost:
+    method: str
+    n_cells: int
+    values: dict[str, float]  # timing key -> mean over cells
+
+
+def cost_table(runs: list[dict[str, Any]]) -> list[MethodCost]:
+    """Mean fit time, time per image and peak memory per method over its finished cells."""
+    done = [r for r in runs if r["status"] == "done"]
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in done:
+        by_method[method_label(r, runs)].append(r)
+    out = []
+    for m, rs in by_method.items():
+        keys = [k for k in TIMINGS if any(k in r["timings"] for r in rs)]
+        out.append(MethodCost(m, len(rs), {k: _mean(r["timings"].get(k, float("nan")) for r in rs) for k in keys}))
+    return out
+
+
+def fmt_metric(v: float) -> str:
+    return "–" if is_nan(v) else f"{v:.3f}"
+
+
+def fmt_timing(key: str, v: float) -> str:
+    if is_nan(v):
+        return "–"
+    unit = TIMINGS.get(key, ("", ""))[1]
+    if unit == "ms":
+        return f"{v * 1000:.1f} ms"
+    if unit == "s":
+        return f"{v:.1f} s"
+    if unit == "MiB":
+        return f"{v:.0f} MiB"
+    return f"{v:.3g}"
+
+
+def leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_auroc", "pixel_auroc", "aupro")) -> list[Any]:
+    """rich Tables for the terminal: per-category rows, a mean row, best value in bold."""
+    from rich.table import Table
+
+    out = []
+    for t in metric_tables(runs, metrics):
+        table = Table(title=f"{t.title} · {t.setting}", title_justify="left", show_footer=False)
+        table.add_column("dataset / category", style="dim")
+        for m in t.methods:
+            table.add_column(m, justify="right")
+        for label, values in t.rows:
+            best = t.best(values)
+            table.add_row(label, *[_cell(values[m], m == best) for m in t.methods])
+        best = t.best(t.mean)
+        table.add_section()
+        table.add_row(
+            "[bold]mean",
+            *[_cell(t.mean[m], m == best) + ("†" if m in t.incomplete else "") for m in t.methods],
+        )
+        if t.incomplete:
+            table.caption = "† mean over fewer categories (a cell failed): not comparable"
+        out.append(table)
+    return out
+
+
+def _cell(v: float, best: bool) -> str:
+    s = fmt_metric(v)
+    return f"[bold green]{s}[/bold green]" if best and not is_nan(v) else s
