@@ -1,0 +1,420 @@
+"""The HTML report of a results database: one self-contained page (images embedded as base64).
+
+Sections, in the order a reader needs them:
+1. Overview: one row per method with its mean of every metric, time per image and memory,
+   best values highlighted - the at-a-glance comparison.
+2. Bar charts of the main metrics per category, and accuracy against speed.
+3. Per-metric tables: categories as rows, methods as columns, a mean row; cells coloured
+   from worst to best within the row so the winner of each category stands out.
+4. Image ROC curves per category (recomputed from the per-image scores in the database).
+5. Time and memory per method.
+6. A gallery per method: the highest-scored defects and the worst false alarms, each shown
+   as [photo + ground-truth outline | heatmap + outline], with the same colour range within
+   a cell.
+7. Failed cells with their errors and tracebacks.
+
+Plots are drawn with matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import iadkit
+from iadkit.bench.db import ResultsDB
+from iadkit.bench.summary import (
+    METRICS,
+    TIMINGS,
+    MetricTable,
+    cost_table,
+    fmt_metric,
+    fmt_timing,
+    is_nan,
+    method_label,
+    metric_tables,
+    row_label,
+    setting_label,
+)
+
+MAIN_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2430;background:#f6f7f9}
+header{background:#1d2430;color:#fff;padding:18px 32px}
+header h1{margin:0 0 4px;font-size:22px} header p{margin:0;color:#b9c2d0;font-size:13px}
+nav{background:#fff;border-bottom:1px solid #dde1e7;padding:8px 32px;position:sticky;top:0;z-index:2}
+nav a{margin-right:16px;color:#2b5ea7;text-decoration:none;font-size:14px}
+main{padding:8px 32px 40px;max-width:1500px}
+section{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:14px 20px;margin:18px 0}
+h2{font-size:18px;margin:4px 0 12px} h3{font-size:15px;margin:14px 0 6px}
+table{border-collapse:collapse;font-size:13px;margin:6px 0 12px}
+th,td{border:1px solid #e3e6eb;padding:4px 9px;text-align:right;white-space:nowrap}
+th{background:#eef1f5;font-weight:600} td.l,th.l{text-align:left}
+tr.mean td{border-top:2px solid #8a94a6;font-weight:600}
+td.best{font-weight:700;outline:2px solid #1a7f37;outline-offset:-2px}
+.note{color:#5b6474;font-size:12px} .warn{color:#9a3b00;font-size:13px}
+.cards{display:flex;gap:14px;flex-wrap:wrap;margin:4px 0}
+.card{background:#f0f4fa;border-radius:6px;padding:8px 14px;font-size:13px}
+.card b{display:block;font-size:18px}
+img.plot{max-width:100%;height:auto}
+.gallery{display:flex;flex-wrap:wrap;gap:10px;margin:4px 0 10px}
+figure{margin:0;background:#fafbfc;border:1px solid #e3e6eb;border-radius:4px;padding:4px}
+figure img{display:block;image-rendering:pixelated;width:256px;height:auto}
+figcaption{font-size:11px;color:#3a4352;max-width:256px;overflow-wrap:anywhere}
+figure.defect{border-top:3px solid #b42318} figure.false_alarm{border-top:3px solid #d18b00}
+details{margin:6px 0} summary{cursor:pointer;font-weight:600;font-size:14px}
+pre{background:#f4f4f4;padding:8px;overflow-x:auto;font-size:11px;max-height:300px}
+"""
+
+
+def _png_b64(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _fig_b64(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return _png_b64(buf.getvalue())
+
+
+def _esc(s: Any) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _shade(v: float, lo: float, hi: float) -> str:
+    """Background colour from red (worst in the row) through yellow to green (best)."""
+    if is_nan(v) or not hi > lo:
+        return ""
+    from matplotlib import colormaps
+
+    t = (v - lo) / (hi - lo)
+    r, g, b, _ = colormaps["RdYlGn"](0.15 + 0.7 * t)
+    mix = lambda c: int(round(255 * (0.55 * c + 0.45)))  # noqa: E731  (pastel: readable text)
+    return f"background:rgb({mix(r)},{mix(g)},{mix(b)})"
+
+
+def _metric_table_html(t: MetricTable) -> str:
+    out = [f'<table class="metric" data-metric="{_esc(t.metric)}" data-setting="{_esc(t.setting)}">']
+    out.append('<tr><th class="l">dataset / category</th>' + "".join(f"<th>{_esc(m)}</th>" for m in t.methods) + "</tr>")
+    for label, values in t.rows + [("mean", t.mean)]:
+        vals = [v for v in values.values() if not is_nan(v)]
+        lo, hi = (min(vals), max(vals)) if vals else (0.0, 0.0)
+        top = max(vals) if vals else None
+        cls = ' class="mean"' if label == "mean" else ""
+        cells = []
+        for m in t.methods:
+            v = values[m]
+            mark = "†" if label == "mean" and m in t.incomplete else ""
+            c = ' class="best"' if top is not None and v == top and len(vals) > 1 else ""
+            cells.append(f'<td{c} style="{_shade(v, lo, hi)}">{fmt_metric(v)}{mark}</td>')
+        out.append(f'<tr{cls}><td class="l">{_esc(label)}</td>{"".join(cells)}</tr>')
+    out.append("</table>")
+    if t.incomplete:
+        out.append('<p class="note">† mean over fewer categories (a cell failed): not comparable with the others.</p>')
+    return "\n".join(out)
+
+
+def _overview_html(tables: list[MetricTable], costs: dict[str, Any], setting: str) -> str:
+    ts = [t for t in tables if t.setting == setting]
+    if not ts:
+        return ""
+    methods = list(dict.fromkeys(m for t in ts for m in t.methods))
+    first = next((t for t in ts if t.metric == "image_auroc"), ts[0])
+    methods.sort(key=lambda m: -first.mean.get(m, -1) if not is_nan(first.mean.get(m, float("nan"))) else 1)
+    cost_keys = ["fit_seconds", "seconds_per_image", "fit_peak_rss_mb"]
+    out = [f'<table class="overview" data-setting="{_esc(setting)}"><tr><th class="l">method</th>']
+    out += [f"<th>{_esc(t.title)}</th>" for t in ts] + [f"<th>{TIMINGS[k][0]}</th>" for k in cost_keys] + ["</tr>"]
+    for m in methods:
+        row = [f'<tr><td class="l"><b>{_esc(m)}</b></td>']
+        for t in ts:
+            col = [t.mean.get(x, float("nan")) for x in methods]
+            vals = [v for v in col if not is_nan(v)]
+            v = t.mean.get(m, float("nan"))
+            best = (not is_nan(v)) and vals and v == max(vals) and len(vals) > 1
+            mark = "†" if m in t.incomplete else ""
+            style = _shade(v, min(vals), max(vals)) if vals else ""
+            row.append(f'<td{" class=best" if best else ""} style="{style}">{fmt_metric(v)}{mark}</td>')
+        c = costs.get(m)
+        for k in cost_keys:
+            row.append(f"<td>{fmt_timing(k, c.values.get(k, float('nan'))) if c else '–'}</td>")
+        out.append("".join(row) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _bar_chart(tables: list[MetricTable], setting: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ts = [t for t in tables if t.setting == setting and t.metric in MAIN_METRICS]
+    if not ts:
+        return None
+    fig, axes = plt.subplots(len(ts), 1, figsize=(max(7, 1.3 * len(ts[0].rows) + 4), 2.9 * len(ts)), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(ts[0].methods) <= 10 else "tab20")
+    for ax, t in zip(axes[:, 0], ts):
+        labels = [r for r, _ in t.rows] + ["mean"]
+        x = np.arange(len(labels))
+        width = 0.8 / max(1, len(t.methods))
+        for j, m in enumerate(t.methods):
+            vals = [vals[m] for _, vals in t.rows] + [t.mean[m]]
+            ax.bar(x + (j - (len(t.methods) - 1) / 2) * width, [0 if is_nan(v) else v for v in vals], width, label=m, color=cmap(j % cmap.N))
+        finite = [v for _, vals in t.rows for v in vals.values() if not is_nan(v)]
+        lo = max(0.0, min(finite) - 0.05) if finite else 0.0
+        ax.set_ylim(lo if lo > 0.3 else 0.0, 1.0)
+        ax.set_xticks(x, [lbl.split(" / ")[-1] if lbl != "mean" else "MEAN" for lbl in labels], fontsize=8)
+        ax.set_ylabel(t.title)
+        ax.axvline(len(labels) - 1.5, color="#999", lw=0.8, ls="--")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(ncol=min(6, len(ts[0].methods)), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.02))
+    fig.tight_layout()
+    return _fig_b64(fig)
+
+
+def _speed_plot(tables: list[MetricTable], costs: dict[str, Any], setting: str) -> str | None:
+    import matplotlib.pyplot as plt
+
+    t = next((t for t in tables if t.setting == setting and t.metric == "image_auroc"), None)
+    if t is None:
+        return None
+    pts = [
+        (m, costs[m].values.get("seconds_per_image", float("nan")) * 1000, t.mean[m], costs[m].values.get("fit_seconds", float("nan")))
+        for m in t.methods
+        if m in costs and not is_nan(t.mean[m])
+    ]
+    pts = [p for p in pts if not is_nan(p[1])]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for m, ms, auroc, fit_s in pts:
+        ax.scatter(ms, auroc, s=30 + 4 * (0 if is_nan(fit_s) else min(fit_s, 200)), alpha=0.7)
+        ax.annotate(m, (ms, auroc), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    times = [p[1] for p in pts]
+    if max(times) > 10 * min(times) > 0:
+        ax.set_xscale("log")
+        ax.set_xlabel("time per image (ms, log scale)")
+    else:
+        ax.set_xlabel("time per image (ms)")
+    ax.set_ylabel("mean I-AUROC")
+    ax.set_title("accuracy vs speed (marker size ~ fit time)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _fig_b64(fig)
+
+
+def _roc_plot(db: ResultsDB, runs: list[dict[str, Any]], setting: str) -> str | None:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    done = [r for r in runs if r["status"] == "done" and setting_label(r) == setting]
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in done:
+        groups[row_label(r)].append(r)
+    if not groups:
+        return None
+    methods = list(dict.fromkeys(method_label(r, runs) for r in done))
+    colour = {m: plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(i % 20) for i, m in enumerate(methods)}
+    ncol = min(4, len(groups))
+    nrow = math.ceil(len(groups) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.2 * nrow), squeeze=False)
+    for ax, (label, rs) in zip(axes.ravel(), groups.items()):
+        seen = set()
+        for r in rs:
+            m = method_label(r, runs)
+            if m in seen:  # several seeds: plot the first one
+                continue
+            seen.add(m)
+            s = db.image_scores(r["cell_id"])
+            if len(set(s["labels"].tolist())) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(s["labels"], s["scores"])
+            auc = r["metrics"].get("image_auroc", float("nan"))
+            ax.plot(fpr, tpr, lw=1.3, color=colour[m], label=f"{m} {fmt_metric(auc)}")
+        ax.plot([0, 1], [0, 1], color="#bbb", lw=0.8, ls=":")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("false-positive rate", fontsize=8)
+        ax.set_ylabel("true-positive rate", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in axes.ravel()[len(groups) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _fig_b64(fig)
+
+
+def _cost_html(costs: list[Any]) -> str:
+    keys = [k for k in TIMINGS if any(k in c.values for c in costs)]
+    out = ['<table class="cost"><tr><th class="l">method</th><th>cells</th>' + "".join(f"<th>{TIMINGS[k][0]}</th>" for k in keys) + "</tr>"]
+    for c in costs:
+        out.append(
+            f'<tr><td class="l">{_esc(c.method)}</td><td>{c.n_cells}</td>'
+            + "".join(f"<td>{fmt_timing(k, c.values.get(k, float('nan')))}</td>" for k in keys)
+            + "</tr>"
+        )
+    out.append("</table>")
+    out.append(
+        '<p class="note">Means over each method\'s finished cells. Time per image: wall time of the whole test pass '
+        "(decoding, preprocessing, model, post-processing) / images, as IM-IAD measures it; model time excludes data "
+        "loading. Peak RSS: the process's resident memory at its highest during fit or test (includes the interpreter "
+        "and libraries, about the same for every method).</p>"
+    )
+    return "\n".join(out)
+
+
+def _gallery_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
+    done = [r for r in runs if r["status"] == "done"]
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in done:
+        by_method[method_label(r, runs)].append(r)
+    out = []
+    for i, (m, rs) in enumerate(by_method.items()):
+        parts = []
+        for r in rs:
+            ovs = db.overlays(r["cell_id"])
+            if not ovs:
+                continue
+            figs = []
+            for o in ovs:
+                what = f"defect: {o.defect_type}" if o.kind == "defect" else "good part (false alarm)"
+                caption = f"#{o.rank + 1} {what} · score {o.score:.4g}<br>{_esc(Path(o.path).name)}"
+                figs.append(
+                    f'<figure class="{o.kind}"><img alt="{_esc(o.kind)} {_esc(o.path)}" src="{_png_b64(o.png)}">'
+                    f"<figcaption>{caption}</figcaption></figure>"
+                )
+            seed = f" · seed {r['seed']}" if len({x["seed"] for x in rs}) > 1 else ""
+            parts.append(
+                f"<h3>{_esc(row_label(r))} · {_esc(setting_label(r))}{seed}</h3>"
+                f'<div class="gallery" data-method="{_esc(m)}">{"".join(figs)}</div>'
+            )
+        if parts:
+            out.append(f'<details{" open" if i == 0 else ""}><summary>{_esc(m)}</summary>{"".join(parts)}</details>')
+    if not out:
+        return '<p class="note">No overlays stored (gallery_size was 0, or no cell finished).</p>'
+    legend = (
+        '<p class="note">Left: the test image with the ground-truth outline (white). Right: the anomaly map over it '
+        "(colour range fixed per cell: the median good pixel shows no colour, the 99.9th percentile of all test pixels "
+        'is red). <span style="color:#b42318">Red border</span>: the highest-scored defective images. '
+        '<span style="color:#d18b00">Amber border</span>: the highest-scored good images, i.e. the worst false alarms.</p>'
+    )
+    return legend + "\n".join(out)
+
+
+def _failed_html(runs: list[dict[str, Any]]) -> str:
+    failed = [r for r in runs if r["status"] != "done"]
+    if not failed:
+        return '<p class="note">None.</p>'
+    out = ['<table class="failed"><tr><th class="l">method</th><th class="l">dataset / category</th><th class="l">setting</th><th>seed</th><th class="l">status</th><th class="l">error</th></tr>']
+    for r in failed:
+        err = r.get("error") or ("interrupted (still 'running': rerun the benchmark)" if r["status"] == "running" else "")
+        out.append(
+            f'<tr><td class="l">{_esc(r["method"])}</td><td class="l">{_esc(row_label(r))}</td><td class="l">{_esc(setting_label(r))}</td>'
+            f'<td>{r["seed"]}</td><td class="l">{_esc(r["status"])}</td><td class="l">{_esc(err)}</td></tr>'
+        )
+    out.append("</table>")
+    for r in failed:
+        if r.get("traceback"):
+            out.append(f"<details><summary>traceback: {_esc(r['method'])} · {_esc(row_label(r))}</summary><pre>{_esc(r['traceback'])}</pre></details>")
+    return "\n".join(out)
+
+
+def build_report_html(db_path: str | Path) -> str:
+    """The report page as a string (used by `write_report`, and by tests)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    db_path = Path(db_path)
+    with ResultsDB(db_path, create=False) as db:
+        runs = db.runs()
+        meta = db.meta()
+        tables = metric_tables(runs)
+        costs = {c.method: c for c in cost_table(runs)}
+        settings = list(dict.fromkeys(t.setting for t in tables))
+        n_done = sum(r["status"] == "done" for r in runs)
+        n_failed = sum(r["status"] == "failed" for r in runs)
+        n_running = sum(r["status"] == "running" for r in runs)
+        methods = sorted({r["method"] for r in runs})
+        datasets = sorted({r["dataset_label"] for r in runs})
+        versions = sorted({r["iadkit_version"] for r in runs})
+        body: list[str] = []
+        cards = [
+            ("cells done", n_done),
+            ("failed", n_failed),
+            ("methods", len(methods)),
+            ("categories", len({row_label(r) for r in runs})),
+            ("seeds", len({r["seed"] for r in runs})),
+        ]
+        if n_running:
+            cards.append(("interrupted", n_running))
+        card_html = "".join(f'<div class="card"><b>{v}</b>{_esc(k)}</div>' for k, v in cards)
+        body.append(f'<section id="overview"><h2>Overview</h2><div class="cards">{card_html}</div>')
+        body.append(f'<p class="note">datasets: {_esc(", ".join(datasets))}</p>')
+        if any("subsample" in d for d in datasets):
+            body.append('<p class="warn">Some datasets were subsampled for a quick run (see their names): their numbers are not the full protocol.</p>')
+        for s in settings:
+            if len(settings) > 1:
+                body.append(f"<h3>setting: {_esc(s)}</h3>")
+            body.append(_overview_html(tables, costs, s))
+        body.append(
+            '<p class="note">Means over categories (and seeds). Best per column outlined; colours run from the worst '
+            "(red) to the best (green) method in each column. I-: image level, P-: pixel level; AUPRO integrates the "
+            "per-region overlap up to a false-positive rate of 0.3 (normalised to [0, 1]).</p></section>"
+        )
+        body.append('<section id="charts"><h2>Charts</h2>')
+        for s in settings:
+            if len(settings) > 1:
+                body.append(f"<h3>setting: {_esc(s)}</h3>")
+            for img in (_bar_chart(tables, s), _speed_plot(tables, costs, s)):
+                if img:
+                    body.append(f'<img class="plot" src="{img}" alt="chart">')
+        body.append("</section>")
+        body.append('<section id="tables"><h2>Every metric, per category</h2>')
+        for t in tables:
+            body.append(f"<h3>{_esc(t.title)} · {_esc(t.setting)}</h3>{_metric_table_html(t)}")
+        if not tables:
+            body.append('<p class="note">No finished cell yet.</p>')
+        body.append("</section>")
+        body.append('<section id="roc"><h2>Image ROC curves</h2>')
+        for s in settings:
+            img = _roc_plot(db, runs, s)
+            if img:
+                body.append(f'<img class="plot" src="{img}" alt="ROC curves {_esc(s)}">')
+        body.append("</section>")
+        body.append(f'<section id="cost"><h2>Time and memory</h2>{_cost_html(list(costs.values()))}</section>')
+        body.append(f'<section id="gallery"><h2>Gallery</h2>{_gallery_html(db, runs)}</section>')
+        body.append(f'<section id="failed"><h2>Failed or interrupted cells</h2>{_failed_html(runs)}</section>')
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = "iadkit benchmark report"
+    nav = "".join(
+        f'<a href="#{a}">{n}</a>'
+        for a, n in [("overview", "Overview"), ("charts", "Charts"), ("tables", "Tables"), ("roc", "ROC"), ("cost", "Time & memory"), ("gallery", "Gallery"), ("failed", "Failures")]
+    )
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head><body>'
+        f"<header><h1>{title}</h1><p>{_esc(db_path.name)} · {n_done} cells · iadkit {_esc(', '.join(versions) or iadkit.__version__)}"
+        f" · generated {generated} · results schema {_esc(meta.get('schema_version', '?'))}</p></header>"
+        f"<nav>{nav}</nav><main>{''.join(body)}</main></body></html>"
+    )
+
+
+def write_report(db_path: str | Path, out_dir: str | Path) -> Path:
+    """Write ``out_dir/index.html`` (self-contained) and return its path."""
+    from iadkit.store import atomic_write_text
+
+    page = build_report_html(db_path)
+    path = atomic_write_text(Path(out_dir) / "index.html", page)
+    path.chmod(0o644)  # a report is meant to be shared (the temp file was private)
+    return path
