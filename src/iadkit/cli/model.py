@@ -164,7 +164,7 @@ def evaluate(
     Example:  iadkit evaluate fabric.iad -d ./synth -c fabric
     """
     from iadkit.data import load_dataset
-    from iadkit.evaluate import evaluate as run_evaluation
+    from iadkit.evaluation import evaluate as run_evaluation
     from iadkit.model import Model
 
     model = Model.load(model_path, device=device)
