@@ -21,7 +21,7 @@ import test_bench_support as support
 from iadkit.bench import BenchConfig, ResultsDB, run_benchmark
 from iadkit.bench.config import expand
 from iadkit.bench.summary import leaderboard, metric_tables
-from iadkit.evaluate import evaluate
+from iadkit.evaluation import evaluate
 from iadkit.model import Model
 
 TESTS_DIR = Path(__file__).parent
