@@ -362,7 +362,10 @@ def build_report_html(db_path: str | Path) -> str:
         body.append(f'<section id="overview"><h2>Overview</h2><div class="cards">{card_html}</div>')
         body.append(f'<p class="note">datasets: {_esc(", ".join(datasets))}</p>')
         if any("subsample" in d for d in datasets):
-            body.append('<p class="warn">Some datasets were subsampled for a quick run (see their names): their numbers are not the full protocol.</p>')
+            body.append(
+                '<p class="warn">Datasets marked * were subsampled for a quick run (sizes above): '
+                "their numbers are not the full protocol.</p>"
+            )
         for s in settings:
             if len(settings) > 1:
                 body.append(f"<h3>setting: {_esc(s)}</h3>")

@@ -65,8 +65,14 @@ class MetricTable:
         return max(vals, key=vals.__getitem__) if vals else None
 
 
+def short_dataset(run: dict[str, Any]) -> str:
+    """'synthetic' for 'synthetic:./demo-out/synth'; a trailing '*' marks a subsample."""
+    name = run["dataset"].partition(":")[0] if ":" in run["dataset"] else run["dataset"]
+    return name + ("*" if run.get("subsample") else "")
+
+
 def row_label(run: dict[str, Any]) -> str:
-    return f"{run['dataset_label']} / {run['category']}"
+    return f"{short_dataset(run)} / {run['category']}"
 
 
 def setting_label(run: dict[str, Any]) -> str:
@@ -181,8 +187,13 @@ def leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_aur
             "[bold]mean",
             *[_cell(t.mean[m], m == best) + ("†" if m in t.incomplete else "") for m in t.methods],
         )
+        notes = []
+        if any(label.split(" / ")[0].endswith("*") for label, _ in t.rows):
+            notes.append("* subsampled dataset (quick run), not the full protocol")
         if t.incomplete:
-            table.caption = "† mean over fewer categories (a cell failed): not comparable"
+            notes.append("† mean over fewer categories (a cell failed): not comparable")
+        if notes:
+            table.caption = "; ".join(notes)
         out.append(table)
     return out
 

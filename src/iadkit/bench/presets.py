@@ -1,0 +1,172 @@
+"""Named benchmark grids: ``demo`` (what `iadkit demo` runs) and ``full``.
+
+Per-method settings live in one table per preset, one row per method, so a reader sees at a
+glance what every method was given. The methods themselves come from `available_methods()`
+at run time: a method added to iadkit joins the presets automatically (with the table's
+default row when it has no row of its own).
+
+Hyper-parameters a method does not accept are dropped with a note (the table is written
+for the whole method zoo; a method may name a knob differently). Everything not set here is
+the method's own default, i.e. its paper's setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from iadkit.bench.config import BenchConfig, BenchConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Row:
+    size: int  # input size (square) on the synthetic categories
+    elpv_size: int  # input size on ELPV (300x300 originals)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+# -- demo: every method, small CPU schedules -------------------------------------------------
+# Budget: the whole grid (about 10 methods x 8 categories) in under 10 minutes on 2 CPU
+# cores, including model creation. Training methods get a few epochs instead of their
+# paper's 100-200: the demo shows the pipeline and how methods compare, not their best.
+#
+#   method                      size  ELPV   hyper-parameters
+DEMO_TABLE: dict[str, Row] = {
+    "patchcore":            Row(128,  96, {"coreset_ratio": 0.05}),
+    "padim":                Row(128,  96, {}),
+    "spade":                Row(128,  96, {}),
+    "cfa":                  Row(128,  96, {"epochs": 2}),
+    "stfpm":                Row(128,  96, {"epochs": 3}),
+    "reverse_distillation": Row(128,  96, {"epochs": 3}),
+    "fastflow":             Row(128,  96, {"epochs": 3}),
+    "cflow":                Row(128,  96, {"epochs": 1}),
+    "cutpaste":             Row(128,  96, {"epochs": 3}),
+    "simplenet":            Row(128,  96, {"epochs": 3}),
+}
+DEMO_DEFAULT = Row(128, 96, {"epochs": 2})
+
+# ELPV's protocol split has 754 training and 1,575 test cells ("all"); the demo uses a
+# stratified subsample, named as such in every table.
+DEMO_ELPV_SUBSAMPLE = {"train": 60, "test": 80}
+DEMO_SYNTH_SUBSAMPLE = {"train": 40, "test": None}
+
+# -- full: paper defaults at IM-IAD's input size ----------------------------------------------
+FULL_TABLE: dict[str, Row] = {}
+FULL_DEFAULT = Row(256, 256, {})
+
+
+def _methods_for(table: dict[str, Row], default: Row, only: list[str] | None) -> list[tuple[str, Row]]:
+    from iadkit.methods import available_methods
+
+    registry = {
+        name: cls
+        for name, cls in available_methods().items()
+        if not name.startswith("test_") and getattr(cls, "supervision", "unsupervised") == "unsupervised"
+    }
+    if only:
+        unknown = [m for m in only if m not in registry]
+        if unknown:
+            raise BenchConfigError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(registry)}")
+        names = only
+    else:
+        names = [m for m in table if m in registry] + [m for m in registry if m not in table]
+    out = []
+    for name in names:
+        row = table.get(name, default)
+        accepted = set(registry[name].param_names())
+        dropped = sorted(set(row.params) - accepted)
+        if dropped:
+            log.info("preset: %s does not take %s; using its default", name, ", ".join(dropped))
+        out.append((name, Row(row.size, row.elpv_size, {k: v for k, v in row.params.items() if k in accepted})))
+    if not out:
+        raise BenchConfigError("no unsupervised method is installed; nothing to benchmark")
+    return out
+
+
+def _config(
+    name: str,
+    methods: list[tuple[str, Row]],
+    synth_dir: Path,
+    *,
+    synth_subsample: dict[str, Any] | None,
+    elpv_subsample: dict[str, Any] | None,
+    elpv: bool,
+    description: str,
+    gallery_size: int,
+) -> BenchConfig:
+    datasets: list[dict[str, Any]] = [{"source": f"synthetic:{synth_dir}", "subsample": synth_subsample}]
+    if elpv:
+        datasets.append({"source": "elpv", "categories": ["mono", "poly", "all"], "subsample": elpv_subsample})
+    return BenchConfig.parse(
+        {
+            "name": name,
+            "description": description,
+            "methods": [
+                {"name": m, "image_size": r.size, "image_size_for": {"elpv": r.elpv_size}, "params": r.params}
+                for m, r in methods
+            ],
+            "datasets": datasets,
+            "settings": ["vanilla"],
+            "seeds": [0],
+            "gallery_size": gallery_size,
+        },
+        origin=f"preset {name!r}",
+    )
+
+
+def demo(root: Path, methods: list[str] | None = None, elpv: bool = True) -> BenchConfig:
+    return _config(
+        "demo",
+        _methods_for(DEMO_TABLE, DEMO_DEFAULT, methods),
+        Path(root) / "synth",
+        synth_subsample=DEMO_SYNTH_SUBSAMPLE,
+        elpv_subsample=DEMO_ELPV_SUBSAMPLE,
+        elpv=elpv,
+        description="every method on the synthetic categories and ELPV (subsampled), small CPU schedules",
+        gallery_size=3,
+    )
+
+
+def full(root: Path, methods: list[str] | None = None, elpv: bool = True) -> BenchConfig:
+    return _config(
+        "full",
+        _methods_for(FULL_TABLE, FULL_DEFAULT, methods),
+        Path(root) / "synth",
+        synth_subsample=None,
+        elpv_subsample=None,
+        elpv=elpv,
+        description="every method with its paper defaults at 256 px, full synthetic and ELPV protocol splits",
+        gallery_size=4,
+    )
+
+
+PRESETS: dict[str, Callable[..., BenchConfig]] = {"demo": demo, "full": full}
+SYNTH_PRESET = {"demo": "demo", "full": "demo"}  # the synthetic generator's preset each one uses
+
+
+def get_preset(name: str, root: str | Path, *, methods: list[str] | None = None, elpv: bool = True) -> BenchConfig:
+    """The preset's config; its synthetic data lives in ``root/synth`` (see `ensure_synthetic`)."""
+    if name not in PRESETS:
+        raise BenchConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name](Path(root), methods=methods, elpv=elpv)
+
+
+def ensure_synthetic(config: BenchConfig, preset: str = "demo") -> list[Path]:
+    """Generate every ``synthetic:DIR`` dataset of `config` that does not exist yet."""
+    from iadkit.data.synthetic import generate
+
+    made = []
+    for ds in config.datasets:
+        scheme, _, location = ds.source.partition(":")
+        if scheme == "synthetic" and location and not _has_categories(Path(location)):
+            generate(location, seed=0, preset=preset, progress=True)
+            made.append(Path(location))
+    return made
+
+
+def _has_categories(path: Path) -> bool:
+    return path.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
