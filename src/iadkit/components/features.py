@@ -1,0 +1,375 @@
+"""From backbone feature maps to per-position feature vectors, and a fast runtime for that path.
+
+* `PatchEmbedding`: PatchCore's *locally aware patch features* (Roth et al. 2022, §3.1, and the
+  authors' code): every layer's map is unfolded into 3x3 neighbourhoods (zero padding), the
+  coarser layers are bilinearly upsampled to the finest layer's grid, each layer's
+  ``C*3*3`` neighbourhood vector is reduced to `pretrain_dim` by adaptive average pooling,
+  and the layers' vectors, stacked, are pooled again to `target_dim`. All four steps are
+  linear and act on separate axes, so they are computed here as one fixed convolution per
+  layer (kernel = the composed pooling weights) at the layer's own resolution, followed by
+  the upsampling — the same numbers as unfold -> upsample -> pool -> pool, far cheaper, and
+  exportable to ONNX (adaptive pooling with uneven bins is not).
+* `ConcatEmbedding`: PaDiM's embedding — layers upsampled (nearest, as the PaDiM code's
+  ``embedding_concat``) to the finest grid and concatenated, optionally keeping a channel subset.
+* `FeaturePath`: backbone + embedding as one module, runnable with torch (default) or, as an
+  optional fast path on CPU, with ONNX Runtime (``runtime="onnxruntime"``). The ONNX graph is
+  exported once per (weights sha256, layers, embedding, input size) and cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iadkit.errors import IadkitError
+
+RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
+CACHE_DIR_ENV = "IADKIT_CACHE_DIR"
+ONNX_OPSET = 17
+
+
+class FeatureRuntimeError(IadkitError, RuntimeError):
+    """The requested feature runtime cannot run here; the message says what to install or change."""
+
+
+# -- adaptive average pooling as a matrix ----------------------------------------------------------
+def adaptive_pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] float64 weights with ``M @ v == F.adaptive_avg_pool1d(v, n_out)``.
+
+    Bin i averages inputs ``floor(i*n_in/n_out) .. ceil((i+1)*n_in/n_out) - 1`` (PyTorch's
+    definition); when n_out > n_in bins repeat inputs.
+    """
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"adaptive pooling needs positive sizes, got {n_in} -> {n_out}")
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        start = (i * n_in) // n_out
+        end = -((-(i + 1) * n_in) // n_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def _finest(shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    return max(shapes, key=lambda s: s[0] * s[1])
+
+
+class PatchEmbedding(nn.Module):
+    """PatchCore patch features: 3x3 neighbourhood aggregation + adaptive-pooling projection.
+
+    Input: the layers' maps ``[B, C_l, h_l, w_l]`` (in the order of `channels`); output
+    ``[B, target_dim, H, W]`` on the finest layer's grid. With `patch_size` p the per-layer
+    neighbourhood vector has ``C_l*p*p`` entries in (channel, row, column) order, as
+    ``torch.nn.functional.unfold`` lays them out. The pooling weights are fixed (not learned)
+    and rebuilt from the dimensions, so they are not stored in model files.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        *,
+        patch_size: int = 3,
+        pretrain_dim: int = 1024,
+        target_dim: int = 1024,
+    ) -> None:
+        super().__init__()
+        if patch_size < 1 or patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be a positive odd number, got {patch_size}")
+        if not channels:
+            raise ValueError("PatchEmbedding needs at least one layer")
+        self.channels = tuple(int(c) for c in channels)
+        self.patch_size = int(patch_size)
+        self.pretrain_dim = int(pretrain_dim)
+        self.target_dim = int(target_dim)
+        p2 = self.patch_size**2
+        n_layers = len(self.channels)
+        final = adaptive_pool_matrix(n_layers * self.pretrain_dim, self.target_dim)
+        self.rows: list[tuple[int, int]] = []
+        for i, c in enumerate(self.channels):
+            per_layer = adaptive_pool_matrix(c * p2, self.pretrain_dim)
+            w = final[:, i * self.pretrain_dim : (i + 1) * self.pretrain_dim] @ per_layer  # [target, c*p2]
+            nz = torch.nonzero(w.abs().sum(1) > 0).flatten()
+            r0, r1 = int(nz.min()), int(nz.max()) + 1
+            self.rows.append((r0, r1))
+            weight = w[r0:r1].reshape(r1 - r0, c, self.patch_size, self.patch_size).float()
+            self.register_buffer(f"weight_{i}", weight, persistent=False)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(feats) != len(self.channels):
+            raise ValueError(f"PatchEmbedding expects {len(self.channels)} feature maps, got {len(feats)}")
+        size = _finest([tuple(f.shape[-2:]) for f in feats])
+        pad = self.patch_size // 2
+        out: torch.Tensor | None = None
+        for i, f in enumerate(feats):
+            y = F.conv2d(f, getattr(self, f"weight_{i}"), padding=pad)
+            if tuple(y.shape[-2:]) != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            r0, r1 = self.rows[i]
+            y = F.pad(y, (0, 0, 0, 0, r0, self.target_dim - r1))
+            out = y if out is None else out + y
+        assert out is not None
+        return out
+
+    def signature(self) -> dict[str, Any]:
+        return {
+            "kind": "patchcore",
+            "channels": list(self.channels),
+            "patch_size": self.patch_size,
+            "pretrain_dim": self.pretrain_dim,
+            "target_dim": self.target_dim,
+        }
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, patch_size={self.patch_size}, pretrain_dim={self.pretrain_dim}, target_dim={self.target_dim}"
+
+
+def reference_patch_embedding(
+    feats: Sequence[torch.Tensor], *, patch_size: int = 3, pretrain_dim: int = 1024, target_dim: int = 1024
+) -> torch.Tensor:
+    """The PatchCore code's literal steps (unfold, upsample patches, pool, stack, pool).
+
+    Slow and memory-hungry; kept as the reference `PatchEmbedding` is tested against.
+    Returns [B, target_dim, H, W].
+    """
+    size = _finest([tuple(f.shape[-2:]) for f in feats])
+    b = feats[0].shape[0]
+    pad = patch_size // 2
+    per_layer = []
+    for f in feats:
+        c, h, w = f.shape[1:]
+        u = F.unfold(f, kernel_size=patch_size, padding=pad)  # [B, C*p*p, h*w]
+        u = u.reshape(b, c * patch_size**2, h, w)
+        if (h, w) != size:
+            u = F.interpolate(u, size=size, mode="bilinear", align_corners=False)
+        v = u.permute(0, 2, 3, 1).reshape(-1, 1, c * patch_size**2)
+        per_layer.append(F.adaptive_avg_pool1d(v, pretrain_dim)[:, 0])
+    stacked = torch.stack(per_layer, 1).reshape(-1, 1, len(feats) * pretrain_dim)
+    out = F.adaptive_avg_pool1d(stacked, target_dim)[:, 0]
+    return out.reshape(b, size[0], size[1], target_dim).permute(0, 3, 1, 2)
+
+
+class ConcatEmbedding(nn.Module):
+    """PaDiM's embedding: layers upsampled to the finest grid (nearest) and concatenated.
+
+    `index` (optional) keeps only those channels of the concatenation — PaDiM's random
+    dimensionality reduction. Channels are selected per layer before upsampling (cheaper,
+    same result).
+    """
+
+    def __init__(self, channels: Sequence[int], index: torch.Tensor | None = None, *, mode: str = "nearest") -> None:
+        super().__init__()
+        self.channels = tuple(int(c) for c in channels)
+        self.mode = mode
+        total = sum(self.channels)
+        idx = torch.arange(total) if index is None else torch.as_tensor(index, dtype=torch.long).flatten()
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= total:
+            raise ValueError(f"channel index must select among {total} channels")
+        offsets = np.cumsum([0, *self.channels])
+        self._parts: list[tuple[int, int]] = []  # (layer, count)
+        for i in range(len(self.channels)):
+            sel = idx[(idx >= offsets[i]) & (idx < offsets[i + 1])] - int(offsets[i])
+            self.register_buffer(f"index_{i}", sel, persistent=False)
+            self._parts.append((i, int(sel.numel())))
+        # Order of output channels: sorted by layer then channel, i.e. sorted(index).
+        self.register_buffer("order", torch.sort(idx).values, persistent=False)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.order.numel())
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        size = _finest([tuple(f.shape[-2:]) for f in feats])
+        parts = []
+        for i, count in self._parts:
+            if count == 0:
+                continue
+            f = feats[i]
+            index = getattr(self, f"index_{i}")
+            if count != f.shape[1]:
+                f = f.index_select(1, index)
+            if tuple(f.shape[-2:]) != size:
+                f = F.interpolate(f, size=size, mode=self.mode)
+            parts.append(f)
+        return torch.cat(parts, 1)
+
+    def signature(self) -> dict[str, Any]:
+        digest = hashlib.sha256(self.order.numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+        return {"kind": "concat", "channels": list(self.channels), "mode": self.mode, "index": digest}
+
+
+# -- backbone + embedding, with an optional ONNX Runtime path --------------------------------------
+def cache_dir() -> Path:
+    """Where exported ONNX feature graphs are cached: $IADKIT_CACHE_DIR, else ~/.cache/iadkit."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "iadkit"
+
+
+class _Graph(nn.Module):
+    """What gets exported: images -> embedded feature map, a single tensor."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.layers = list(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)
+        return self.head([feats[name] for name in self.layers])
+
+
+class FeaturePath:
+    """Run ``head(backbone(images))`` with torch or ONNX Runtime.
+
+    Not an `nn.Module` on purpose: the detector owns `backbone` and `head` as its own
+    submodules (so their tensors follow `.to()` and the frozen-backbone rules of model files);
+    this object only decides how to execute them.
+
+    ONNX Runtime: the two modules are exported together (fixed input size, dynamic batch) to
+    ``cache_dir()/features-<key>.onnx``, where the key hashes the backbone's weights sha256, the
+    layers, the embedding's definition, the input size and the torch/exporter versions; a
+    changed weight file or setting therefore never reuses a stale graph. Runs on CPU only; a
+    model on another device, or while being exported/traced itself, uses torch.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, layers: Sequence[str], runtime: str = "torch") -> None:
+        if runtime not in RUNTIMES:
+            raise FeatureRuntimeError(f"unknown feature runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        self.backbone = backbone
+        self.head = head
+        self.layers = list(layers)
+        self.runtime = runtime
+        self._sessions: dict[tuple[int, int], Any] = {}
+        self._lock = threading.Lock()
+
+    def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)
+        return self.head([feats[name] for name in self.layers])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runtime == "onnxruntime" and self._ort_usable(x):
+            return self.ort_forward(x)
+        return self.torch_forward(x)
+
+    @staticmethod
+    def _ort_usable(x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return False
+        compiler = getattr(torch, "compiler", None)
+        if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+            return False
+        return True
+
+    # -- ONNX Runtime ----------------------------------------------------------------------------
+    def cache_key(self, size: tuple[int, int]) -> str:
+        head_sig = self.head.signature() if hasattr(self.head, "signature") else {"repr": repr(self.head)}
+        record = {
+            "backbone": getattr(self.backbone, "name", type(self.backbone).__name__),
+            "sha256": getattr(self.backbone, "weights_sha256", None),
+            "layers": self.layers,
+            "head": head_sig,
+            "size": list(size),
+            "torch": torch.__version__,
+            "opset": ONNX_OPSET,
+        }
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
+
+    def onnx_path(self, size: tuple[int, int]) -> Path:
+        return cache_dir() / f"features-{self.cache_key(size)}.onnx"
+
+    def export_onnx(self, size: tuple[int, int]) -> Path:
+        """Export (or find in the cache) the ONNX graph for inputs of spatial `size`."""
+        path = self.onnx_path(size)
+        if path.exists():
+            return path
+        graph = _Graph(self.backbone, self.head, self.layers).eval()
+        dummy = torch.zeros(2, 3, *size)
+        buf = io.BytesIO()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph,
+                (dummy,),
+                buf,
+                input_names=["images"],
+                output_names=["features"],
+                dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+        from iadkit.store import atomic_write_bytes
+
+        return atomic_write_bytes(path, buf.getvalue())
+
+    def session(self, size: tuple[int, int]) -> Any:
+        with self._lock:
+            if size in self._sessions:
+                return self._sessions[size]
+            try:
+                import onnxruntime as ort
+            except ImportError as exc:
+                raise FeatureRuntimeError(
+                    "feature_runtime='onnxruntime' needs onnxruntime: pip install 'iadkit[onnx]', "
+                    "or use feature_runtime='torch'"
+                ) from exc
+            path = self.export_onnx(size)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = max(1, torch.get_num_threads())
+            opts.inter_op_num_threads = 1
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            try:
+                sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # a corrupt cache entry: export again once
+                path.unlink(missing_ok=True)
+                try:
+                    path = self.export_onnx(size)
+                    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                except Exception as exc2:
+                    raise FeatureRuntimeError(f"ONNX Runtime cannot load {path}: {exc2}") from exc
+            self._sessions[size] = sess
+            return sess
+
+    def ort_forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        sess = self.session(size)
+        (out,) = sess.run(None, {"images": np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)})
+        return torch.from_numpy(out)
+
+    def release(self) -> None:
+        """Drop ONNX Runtime sessions (they are rebuilt on demand)."""
+        with self._lock:
+            self._sessions.clear()
+
+
+def as_list(feats: Mapping[str, torch.Tensor], layers: Sequence[str]) -> list[torch.Tensor]:
+    return [feats[name] for name in layers]
+
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "RUNTIMES",
+    "ConcatEmbedding",
+    "FeaturePath",
+    "FeatureRuntimeError",
+    "PatchEmbedding",
+    "adaptive_pool_matrix",
+    "as_list",
+    "cache_dir",
+    "reference_patch_embedding",
+]
