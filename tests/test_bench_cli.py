@@ -68,7 +68,7 @@ def test_demo_preset_table_covers_installed_methods(tmp_path, monkeypatch):
     assert by_name["brand_new"].params == presets.DEMO_DEFAULT.params
     assert by_name["patchcore"].image_size_for == {"elpv": presets.DEMO_TABLE["patchcore"].elpv_size}
     synth, elpv = cfg.datasets
-    assert synth.source == f"synthetic:{tmp_path / 'synth'}"
+    assert synth.source == f"synthetic:{(tmp_path / 'synth').resolve()}"
     assert elpv.source == "elpv" and elpv.categories == ["mono", "poly", "all"]
     assert elpv.subsample is not None and elpv.subsample.train == presets.DEMO_ELPV_SUBSAMPLE["train"]
     cells = expand(cfg.model_copy(update={"datasets": [elpv]}))

@@ -149,10 +149,13 @@ SYNTH_PRESET = {"demo": "demo", "full": "demo"}  # the synthetic generator's pre
 
 
 def get_preset(name: str, root: str | Path, *, methods: list[str] | None = None, elpv: bool = True) -> BenchConfig:
-    """The preset's config; its synthetic data lives in ``root/synth`` (see `ensure_synthetic`)."""
+    """The preset's config; its synthetic data lives in ``root/synth`` (see `ensure_synthetic`).
+
+    The path is made absolute so Ray workers, whose working folder may differ, find it.
+    """
     if name not in PRESETS:
         raise BenchConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return PRESETS[name](Path(root), methods=methods, elpv=elpv)
+    return PRESETS[name](Path(root).resolve(), methods=methods, elpv=elpv)
 
 
 def ensure_synthetic(config: BenchConfig, preset: str = "demo") -> list[Path]:

@@ -19,6 +19,7 @@ import logging
 import random
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
             on_stage(name)
 
     result = CellResult(cell=cell, status="failed", started=now_iso(), host=socket.gethostname())
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     try:
         import_modules(cell.imports)
         seed_everything(cell.seed)
@@ -127,6 +129,10 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
         result.labels = [int(v) for v in evaluation.labels]
         result.defect_types = list(evaluation.defect_types)
         result.scores = [float(v) for v in evaluation.scores]
+        # The whole cell (data, fit, test, metrics, overlays). CPU seconds add up every
+        # thread's time and do not grow when other processes compete for the cores.
+        result.timings["cell_seconds"] = time.perf_counter() - wall0
+        result.timings["cell_cpu_seconds"] = time.process_time() - cpu0
         result.status = "done"
     except Exception as exc:  # a failed cell is recorded; the grid goes on
         result.status = "failed"

@@ -33,6 +33,8 @@ TIMINGS: dict[str, tuple[str, str]] = {
     "model_seconds_per_image": ("model time / image", "ms"),
     "fit_peak_rss_mb": ("peak RSS (fit)", "MiB"),
     "peak_rss_mb": ("peak RSS (test)", "MiB"),
+    "cell_seconds": ("whole cell", "s"),
+    "cell_cpu_seconds": ("whole cell, CPU", "s"),
     "fit_peak_cuda_mb": ("peak CUDA (fit)", "MiB"),
     "peak_cuda_mb": ("peak CUDA (test)", "MiB"),
 }
