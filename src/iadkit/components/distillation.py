@@ -121,7 +121,8 @@ class OneClassBottleneck(nn.Module):
     """RD4AD's OCBE: multi-scale feature fusion (MFF) then one-class embedding (OCE).
 
     MFF brings every level to the deepest one's resolution with strided 3x3 conv + BN + ReLU
-    (one per halving; the paper's 256→512→1024 and 512→1024 for WideResNet-50) and
+    (one per halving, widening like the encoder: the paper's 256→512→1024 and 512→1024 for
+    WideResNet-50) and
     concatenates them with the deepest level. OCE is one more residual stage, stride 2, that
     compresses the fusion into the compact embedding the decoder starts from (the paper:
     ResNet stage-4 blocks, 3072 → 2048 channels at 1/32).
@@ -137,14 +138,20 @@ class OneClassBottleneck(nn.Module):
         if sorted(strides) != strides:
             raise ValueError(f"encoder levels must go shallow to deep, got strides {strides}")
         deep_c, deep_s = channels[-1], strides[-1]
+        # Each halving step widens to the encoder's own width at the new stride, as the
+        # paper's 256 -> 512 -> 1024; the last step always lands on the deepest level's width.
+        width_at = {s: c for c, s in zip(channels, strides)}
         self.fuse = nn.ModuleList()
         for c, s in zip(channels[:-1], strides[:-1]):
             steps: list[nn.Module] = []
             cin = c
-            for _ in range(max(1, _log2_ratio(deep_s, s))):
+            n_steps = max(1, _log2_ratio(deep_s, s))
+            for i in range(n_steps):
                 stride = 2 if s < deep_s else 1
-                steps += [_conv_bn(cin, deep_c, 3, stride), nn.ReLU(inplace=True)]
-                cin, s = deep_c, s * stride
+                s = s * stride
+                cout = deep_c if i == n_steps - 1 else width_at.get(s, deep_c)
+                steps += [_conv_bn(cin, cout, 3, stride), nn.ReLU(inplace=True)]
+                cin = cout
             self.fuse.append(nn.Sequential(*steps))
         fused = deep_c * len(channels)
         self.embed_channels = int(embed_channels or 2 * deep_c)
