@@ -61,7 +61,8 @@ def test_layout_counts_and_masks(tiny: tuple[Path, SynthSummary]) -> None:
         cat = root / name
         assert sorted(p.name for p in cat.iterdir()) == ["ground_truth", "test", "train"]
         assert [p.name for p in (cat / "train").iterdir()] == ["good"]
-        assert sorted(p.name for p in (cat / "train" / "good").iterdir()) == ["000.png", "001.png", "002.png", "003.png"]
+        train = sorted(p.name for p in (cat / "train" / "good").iterdir())
+        assert train == ["000.png", "001.png", "002.png", "003.png"]
         assert sorted(p.name for p in (cat / "test").iterdir()) == sorted(["good", *spec.defect_types])
         assert sorted(p.name for p in (cat / "test" / "good").iterdir()) == ["000.png", "001.png", "002.png"]
         # Good images have no masks; every defect type has exactly one mask per image.
@@ -79,7 +80,8 @@ def test_layout_counts_and_masks(tiny: tuple[Path, SynthSummary]) -> None:
         counts = summary.categories[name]
         assert (counts.train_good, counts.test_good) == (4, 3)
         assert counts.test_defects == {d: 2 for d in spec.defect_types}
-        assert counts.total == 4 + 3 + 2 * len(spec.defect_types) == len(list(cat.rglob("*.png"))) - 2 * len(spec.defect_types)
+        n_masks = 2 * len(spec.defect_types)
+        assert counts.total == 4 + 3 + 2 * len(spec.defect_types) == len(list(cat.rglob("*.png"))) - n_masks
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp folders or files left
 
 
@@ -173,7 +175,16 @@ def test_counts_and_size_follow_preset_and_overrides(tmp_path: Path) -> None:
     assert set(c.test_defects.values()) == {p["n_test_per_defect"]}
     assert len(list((tmp_path / "metal" / "train" / "good").glob("*.png"))) == p["n_train"]
     assert _load(tmp_path / "metal" / "test" / "good" / "000.png").shape == (p["image_size"], p["image_size"])
-    summary = generate(tmp_path / "o", preset="demo", image_size=40, n_train=2, n_test_good=1, n_test_per_defect=1, categories=["metal"])
+    summary = generate(
+        tmp_path / "o",
+        preset="demo",
+        image_size=40,
+        n_train=2,
+        n_test_good=1,
+        n_test_per_defect=1,
+        categories="metal",  # one name as a plain string
+        progress=True,
+    )
     assert summary.image_size == 40 and summary.categories["metal"].total == 2 + 1 + 3
     assert _load(tmp_path / "o" / "metal" / "train" / "good" / "001.png").shape == (40, 40)
 

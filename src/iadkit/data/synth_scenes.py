@@ -259,10 +259,8 @@ def sample_washer(rng: np.random.Generator, size: int) -> Params:
 
 def washer_hole_centres(p: Params) -> list[tuple[float, float]]:
     cx, cy = p["centre"]
-    return [
-        (cx + p["r_bolt"] * math.cos(p["rotation"] + k * math.pi / 3), cy + p["r_bolt"] * math.sin(p["rotation"] + k * math.pi / 3))
-        for k in p["holes"]
-    ]
+    angles = [p["rotation"] + k * math.pi / 3 for k in p["holes"]]
+    return [(cx + p["r_bolt"] * math.cos(a), cy + p["r_bolt"] * math.sin(a)) for a in angles]
 
 
 def render_washer(p: Params, size: int) -> Rendered:
@@ -293,7 +291,8 @@ LABEL_ICONS = ("square", "disc", "diamond")
 def sample_label(rng: np.random.Generator, size: int) -> Params:
     """A printed label on cardboard: logo, title, two text lines, three icons in four slots."""
     kraft = np.array([0.60, 0.46, 0.30]) * rng.uniform(0.96, 1.04, 3)
-    bg = kraft * (1 + 0.05 * smooth_noise(rng, (size, size), 1.5) + 0.03 * smooth_noise(rng, (size, size), 6.0))[..., None]
+    fibres = 0.05 * smooth_noise(rng, (size, size), 1.5) + 0.03 * smooth_noise(rng, (size, size), 6.0)
+    bg = kraft * (1 + fibres)[..., None]
     return {
         "centre": (size / 2 + rng.uniform(-0.035, 0.035) * size, size / 2 + rng.uniform(-0.035, 0.035) * size),
         "angle": math.radians(rng.uniform(-4.0, 4.0)),
@@ -321,7 +320,11 @@ def label_element_coverage(p: Params, size: int, name: str) -> np.ndarray:
     if name == "logo":
         cx, cy = to_img(-0.24, -0.12)
         return disc_coverage(size, cx, cy, 0.065 * size)
-    rects = {"title": (0.08, -0.15, 0.30, 0.055), "line1": (0.08, -0.06, 0.30, 0.025), "line2": (0.02, 0.0, 0.18, 0.025)}
+    rects = {  # centre x, centre y, width, height
+        "title": (0.08, -0.15, 0.30, 0.055),
+        "line1": (0.08, -0.06, 0.30, 0.025),
+        "line2": (0.02, 0.0, 0.18, 0.025),
+    }
     if name in rects:
         lx, ly, w, h = rects[name]
         cx, cy = to_img(lx, ly)
@@ -337,7 +340,12 @@ def label_element_coverage(p: Params, size: int, name: str) -> np.ndarray:
     return polygon_coverage(size, rotated_rect(cx, cy, d * math.sqrt(2), d * math.sqrt(2), p["angle"] + math.pi / 4))
 
 
-INK = {"logo": (0.72, 0.16, 0.12), "title": (0.12, 0.12, 0.14), "line1": (0.35, 0.35, 0.37), "line2": (0.35, 0.35, 0.37)}
+INK = {
+    "logo": (0.72, 0.16, 0.12),
+    "title": (0.12, 0.12, 0.14),
+    "line1": (0.35, 0.35, 0.37),
+    "line2": (0.35, 0.35, 0.37),
+}
 ICON_INK = (0.14, 0.20, 0.42)
 
 

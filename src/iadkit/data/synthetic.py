@@ -24,7 +24,10 @@ least 15% of the defect's largest change and by at least 3/255 (so faint anti-al
 fringes are left out); for blob-like defects enclosed gaps are filled, as an annotator would.
 
 Determinism: every image has its own random stream, seeded by (seed, category, split, defect
-type, index). The same seed gives byte-identical files, whatever subset of categories is made.
+type, index). The same seed gives byte-identical files, whatever subset of categories is made
+(on the same numpy/scipy/Pillow versions; floating-point details may differ across them).
+`synthetic.json` records each category's parameters and a fingerprint of the generator's
+source, so a re-run with the same parameters keeps the files and anything else rewrites them.
 """
 
 from __future__ import annotations
@@ -131,6 +134,19 @@ PRESETS: dict[str, dict[str, int]] = {
 
 _SPLIT_CODES = {"train": 0, "test": 1}
 
+__all__ = [
+    "CATEGORIES",
+    "DEFECT_AREA_RANGE",
+    "PRESETS",
+    "CategoryCounts",
+    "CategorySpec",
+    "SynthConfigError",
+    "SynthImage",
+    "SynthSummary",
+    "generate",
+    "synthesize",
+]
+
 
 # -- one image ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -188,7 +204,13 @@ def _check_category(category: str) -> CategorySpec:
 
 
 def synthesize(
-    category: str, defect_type: str | None = None, *, seed: int = 0, index: int = 0, image_size: int = 64, split: str = "test"
+    category: str,
+    defect_type: str | None = None,
+    *,
+    seed: int = 0,
+    index: int = 0,
+    image_size: int = 64,
+    split: str = "test",
 ) -> SynthImage:
     """Generate one image in memory, exactly as `generate` writes it.
 
@@ -234,7 +256,8 @@ def _apply_defect(
         if lo <= mask.mean() <= hi:
             return clean, mask
     raise RuntimeError(  # a generator bug, not a user error: the defect sizes do not fit the image size
-        f"could not draw a {fn.__name__} defect of {lo:.1%}-{hi:.1%} of a {ctx.size}px image in {_MAX_DEFECT_ATTEMPTS} tries"
+        f"could not draw a {fn.__name__} defect of {lo:.1%}-{hi:.1%} of a {ctx.size}px image "
+        f"in {_MAX_DEFECT_ATTEMPTS} tries"
     )
 
 
@@ -363,7 +386,9 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         ) from exc
 
 
-def _jobs(spec: CategorySpec, n_train: int, n_test_good: int, n_per_defect: int) -> Iterator[tuple[str, str | None, int, str]]:
+def _jobs(
+    spec: CategorySpec, n_train: int, n_test_good: int, n_per_defect: int
+) -> Iterator[tuple[str, str | None, int, str]]:
     """(split, defect_type or None, index, relative path) for every image of a category."""
     width = lambda n: max(3, len(str(n - 1)))  # noqa: E731 - MVTec's 000.png, wider if needed
     for i in range(n_train):
@@ -442,7 +467,11 @@ def generate(
     t0 = time.perf_counter()
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise SynthConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    values = _resolve(preset, image_size=image_size, n_train=n_train, n_test_good=n_test_good, n_test_per_defect=n_test_per_defect)
+    values = _resolve(
+        preset, image_size=image_size, n_train=n_train, n_test_good=n_test_good, n_test_per_defect=n_test_per_defect
+    )
+    if isinstance(categories, str):  # one name, not a sequence of letters
+        categories = [categories]
     names = list(CATEGORIES) if categories is None else list(dict.fromkeys(categories))
     if not names:
         raise SynthConfigError("categories is empty; leave it out to generate all of " + ", ".join(CATEGORIES))
