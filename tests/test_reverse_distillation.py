@@ -51,14 +51,17 @@ def test_decoder_restores_every_encoder_level(layers):
 
 
 def test_paper_shapes_for_a_wide_resnet_pyramid():
-    # WideResNet-50 layer1..3 at 256 px: 256@64, 512@32, 1024@16 -> OCE 2048@8 -> back again
+    # WideResNet-50 layer1..3: 256@1/4, 512@1/8, 1024@1/16 -> OCE 2048@1/32 -> back again
+    # (the paper's 256 px input; 64 px here keeps the test fast, the strides are the same)
     ch, st = [256, 512, 1024], [4, 8, 16]
-    ocbe = OneClassBottleneck(ch, st, embed_channels=2048)
-    dec = ReverseDecoder(ch, st, embed_channels=2048)
-    feats = [torch.randn(1, c, 256 // s, 256 // s) for c, s in zip(ch, st)]
-    z = ocbe(feats)
-    assert z.shape == (1, 2048, 8, 8)
-    assert [o.shape for o in dec(z)] == [f.shape for f in feats]
+    ocbe = OneClassBottleneck(ch, st)
+    dec = ReverseDecoder(ch, st, embed_channels=ocbe.embed_channels)
+    feats = [torch.randn(2, c, 64 // s, 64 // s) for c, s in zip(ch, st)]
+    with torch.no_grad():
+        z = ocbe(feats)
+        out = dec(z)
+    assert z.shape == (2, 2048, 2, 2)
+    assert [o.shape for o in out] == [f.shape for f in feats]
     # MFF as in the paper: 256 -> 512 -> 1024 by two strided convs, 512 -> 1024 by one
     convs = [[m for m in branch.modules() if isinstance(m, torch.nn.Conv2d)] for branch in ocbe.fuse]
     assert [[(c.in_channels, c.out_channels, c.stride) for c in b] for b in convs] == [
