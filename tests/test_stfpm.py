@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from iadkit.components.distillation import StudentNetwork
+from iadkit.components.distillation import StudentNetwork, TrainingDivergedError, train_epochs
 from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss
 from iadkit.data import load_dataset
 from iadkit.data.synthetic import generate
+from iadkit.data.transforms import ImageSet, Preprocess
+from iadkit.errors import IadkitError
 from iadkit.methods import NotFittedError
 from iadkit.methods.stfpm import STFPM, combine_level_maps
 from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
+from iadkit.types import Sample
 
 SIZE = 64
 PARAMS = dict(epochs=20, batch_size=4)  # paper: 100 epochs, batch 32 (too slow for a unit test)
@@ -74,6 +77,26 @@ def test_student_is_the_teacher_architecture_randomly_initialised():
     x = torch.randn(1, 3, SIZE, SIZE)
     out = det.student(x)
     assert {k: v.shape[1:] for k, v in out.items()} == {k: v.shape[1:] for k, v in det.backbone(x).items()}
+
+
+def test_epoch_loop_trains_skips_single_image_batches_and_stops_on_divergence():
+    images = [Sample(path=f"mem://{i}", label=0, image=np.full((8, 8, 3), 20 * i, np.uint8)) for i in range(5)]
+    train = ImageSet(images, Preprocess(image_size=8))
+    w = torch.nn.Parameter(torch.zeros(()))
+    sizes = []
+
+    def step(x):
+        sizes.append(len(x))
+        return ((w - 3.0) ** 2) * torch.ones(len(x)).mean()
+
+    history = train_epochs(train, step, torch.optim.SGD([w], lr=0.1), epochs=10, batch_size=2, progress=False)
+    assert len(history) == 10 and history[-1] < 0.1 * history[0]
+    assert float(w.detach()) == pytest.approx(3.0, abs=0.1)
+    assert set(sizes) == {2}  # 5 images in batches of 2: the lone fifth is dropped each epoch
+    with pytest.raises(TrainingDivergedError, match="lower the learning rate") as err:
+        nan_step = lambda x: w * float("nan")  # noqa: E731
+        train_epochs(train, nan_step, torch.optim.SGD([w], lr=0.1), epochs=1, batch_size=2, progress=False)
+    assert isinstance(err.value, IadkitError)
 
 
 def test_predict_before_fit_raises():

@@ -27,7 +27,12 @@ from torch import nn
 from iadkit.backbones import get_spec
 from iadkit.backbones.weights import BackboneError
 from iadkit.data.transforms import ImageSet
+from iadkit.errors import IadkitError
 from iadkit.progress import step_bar
+
+
+class TrainingDivergedError(IadkitError, FloatingPointError):
+    """The training loss became NaN or infinite; the message names the method and the epoch."""
 
 
 class StudentNetwork(nn.Module):
@@ -238,8 +243,8 @@ def train_epochs(
             for batch in train.batches(batch_size, shuffle=True, seed=seed + epoch, drop_last=drop_last):
                 loss = step(batch.images.to(device))
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"{description}: the training loss became {float(loss)} in epoch {epoch + 1}; "
+                    raise TrainingDivergedError(
+                        f"{description}: the training loss became {float(loss.detach())} in epoch {epoch + 1}; "
                         "lower the learning rate"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -252,4 +257,11 @@ def train_epochs(
     return history
 
 
-__all__ = ["OneClassBottleneck", "ResidualBlock", "ReverseDecoder", "StudentNetwork", "train_epochs"]
+__all__ = [
+    "OneClassBottleneck",
+    "ResidualBlock",
+    "ReverseDecoder",
+    "StudentNetwork",
+    "TrainingDivergedError",
+    "train_epochs",
+]

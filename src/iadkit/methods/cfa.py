@@ -47,7 +47,7 @@ from torch import nn
 from iadkit.backbones import FeatureExtractor
 from iadkit.components.distillation import train_epochs
 from iadkit.components.losses import coupled_hypersphere_loss
-from iadkit.components.memory_bank import knn_exact, squared_distances
+from iadkit.components.memory_bank import MemoryBankError, knn_exact, squared_distances
 from iadkit.components.postprocess import gaussian_blur, sigma_for_size, upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
@@ -96,7 +96,10 @@ class CFA(Detector):
 
     name = "cfa"
     family = "memory-bank"
-    paper = "Lee, Lee & Song, CFA: Coupled-hypersphere-based Feature Adaptation for Target-Oriented Anomaly Localization, IEEE Access 2022"
+    paper = (
+        "Lee, Lee & Song, CFA: Coupled-hypersphere-based Feature Adaptation for Target-Oriented "
+        "Anomaly Localization, IEEE Access 2022"
+    )
 
     def __init__(
         self,
@@ -198,7 +201,7 @@ class CFA(Detector):
         self.memory = self._build_memory(train)
         m = int(self.memory.shape[0])
         if m < self.k + self.j:
-            raise ValueError(
+            raise MemoryBankError(
                 f"CFA's memory has {m} features but k + j = {self.k + self.j} are needed; "
                 "use a larger image size or a smaller gamma_c"
             )

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from iadkit.backbones import FeatureExtractor
-from iadkit.components.memory_bank import knn_exact
+from iadkit.components.memory_bank import MemoryBankError, knn_exact
 from iadkit.components.postprocess import gaussian_blur, sigma_for_size, upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
@@ -132,9 +132,10 @@ class SPADE(Detector):
         size = tuple(images.shape[-2:])
         glob, pix, (h, w) = self._describe(images)
         if pix.shape[1:] != self.train_pixels.shape[1:]:
-            raise ValueError(
+            raise MemoryBankError(
                 f"SPADE was fitted on {self.train_pixels.shape[1]} positions x {self.train_pixels.shape[2]} "
-                f"channels per image but got {pix.shape[1]} x {pix.shape[2]}: predict at the training image size"
+                f"channels per image but got {pix.shape[1]} x {pix.shape[2]}: predict at the training image size "
+                "(the model's preprocessing does this for you: use Model.predict)"
             )
         k = min(self.k_images, int(self.train_global.shape[0]))
         dist, idx = knn_exact(glob, self.train_global, k)
