@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/iadkit demo
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/patchcore_perf.py
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache
