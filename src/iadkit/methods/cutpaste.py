@@ -1,0 +1,322 @@
+"""CutPaste: learn what "locally irregular" looks like from cut-and-pasted good images, then
+score with a Gaussian density estimate of the learned representations of good images.
+
+Paper: Chun-Liang Li, Kihyuk Sohn, Jinsung Yoon, Tomas Pfister, "CutPaste: Self-Supervised
+Learning for Anomaly Detection and Localization", CVPR 2021.
+
+Algorithm. A CNN with a projection head is trained as a classifier to tell good images
+from the same images augmented by CutPaste (a colour-jittered rectangle of 2%-15% of the
+area, aspect ratio in (0.3, 1) U (1, 3.3), pasted elsewhere) and CutPaste-Scar (a thin
+jittered strip 2-16 x 10-25 px rotated by -45..45 degrees). The "3-way" variant learns three
+classes (good / CutPaste / Scar), the paper's best single model. After training, a
+Gaussian density estimator (GDE) is fitted on the representations of the good training
+images, and a test image is scored by its Mahalanobis distance to that Gaussian (the GDE's
+negative log-density up to monotone terms). For localisation the same is done on patches:
+the network is trained on random patches, every patch of a test image (stride s) is scored,
+and patch scores are spread back over the patches' pixels (receptive-field upsampling, the
+mean of the scores of the patches covering a pixel) and smoothed with a Gaussian.
+
+The paper's hyper-parameters:
+    ResNet-18 initialised from ImageNet, MLP projection head; 256 x 256 input; SGD, lr 0.03,
+    momentum 0.9, cosine decay, 256 epochs; augmentation as above (CutPaste parameters,
+    colour jitter); GDE on the representations of good training images; localisation with
+    64 x 64 (and 32 x 32) patches at stride 4, Gaussian smoothing (sigma 4).
+
+Ours and why:
+    - network: the packaged EfficientNet-Lite0 (the only ImageNet network every user has
+      offline). Only its last stages (`finetune_from`, default blocks.5, blocks.6 and the
+      1280-channel head conv, 2.7 M parameters) are fine-tuned, with their batch-norm
+      statistics frozen; the earlier stages stay frozen. The paper fine-tunes all of
+      ResNet-18 for 256 epochs, which is out of reach on a CPU; freezing the early stages
+      keeps generic low-level features and lets a short schedule (`epochs`, default 40) work;
+    - projection head: Linear-BN-ReLU layers of `head_dims` (512, 128) on the pooled 1280-d
+      representation, then the linear classifier;
+    - GDE: fitted on the pooled representation before the head (`embedding="backbone"`,
+      the choice Sohn et al. recommend for one-class representations; "head" uses the
+      projection-head output). With fewer good images than dimensions a sample covariance
+      is singular, so it is shrunk with the Ledoit-Wolf estimator before whitening;
+    - scar sizes are given at 256 px and scaled to the actual image size;
+    - image-level variant (`patch_size=None`, default) gives scores only (no maps), as the
+      paper's detection model; set `patch_size` (e.g. 32 at 64-128 px, the paper's 64 at
+      256 px) for the localisation variant, which gives maps and scores each image by the
+      maximum of its map.
+
+Measured on the synthetic set at 64 px (16 training images; defects cover only 0.3-3% of
+the image, smaller than CutPaste's 2-15% patches): the localisation variant (32 px patches,
+stride 8, 15-30 epochs) learns, image AUROC wood 0.89-0.93 and metal 0.82-0.92 against
+0.66 / 0.81 for the same network untrained. The image-level variant does not beat its
+untrained starting point there (fabric 0.75 after 20 epochs against 0.80-0.87 with the
+untrained ImageNet representation): a pooled 1280-d representation of a 64 px image hardly
+sees a defect of a few pixels. Prefer the patch variant for small defects.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Self, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iadkit.backbones import FeatureExtractor
+from iadkit.components.gaussian import mahalanobis, whitening_matrices
+from iadkit.components.postprocess import gaussian_blur
+from iadkit.components.synthesis import cutpaste, cutpaste_scar
+from iadkit.data.transforms import ImageSet
+from iadkit.methods.base import Detector, register
+from iadkit.progress import step_bar
+from iadkit.types import Prediction
+
+VARIANTS = {"binary": ("cutpaste",), "scar": ("scar",), "3way": ("cutpaste", "scar")}
+EMBEDDINGS = ("backbone", "head")
+
+
+def _keep_bn_eval(module: nn.Module) -> None:
+    """Batch-norm layers of a fine-tuned trunk stay in eval mode: their ImageNet statistics
+    are kept, because batches of a few images would corrupt them."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class CutPasteNet(nn.Module):
+    """Trainable part: fine-tuned last backbone stages -> pooling -> MLP head -> classifier."""
+
+    def __init__(self, trunk: Sequence[nn.Module], in_channels: int, head_dims: Sequence[int], n_classes: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(*trunk)
+        layers: list[nn.Module] = []
+        d = in_channels
+        for h in head_dims:
+            layers += [nn.Linear(d, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            d = h
+        self.head = nn.Sequential(*layers)
+        self.classifier = nn.Linear(d, n_classes)
+
+    def train(self, mode: bool = True) -> "CutPasteNet":
+        super().train(mode)
+        _keep_bn_eval(self.trunk)
+        return self
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backbone features -> (pooled representation, head embedding, logits)."""
+        rep = self.trunk(feats).mean(dim=(2, 3))
+        emb = self.head(rep)
+        return rep, emb, self.classifier(emb)
+
+
+def ledoit_wolf_covariance(x: torch.Tensor) -> torch.Tensor:
+    """Ledoit-Wolf shrunk covariance of samples x [n, d] (float64), via scikit-learn."""
+    from sklearn.covariance import ledoit_wolf
+
+    cov, _ = ledoit_wolf(x.detach().double().cpu().numpy(), assume_centered=False)
+    return torch.from_numpy(np.ascontiguousarray(cov))
+
+
+def receptive_field_upsample(scores: torch.Tensor, size: tuple[int, int], patch: int, stride: int) -> torch.Tensor:
+    """Patch scores [B, nh, nw] -> pixel map [B, H, W]: each pixel gets the mean score of the
+    patches that contain it (pixels no patch covers take the nearest patches' values)."""
+    b, nh, nw = scores.shape
+    cols = scores.reshape(b, 1, nh * nw).expand(-1, patch * patch, -1)
+    covered_h = (nh - 1) * stride + patch
+    covered_w = (nw - 1) * stride + patch
+    summed = F.fold(cols, (covered_h, covered_w), kernel_size=patch, stride=stride)
+    count = F.fold(torch.ones_like(cols), (covered_h, covered_w), kernel_size=patch, stride=stride)
+    out = summed / count
+    if (covered_h, covered_w) != tuple(size):  # uncovered right/bottom margin: replicate
+        out = F.pad(out, (0, size[1] - covered_w, 0, size[0] - covered_h), mode="replicate")
+    return out[:, 0]
+
+
+@register
+class CutPaste(Detector):
+    """CutPaste (Li et al. 2021): self-supervised CutPaste classifier + Gaussian density."""
+
+    name = "cutpaste"
+    family = "one-class classification (self-supervised)"
+    paper = "Li et al., CutPaste: Self-Supervised Learning for Anomaly Detection and Localization, CVPR 2021"
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        weights_path: str | None = None,
+        finetune_from: str = "blocks.5",
+        variant: str = "3way",
+        head_dims: Sequence[int] = (512, 128),
+        embedding: str = "backbone",
+        epochs: int = 40,
+        batch_size: int = 32,
+        lr: float = 0.03,
+        momentum: float = 0.9,
+        weight_decay: float = 3e-5,
+        patch_size: int | None = None,
+        patch_stride: int = 4,
+        sigma: float = 4.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {embedding!r}")
+        if epochs < 1 or batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1")
+        if patch_size is not None and (patch_size < 8 or patch_stride < 1):
+            raise ValueError("patch_size must be at least 8 pixels and patch_stride at least 1")
+        self.backbone_name = backbone
+        self.weights_path = None if weights_path is None else os.fspath(weights_path)
+        self.finetune_from = finetune_from
+        self.variant = variant
+        self.head_dims = tuple(int(h) for h in head_dims)
+        self.embedding = embedding
+        self.epochs = int(epochs)
+        self.batch_size = int(batch_size)
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.patch_size = None if patch_size is None else int(patch_size)
+        self.patch_stride = int(patch_stride)
+        self.sigma = float(sigma)
+        self.seed = int(seed)
+
+        # The full pretrained network, split: frozen stages up to `finetune_from` (excluded)
+        # become `self.backbone`; copies of the later ones are the trainable trunk.
+        full = FeatureExtractor(backbone, ["head"], self.weights_path, channels_last=False)
+        names = list(full._step_names)
+        if finetune_from not in names or names.index(finetune_from) == 0:
+            raise ValueError(
+                f"finetune_from must name a stage after the stem of {backbone!r}: one of {', '.join(names[1:])}"
+            )
+        split = names.index(finetune_from)
+        self.frozen_layer = names[split - 1]
+        trunk = [copy.deepcopy(m) for m in list(full.body)[split:]]
+        rep_dim = full.channels["head"]
+        del full
+        self.backbone = FeatureExtractor(backbone, [self.frozen_layer], self.weights_path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.net = CutPasteNet(trunk, rep_dim, self.head_dims, 1 + len(VARIANTS[variant]))
+        for p in self.net.parameters():
+            p.requires_grad_(True)
+        self.net.eval()
+        dim = rep_dim if embedding == "backbone" else self.head_dims[-1]
+        self.register_buffer("gde_mean", torch.zeros(1, dim))
+        self.register_buffer("gde_whitening", torch.eye(dim)[None])
+
+    def get_params(self) -> dict:
+        params = super().get_params()
+        params["backbone"] = self.backbone_name
+        return params
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = self.backbone(images)[self.frozen_layer]
+        rep, emb, _ = self.net(feats)
+        return rep if self.embedding == "backbone" else emb
+
+    def _patches(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Images [B, 3, H, W] -> patches [B*nh*nw, 3, p, p] at `patch_stride`, and (nh, nw)."""
+        p, s = self.patch_size, self.patch_stride
+        assert p is not None
+        h, w = images.shape[-2:]
+        if p > min(h, w):
+            raise ValueError(f"patch_size {p} is larger than the input {h}x{w}")
+        cols = F.unfold(images, kernel_size=p, stride=s)  # [B, 3*p*p, L]
+        nh, nw = (h - p) // s + 1, (w - p) // s + 1
+        patches = cols.transpose(1, 2).reshape(-1, 3, p, p)
+        return patches, nh, nw
+
+    def _embed_all(self, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Embeddings of whole images [B, d], or of all their patches [B*L, d]."""
+        if self.patch_size is not None:
+            images, _, _ = self._patches(images)
+        return torch.cat([self._embed(images[i : i + chunk]) for i in range(0, images.shape[0], chunk)])
+
+    def _augment(self, unit: torch.Tensor, image_side: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Good images or patches [B, 3, h, w] in [0, 1] -> good + augmented copies, labels.
+
+        Scar sizes are pixels of a 256 px image, scaled to the image (not patch) size."""
+        ref = 256.0 * min(unit.shape[-2:]) / image_side
+        out, labels = [unit], [torch.zeros(unit.shape[0], dtype=torch.long)]
+        for k, kind in enumerate(VARIANTS[self.variant], start=1):
+            if kind == "cutpaste":
+                aug = [cutpaste(x, generator=gen)[0] for x in unit]
+            else:
+                aug = [cutpaste_scar(x, reference_size=ref, generator=gen)[0] for x in unit]
+            out.append(torch.stack(aug))
+            labels.append(torch.full((unit.shape[0],), k, dtype=torch.long))
+        return torch.cat(out), torch.cat(labels)
+
+    # -- training ----------------------------------------------------------------------------
+    def fit(self, train: ImageSet, *, progress: bool = True) -> Self:
+        n = len(train)
+        if n < 2:
+            raise ValueError("CutPaste.fit needs at least 2 good training images (for the Gaussian)")
+        device = self.device
+        self._fitted.fill_(False)
+        mean = torch.tensor(train.preprocess.mean).view(1, 3, 1, 1)
+        std = torch.tensor(train.preprocess.std).view(1, 3, 1, 1)
+        h, w = train.preprocess.output_size
+        gen = torch.Generator().manual_seed(self.seed)
+        bs = min(self.batch_size, n)
+        steps_per_epoch = -(-n // bs)
+        total = self.epochs * steps_per_epoch
+        optimizer = torch.optim.SGD(
+            self.net.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        self.net.train()
+        with step_bar(total, "cutpaste", enabled=progress) as bar:
+            for _ in range(self.epochs):
+                order = torch.randperm(n, generator=gen)
+                for start in range(0, n, bs):
+                    idx = order[start : start + bs]
+                    x = torch.stack([train.image(int(i)) for i in idx])
+                    if self.patch_size is not None:
+                        p = self.patch_size
+                        tops = torch.randint(0, h - p + 1, (len(idx),), generator=gen)
+                        lefts = torch.randint(0, w - p + 1, (len(idx),), generator=gen)
+                        x = torch.stack([im[:, t : t + p, l : l + p] for im, t, l in zip(x, tops, lefts)])
+                    unit = (x * std + mean).clamp(0, 1)
+                    aug, labels = self._augment(unit, min(h, w), gen)
+                    batch = ((aug - mean) / std).to(device)
+                    with torch.no_grad():
+                        feats = self.backbone(batch)[self.frozen_layer]
+                    _, _, logits = self.net(feats)
+                    loss = F.cross_entropy(logits, labels.to(device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    acc = (logits.argmax(1).cpu() == labels).float().mean().item()
+                    bar.advance(loss=loss.item(), acc=acc)
+        self.net.eval()
+        self._fit_gde(train)
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def _fit_gde(self, train: ImageSet) -> None:
+        embs = [self._embed_all(b.images.to(self.device)) for b in train.batches(self.batch_size)]
+        e = torch.cat(embs).double().cpu()
+        cov = ledoit_wolf_covariance(e)
+        self.gde_mean.copy_(e.mean(0, keepdim=True).float())
+        self.gde_whitening.copy_(whitening_matrices(cov[None], eps=0.0).float())
+
+    # -- inference ---------------------------------------------------------------------------
+    def predict(self, images: torch.Tensor) -> Prediction:
+        self.check_fitted()
+        emb = self._embed_all(images)
+        dist = mahalanobis(emb[:, None], self.gde_mean, self.gde_whitening)[:, 0]
+        if self.patch_size is None:
+            return Prediction(scores=dist, maps=None)
+        b = images.shape[0]
+        size = tuple(images.shape[-2:])
+        _, nh, nw = self._patches(images[:1])
+        maps = receptive_field_upsample(dist.reshape(b, nh, nw), size, self.patch_size, self.patch_stride)
+        maps = gaussian_blur(maps, self.sigma)
+        return Prediction(scores=maps.flatten(1).amax(dim=1), maps=maps)
