@@ -65,7 +65,7 @@ def test_demo_preset_table_covers_installed_methods(tmp_path, monkeypatch):
     assert list(by_name) == ["patchcore", "stfpm", "brand_new"]  # table order, then new ones
     assert by_name["patchcore"].params == presets.DEMO_TABLE["patchcore"].params
     assert by_name["stfpm"].params == {}
-    assert by_name["brand_new"].params == presets.DEMO_DEFAULT.params
+    assert by_name["brand_new"].params == {"epochs": presets.DEMO_DEFAULT.params["epochs"]}  # batch_size dropped
     assert by_name["patchcore"].image_size_for == {"elpv": presets.DEMO_TABLE["patchcore"].elpv_size}
     synth, elpv = cfg.datasets
     assert synth.source == f"synthetic:{(tmp_path / 'synth').resolve()}"

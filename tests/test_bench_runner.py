@@ -187,3 +187,17 @@ def test_expand_is_what_the_runner_runs(tmp_path):
     summary = run_benchmark(grid, tmp_path / "r.db", progress=False)
     with ResultsDB(tmp_path / "r.db") as db:
         assert set(db.statuses()) == {c.cell_id for c in expand(grid)} == {c.cell_id for c in summary.cells}
+
+
+def test_process_workers_store_the_same_results(tmp_path):
+    grid = cfg(["test_pixel_zscore", "test_bench_seeded", "test_bench_fail"])
+    run_benchmark(grid, tmp_path / "one.db", progress=False)
+    summary = run_benchmark(grid, tmp_path / "two.db", progress=False, workers=2)
+    assert summary.ran == 6 and len(summary.failed) == 2
+    with ResultsDB(tmp_path / "one.db") as a, ResultsDB(tmp_path / "two.db") as b:
+        ra = {r["cell_id"]: r for r in a.runs()}
+        rb = {r["cell_id"]: r for r in b.runs()}
+        assert set(ra) == set(rb)
+        for cid, r in ra.items():
+            assert (rb[cid]["status"], rb[cid]["metrics"], rb[cid]["error"]) == (r["status"], r["metrics"], r["error"])
+            np.testing.assert_array_equal(a.image_scores(cid)["scores"], b.image_scores(cid)["scores"])

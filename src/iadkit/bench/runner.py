@@ -244,8 +244,12 @@ def run_benchmark(
     address: str | None = None,
     retry_failed: bool = False,
     progress: bool | None = None,
+    workers: int = 1,
 ) -> BenchmarkSummary:
-    """Run every unfinished cell of `config` and store the results in `db_path` (SQLite)."""
+    """Run every unfinished cell of `config` and store the results in `db_path` (SQLite).
+
+    `workers` > 1 runs that many cells at once in local processes (executor "local").
+    """
     from iadkit.bench.config import canonical_json
     from iadkit.bench.executors import make_executor
 
@@ -260,7 +264,7 @@ def run_benchmark(
             if failed_before and not retry_failed:
                 note += f" ({failed_before} failed earlier; use --retry-failed to rerun them)"
             log.info(note)
-        ex = make_executor(executor, address=address)
+        ex = make_executor(executor, address=address, workers=workers)
         with CellProgress(len(cells), done=summary.skipped, enabled=progress) as bar:
             for result in ex.run(todo, on_start=lambda c: (db.mark_running(c), bar.start(c)), on_stage=bar.stage):
                 db.record(result)

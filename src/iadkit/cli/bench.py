@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,7 @@ def _run_and_report(
     address: Optional[str],
     retry_failed: bool,
     report: bool,
+    workers: int = 1,
 ) -> Path:
     from iadkit.bench.db import ResultsDB
     from iadkit.bench.report import write_report
@@ -43,7 +45,9 @@ def _run_and_report(
 
     db_path = db or out / "results.db"
     t0 = time.perf_counter()
-    summary = run_benchmark(config, db_path, executor=executor, address=address, retry_failed=retry_failed)  # type: ignore[arg-type]
+    summary = run_benchmark(
+        config, db_path, executor=executor, address=address, retry_failed=retry_failed, workers=workers  # type: ignore[arg-type]
+    )
     elapsed = time.perf_counter() - t0
     ids = {c.cell_id for c in summary.cells}
     with ResultsDB(db_path) as rdb:
@@ -75,6 +79,7 @@ def benchmark(
     executor: str = typer.Option("local", help="local (this process) or ray (one Ray task per cell)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address, e.g. auto or ray://head:10001 (default: start a local Ray)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run cells that failed before again."),
+    workers: int = typer.Option(1, "--workers", "-j", help="With --executor local: cells run at once in separate processes."),
     method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="With --preset: only these methods (repeatable)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
 ) -> None:
@@ -100,7 +105,9 @@ def benchmark(
         cfg = get_preset(preset, out, methods=method)
         for made in ensure_synthetic(cfg, SYNTH_PRESET.get(preset, "demo")):
             console.print(f"generated the synthetic dataset in {made}")
-    _run_and_report(cfg, out, db=db, executor=executor, address=address, retry_failed=retry_failed, report=report)
+    _run_and_report(
+        cfg, out, db=db, executor=executor, address=address, retry_failed=retry_failed, report=report, workers=workers
+    )
 
 
 @app.command("report")
@@ -125,6 +132,9 @@ def demo(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (with --executor ray)."),
     method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Only these methods (default: every installed one)."),
     elpv: bool = typer.Option(True, "--elpv/--no-elpv", help="Include the real ELPV solar-cell images (subsampled)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", "-j", help="Cells at once in separate processes (default: 2 on a multi-core machine)."
+    ),
 ) -> None:
     """Generate the synthetic dataset, benchmark every method on it and on ELPV, write the report.
 
@@ -140,7 +150,9 @@ def demo(
         f"benchmarking {len(cfg.methods)} methods ({', '.join(m.name for m in cfg.methods)}) on "
         f"{', '.join(d.source for d in cfg.datasets)}"
     )
-    _run_and_report(cfg, out, db=None, executor=executor, address=address, retry_failed=False, report=True)
+    if workers is None:  # small models use two cores better as two processes than as two threads
+        workers = min(2, os.cpu_count() or 1) if executor == "local" else 1
+    _run_and_report(cfg, out, db=None, executor=executor, address=address, retry_failed=False, report=True, workers=workers)
 
 
 __all__ = ["benchmark", "demo", "report_cmd", "IadkitError"]
