@@ -19,7 +19,7 @@ def test_benchmark_from_a_file_then_resume_then_report(tmp_path):
     out = tmp_path / "out"
     first = runner.invoke(app, ["benchmark", "--config", str(cfg), "--out", str(out)])
     assert first.exit_code == 0, first.output
-    assert "I-AUROC" in first.output and "mean" in first.output and "tinybench / dark" in first.output
+    assert "I-AUROC" in first.output and "mean" in first.output and "tinybench: flat, dark" in first.output
     assert "4 cells: 2 done, 2 failed; ran 4 now" in first.output
     assert "deliberate failure" in first.output
     assert (out / "results.db").is_file() and (out / "report" / "index.html").is_file()

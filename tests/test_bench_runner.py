@@ -169,8 +169,11 @@ def test_leaderboard_has_category_rows_and_a_mean_row(tmp_path):
     for table in leaderboard(runs):
         console.print(table)
     text = console.export_text()
-    assert "I-AUROC" in text and "mean" in text and "tinybench / dark" in text and "AUPRO" in text
-    assert f"{t.mean['test_pixel_zscore']:.3f}" in text
+    assert "I-AUROC" in text and "mean" in text and "AUPRO" in text
+    assert "columns: tinybench: flat, dark" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("test_pixel_zscore"))
+    flat, dark = (by[("test_pixel_zscore", c)] for c in ("flat", "dark"))
+    assert row.split()[1:] == [f"{t.mean['test_pixel_zscore']:.3f}", f"{flat:.3f}", f"{dark:.3f}"]
 
 
 def test_incomplete_mean_is_marked(tmp_path):

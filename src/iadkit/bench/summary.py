@@ -171,31 +171,48 @@ def fmt_timing(key: str, v: float) -> str:
 
 
 def leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_auroc", "pixel_auroc", "aupro")) -> list[Any]:
-    """rich Tables for the terminal: per-category rows, a mean row, best value in bold."""
+    """rich Tables for the terminal, one per metric: a row per method (best mean first), a
+    column per category and a mean column; the best value of each column in bold green.
+
+    Methods are the rows here (the HTML report has categories as rows) because category
+    names are short and method names long: ten methods still fit an 80-column terminal.
+    """
+    from rich import box
     from rich.table import Table
 
     out = []
     for t in metric_tables(runs, metrics):
-        table = Table(title=f"{t.title} · {t.setting}", title_justify="left", show_footer=False)
-        table.add_column("dataset / category", style="dim")
-        for m in t.methods:
-            table.add_column(m, justify="right")
-        for label, values in t.rows:
-            best = t.best(values)
-            table.add_row(label, *[_cell(values[m], m == best) for m in t.methods])
-        best = t.best(t.mean)
-        table.add_section()
-        table.add_row(
-            "[bold]mean",
-            *[_cell(t.mean[m], m == best) + ("†" if m in t.incomplete else "") for m in t.methods],
+        labels = [label for label, _ in t.rows]
+        cats = [label.split(" / ", 1)[1] for label in labels]
+        heads = cats if len(set(cats)) == len(cats) else [lbl.replace(" / ", "/") for lbl in labels]
+        table = Table(
+            title=f"{t.title} · {t.setting}",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            padding=(0, 1),
+            collapse_padding=True,
+            pad_edge=False,
         )
-        notes = []
-        if any(label.split(" / ")[0].endswith("*") for label, _ in t.rows):
-            notes.append("* subsampled dataset (quick run), not the full protocol")
+        table.add_column("method", no_wrap=True, overflow="ellipsis", min_width=9)
+        # The mean comes first: on a narrow terminal the last columns are the ones cut.
+        table.add_column("mean", justify="right", style="bold", no_wrap=True, min_width=6)
+        for h in heads:  # a number never shrinks; a long category name is cut instead
+            table.add_column(h, justify="right", no_wrap=True, min_width=5, overflow="crop")
+        column_best = {label: t.best(values) for label, values in t.rows}
+        best_mean = t.best(t.mean)
+        order = sorted(t.methods, key=lambda m: (is_nan(t.mean[m]), -(0.0 if is_nan(t.mean[m]) else t.mean[m])))
+        for m in order:
+            cells = [_cell(values[m], column_best[label] == m) for label, values in t.rows]
+            mean = _cell(t.mean[m], m == best_mean) + ("†" if m in t.incomplete else "")
+            table.add_row(m, mean, *cells)
+        datasets = list(dict.fromkeys(label.split(" / ", 1)[0] for label in labels))
+        notes = ["columns: " + "; ".join(f"{d}: {', '.join(c for lbl, c in zip(labels, cats) if lbl.startswith(d + ' / '))}" for d in datasets)]
+        if any(d.endswith("*") for d in datasets):
+            notes.append("* subsampled (quick run), not the full protocol")
         if t.incomplete:
             notes.append("† mean over fewer categories (a cell failed): not comparable")
-        if notes:
-            table.caption = "; ".join(notes)
+        table.caption = "\n".join(notes)
+        table.caption_justify = "left"
         out.append(table)
     return out
 
