@@ -132,11 +132,12 @@ def test_unknown_setting_and_duplicate_cells_are_refused():
         expand(BenchConfig.parse(support.grid(["test_pixel_zscore", "test_pixel_zscore"])))
 
 
-def test_a_new_setting_is_one_function():
-    @register_setting("test_first_half")
-    def first_half(train, test, *, seed, fraction=0.5):
-        return list(train)[: int(len(train) * fraction)], list(test)
+@register_setting("test_first_half")
+def first_half(train, test, *, seed, fraction=0.5):
+    return list(train)[: int(len(train) * fraction)], list(test)
 
+
+def test_a_new_setting_is_one_function():
     assert "test_first_half" in available_settings() and "vanilla" in available_settings()
     train, test = support._images("flat")
     tr, te = apply_setting("test_first_half", train, test, seed=0, params={"fraction": 0.25})
