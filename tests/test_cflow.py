@@ -29,8 +29,7 @@ def fabric(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(fabric):
     torch.set_num_threads(1)
-    # 4 epochs at lr 1e-3 keeps the test short; the paper's lr 2e-4 needs ~15 epochs here.
-    model = Model.create("cflow", image_size=SIZE, epochs=4, lr=1e-3, seed=0)
+    model = Model.create("cflow", image_size=SIZE, epochs=40, seed=0)  # the paper's lr 2e-4
     return model.fit(fabric.train, progress=False)
 
 
@@ -38,8 +37,8 @@ def test_learns_to_detect_synthetic_defects(fitted, fabric) -> None:
     result = fitted.predict(fabric.test)
     labels = np.array([s.label for s in fabric.test])
     auroc = roc_auc_score(labels, result.scores)
-    # Measured 0.87 (seeds 0-2: 0.80-0.87); a constant or random detector sits at 0.5.
-    assert auroc >= 0.75, auroc
+    # Measured 0.86 (seeds 0-2: 0.86-0.89); a constant or random detector sits at 0.5.
+    assert auroc >= 0.78, auroc
     assert result.maps.shape == (len(labels), SIZE, SIZE)
     assert np.allclose(result.scores, result.maps.reshape(len(labels), -1).max(axis=1))
     # anomaly = max - likelihood with the max fixed on training images: good images near 0
@@ -75,6 +74,7 @@ def test_positional_encoding_by_hand() -> None:
 def test_decoders_follow_the_paper() -> None:
     det = CFlow()
     assert len(det.decoders) == 3
+    assert [det.backbone.strides[layer] for layer in det.layers] == [8, 16, 32]  # WRN-50 layer2-4
     for decoder, layer in zip(det.decoders, det.layers):
         c = det.backbone.channels[layer]
         couplings = [b for b in decoder.blocks if isinstance(b, AffineCoupling)]

@@ -10,6 +10,7 @@ from torch import nn
 
 from iadkit.components.flows import (
     AffineCoupling,
+    ChannelStandardizer,
     FixedChannelMix,
     coupling_flow,
     conv_subnet,
@@ -131,3 +132,14 @@ def test_gaussian_log_likelihood_and_nll_by_hand() -> None:
     assert llmap.shape == (1, 2, 2)
     assert llmap[0, 0, 0] == pytest.approx(-1.5 - 1.5 * math.log(2 * math.pi))
     assert flow_nll(z, torch.tensor([0.5, 0.0])) == pytest.approx(((2.5 - 0.5) + 0.0) / 2)
+
+
+def test_channel_standardizer_fits_per_channel_statistics() -> None:
+    x = torch.randn(50, 3, 4, 4) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1) + torch.tensor([0.0, 2.0, -3.0]).view(1, 3, 1, 1)
+    norm = ChannelStandardizer(3)
+    y = norm.fit(x)
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(y.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-5)
+    assert torch.allclose(norm(x[:2]), y[:2])  # the same fixed map afterwards
+    vec = norm(x[:, :, 0, 0])  # also on vectors [N, C]
+    assert torch.allclose(vec, y[:, :, 0, 0])

@@ -227,6 +227,33 @@ def mlp_subnet(in_channels: int, out_channels: int, hidden_channels: int) -> nn.
     return zero_last_layer(net)
 
 
+class ChannelStandardizer(nn.Module):
+    """x -> (x - mean_c) / std_c with per-channel statistics fitted once on good training
+    features (buffers, saved with the model).
+
+    Used in front of a flow: a fixed invertible affine map has a constant Jacobian, so it
+    does not change which inputs are more likely, but it puts features of any backbone on
+    the unit scale the identity-initialised flow starts from, so short schedules converge.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> torch.Tensor:
+        """Fit on x [N, C, ...] (channels in dimension 1) and return x standardised."""
+        dims = [0, *range(2, x.ndim)]
+        self.mean.copy_(x.mean(dim=dims))
+        self.std.copy_(x.std(dim=dims).clamp_min(1e-6))
+        return self(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - self.mean.view(shape)) / self.std.view(shape)
+
+
 def gaussian_log_likelihood(z: torch.Tensor, logdet: torch.Tensor | None = None, *, dim: int = 1) -> torch.Tensor:
     """log N(z; 0, I) summed over `dim` (+ logdet): the exact log p(x) of a flow.
 
@@ -245,6 +272,7 @@ def flow_nll(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "AffineCoupling",
+    "ChannelStandardizer",
     "FixedChannelMix",
     "Flow",
     "LOG_2PI",

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from iadkit.backbones import FeatureExtractor
-from iadkit.components.flows import Flow, conv_subnet, coupling_flow, flow_nll
+from iadkit.components.flows import ChannelStandardizer, Flow, conv_subnet, coupling_flow, flow_nll
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
@@ -110,9 +110,7 @@ class FastFlow(Detector):
                 fastflow_flow(c, self.flow_steps, self.hidden_ratio, self.conv3x3_only, self.clamp, self.seed + i)
                 for i, c in enumerate(channels)
             )
-        for i, c in enumerate(channels):
-            self.register_buffer(f"feat_mean_{i}", torch.zeros(c))
-            self.register_buffer(f"feat_std_{i}", torch.ones(c))
+        self.standardizers = nn.ModuleList(ChannelStandardizer(c) for c in channels)
 
     # `backbone` is the FeatureExtractor; get_params must return the name the user passed.
     def get_params(self) -> dict:
@@ -124,12 +122,7 @@ class FastFlow(Detector):
     @torch.no_grad()
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
         feats = self.backbone(images)
-        out = []
-        for i, layer in enumerate(self.layers):
-            mean = getattr(self, f"feat_mean_{i}").view(1, -1, 1, 1)
-            std = getattr(self, f"feat_std_{i}").view(1, -1, 1, 1)
-            out.append((feats[layer] - mean) / std)
-        return out
+        return [norm(feats[layer]) for norm, layer in zip(self.standardizers, self.layers)]
 
     def _latents(self, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [flow(f) for flow, f in zip(self.flows, feats)]
@@ -146,13 +139,7 @@ class FastFlow(Detector):
                 feats = self.backbone(batch.images.to(device))
                 for i, layer in enumerate(self.layers):
                     raw[i].append(feats[layer])
-        cached = [torch.cat(r) for r in raw]
-        for i, f in enumerate(cached):
-            getattr(self, f"feat_mean_{i}").copy_(f.mean(dim=(0, 2, 3)))
-            getattr(self, f"feat_std_{i}").copy_(f.std(dim=(0, 2, 3)).clamp_min(1e-6))
-            mean = getattr(self, f"feat_mean_{i}").view(1, -1, 1, 1)
-            std = getattr(self, f"feat_std_{i}").view(1, -1, 1, 1)
-            cached[i] = (f - mean) / std
+        cached = [norm.fit(torch.cat(r)) for norm, r in zip(self.standardizers, raw)]
 
         optimizer = torch.optim.Adam(self.flows.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         n = cached[0].shape[0]
