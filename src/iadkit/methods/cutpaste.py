@@ -36,8 +36,8 @@ Ours and why:
       projection-head output). With fewer good images than dimensions a sample covariance
       is singular, so it is shrunk with the Ledoit-Wolf estimator before whitening;
     - scar sizes are given at 256 px and scaled to the actual image size;
-    - image-level variant (`patch_size=None`, default) gives scores only (no maps), as the
-      paper's detection model; set `patch_size` (e.g. 32 at 64-128 px, the paper's 64 at
+    - image-level variant (`patch_size=None`, default) gives scores only (no maps): the
+      paper localises with it only by GradCAM visualisation, which we do not implement; set `patch_size` (e.g. 32 at 64-128 px, the paper's 64 at
       256 px) for the localisation variant, which gives maps and scores each image by the
       maximum of its map.
 

@@ -18,8 +18,9 @@ The paper's hyper-parameters:
     CaiT / DeiT (one transformer stage); input 256 px (ResNets), 384 (CaiT);
     flow steps 8 for ResNets (20 for the transformers); sub-network kernels alternating
     3x3 and 1x1 for ResNets (3x3 only for transformers); hidden channels = ratio x input
-    channels (ratio 1.0 for ResNets, 0.16 for transformers); scales soft-clamped (2.0);
-    Adam, lr 1e-3, weight decay 1e-5, batch 32, 500 epochs.
+    channels (ratio 1.0 for ResNets, 0.16 for transformers); Adam, lr 1e-3, weight decay
+    1e-5, batch 32, 500 epochs. The coupling scales are soft-clamped; the paper gives no
+    value, we use 2.0, the usual setting of the FrEIA coupling blocks FastFlow builds on.
 
 Ours and why:
     - backbone: the packaged EfficientNet-Lite0 (the only ImageNet backbone available

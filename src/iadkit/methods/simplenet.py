@@ -15,18 +15,20 @@ position is -D(q); the score map is upsampled bilinearly to the input size and s
 with a Gaussian (sigma = 4); the image score is the maximum of the (feature-resolution)
 score map.
 
-The paper's hyper-parameters:
+The paper's hyper-parameters (and the authors' run script where the paper is silent):
     WideResNet-50, layer2 + layer3, 3x3 neighbourhood, features projected to 1536 dims;
-    input 256 px resized, centre-cropped; adaptor 1536 -> 1536; discriminator
-    Linear-BN-LeakyReLU(0.2)-Linear; sigma 0.015; th = 0.5; Adam with lr 1e-4 (adaptor)
-    and 2e-4 (discriminator), weight decay 1e-5; batch 8; 160 epochs.
+    input resized to 329 px and centre-cropped to 288; adaptor 1536 -> 1536; discriminator
+    Linear-BN-LeakyReLU(0.2)-Linear with 1024 hidden units; sigma 0.015; th = 0.5; Adam
+    with lr 1e-4 (adaptor) and 2e-4 (discriminator), weight decay 1e-5; batch 8;
+    160 epochs (40 meta-epochs x 4).
 
 Ours and why:
     - backbone: the packaged EfficientNet-Lite0 (the ImageNet backbone every user has
       offline), blocks.2 + blocks.4 (strides 8 / 16, the strides of WRN-50 layer2 / layer3);
     - feature dimension `embed_dim` = 384 instead of 1536: Lite0's two levels have 152
       channels (1368 with the 3x3 neighbourhood) against WRN-50's 1536, and adaptor and
-      discriminator cost grows with its square;
+      discriminator cost grows with its square; the discriminator's hidden width is
+      `embed_dim` too (the authors' 1024 is 2/3 of their 1536);
     - features are centred per channel and divided by one scalar, the RMS per-channel
       standard deviation of the good training features, and the noise is drawn in those
       units: `noise_std` = 0.1 instead of the paper's 0.015. The paper's sigma is an
