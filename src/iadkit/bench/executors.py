@@ -1,4 +1,5 @@
-"""Where work runs: in this process (``local``) or as Ray tasks (``ray``), one machine or many.
+"""Where work runs: in this process (``local``), in local worker processes (``local`` with
+``workers > 1``) or as Ray tasks (``ray``), on one machine or many.
 
 Both executors take the same plain-data jobs and hand back the same plain-data results, so
 the driver (the only process that writes the results database) cannot tell them apart and
