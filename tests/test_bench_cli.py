@@ -88,3 +88,21 @@ def test_ensure_synthetic_generates_only_when_absent(tmp_path):
     assert ensure_synthetic(cfg, "small") == [tmp_path / "s"]
     assert (tmp_path / "s" / "fabric" / "train" / "good").is_dir()
     assert ensure_synthetic(cfg, "small") == []
+
+
+def test_demo_command_runs_the_preset_and_prints_the_report_path(tmp_path, monkeypatch):
+    from iadkit.bench import presets
+    from iadkit.bench.config import BenchConfig
+
+    seen = {}
+
+    def tiny(name, root, *, methods=None, elpv=True):
+        seen.update(name=name, root=root, methods=methods, elpv=elpv)
+        return BenchConfig.parse(support.grid(["test_pixel_zscore"], categories=["flat"]))
+
+    monkeypatch.setattr(presets, "get_preset", tiny)
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--no-elpv", "-m", "padim", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"name": "demo", "root": tmp_path / "d", "methods": ["padim"], "elpv": False}
+    assert "1 cells: 1 done, 0 failed" in res.output
+    assert f"report: {tmp_path / 'd' / 'report' / 'index.html'}" in res.output.replace("\n", "")

@@ -135,6 +135,7 @@ def demo(
     workers: Optional[int] = typer.Option(
         None, "--workers", "-j", help="Cells at once in separate processes (default: 2 on a multi-core machine)."
     ),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run cells that failed before again."),
 ) -> None:
     """Generate the synthetic dataset, benchmark every method on it and on ELPV, write the report.
 
@@ -152,7 +153,9 @@ def demo(
     )
     if workers is None:  # small models use two cores better as two processes than as two threads
         workers = min(2, os.cpu_count() or 1) if executor == "local" else 1
-    _run_and_report(cfg, out, db=None, executor=executor, address=address, retry_failed=False, report=True, workers=workers)
+    _run_and_report(
+        cfg, out, db=None, executor=executor, address=address, retry_failed=retry_failed, report=True, workers=workers
+    )
 
 
 __all__ = ["benchmark", "demo", "report_cmd", "IadkitError"]
