@@ -78,11 +78,14 @@ def evaluate(
     score_arr = np.concatenate(scores) if scores else np.zeros(0)
     map_arr = np.concatenate(maps) if maps else None
     mask_arr = np.concatenate(masks) if masks else None
+    # A method may score images without drawing maps (e.g. image-level CutPaste): then only
+    # image metrics exist.
+    with_pixels = pixel_metrics and map_arr is not None
     metrics = compute_all(
         labels,
         score_arr,
-        masks=mask_arr if pixel_metrics else None,
-        maps=map_arr if pixel_metrics else None,
+        masks=mask_arr if with_pixels else None,
+        maps=map_arr if with_pixels else None,
     )
     timings = {
         "seconds_per_image": total_seconds / n,
