@@ -35,3 +35,13 @@ class PixelZScore(Detector):
         self.check_fitted()
         maps = ((images - self.mean_) / self.std_).abs().mean(1)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
+
+
+@register
+class ScoreOnly(PixelZScore):
+    """Like PixelZScore but draws no maps, as image-level methods (CutPaste) do."""
+
+    name = "test_score_only"
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        return Prediction(scores=super().predict(images).scores, maps=None)

@@ -179,3 +179,15 @@ def test_model_file_errors(tmp_path):
         Model.load(tmp_path / "cut.iad")
     with pytest.raises(NotFittedError):
         Model.create("test_pixel_zscore", image_size=16).save(tmp_path / "unfitted.iad")
+
+
+def test_evaluate_reports_pixel_metrics_only_when_maps_exist():
+    from iadkit.evaluation import evaluate
+
+    test = flat_images(4, seed=2) + flat_images(4, seed=3, spot=True)
+    for method, has_pixels in (("test_pixel_zscore", True), ("test_score_only", False)):
+        model = Model.create(method, image_size=16).fit(flat_images(8))
+        result = evaluate(model, test)
+        assert result.metrics["image_auroc"] == 1.0
+        assert ("pixel_auroc" in result.metrics) == has_pixels
+        assert result.timings["seconds_per_image"] > 0 and result.timings["peak_rss_mb"] > 0
