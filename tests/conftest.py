@@ -24,3 +24,29 @@ def _no_network(monkeypatch):
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """Factory: ``synthetic(category, **generate_params) -> DatasetSplit`` of the synthetic set.
+
+    The method tests train on a few tiny generated categories; most of them ask for the same
+    ones, so each distinct (category, parameters) is generated once per session, in its own
+    folder (the generator regenerates a category whose parameters change, which would pull the
+    files from under a split already handed out). ``seed=0, preset="small"`` unless given.
+    """
+    from iadkit.data import load_dataset
+    from iadkit.data.synthetic import generate
+
+    cache = {}
+
+    def make(category: str, **params):
+        params = {"seed": 0, "preset": "small", **params}
+        key = (category, tuple(sorted(params.items())))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"synth-{category}")
+            generate(root, categories=[category], **params)
+            cache[key] = load_dataset(f"synthetic:{root}", category=category)
+        return cache[key]
+
+    return make

@@ -6,28 +6,24 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from iadkit.components.losses import coupled_hypersphere_loss
-from iadkit.data import load_dataset
-from iadkit.data.synthetic import generate
 from iadkit.data.transforms import ImageSet, Preprocess
 from iadkit.methods import NotFittedError
 from iadkit.methods.cfa import CFA, CoordConv1x1, softmin_nearest_score
-from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
+
+from _helpers import assert_round_trip_identical, predict_and_auroc
 
 SIZE = 64
 PARAMS = dict(epochs=10)  # paper: 30 epochs (the authors keep the best on the test set)
 
 
 @pytest.fixture(scope="module")
-def metal(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, seed=0, preset="small", image_size=SIZE, categories=["metal"])
-    return load_dataset(f"synthetic:{root}", category="metal")
+def metal(synthetic):
+    return synthetic("metal", image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -100,22 +96,15 @@ def test_learns_synthetic_defects(metal, fitted):
     assert det.loss_history[-1] < 0.5 * det.loss_history[0]
     assert float(det.r.detach()) > det.radius  # the soft-boundary radius was learned
     assert det.memory.shape == ((SIZE // 4) ** 2, 24 + 40 + 112)
-    labels = np.array([s.label for s in metal.test])
-    result = fitted.predict(metal.test)
-    auroc = image_auroc(labels, result.scores)
+    result, auroc = predict_and_auroc(fitted, metal.test)
     assert auroc >= 0.75, auroc  # measured 0.94 (seeds 0/1/2: 0.94/0.87/0.83); chance is 0.5
     assert result.maps.shape == (len(metal.test), SIZE, SIZE)
 
 
 def test_model_file_round_trip(metal, fitted, tmp_path):
-    path = fitted.save(tmp_path / "cfa.iad")
     params = fitted.detector.get_params()
     json.dumps(params)
-    loaded = Model.load(path)
+    loaded = assert_round_trip_identical(fitted, metal.test, tmp_path / "cfa.iad")
     assert loaded.detector.get_params() == params
     assert torch.equal(loaded.detector.memory, fitted.detector.memory)
     assert torch.equal(loaded.detector.r, fitted.detector.r)
-    a = fitted.predict(metal.test)
-    b = loaded.predict(metal.test)
-    np.testing.assert_array_equal(a.scores, b.scores)
-    np.testing.assert_array_equal(a.maps, b.maps)

@@ -5,27 +5,23 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from iadkit.data import load_dataset
-from iadkit.data.synthetic import generate
 from iadkit.data.transforms import ImageSet
 from iadkit.methods import NotFittedError
 from iadkit.methods.spade import SPADE, pyramid_features
-from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
+
+from _helpers import assert_round_trip_identical, predict_and_auroc
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def fabric(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, seed=0, preset="small", image_size=SIZE, categories=["fabric"])
-    return load_dataset(f"synthetic:{root}", category="fabric")
+def fabric(synthetic):
+    return synthetic("fabric", image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +70,7 @@ def test_predict_before_fit_and_at_another_size_raise(fabric, fitted):
 
 
 def test_detects_synthetic_defects(fabric, fitted):
-    labels = np.array([s.label for s in fabric.test])
-    result = fitted.predict(fabric.test)
-    auroc = image_auroc(labels, result.scores)
+    result, auroc = predict_and_auroc(fitted, fabric.test)
     assert auroc >= 0.75, auroc  # measured 0.83 (no training, deterministic); chance is 0.5
     assert result.maps.shape == (len(fabric.test), SIZE, SIZE)
     # K = 50 is capped by the 16 training images
@@ -84,13 +78,8 @@ def test_detects_synthetic_defects(fabric, fitted):
 
 
 def test_model_file_round_trip(fabric, fitted, tmp_path):
-    path = fitted.save(tmp_path / "spade.iad")
     params = fitted.detector.get_params()
     json.dumps(params)
-    loaded = Model.load(path)
+    loaded = assert_round_trip_identical(fitted, fabric.test, tmp_path / "spade.iad")
     assert loaded.detector.get_params() == params
     assert torch.equal(loaded.detector.train_pixels, fitted.detector.train_pixels)
-    a = fitted.predict(fabric.test)
-    b = loaded.predict(fabric.test)
-    np.testing.assert_array_equal(a.scores, b.scores)
-    np.testing.assert_array_equal(a.maps, b.maps)

@@ -11,25 +11,22 @@ import torch
 
 from iadkit.components.distillation import StudentNetwork, TrainingDivergedError, train_epochs
 from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss
-from iadkit.data import load_dataset
-from iadkit.data.synthetic import generate
 from iadkit.data.transforms import ImageSet, Preprocess
 from iadkit.errors import IadkitError
 from iadkit.methods import NotFittedError
 from iadkit.methods.stfpm import STFPM, combine_level_maps
-from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
 from iadkit.types import Sample
+
+from _helpers import assert_round_trip_identical, predict_and_auroc
 
 SIZE = 64
 PARAMS = dict(epochs=20, batch_size=4)  # paper: 100 epochs, batch 32 (too slow for a unit test)
 
 
 @pytest.fixture(scope="module")
-def metal(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, seed=0, preset="small", image_size=SIZE, categories=["metal"])
-    return load_dataset(f"synthetic:{root}", category="metal")
+def metal(synthetic):
+    return synthetic("metal", image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -107,24 +104,17 @@ def test_predict_before_fit_raises():
 def test_learns_synthetic_defects(metal, fitted):
     det = fitted.detector
     assert det.loss_history[-1] < 0.3 * det.loss_history[0]
-    result = fitted.predict(metal.test)
-    labels = np.array([s.label for s in metal.test])
-    auroc = image_auroc(labels, result.scores)
+    result, auroc = predict_and_auroc(fitted, metal.test)
     assert auroc >= 0.8, auroc  # measured 0.94 (seeds 0/1/2: 0.94/0.94/0.96); chance is 0.5
     assert result.maps.shape == (len(metal.test), SIZE, SIZE)
     # image score = max of the (product) map
-    np.testing.assert_allclose(result.scores, result.maps.reshape(len(labels), -1).max(1), rtol=1e-6)
+    np.testing.assert_allclose(result.scores, result.maps.reshape(len(metal.test), -1).max(1), rtol=1e-6)
 
 
 def test_model_file_round_trip(metal, fitted, tmp_path):
-    path = fitted.save(tmp_path / "stfpm.iad")
     params = fitted.detector.get_params()
     json.dumps(params)
     tensors, _ = fitted.detector.state()
     assert tensors and not any(k.startswith("backbone.") for k in tensors)  # teacher rebuilt, not stored
-    loaded = Model.load(path)
+    loaded = assert_round_trip_identical(fitted, metal.test, tmp_path / "stfpm.iad")
     assert loaded.detector.get_params() == params
-    a = fitted.predict(metal.test)
-    b = loaded.predict(metal.test)
-    np.testing.assert_array_equal(a.scores, b.scores)
-    np.testing.assert_array_equal(a.maps, b.maps)
