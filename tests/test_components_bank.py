@@ -192,23 +192,36 @@ def test_adaptive_pool_matrix_matches_torch(n_in, n_out):
     assert torch.allclose(v[:, 0] @ adaptive_pool_matrix(n_in, n_out).T, ref, atol=1e-12)
 
 
-@pytest.mark.parametrize("dims", [(1024, 1024), (384, 384), (64, 40)])
-def test_patch_embedding_equals_patchcore_reference(dims):
-    """Our convolution form computes exactly the authors' unfold -> upsample -> pool -> pool."""
+@pytest.mark.parametrize("aggregation", ["unfold", "average"])
+@pytest.mark.parametrize("dims", [(1024, 1024), (384, 384), (64, 40), (None, None), (None, 16), (12, None)])
+def test_patch_embedding_equals_patchcore_reference(dims, aggregation):
+    """Our convolution form computes exactly the literal unfold/average -> upsample -> pool -> pool."""
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(2, 5, 8, 8, generator=g), torch.randn(2, 7, 4, 4, generator=g)]
-    emb = PatchEmbedding([5, 7], pretrain_dim=dims[0], target_dim=dims[1])
+    emb = PatchEmbedding([5, 7], pretrain_dim=dims[0], target_dim=dims[1], aggregation=aggregation)
     out = emb(feats)
-    ref = reference_patch_embedding(feats, pretrain_dim=dims[0], target_dim=dims[1])
-    assert out.shape == (2, dims[1], 8, 8)
+    ref = reference_patch_embedding(feats, pretrain_dim=dims[0], target_dim=dims[1], aggregation=aggregation)
+    per_layer = (5 * 9, 7 * 9) if aggregation == "unfold" else (5, 7)
+    expected = dims[1] or (2 * dims[0] if dims[0] else sum(per_layer))
+    assert out.shape == ref.shape == (2, expected, 8, 8) and emb.target_dim == expected
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_average_concat_is_anomalib_embedding():
+    """aggregation='average' without projection: AvgPool2d(3, 1, 1) per layer, bilinear upsampling, concatenation."""
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 4, 4, generator=g)]
+    out = PatchEmbedding([4, 6], pretrain_dim=None, target_dim=None, aggregation="average")(feats)
+    pool = torch.nn.AvgPool2d(3, 1, 1)
+    ref = torch.cat([pool(feats[0]), F.interpolate(pool(feats[1]), size=(8, 8), mode="bilinear")], 1)
+    assert torch.allclose(out, ref, atol=1e-6)
 
 
 def test_patch_embedding_hand_computed():
     # One layer, one channel, constant 1 map, 3x3 neighbourhoods, dims 9 -> 9: each output is
     # one neighbourhood entry, which is 0 where the zero padding enters.
     x = torch.ones(1, 1, 3, 3)
-    out = PatchEmbedding([1], pretrain_dim=9, target_dim=9)(x.unsqueeze(0)[0:1].squeeze(0).unsqueeze(0))
+    out = PatchEmbedding([1], pretrain_dim=9, target_dim=9, aggregation="unfold")([x])
     centre = out[0, :, 1, 1]
     corner = out[0, :, 0, 0]
     assert torch.equal(centre, torch.ones(9))

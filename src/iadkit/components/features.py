@@ -11,16 +11,20 @@
   exportable to ONNX (adaptive pooling with uneven bins is not).
 * `ConcatEmbedding`: PaDiM's embedding — layers upsampled (nearest, as the PaDiM code's
   ``embedding_concat``) to the finest grid and concatenated, optionally keeping a channel subset.
-* `FeaturePath`: backbone + embedding as one module, runnable with torch (default) or, as an
-  optional fast path on CPU, with ONNX Runtime (``runtime="onnxruntime"``). The ONNX graph is
+* `FeaturePath`: backbone + embedding run with torch or ONNX Runtime. ``runtime="auto"`` (the
+  methods' default) uses ONNX Runtime for CPU tensors when it is installed — 2-4x faster
+  than eager torch on this class of CPU, and equal within 1e-4 (tested) — and torch
+  otherwise (GPU, tracing/export, or a graph the exporter cannot handle). The ONNX graph is
   exported once per (weights sha256, layers, embedding, input size) and cached on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
+import logging
 import os
 import threading
 import warnings
@@ -34,8 +38,9 @@ from torch import nn
 
 from iadkit.errors import IadkitError
 
-RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
+RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnxruntime")
 CACHE_DIR_ENV = "IADKIT_CACHE_DIR"
+log = logging.getLogger(__name__)
 ONNX_OPSET = 17
 
 
@@ -68,10 +73,23 @@ class PatchEmbedding(nn.Module):
     """PatchCore patch features: 3x3 neighbourhood aggregation + adaptive-pooling projection.
 
     Input: the layers' maps ``[B, C_l, h_l, w_l]`` (in the order of `channels`); output
-    ``[B, target_dim, H, W]`` on the finest layer's grid. With `patch_size` p the per-layer
-    neighbourhood vector has ``C_l*p*p`` entries in (channel, row, column) order, as
-    ``torch.nn.functional.unfold`` lays them out. The pooling weights are fixed (not learned)
-    and rebuilt from the dimensions, so they are not stored in model files.
+    ``[B, D, H, W]`` on the finest layer's grid.
+
+    `aggregation` says how a position's p x p neighbourhood becomes one vector per layer:
+      * ``"unfold"`` (the authors' code): the neighbourhood is flattened to ``C_l*p*p``
+        entries in (channel, row, column) order, as ``torch.nn.functional.unfold`` lays them
+        out, so the subsequent channel pooling still sees where in the neighbourhood a
+        response was;
+      * ``"average"`` (the paper's wording, "local smoothing over each individual feature
+        map"; anomalib's implementation): each channel is averaged over the neighbourhood,
+        ``C_l`` entries.
+    Each layer's vector is then adaptive-average-pooled to `pretrain_dim` and the stacked
+    layers to `target_dim` (D). ``None`` skips a pooling step: ``pretrain_dim=None`` keeps
+    each layer's aggregated vector, ``target_dim=None`` concatenates the layers (D = their sum).
+    Zero padding at the border is counted, as in ``unfold`` and ``AvgPool2d(3, 1, 1)``.
+
+    Every step is linear and fixed, so the whole map is one convolution per layer with
+    composed weights; they are rebuilt from the dimensions and never stored in model files.
     """
 
     def __init__(
@@ -79,30 +97,52 @@ class PatchEmbedding(nn.Module):
         channels: Sequence[int],
         *,
         patch_size: int = 3,
-        pretrain_dim: int = 1024,
-        target_dim: int = 1024,
+        pretrain_dim: int | None = 1024,
+        target_dim: int | None = 1024,
+        aggregation: str = "unfold",
     ) -> None:
         super().__init__()
         if patch_size < 1 or patch_size % 2 == 0:
             raise ValueError(f"patch_size must be a positive odd number, got {patch_size}")
         if not channels:
             raise ValueError("PatchEmbedding needs at least one layer")
+        if aggregation not in ("unfold", "average"):
+            raise ValueError(f"aggregation must be 'unfold' or 'average', got {aggregation!r}")
         self.channels = tuple(int(c) for c in channels)
         self.patch_size = int(patch_size)
-        self.pretrain_dim = int(pretrain_dim)
-        self.target_dim = int(target_dim)
-        p2 = self.patch_size**2
-        n_layers = len(self.channels)
-        final = adaptive_pool_matrix(n_layers * self.pretrain_dim, self.target_dim)
+        self.aggregation = aggregation
+        self.pretrain_dim = None if pretrain_dim is None else int(pretrain_dim)
+        self.target_dim_arg = None if target_dim is None else int(target_dim)
+        p, p2 = self.patch_size, self.patch_size**2
+        per_layer: list[torch.Tensor] = []  # [d_l, n_l] pooling of each layer's aggregated vector
+        for c in self.channels:
+            n_in = c * p2 if aggregation == "unfold" else c
+            d_l = n_in if self.pretrain_dim is None else self.pretrain_dim
+            per_layer.append(adaptive_pool_matrix(n_in, d_l) if d_l != n_in else torch.eye(n_in, dtype=torch.float64))
+        stacked = sum(m.shape[0] for m in per_layer)
+        final = (
+            torch.eye(stacked, dtype=torch.float64)
+            if self.target_dim_arg is None
+            else adaptive_pool_matrix(stacked, self.target_dim_arg)
+        )
+        self.target_dim = int(final.shape[0])
         self.rows: list[tuple[int, int]] = []
-        for i, c in enumerate(self.channels):
-            per_layer = adaptive_pool_matrix(c * p2, self.pretrain_dim)
-            w = final[:, i * self.pretrain_dim : (i + 1) * self.pretrain_dim] @ per_layer  # [target, c*p2]
+        offset = 0
+        for i, (c, pool) in enumerate(zip(self.channels, per_layer)):
+            w = final[:, offset : offset + pool.shape[0]] @ pool  # [D, n_l]
+            offset += pool.shape[0]
             nz = torch.nonzero(w.abs().sum(1) > 0).flatten()
             r0, r1 = int(nz.min()), int(nz.max()) + 1
             self.rows.append((r0, r1))
-            weight = w[r0:r1].reshape(r1 - r0, c, self.patch_size, self.patch_size).float()
-            self.register_buffer(f"weight_{i}", weight, persistent=False)
+            w = w[r0:r1]
+            if aggregation == "unfold":
+                kernel = w.reshape(r1 - r0, c, p, p)
+            elif w.shape[0] == c and torch.equal(w, torch.eye(c, dtype=w.dtype)):
+                kernel = torch.empty(0)  # average pooling alone, no channel mixing
+            else:
+                # average over the neighbourhood (avg_pool2d), then the channel pooling (1x1)
+                kernel = w[:, :, None, None]
+            self.register_buffer(f"weight_{i}", kernel.float().contiguous(), persistent=False)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(feats) != len(self.channels):
@@ -111,7 +151,13 @@ class PatchEmbedding(nn.Module):
         pad = self.patch_size // 2
         out: torch.Tensor | None = None
         for i, f in enumerate(feats):
-            y = F.conv2d(f, getattr(self, f"weight_{i}"), padding=pad)
+            weight = getattr(self, f"weight_{i}")
+            if self.aggregation == "unfold":
+                y = F.conv2d(f, weight, padding=pad)
+            else:
+                y = F.avg_pool2d(f, self.patch_size, stride=1, padding=pad, count_include_pad=True)
+                if weight.numel():
+                    y = F.conv2d(y, weight)
             if tuple(y.shape[-2:]) != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             r0, r1 = self.rows[i]
@@ -125,21 +171,31 @@ class PatchEmbedding(nn.Module):
             "kind": "patchcore",
             "channels": list(self.channels),
             "patch_size": self.patch_size,
+            "aggregation": self.aggregation,
             "pretrain_dim": self.pretrain_dim,
             "target_dim": self.target_dim,
         }
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, patch_size={self.patch_size}, pretrain_dim={self.pretrain_dim}, target_dim={self.target_dim}"
+        return (
+            f"channels={self.channels}, patch_size={self.patch_size}, aggregation={self.aggregation!r}, "
+            f"pretrain_dim={self.pretrain_dim}, target_dim={self.target_dim}"
+        )
 
 
 def reference_patch_embedding(
-    feats: Sequence[torch.Tensor], *, patch_size: int = 3, pretrain_dim: int = 1024, target_dim: int = 1024
+    feats: Sequence[torch.Tensor],
+    *,
+    patch_size: int = 3,
+    pretrain_dim: int | None = 1024,
+    target_dim: int | None = 1024,
+    aggregation: str = "unfold",
 ) -> torch.Tensor:
-    """The PatchCore code's literal steps (unfold, upsample patches, pool, stack, pool).
+    """The literal steps (aggregate, upsample, pool each layer, stack, pool), for testing.
 
-    Slow and memory-hungry; kept as the reference `PatchEmbedding` is tested against.
-    Returns [B, target_dim, H, W].
+    With ``aggregation="unfold"`` these are the PatchCore code's steps (unfold, upsample the
+    patches, ``adaptive_avg_pool1d`` per layer and over the stack); with ``"average"`` the
+    neighbourhood is ``avg_pool2d`` per channel. Slow and memory-hungry. Returns [B, D, H, W].
     """
     size = _finest([tuple(f.shape[-2:]) for f in feats])
     b = feats[0].shape[0]
@@ -147,15 +203,17 @@ def reference_patch_embedding(
     per_layer = []
     for f in feats:
         c, h, w = f.shape[1:]
-        u = F.unfold(f, kernel_size=patch_size, padding=pad)  # [B, C*p*p, h*w]
-        u = u.reshape(b, c * patch_size**2, h, w)
+        if aggregation == "unfold":
+            u = F.unfold(f, kernel_size=patch_size, padding=pad).reshape(b, c * patch_size**2, h, w)
+        else:
+            u = F.avg_pool2d(f, patch_size, stride=1, padding=pad, count_include_pad=True)
         if (h, w) != size:
             u = F.interpolate(u, size=size, mode="bilinear", align_corners=False)
-        v = u.permute(0, 2, 3, 1).reshape(-1, 1, c * patch_size**2)
-        per_layer.append(F.adaptive_avg_pool1d(v, pretrain_dim)[:, 0])
-    stacked = torch.stack(per_layer, 1).reshape(-1, 1, len(feats) * pretrain_dim)
-    out = F.adaptive_avg_pool1d(stacked, target_dim)[:, 0]
-    return out.reshape(b, size[0], size[1], target_dim).permute(0, 3, 1, 2)
+        v = u.permute(0, 2, 3, 1).reshape(-1, 1, u.shape[1])
+        per_layer.append(v[:, 0] if pretrain_dim is None else F.adaptive_avg_pool1d(v, pretrain_dim)[:, 0])
+    stacked = torch.cat(per_layer, 1)
+    out = stacked if target_dim is None else F.adaptive_avg_pool1d(stacked[:, None], target_dim)[:, 0]
+    return out.reshape(b, size[0], size[1], -1).permute(0, 3, 1, 2)
 
 
 class ConcatEmbedding(nn.Module):
@@ -245,13 +303,26 @@ class FeaturePath:
     model on another device, or while being exported/traced itself, uses torch.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, layers: Sequence[str], runtime: str = "torch") -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        layers: Sequence[str],
+        runtime: str = "torch",
+        *,
+        ort_batch: int = 16,
+    ) -> None:
         if runtime not in RUNTIMES:
             raise FeatureRuntimeError(f"unknown feature runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.backbone = backbone
         self.head = head
         self.layers = list(layers)
         self.runtime = runtime
+        # ONNX Runtime plans one buffer for all intermediate tensors of a run, so its memory
+        # grows with the batch (batch 32 at 224 px: +630 MB, 16: +270 MB); sub-batches of
+        # `ort_batch` images keep it bounded at nearly the same throughput (-5 %).
+        self.ort_batch = max(1, int(ort_batch))
+        self._auto_failed = False
         self._sessions: dict[tuple[int, int], Any] = {}
         self._lock = threading.Lock()
 
@@ -260,9 +331,27 @@ class FeaturePath:
         return self.head([feats[name] for name in self.layers])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.runtime == "onnxruntime" and self._ort_usable(x):
+        if self.runtime == "torch" or not self._ort_usable(x):
+            return self.torch_forward(x)
+        if self.runtime == "onnxruntime":
             return self.ort_forward(x)
-        return self.torch_forward(x)
+        # "auto": ONNX Runtime when it is installed and the export works, torch otherwise.
+        if self._auto_failed or importlib.util.find_spec("onnxruntime") is None:
+            return self.torch_forward(x)
+        try:
+            return self.ort_forward(x)
+        except Exception as exc:  # an op the exporter or runtime does not support
+            self._auto_failed = True
+            log.warning("ONNX Runtime feature path unavailable (%s); using torch", exc)
+            return self.torch_forward(x)
+
+    @property
+    def active_runtime(self) -> str:
+        """What a CPU batch runs with now: 'onnxruntime' or 'torch'."""
+        if self.runtime == "auto":
+            usable = not self._auto_failed and importlib.util.find_spec("onnxruntime") is not None
+            return "onnxruntime" if usable else "torch"
+        return self.runtime
 
     @staticmethod
     def _ort_usable(x: torch.Tensor) -> bool:
@@ -348,8 +437,9 @@ class FeaturePath:
     def ort_forward(self, x: torch.Tensor) -> torch.Tensor:
         size = (int(x.shape[-2]), int(x.shape[-1]))
         sess = self.session(size)
-        (out,) = sess.run(None, {"images": np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)})
-        return torch.from_numpy(out)
+        arr = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+        parts = [sess.run(None, {"images": arr[s : s + self.ort_batch]})[0] for s in range(0, len(arr), self.ort_batch)]
+        return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def release(self) -> None:
         """Drop ONNX Runtime sessions (they are rebuilt on demand)."""

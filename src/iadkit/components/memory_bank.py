@@ -76,21 +76,30 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | Non
     return d.clamp_min_(0.0)
 
 
+def _partial_sq(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``||b_j||^2 - 2 a_i . b_j`` — the squared distance less the per-row constant ||a_i||^2.
+
+    Minima and top-k over j do not depend on that constant, so it is added once per row
+    afterwards instead of once per pair: one GEMM write and one read per block.
+    """
+    return torch.addmm(b_sq[None, :], a, b.T, alpha=-2.0, out=out)
+
+
 def knn_exact(
     queries: torch.Tensor,
     bank: torch.Tensor,
     k: int = 1,
     *,
     bank_sq: torch.Tensor | None = None,
-    query_chunk: int = 4096,
-    bank_chunk: int = 16384,
+    query_chunk: int = 1024,
+    bank_chunk: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours (Euclidean) of each query in `bank`.
 
     Returns (distances [q, k] ascending, indices [q, k] int64). Work is done in blocks of
-    `query_chunk` x `bank_chunk` distances (256 MB at the defaults, float32), so memory does not
-    grow with the bank. For k = 1 a running minimum is kept; for k > 1 the per-block top-k are
-    merged.
+    `query_chunk` x `bank_chunk` distances (16 MB at the defaults: cache-resident), so memory
+    does not grow with the bank. For k = 1 a running minimum is kept; for k > 1 the per-block
+    top-k are merged.
     """
     if bank.ndim != 2 or queries.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise MemoryBankError(
@@ -109,12 +118,15 @@ def knn_exact(
     q = queries.shape[0]
     out_d = torch.empty(q, k, device=queries.device)
     out_i = torch.empty(q, k, dtype=torch.long, device=queries.device)
+    buf = torch.empty(min(query_chunk, q), min(bank_chunk, m), device=queries.device)
     for qs in range(0, q, query_chunk):
         qb = queries[qs : qs + query_chunk]
+        nq = qb.shape[0]
         best_d: torch.Tensor | None = None
         best_i: torch.Tensor | None = None
         for bs in range(0, m, bank_chunk):
-            d = squared_distances(qb, bank[bs : bs + bank_chunk], bank_sq[bs : bs + bank_chunk])
+            bb = bank[bs : bs + bank_chunk]
+            d = _partial_sq(qb, bb, bank_sq[bs : bs + bank_chunk], out=buf[:nq, : bb.shape[0]])
             if k == 1:
                 dmin, imin = d.min(1, keepdim=True)
                 imin += bs
@@ -136,8 +148,9 @@ def knn_exact(
                 best_d, best_i = sel_d, torch.gather(ik, 1, sel)
         assert best_d is not None and best_i is not None
         order = torch.argsort(best_d, dim=1)
-        out_d[qs : qs + qb.shape[0]] = torch.gather(best_d, 1, order).sqrt_()
-        out_i[qs : qs + qb.shape[0]] = torch.gather(best_i, 1, order)
+        q_sq = (qb * qb).sum(1, keepdim=True)
+        out_d[qs : qs + nq] = (torch.gather(best_d, 1, order) + q_sq).clamp_min_(0.0).sqrt_()
+        out_i[qs : qs + nq] = torch.gather(best_i, 1, order)
     return out_d, out_i
 
 
@@ -252,13 +265,19 @@ class GreedyResult:
 def _update_min_sq(
     mind: torch.Tensor, x: torch.Tensor, sq: torch.Tensor, centres: torch.Tensor, row_chunk: int
 ) -> None:
-    """mind = min(mind, min_c ||x - c||^2) in place, in row blocks to bound memory."""
+    """mind = min(mind, min_c ||x - c||^2) in place, in cache-sized row blocks."""
     c = x[centres]
     c_sq = sq[centres]
-    for rs in range(0, x.shape[0], row_chunk):
-        d = squared_distances(x[rs : rs + row_chunk], c, c_sq)
-        dmin = d.min(1).values if d.shape[1] > 1 else d[:, 0]
-        torch.minimum(mind[rs : rs + row_chunk], dmin, out=mind[rs : rs + row_chunk])
+    n, m = x.shape[0], c.shape[0]
+    rows = max(1, min(row_chunk, (1 << 19) // max(m, 1)))  # ~2 MB distance blocks (L2-sized)
+    buf = torch.empty(min(rows, n), m)
+    for rs in range(0, n, rows):
+        re = min(n, rs + rows)
+        d = _partial_sq(x[rs:re], c, c_sq, out=buf[: re - rs])
+        dmin = d.min(1).values if m > 1 else d[:, 0]
+        dmin += sq[rs:re]
+        dmin.clamp_min_(0.0)  # rounding must not push an unselected point below 0 (selected = -1)
+        torch.minimum(mind[rs:re], dmin, out=mind[rs:re])
 
 
 def greedy_kcenter(
@@ -303,7 +322,7 @@ def greedy_kcenter(
         threshold = float(vals[b]) if kk == b + 1 else -1.0
         vals, cand = vals[:b], cand[:b]
         xc = x[cand]
-        dcc = squared_distances(xc, xc).numpy()
+        dcc = squared_distances(xc, xc).double().numpy()
         cur = vals.numpy().astype(np.float64, copy=True)
         accepted: list[int] = []
         for _ in range(b):
