@@ -23,10 +23,12 @@ Sub-networks end in a zero-initialised layer so that every coupling starts as th
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from iadkit.data.transforms import ImageSet
 
 SubnetFactory = Callable[[int, int], nn.Module]
 """`factory(in_channels, out_channels) -> module` building a coupling's sub-network."""
@@ -192,6 +194,17 @@ def coupling_flow(
     return Flow(blocks)
 
 
+def level_flows(channels: Sequence[int], build: Callable[[int, int], Flow], seed: int) -> nn.ModuleList:
+    """One flow per feature level, ``build(level_channels, seed + level)``.
+
+    The flows are created under `seed` in a forked RNG, so the same seed always gives the
+    same initial flows (reproducible fits) and the caller's global RNG is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.ModuleList(build(c, seed + i) for i, c in enumerate(channels))
+
+
 def zero_last_layer(module: nn.Module) -> nn.Module:
     """Zero the weights and bias of the last conv/linear layer (identity-start couplings)."""
     last = None
@@ -254,6 +267,43 @@ class ChannelStandardizer(nn.Module):
         return (x - self.mean.view(shape)) / self.std.view(shape)
 
 
+FeatureFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+"""A frozen backbone: images [B, 3, H, W] -> feature maps by layer name."""
+
+
+@torch.no_grad()
+def standardized_features(
+    backbone: FeatureFn, layers: Sequence[str], standardizers: Sequence[ChannelStandardizer], images: torch.Tensor
+) -> list[torch.Tensor]:
+    """The backbone's maps at `layers`, each through its level's fitted `ChannelStandardizer`:
+    what the flows of FastFlow and CFLOW-AD see at test time."""
+    feats = backbone(images)
+    return [norm(feats[layer]) for norm, layer in zip(standardizers, layers)]
+
+
+@torch.no_grad()
+def fit_standardized_features(
+    backbone: FeatureFn,
+    layers: Sequence[str],
+    standardizers: Sequence[ChannelStandardizer],
+    train: ImageSet,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> list[torch.Tensor]:
+    """Run the frozen backbone once over the training images, fit each level's standardizer on
+    all of its maps, and return the standardised maps [N, C, H, W] per level.
+
+    The flows train on these cached maps: the backbone is frozen and the images are not
+    augmented, so every epoch would compute the same features again.
+    """
+    raw: list[list[torch.Tensor]] = [[] for _ in layers]
+    for batch in train.batches(batch_size):
+        feats = backbone(batch.images.to(device))
+        for i, layer in enumerate(layers):
+            raw[i].append(feats[layer])
+    return [norm.fit(torch.cat(r)) for norm, r in zip(standardizers, raw)]
+
+
 def gaussian_log_likelihood(z: torch.Tensor, logdet: torch.Tensor | None = None, *, dim: int = 1) -> torch.Tensor:
     """log N(z; 0, I) summed over `dim` (+ logdet): the exact log p(x) of a flow.
 
@@ -279,9 +329,13 @@ __all__ = [
     "SubnetFactory",
     "conv_subnet",
     "coupling_flow",
+    "FeatureFn",
+    "fit_standardized_features",
     "flow_nll",
     "gaussian_log_likelihood",
+    "level_flows",
     "mlp_subnet",
     "soft_clamp",
+    "standardized_features",
     "zero_last_layer",
 ]

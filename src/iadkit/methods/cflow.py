@@ -50,7 +50,16 @@ import torch
 from torch import nn
 
 from iadkit.backbones import FeatureExtractor
-from iadkit.components.flows import ChannelStandardizer, Flow, coupling_flow, gaussian_log_likelihood, mlp_subnet
+from iadkit.components.flows import (
+    ChannelStandardizer,
+    Flow,
+    coupling_flow,
+    fit_standardized_features,
+    gaussian_log_likelihood,
+    level_flows,
+    mlp_subnet,
+    standardized_features,
+)
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
@@ -132,12 +141,11 @@ class CFlow(Detector):
         self.seed = int(seed)
         self.backbone = FeatureExtractor(backbone, self.layers, self.weights_path)
         channels = [self.backbone.channels[layer] for layer in self.layers]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.decoders = nn.ModuleList(
-                cflow_decoder(c, self.condition_dim, self.coupling_blocks, self.clamp, self.seed + i)
-                for i, c in enumerate(channels)
-            )
+        self.decoders = level_flows(
+            channels,
+            lambda c, seed: cflow_decoder(c, self.condition_dim, self.coupling_blocks, self.clamp, seed),
+            self.seed,
+        )
         self.standardizers = nn.ModuleList(ChannelStandardizer(c) for c in channels)
         # per-scale max training log-likelihood / C, and the max summed likelihood map
         self.register_buffer("ll_max", torch.zeros(len(channels)))
@@ -149,11 +157,6 @@ class CFlow(Detector):
         return params
 
     # -- pieces ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.backbone(images)
-        return [norm(feats[layer]) for norm, layer in zip(self.standardizers, self.layers)]
-
     def _fibers(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, C, H, W] -> fibers [B*H*W, C] and their conditions [B*H*W, P]."""
         b, c, h, w = fmap.shape
@@ -172,7 +175,7 @@ class CFlow(Detector):
     def _likelihood_map(self, images: torch.Tensor) -> torch.Tensor:
         size = tuple(images.shape[-2:])
         total = None
-        for level, fmap in enumerate(self._features(images)):
+        for level, fmap in enumerate(standardized_features(self.backbone, self.layers, self.standardizers, images)):
             prob = upsample(torch.exp(self._log_likelihood(level, fmap) - self.ll_max[level]), size)
             total = prob if total is None else total + prob
         return total
@@ -183,18 +186,13 @@ class CFlow(Detector):
             raise ValueError("CFlow.fit: no training images")
         device = self.device
         self._fitted.fill_(False)
-        raw: list[list[torch.Tensor]] = [[] for _ in self.layers]
-        with torch.no_grad():
-            for batch in train.batches(self.batch_size):
-                feats = self.backbone(batch.images.to(device))
-                for i, layer in enumerate(self.layers):
-                    raw[i].append(feats[layer])
         fibers, conds = [], []
-        for norm, r in zip(self.standardizers, raw):
-            x, c = self._fibers(norm.fit(torch.cat(r)))
+        for fmap in fit_standardized_features(
+            self.backbone, self.layers, self.standardizers, train, self.batch_size, device
+        ):
+            x, c = self._fibers(fmap)
             fibers.append(x)
             conds.append(c)
-        del raw
 
         optimizer = torch.optim.Adam(self.decoders.parameters(), lr=self.lr)
         n_steps = sum(-(-x.shape[0] // self.fiber_batch_size) for x in fibers)

@@ -44,7 +44,16 @@ import torch
 from torch import nn
 
 from iadkit.backbones import FeatureExtractor
-from iadkit.components.flows import ChannelStandardizer, Flow, conv_subnet, coupling_flow, flow_nll
+from iadkit.components.flows import (
+    ChannelStandardizer,
+    Flow,
+    conv_subnet,
+    coupling_flow,
+    fit_standardized_features,
+    flow_nll,
+    level_flows,
+    standardized_features,
+)
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
@@ -105,12 +114,11 @@ class FastFlow(Detector):
         self.seed = int(seed)
         self.backbone = FeatureExtractor(backbone, self.layers, self.weights_path)
         channels = [self.backbone.channels[layer] for layer in self.layers]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.flows = nn.ModuleList(
-                fastflow_flow(c, self.flow_steps, self.hidden_ratio, self.conv3x3_only, self.clamp, self.seed + i)
-                for i, c in enumerate(channels)
-            )
+        self.flows = level_flows(
+            channels,
+            lambda c, seed: fastflow_flow(c, self.flow_steps, self.hidden_ratio, self.conv3x3_only, self.clamp, seed),
+            self.seed,
+        )
         self.standardizers = nn.ModuleList(ChannelStandardizer(c) for c in channels)
 
     # `backbone` is the FeatureExtractor; get_params must return the name the user passed.
@@ -120,11 +128,6 @@ class FastFlow(Detector):
         return params
 
     # -- features --------------------------------------------------------------------------
-    @torch.no_grad()
-    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.backbone(images)
-        return [norm(feats[layer]) for norm, layer in zip(self.standardizers, self.layers)]
-
     def _latents(self, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [flow(f) for flow, f in zip(self.flows, feats)]
 
@@ -134,13 +137,9 @@ class FastFlow(Detector):
             raise ValueError("FastFlow.fit: no training images")
         device = self.device
         self._fitted.fill_(False)
-        raw: list[list[torch.Tensor]] = [[] for _ in self.layers]
-        with torch.no_grad():
-            for batch in train.batches(self.batch_size):
-                feats = self.backbone(batch.images.to(device))
-                for i, layer in enumerate(self.layers):
-                    raw[i].append(feats[layer])
-        cached = [norm.fit(torch.cat(r)) for norm, r in zip(self.standardizers, raw)]
+        cached = fit_standardized_features(
+            self.backbone, self.layers, self.standardizers, train, self.batch_size, device
+        )
 
         optimizer = torch.optim.Adam(self.flows.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         n = cached[0].shape[0]
@@ -166,7 +165,8 @@ class FastFlow(Detector):
         self.check_fitted()
         size = tuple(images.shape[-2:])
         prob = None
-        for z, _ in self._latents(self._features(images)):
+        feats = standardized_features(self.backbone, self.layers, self.standardizers, images)
+        for z, _ in self._latents(feats):
             p = upsample(torch.exp(-0.5 * (z**2).mean(dim=1)), size)
             prob = p if prob is None else prob + p
         maps = -prob / len(self.layers)
