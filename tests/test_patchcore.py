@@ -10,22 +10,19 @@ import pytest
 import torch
 
 from iadkit.components.memory_bank import StreamingCoreset, coverage_radius
-from iadkit.data import load_dataset
-from iadkit.data.synthetic import generate
 from iadkit.data.transforms import ImageSet
 from iadkit.methods import NotFittedError
 from iadkit.methods.patchcore import PatchCore, reweighted_image_scores
-from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
+
+from _helpers import assert_round_trip_identical, predict_and_auroc
 
 SIZE = 96
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, seed=0, preset="small", image_size=SIZE, categories=["metal", "wood"])
-    return {c: load_dataset(f"synthetic:{root}", category=c) for c in ("metal", "wood")}
+def synth(synthetic):
+    return {c: synthetic(c, image_size=SIZE) for c in ("metal", "wood")}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +33,8 @@ def fitted(synth):
 
 
 def auroc(model, test):
-    result = model.predict(test)
-    return image_auroc(np.array([s.label for s in test]), result.scores), result
+    result, score = predict_and_auroc(model, test)
+    return score, result
 
 
 def test_eq7_reweighting_hand_computed():
@@ -68,16 +65,12 @@ def test_detects_synthetic_defects(synth, fitted):
 
 
 def test_model_file_round_trip(synth, fitted, tmp_path):
-    path = fitted.save(tmp_path / "pc.iad")
+    path = tmp_path / "pc.iad"
     manifest_params = fitted.detector.get_params()
     json.dumps(manifest_params)  # hyper-parameters are JSON-able as stored
-    loaded = Model.load(path)
+    loaded = assert_round_trip_identical(fitted, synth["metal"].test, path)
     assert loaded.detector.get_params() == manifest_params
     assert torch.equal(loaded.detector.memory_bank, fitted.detector.memory_bank)
-    a = fitted.predict(synth["metal"].test)
-    b = loaded.predict(synth["metal"].test)
-    np.testing.assert_array_equal(a.scores, b.scores)
-    np.testing.assert_array_equal(a.maps, b.maps)
     # the frozen backbone is not in the file: only the bank and the fitted flag
     from safetensors.torch import load_file
 
