@@ -66,8 +66,19 @@ def sigma_for_size(size: int, reference_size: int = 224, reference_sigma: float 
     return reference_sigma * size / reference_size if size > 0 else reference_sigma
 
 
+def blur_at_reference_sigma(maps: torch.Tensor, reference_sigma: float, reference_size: int = 224) -> torch.Tensor:
+    """Gaussian blur of input-sized [B, H, W] maps with a sigma chosen at a `reference_size`-px
+    input, scaled to these maps' smaller side (`sigma_for_size`), so that a method's σ = 4
+    means the same physical blur at any image size. `reference_sigma` <= 0: unchanged (for
+    methods whose paper does not smooth)."""
+    if reference_sigma <= 0:
+        return maps
+    return gaussian_blur(maps, sigma_for_size(min(maps.shape[-2:]), reference_size, reference_sigma))
+
+
 __all__ = [
     "MapPostprocess",
+    "blur_at_reference_sigma",
     "gaussian_blur",
     "gaussian_kernel1d",
     "sigma_for_size",

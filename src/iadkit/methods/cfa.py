@@ -48,7 +48,7 @@ from iadkit.backbones import FeatureExtractor
 from iadkit.components.distillation import train_epochs
 from iadkit.components.losses import coupled_hypersphere_loss
 from iadkit.components.memory_bank import MemoryBankError, knn_exact, squared_distances
-from iadkit.components.postprocess import gaussian_blur, sigma_for_size, upsample
+from iadkit.components.postprocess import blur_at_reference_sigma, upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
 from iadkit.types import Prediction
@@ -243,7 +243,5 @@ class CFA(Detector):
         k = min(self.k, int(self.memory.shape[0]))
         dists, _ = knn_exact(self._rows(phi), self.memory, k)
         score = softmin_nearest_score(dists.to(images.device)).view(b, h, w)
-        maps = upsample(score, size)
-        if self.sigma > 0:
-            maps = gaussian_blur(maps, sigma_for_size(min(size), reference_sigma=self.sigma))
+        maps = blur_at_reference_sigma(upsample(score, size), self.sigma)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)

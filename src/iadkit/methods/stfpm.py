@@ -38,7 +38,7 @@ import torch
 from iadkit.backbones import FeatureExtractor
 from iadkit.components.distillation import StudentNetwork, train_epochs
 from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss
-from iadkit.components.postprocess import gaussian_blur, sigma_for_size, upsample
+from iadkit.components.postprocess import blur_at_reference_sigma, upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
 from iadkit.types import Prediction
@@ -142,7 +142,5 @@ class STFPM(Detector):
         self.check_fitted()
         size = tuple(images.shape[-2:])
         ups = [upsample(m, size) for m in self.level_maps(images)]
-        maps = combine_level_maps(ups, self.map_reduce)
-        if self.sigma > 0:
-            maps = gaussian_blur(maps, sigma_for_size(min(size), reference_sigma=self.sigma))
+        maps = blur_at_reference_sigma(combine_level_maps(ups, self.map_reduce), self.sigma)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
