@@ -87,7 +87,18 @@ class Detector(nn.Module):
         return [n for n, p in sig.parameters.items() if n != "self" and p.kind in kinds]
 
     def get_params(self) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in self.param_names()}
+        """The hyper-parameters as given, JSON-ready (tuples become lists).
+
+        A hyper-parameter whose attribute holds a built module (e.g. `backbone`, which names
+        a backbone but is stored as its FeatureExtractor) is read from `<name>_name`.
+        """
+        params: dict[str, Any] = {}
+        for n in self.param_names():
+            value = getattr(self, n)
+            if isinstance(value, nn.Module):
+                value = getattr(self, f"{n}_name")
+            params[n] = list(value) if isinstance(value, tuple) else value
+        return params
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Learned tensors (frozen backbone excluded) and the JSON-able hyper-parameters."""

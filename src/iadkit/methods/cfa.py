@@ -148,12 +148,6 @@ class CFA(Detector):
         self.r = nn.Parameter(torch.tensor(float(radius)))
         self.register_buffer("memory", torch.empty(0))  # [M, D] adapted memory features
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["backbone"] = self.backbone_name
-        params["layers"] = list(self.layers)
-        return params
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Adapted patch features φ(p): [B, D, h, w] (gradients flow into the descriptor only)."""
         with torch.no_grad():

@@ -151,11 +151,6 @@ class CFlow(Detector):
         self.register_buffer("ll_max", torch.zeros(len(channels)))
         self.register_buffer("map_max", torch.tensor(float(len(channels))))
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["backbone"] = self.backbone_name
-        return params
-
     # -- pieces ------------------------------------------------------------------------------
     def _fibers(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, C, H, W] -> fibers [B*H*W, C] and their conditions [B*H*W, P]."""

@@ -210,11 +210,6 @@ class CutPaste(Detector):
         self.register_buffer("gde_mean", torch.zeros(1, dim))
         self.register_buffer("gde_whitening", torch.eye(dim)[None])
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["backbone"] = self.backbone_name
-        return params
-
     # -- pieces ------------------------------------------------------------------------------
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -121,12 +121,6 @@ class FastFlow(Detector):
         )
         self.standardizers = nn.ModuleList(ChannelStandardizer(c) for c in channels)
 
-    # `backbone` is the FeatureExtractor; get_params must return the name the user passed.
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["backbone"] = self.backbone_name
-        return params
-
     # -- features --------------------------------------------------------------------------
     def _latents(self, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [flow(f) for flow, f in zip(self.flows, feats)]

@@ -98,12 +98,6 @@ class PaDiM(Detector):
         self.embedding = ConcatEmbedding(self._channels, self.channel_index, mode="nearest")
         self._path = FeaturePath(self.backbone, self.embedding, self.layers, self.feature_runtime)
 
-    def get_params(self) -> dict[str, Any]:
-        params = {n: getattr(self, n) for n in self.param_names() if n != "backbone"}
-        params["backbone"] = self.backbone_name
-        params["layers"] = list(self.layers)
-        return params
-
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         super().load_tensors(tensors)
         self._build_embedding()  # the stored channel subset is authoritative

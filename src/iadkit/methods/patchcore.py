@@ -179,13 +179,6 @@ class PatchCore(Detector):
         self._index_key: tuple[Any, ...] | None = None
         self._path = FeaturePath(self.backbone, self.embedding, self.layers, feature_runtime)
 
-    def get_params(self) -> dict[str, Any]:
-        # `self.backbone` is the extractor module; the hyper-parameter is its name.
-        params = {n: getattr(self, n) for n in self.param_names() if n != "backbone"}
-        params["backbone"] = self.backbone_name
-        params["layers"] = list(self.layers)
-        return params
-
     # -- features --------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> patch features [B, D, h, w] (h, w = H/8, W/8 by default)."""

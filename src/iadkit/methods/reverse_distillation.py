@@ -100,13 +100,6 @@ class ReverseDistillation(Detector):
         self.bottleneck.eval()
         self.decoder.eval()
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["backbone"] = self.backbone_name
-        params["layers"] = list(self.layers)
-        params["betas"] = list(self.betas)
-        return params
-
     def _pairs(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         with torch.no_grad():
             enc = self.backbone(images)

@@ -119,11 +119,6 @@ class SimpleNet(Detector):
             self.adaptor = FeatureAdaptor(self.embed_dim)
             self.discriminator = Discriminator(self.embed_dim)
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["backbone"] = self.backbone_name
-        return params
-
     # -- pieces ------------------------------------------------------------------------------
     @torch.no_grad()
     def _patch_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -95,12 +95,6 @@ class SPADE(Detector):
         self.register_buffer("train_global", torch.empty(0))  # [N, D]
         self.register_buffer("train_pixels", torch.empty(0))  # [N, h*w, C]
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["backbone"] = self.backbone_name
-        params["layers"] = list(self.layers)
-        return params
-
     def _describe(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """(global features [B, D], pyramid features [B, h*w, C], (h, w))."""
         feats = self.backbone(images)

@@ -97,13 +97,6 @@ class STFPM(Detector):
         self.student = StudentNetwork(backbone, self.layers, seed=seed)
         self.student.eval()
 
-    # `backbone` names the hyper-parameter but is also the frozen module's attribute.
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["backbone"] = self.backbone_name
-        params["layers"] = list(self.layers)
-        return params
-
     def fit(self, train: ImageSet, *, progress: bool = True) -> "STFPM":
         device = self.device
         self.student.train()
