@@ -103,6 +103,7 @@ def test_onnxruntime_features_match_torch(synth, fitted, tmp_path, monkeypatch):
     """The optional ONNX Runtime path computes the same patch features (1e-4) and scores."""
     monkeypatch.setenv("IADKIT_CACHE_DIR", str(tmp_path / "cache"))
     det = fitted.detector
+    assert det.feature_runtime == "auto" and det._path.active_runtime == "onnxruntime"  # the CPU default
     images = ImageSet(synth["metal"].test[:6], fitted.preprocess).batches(6).__next__().images
     with torch.inference_mode():
         ref = det.embed(images)
