@@ -146,7 +146,7 @@ def test_composable_coreset_coverage_vs_plain_greedy():
     b_g, plain = build("greedy")
     assert torch.equal(b_c._proj, proj) and torch.equal(b_g._proj, proj)
     assert comp.bank.shape == plain.bank.shape == (600, 48)
-    assert comp.n_chunks == 6 and comp.n_union == 6 * 200
+    assert comp.n_chunks == 6 and comp.n_union == 6 * 200  # 24 batches of 250 -> 6 chunks of 1000
     xp = x @ proj
     r_comp = coverage_radius(xp, comp.bank @ proj)
     r_plain = coverage_radius(xp, plain.bank @ proj)
@@ -158,6 +158,19 @@ def test_composable_coreset_coverage_vs_plain_greedy():
     rand = StreamingCoreset(ratio, method="random", seed=0)
     rand.add(x)
     assert coverage_radius(xp, rand.result().bank @ proj) > r_comp
+
+
+def test_min_keep_widens_the_union_for_tiny_coresets():
+    x = clustered(4000, 8, seed=7)
+    sizes = {}
+    for min_keep in (0.0, 0.05):
+        b = StreamingCoreset(0.001, chunk_size=1000, min_keep=min_keep)
+        b.add(x)  # one call, split into chunks of 1000
+        r = b.result()
+        assert r.n_chunks == 4
+        sizes[min_keep] = r.n_union
+        assert r.bank.shape == (4, 8)
+    assert sizes == {0.0: 4 * 2, 0.05: 4 * 50}  # 4 chunks x ceil(2 * 0.001 * 1000) vs 5 % of 1000
 
 
 def test_composable_in_one_chunk_is_plain_greedy():

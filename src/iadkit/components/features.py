@@ -422,6 +422,9 @@ class FeaturePath:
             opts.inter_op_num_threads = 1
             opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # No arena: ONNX Runtime would otherwise keep its largest batch's activations for
+            # the life of the session, on top of whatever the method allocates next.
+            opts.enable_cpu_mem_arena = os.environ.get("IADKIT_ORT_ARENA", "0") == "1"
             try:
                 sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # a corrupt cache entry: export again once

@@ -32,8 +32,10 @@ r_U <= 2 OPT_k(all patches), because the k final centres plus the farthest point
 k+1 points pairwise >= r_U apart and two of them share an optimal cluster; plain greedy has
 R_greedy >= OPT_k. When every chunk keeps >= k points the same argument gives r_i <= 2 OPT_k,
 hence R_composable <= 4 R_greedy in the worst case. With the default oversampling (each chunk
-keeps 2x the target ratio) the measured ratio R_composable / R_greedy on real patch
-features is ~1.1-1.3 (tests assert <= 2 and the certificate above).
+keeps 2x the target ratio) the measured ratio R_composable / R_greedy on real patch features
+is 1.10-1.12 on synthetic-image sets and 1.20 on ELPV (coverage of a 60k-patch sample, 10 %
+coreset of 591k patches), and image AUROC on ELPV is 0.900 against plain greedy's 0.904 (tests
+assert a ratio <= 2 and the certificate above).
 
 Nearest-neighbour search is exact by default (chunked ``||q||^2 - 2 q.b + ||b||^2`` matrix
 products with a running minimum: memory is bounded by the chunk sizes, never by the bank),
@@ -390,8 +392,8 @@ class StreamingCoreset:
 
     Methods:
       * ``composable`` (default): chunks of `chunk_size` patches are each reduced by greedy
-        k-center to ``oversample * ratio`` of their size as they arrive; one final greedy pass
-        over the union picks the bank. Memory: the union at full dimension.
+        k-center to ``max(oversample * ratio, min_keep)`` of their size as they arrive; one
+        final greedy pass over the union picks the bank. Memory: the union at full dimension.
       * ``greedy``: the paper's plain greedy k-center over all patches at once. Memory: all
         patches at full dimension (754 ELPV images at 784 x 1024 floats would be 2.4 GB).
       * ``random``: a seeded uniform sample (ablation baseline).
@@ -407,6 +409,7 @@ class StreamingCoreset:
         projection_dim: int = 128,
         chunk_size: int = 16384,
         oversample: float = 2.0,
+        min_keep: float = 0.0,
         seed: int = 0,
         batch: int = 256,
     ) -> None:
@@ -423,6 +426,7 @@ class StreamingCoreset:
         self.projection_dim = int(projection_dim)
         self.chunk_size = int(chunk_size)
         self.oversample = float(oversample)
+        self.min_keep = float(min_keep)
         self.seed = int(seed)
         self.batch = int(batch)
         self._proj: torch.Tensor | None = None
@@ -464,16 +468,21 @@ class StreamingCoreset:
             return
         self._buf.append(feats.clone())
         self._buf_n += int(feats.shape[0])
-        if self._buf_n >= self.chunk_size:
-            self._reduce_buffer()
+        while self._buf_n >= self.chunk_size:
+            self._reduce_buffer(self.chunk_size)
 
-    def _reduce_buffer(self) -> None:
+    def _reduce_buffer(self, size: int | None = None) -> None:
+        """Reduce the first `size` buffered patches (all when None); the rest stay buffered."""
         if not self._buf:
             return
-        chunk = torch.cat(self._buf)
-        self._buf, self._buf_n = [], 0
+        pooled = torch.cat(self._buf)
+        size = pooled.shape[0] if size is None else min(size, pooled.shape[0])
+        chunk, rest = pooled[:size], pooled[size:]
+        self._buf = [rest.clone()] if rest.shape[0] else []
+        self._buf_n = int(rest.shape[0])
         proj = self.project(chunk)
-        keep = max(1, math.ceil(min(1.0, self.oversample * self.ratio) * chunk.shape[0]))
+        fraction = min(1.0, max(self.oversample * self.ratio, self.min_keep))
+        keep = max(1, math.ceil(fraction * chunk.shape[0]))
         res = greedy_kcenter(proj, keep, seed=self.seed + len(self._chunk_radii), batch=self.batch)
         self._kept_full.append(chunk[res.indices])
         self._kept_proj.append(proj[res.indices])
@@ -510,9 +519,11 @@ class StreamingCoreset:
             res = greedy_kcenter(self.project(full), k, seed=self.seed, batch=self.batch)
             return CoresetResult(full[res.indices], self._n_seen, "greedy", res.radius, 0.0, res.radius, full.shape[0], 0)
         self._reduce_buffer()
+        # Concatenate one list at a time and drop it at once: never two copies of both.
         union_full = torch.cat(self._kept_full)
+        self._kept_full = []
         union_proj = torch.cat(self._kept_proj)
-        self._kept_full, self._kept_proj = [], []
+        self._kept_proj = []
         res = greedy_kcenter(union_proj, k, seed=self.seed, batch=self.batch)
         r_chunks = max(self._chunk_radii)
         return CoresetResult(
