@@ -122,7 +122,7 @@ def _metric_table_html(t: MetricTable) -> str:
         out.append(f'<tr{cls}><td class="l">{_esc(label)}</td>{"".join(cells)}</tr>')
     out.append("</table>")
     if t.incomplete:
-        out.append('<p class="note">† mean over fewer categories (a cell failed): not comparable with the others.</p>')
+        out.append('<p class="note">† mean over fewer categories (a cell failed, or the method does not produce that metric, e.g. pixel metrics of image-level CutPaste): not comparable with the others.</p>')
     return "\n".join(out)
 
 

@@ -210,7 +210,7 @@ def leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_aur
         if any(d.endswith("*") for d in datasets):
             notes.append("* subsampled (quick run), not the full protocol")
         if t.incomplete:
-            notes.append("† mean over fewer categories (a cell failed): not comparable")
+            notes.append("† mean over fewer categories (a cell failed or the metric does not apply): not comparable")
         table.caption = "\n".join(notes)
         table.caption_justify = "left"
         out.append(table)
