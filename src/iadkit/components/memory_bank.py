@@ -519,21 +519,31 @@ class StreamingCoreset:
             res = greedy_kcenter(self.project(full), k, seed=self.seed, batch=self.batch)
             return CoresetResult(full[res.indices], self._n_seen, "greedy", res.radius, 0.0, res.radius, full.shape[0], 0)
         self._reduce_buffer()
-        # Concatenate one list at a time and drop it at once: never two copies of both.
-        union_full = torch.cat(self._kept_full)
-        self._kept_full = []
         union_proj = torch.cat(self._kept_proj)
         self._kept_proj = []
         res = greedy_kcenter(union_proj, k, seed=self.seed, batch=self.batch)
+        n_union = int(union_proj.shape[0])
+        del union_proj
+        # Gather the chosen rows straight from the chunk coresets: the full-dimension union
+        # is never concatenated (it would be a second copy at the peak of the fit).
+        sizes = torch.tensor([0] + [int(t.shape[0]) for t in self._kept_full])
+        offsets = torch.cumsum(sizes, 0)
+        bank = torch.empty(k, self._kept_full[0].shape[1])
+        chunk_of = torch.bucketize(res.indices, offsets[1:], right=True)
+        for i, part in enumerate(self._kept_full):
+            sel = torch.nonzero(chunk_of == i).flatten()
+            if sel.numel():
+                bank[sel] = part[res.indices[sel] - offsets[i]]
+        self._kept_full = []
         r_chunks = max(self._chunk_radii)
         return CoresetResult(
-            bank=union_full[res.indices],
+            bank=bank,
             n_seen=self._n_seen,
             method="composable",
             radius_bound=r_chunks + res.radius,
             chunk_radius_max=r_chunks,
             final_radius=res.radius,
-            n_union=int(union_full.shape[0]),
+            n_union=n_union,
             n_chunks=len(self._chunk_radii),
         )
 
