@@ -1,11 +1,15 @@
 """Shared test fixtures. Tests run on tiny images, on the CPU, with few threads."""
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+# Exported ONNX feature graphs go to a per-run folder, not the user's ~/.cache/iadkit.
+os.environ.setdefault("IADKIT_CACHE_DIR", tempfile.mkdtemp(prefix="iadkit-test-cache-"))
 
 
 @pytest.fixture(autouse=True)
