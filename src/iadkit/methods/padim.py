@@ -37,7 +37,7 @@ import torch
 from iadkit.backbones import FeatureExtractor
 from iadkit.components.features import ConcatEmbedding, FeaturePath
 from iadkit.components.gaussian import PAPER_EPS, GaussianAccumulator, GaussianFitError, mahalanobis, whitening_matrices
-from iadkit.components.postprocess import gaussian_blur, sigma_for_size, upsample
+from iadkit.components.postprocess import blur_at_reference_sigma, upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
 from iadkit.types import Prediction
@@ -150,7 +150,6 @@ class PaDiM(Detector):
             )
         dist = mahalanobis(emb.flatten(2).transpose(1, 2), self.mean, self.whitening).reshape(b, h, w)
         maps = upsample(dist, size)
-        if self.sigma > 0:
-            maps = gaussian_blur(maps, sigma_for_size(min(size), reference_sigma=self.sigma))
+        maps = blur_at_reference_sigma(maps, self.sigma)
         scores = maps.flatten(1).amax(1)
         return Prediction(scores=scores.to(images.device), maps=maps.to(images.device))

@@ -41,7 +41,7 @@ from torch import nn
 from iadkit.backbones import FeatureExtractor
 from iadkit.components.distillation import OneClassBottleneck, ReverseDecoder, train_epochs
 from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss
-from iadkit.components.postprocess import gaussian_blur, sigma_for_size, upsample
+from iadkit.components.postprocess import blur_at_reference_sigma, upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
 from iadkit.types import Prediction
@@ -130,6 +130,5 @@ class ReverseDistillation(Detector):
         self.check_fitted()
         size = tuple(images.shape[-2:])
         maps = torch.stack([upsample(cosine_distance_map(e, d), size) for e, d in self._pairs(images)]).sum(0)
-        if self.sigma > 0:
-            maps = gaussian_blur(maps, sigma_for_size(min(size), reference_sigma=self.sigma))
+        maps = blur_at_reference_sigma(maps, self.sigma)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from iadkit.backbones import FeatureExtractor
 from iadkit.components.memory_bank import MemoryBankError, knn_exact
-from iadkit.components.postprocess import gaussian_blur, sigma_for_size, upsample
+from iadkit.components.postprocess import blur_at_reference_sigma, upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
 from iadkit.progress import track
@@ -142,6 +142,5 @@ class SPADE(Detector):
             d, _ = knn_exact(pix[b], gallery, kp)
             maps.append(d.to(images.device).pow(2).mean(1).view(h, w))
         amap = upsample(torch.stack(maps), size)
-        if self.sigma > 0:
-            amap = gaussian_blur(amap, sigma_for_size(min(size), reference_sigma=self.sigma))
+        amap = blur_at_reference_sigma(amap, self.sigma)
         return Prediction(scores=scores, maps=amap)
