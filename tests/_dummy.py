@@ -10,29 +10,30 @@ import torch
 
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
+from iadkit.methods.params import param, positive
 from iadkit.types import Prediction
 
 
 @register
 class PixelZScore(Detector):
+    """Per-pixel z-score against the training images (a test detector)."""
+
     name = "test_pixel_zscore"
     family = "test"
+    map_sigma = 0.0
 
-    def __init__(self, *, eps: float = 1e-3) -> None:
-        super().__init__()
-        self.eps = eps
+    eps: float = param(1e-3, "Added to the standard deviation.", check=positive())
+
+    def _build(self) -> None:
         self.register_buffer("mean_", torch.empty(0))
         self.register_buffer("std_", torch.empty(0))
 
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "PixelZScore":
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         x = torch.cat([b.images for b in train.batches(8)])
         self.mean_ = x.mean(0)
         self.std_ = x.std(0, unbiased=False) + self.eps
-        self._mark_fitted()
-        return self
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.check_fitted()
+    def _predict(self, images: torch.Tensor) -> Prediction:
         maps = ((images - self.mean_) / self.std_).abs().mean(1)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
 
@@ -42,6 +43,7 @@ class ScoreOnly(PixelZScore):
     """Like PixelZScore but draws no maps, as image-level methods (CutPaste) do."""
 
     name = "test_score_only"
+    produces_maps = False
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        return Prediction(scores=super().predict(images).scores, maps=None)
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        return Prediction(scores=super()._predict(images).scores, maps=None)

@@ -33,3 +33,16 @@ def assert_round_trip_identical(model: Model, samples: Sequence[Sample], path: P
     np.testing.assert_array_equal(a.scores, b.scores)
     np.testing.assert_array_equal(a.maps, b.maps)
     return loaded
+
+
+def built(detector, *, fitted: bool = False):
+    """`detector` with its networks built as `fit` would build them, without training — for
+    tests of a method's pieces. `fitted=True` also lets it predict (untrained)."""
+    import torch
+
+    detector.validate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(detector.seed)
+        detector._build()
+    detector._is_fitted = fitted
+    return detector.eval()

@@ -10,7 +10,7 @@ import pytest
 import test_bench_support as support
 from iadkit.bench.config import BenchConfig, BenchConfigError, Cell, expand
 from iadkit.bench.datasets import subsample_test, subsample_train
-from iadkit.bench.settings import apply_setting, available_settings, register_setting
+from iadkit.settings import apply_setting, available_settings, register_setting
 from iadkit.types import Sample
 
 YAML = """
@@ -126,7 +126,7 @@ def test_config_file_errors(tmp_path):
 
 
 def test_unknown_setting_and_duplicate_cells_are_refused():
-    with pytest.raises(Exception, match="unknown benchmark setting 'fewshot'.*vanilla"):
+    with pytest.raises(Exception, match="unknown setting 'fewshot'.*vanilla"):
         expand(BenchConfig.parse({**support.grid(["test_pixel_zscore"]), "settings": ["fewshot"]}))
     with pytest.raises(BenchConfigError, match="same cell twice"):
         expand(BenchConfig.parse(support.grid(["test_pixel_zscore", "test_pixel_zscore"])))

@@ -11,7 +11,8 @@ from PIL import Image
 
 import test_bench_support as support
 from iadkit.bench import BenchConfig, ResultsDB, run_benchmark
-from iadkit.bench.executors import ExecutorError, make_executor, predict_folder, shard
+from iadkit.batch import predict_folder, shard
+from iadkit.bench.executors import ExecutorError, make_executor
 
 ray = pytest.importorskip("ray")
 
@@ -47,12 +48,11 @@ def test_ray_results_equal_local_results(local_ray, tmp_path):
 
 
 def _tiny_model(tmp_path):
-    from iadkit.data.transforms import ImageSet
     from iadkit.model import Model
 
     train, test = support._images("flat")
     model = Model.create("test_pixel_zscore", image_size=16)
-    model.detector.fit(ImageSet(train, model.preprocess))
+    model.fit(train, progress=False)
     model.set_threshold(10.0)
     path = model.save(tmp_path / "m.iad")
     files = []
@@ -71,8 +71,8 @@ def test_predict_folder_sharded_on_ray_equals_local(local_ray, tmp_path, monkeyp
     model_path, files = _tiny_model(tmp_path)
     monkeypatch.chdir(tmp_path)  # relative paths: Ray workers run elsewhere, rows keep them as given
     files = [str(Path(f).relative_to(tmp_path)) for f in files]
-    local = predict_folder(model_path, files)
-    remote = predict_folder(model_path, files, executor="ray", shards=3)  # 3 tasks on 1 worker
+    local = predict_folder(model_path, files, tmp_path / "local", overlays=False).rows
+    remote = predict_folder(model_path, files, tmp_path / "ray", executor="ray", shards=3).rows  # 3 tasks on 1 worker
     assert [r["path"] for r in local] == [r["path"] for r in remote] == files
     strip = lambda rows: [{k: v for k, v in r.items() if k != "error"} for r in rows]  # noqa: E731
     assert strip(local) == strip(remote)

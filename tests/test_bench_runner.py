@@ -37,8 +37,8 @@ def test_cell_results_equal_a_direct_fit_and_evaluate(tmp_path):
         (run,) = db.runs()
         scores = db.image_scores(run["cell_id"])
     train, test = support._images("flat")
-    model = Model.create("test_pixel_zscore", image_size=16)
-    model.detector.fit(__import__("iadkit").data.transforms.ImageSet(train, model.preprocess))
+    model = Model.create("test_pixel_zscore", image_size=16, seed=0)
+    model.fit(train, seed=0, progress=False)  # as the runner does
     direct = evaluate(model, test, batch_size=4)
     assert run["status"] == "done" and run["n_train"] == 8 and run["n_test"] == 6
     for key, value in direct.metrics.items():

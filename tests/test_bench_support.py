@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 import _dummy  # noqa: F401  (registers test_pixel_zscore)
-from iadkit.bench.datasets import register_source
+from iadkit.data import register_source
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import Detector, register
+from iadkit.methods.params import param
 from iadkit.types import ANOMALOUS, GOOD, Prediction, Sample
 
 SIZE = 16
@@ -55,15 +56,19 @@ register_source("tinybench", lambda location, category: _images(category), lambd
 
 
 class _Base(Detector):
-    family = "test"
+    """Mean-image difference (a test detector)."""
 
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "_Base":
+    family = "test"
+    map_sigma = 0.0
+
+    def _build(self) -> None:
+        self.register_buffer("mean_", torch.empty(0))
+
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         FIT_CALLS.append(f"{self.name}/{train.samples[0].category}")
         self.mean_ = torch.cat([b.images for b in train.batches(8)]).mean(0)
-        self._mark_fitted()
-        return self
 
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def _predict(self, images: torch.Tensor) -> Prediction:
         maps = (images - self.mean_).abs().mean(1)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
 
@@ -74,33 +79,29 @@ class Seeded(_Base):
 
     name = "test_bench_seeded"
 
-    def __init__(self, *, seed: int = 0, noise: float = 0.05) -> None:
-        super().__init__()
-        self.seed = seed
-        self.noise = noise
-        self.register_buffer("mean_", torch.empty(0))
+    noise: float = param(0.05, "Amplitude of the seed-dependent offset.")
+
+    def _build(self) -> None:
+        super()._build()
         self.register_buffer("offset_", torch.empty(0))
 
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "Seeded":
-        super().fit(train)
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
+        super()._fit(train, progress=progress)
         g = torch.Generator().manual_seed(self.seed)
         self.offset_ = torch.rand(SIZE, SIZE, generator=g) * self.noise
-        return self
 
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def _predict(self, images: torch.Tensor) -> Prediction:
         maps = (images - self.mean_).abs().mean(1) + self.offset_
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
 
 
 @register
 class Failing(_Base):
+    """Fails in fit (a test detector)."""
+
     name = "test_bench_fail"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("mean_", torch.empty(0))
-
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "Failing":
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         FIT_CALLS.append(f"{self.name}/{train.samples[0].category}")
         raise RuntimeError("deliberate failure in fit (test)")
 
@@ -114,14 +115,10 @@ class Interrupting(_Base):
 
     name = "test_bench_interrupt"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("mean_", torch.empty(0))
-
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "Interrupting":
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         if INTERRUPT["on"]:
             raise KeyboardInterrupt
-        return super().fit(train)  # type: ignore[return-value]
+        super()._fit(train, progress=progress)
 
 
 @register
@@ -130,14 +127,10 @@ class Killing(_Base):
 
     name = "test_bench_sigkill"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("mean_", torch.empty(0))
-
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "Killing":
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         if os.environ.get("IADKIT_TEST_SIGKILL") == "1":
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().fit(train)  # type: ignore[return-value]
+        super()._fit(train, progress=progress)
 
 
 def grid(methods: list, *, categories: list[str] | None = None, seeds: list[int] | None = None, gallery: int = 2) -> dict:

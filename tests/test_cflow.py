@@ -13,7 +13,7 @@ from iadkit.methods.base import NotFittedError
 from iadkit.methods.cflow import CFlow, positional_encoding_2d
 from iadkit.model import Model
 
-from _helpers import assert_round_trip_identical, predict_and_auroc
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 
@@ -27,7 +27,7 @@ def fabric(synthetic):
 def fitted(fabric):
     torch.set_num_threads(1)
     model = Model.create("cflow", image_size=SIZE, epochs=40, seed=0)  # the paper's lr 2e-4
-    return model.fit(fabric.train, progress=False)
+    return model.fit(fabric.train, calibration_fraction=0, progress=False)
 
 
 def test_learns_to_detect_synthetic_defects(fitted, fabric) -> None:
@@ -65,11 +65,10 @@ def test_positional_encoding_by_hand() -> None:
 
 
 def test_decoders_follow_the_paper() -> None:
-    det = CFlow()
-    assert len(det.decoders) == 3
-    assert [det.backbone.strides[layer] for layer in det.layers] == [8, 16, 32]  # WRN-50 layer2-4
-    for decoder, layer in zip(det.decoders, det.layers):
-        c = det.backbone.channels[layer]
+    det = built(CFlow())
+    assert len(det.decoders_) == 3
+    assert det.layer_strides() == [8, 16, 32]  # WRN-50 layer2-4
+    for decoder, c in zip(det.decoders_, det.layer_channels()):
         couplings = [b for b in decoder.blocks if isinstance(b, AffineCoupling)]
         assert len(couplings) == 8 and all(b.cond_channels == 128 for b in couplings)
         assert all(isinstance(b, FixedChannelMix) and b.kind == "orthogonal" for b in decoder.blocks[1::2])
@@ -79,19 +78,17 @@ def test_decoders_follow_the_paper() -> None:
 
 
 def test_map_is_max_minus_summed_relative_likelihood() -> None:
-    det = CFlow(coupling_blocks=1)
-    det._mark_fitted()  # identity decoders, no standardisation: z = rotated features
-    det.ll_max.copy_(torch.tensor([-1.0, -2.0, -3.0]))
-    det.map_max.fill_(2.5)
+    det = built(CFlow(coupling_blocks=1), fitted=True)  # identity decoders, no standardisation: z = rotated features
+    det.ll_max_.copy_(torch.tensor([-1.0, -2.0, -3.0]))
+    det.map_max_.fill_(2.5)
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         pred = det.predict(x)
-        feats = det.backbone(x)
+        feats = det.features(x)
     total = torch.zeros(2, SIZE, SIZE)
-    for i, layer in enumerate(det.layers):
-        f = feats[layer]
+    for i, f in enumerate(feats):
         ll = gaussian_log_likelihood(f) / f.shape[1]  # rotation keeps ||z||, log-det 0
-        total += torch.nn.functional.interpolate(torch.exp(ll - det.ll_max[i])[:, None], size=(SIZE, SIZE), mode="bilinear")[:, 0]
+        total += torch.nn.functional.interpolate(torch.exp(ll - det.ll_max_[i])[:, None], size=(SIZE, SIZE), mode="bilinear")[:, 0]
     assert torch.allclose(pred.maps, 2.5 - total, atol=1e-5)
 
 

@@ -141,11 +141,16 @@ def test_model_fit_predict_and_verdicts():
     assert result.maps[4:, 5:8, 5:8].mean() > result.maps[4:].mean()  # the spot is where the map is high
 
 
-def test_model_calibration_fraction_holds_out_images():
+def test_model_calibration_fraction_holds_out_images(caplog):
     model = Model.create("test_pixel_zscore", image_size=16)
-    model.fit(flat_images(10), calibration_fraction=0.2)
-    assert model.info["n_train"] == 8
+    model.fit(flat_images(12), calibration_fraction=0.2)
+    assert model.info["n_train"] == 10 and model.info["n_calibration"] == 2
     assert model.threshold is not None and model.threshold.rule == "false_alarm_rate"
+    assert model.threshold.details["n_good"] == 2
+    # the default (10 %) holds out nothing when fewer than 10 images would remain: no threshold, said so
+    small = Model.create("test_pixel_zscore", image_size=16).fit(flat_images(8))
+    assert small.info["n_train"] == 8 and small.threshold is None
+    assert "no threshold" in caplog.text
 
 
 def test_save_load_round_trip_identical(tmp_path):

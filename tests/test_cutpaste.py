@@ -17,7 +17,8 @@ from iadkit.methods.base import NotFittedError
 from iadkit.methods.cutpaste import CutPaste, receptive_field_upsample
 from iadkit.model import Model
 
-from _helpers import assert_round_trip_identical, predict_and_auroc
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
+from iadkit.errors import InvalidParameterError
 
 SIZE = 64
 
@@ -113,7 +114,7 @@ def wood(synthetic):
 def fitted(wood):
     torch.set_num_threads(1)
     model = Model.create("cutpaste", image_size=SIZE, patch_size=32, patch_stride=8, epochs=15, seed=0)
-    return model.fit(wood.train, progress=False)
+    return model.fit(wood.train, calibration_fraction=0, progress=False)
 
 
 def test_patch_variant_learns_to_detect_and_localise(fitted, wood) -> None:
@@ -143,30 +144,33 @@ def test_gde_score_is_mahalanobis_to_ledoit_wolf_gaussian(fitted, wood) -> None:
     expected = math.sqrt(diff @ np.linalg.solve(cov, diff))
     from iadkit.components.gaussian import mahalanobis
 
-    got = mahalanobis(torch.from_numpy(e).float()[None, None], det.gde_mean, det.gde_whitening)[0, 0]
+    got = mahalanobis(torch.from_numpy(e).float()[None, None], det.gde_mean_, det.gde_whitening_)[0, 0]
     assert float(got) == pytest.approx(expected, rel=1e-3)
 
 
 def test_image_level_variant_scores_without_maps(wood) -> None:
     det = CutPaste(epochs=1, batch_size=4, finetune_from="head", variant="binary")
-    train = ImageSet(wood.train[:6], Preprocess(image_size=SIZE, mean=det.backbone.mean, std=det.backbone.std))
+    mean, std = det.input_normalization()
+    train = ImageSet(wood.train[:6], Preprocess(image_size=SIZE, mean=mean, std=std))
     det.fit(train, progress=False)
-    assert det.net.classifier.out_features == 2  # normal vs CutPaste
+    assert det.net_.classifier.out_features == 2  # normal vs CutPaste
     pred = det.predict(torch.stack([train.image(i) for i in range(3)]))
     assert pred.maps is None and pred.scores.shape == (3,) and torch.all(pred.scores >= 0)
 
 
 def test_trunk_is_a_trainable_copy_and_backbone_stays_frozen() -> None:
-    det = CutPaste(finetune_from="blocks.6")
-    assert det.frozen_layer == "blocks.5"
-    assert all(p.requires_grad for p in det.net.parameters())
-    assert not any(p.requires_grad for p in det.backbone.parameters())
+    det = built(CutPaste(finetune_from="blocks.6"))
+    assert det.backbone_layers() == ["blocks.5"]
+    assert all(p.requires_grad for p in det.net_.parameters())
+    assert not any(p.requires_grad for p in det.backbone_.parameters())
     tensors, _ = det.state()
-    assert any(k.startswith("net.trunk.") for k in tensors) and not any(k.startswith("backbone.") for k in tensors)
-    det.net.train()
-    assert all(not m.training for m in det.net.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert CutPaste(variant="3way").net.classifier.out_features == 3
-    with pytest.raises(ValueError, match="variant"):
-        CutPaste(variant="4way")
+    assert any(k.startswith("net_.trunk.") for k in tensors) and not any(k.startswith("backbone_.") for k in tensors)
+    det.net_.train()
+    assert all(not m.training for m in det.net_.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert built(CutPaste(variant="3way")).net_.classifier.out_features == 3
+    with pytest.raises(InvalidParameterError, match="variant"):
+        CutPaste(variant="4way").validate()
+    with pytest.raises(InvalidParameterError, match="finetune_from"):
+        CutPaste(finetune_from="conv_stem").validate()
     with pytest.raises(NotFittedError):
         det.predict(torch.zeros(1, 3, SIZE, SIZE))

@@ -11,7 +11,7 @@ from iadkit.methods.base import NotFittedError, create
 from iadkit.methods.fastflow import FastFlow
 from iadkit.model import Model
 
-from _helpers import assert_round_trip_identical, predict_and_auroc
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 
@@ -25,7 +25,7 @@ def fabric(synthetic):
 def fitted(fabric):
     torch.set_num_threads(1)
     model = Model.create("fastflow", image_size=SIZE, epochs=30, seed=0)
-    return model.fit(fabric.train, progress=False)
+    return model.fit(fabric.train, calibration_fraction=0, progress=False)
 
 
 def test_learns_to_detect_synthetic_defects(fitted, fabric) -> None:
@@ -45,9 +45,9 @@ def test_save_load_gives_identical_predictions(fitted, fabric, tmp_path) -> None
 
 
 def test_architecture_follows_the_paper() -> None:
-    det = create("fastflow", flow_steps=8)
-    assert len(det.flows) == 3  # one flow per feature level
-    for flow, layer in zip(det.flows, det.layers):
+    det = built(create("fastflow", flow_steps=8))
+    assert len(det.flows_) == 3  # one flow per feature level
+    for flow in det.flows_:
         couplings = [b for b in flow.blocks if isinstance(b, AffineCoupling)]
         assert len(couplings) == 8
         assert sum(isinstance(b, FixedChannelMix) and b.kind == "permutation" for b in flow.blocks) == 8
@@ -55,23 +55,22 @@ def test_architecture_follows_the_paper() -> None:
         assert kernels == [3, 1] * 4  # alternating 3x3 and 1x1 (ResNet-type setting)
         assert couplings[0].subnet[0].out_channels == couplings[0].split  # hidden ratio 1.0
         assert couplings[0].clamp == 2.0
-    only3 = FastFlow(flow_steps=2, conv3x3_only=True)
-    assert [b.subnet[0].kernel_size[0] for b in only3.flows[0].blocks if isinstance(b, AffineCoupling)] == [3, 3]
+    only3 = built(FastFlow(flow_steps=2, conv3x3_only=True))
+    assert [b.subnet[0].kernel_size[0] for b in only3.flows_[0].blocks if isinstance(b, AffineCoupling)] == [3, 3]
 
 
 def test_map_is_minus_mean_likelihood_over_levels() -> None:
-    det = FastFlow(flow_steps=2)
-    det._mark_fitted()  # identity flows, no standardisation: z = permuted features
+    det = built(FastFlow(flow_steps=2), fitted=True)  # identity flows, no standardisation: z = permuted features
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         pred = det.predict(x)
-        feats = det.backbone(x)
+        feats = det.features(x)
     expected = torch.zeros(2, SIZE, SIZE)
-    for layer in det.layers:
-        p = torch.exp(-0.5 * (feats[layer] ** 2).mean(dim=1, keepdim=True))
+    for f in feats:
+        p = torch.exp(-0.5 * (f**2).mean(dim=1, keepdim=True))
         expected -= torch.nn.functional.interpolate(p, size=(SIZE, SIZE), mode="bilinear")[:, 0] / 3
     assert torch.allclose(pred.maps, expected, atol=1e-6)
-    assert torch.allclose(pred.scores, expected.flatten(1).max(dim=1).values)
+    assert pred.scores is None  # the model's Postprocess takes the map maximum
 
 
 def test_predict_before_fit_raises() -> None:

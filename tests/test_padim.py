@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from iadkit.errors import InvalidParameterError
+
 from iadkit.components.gaussian import (
     GaussianAccumulator,
     GaussianFitError,
@@ -114,7 +116,7 @@ def metal(synthetic):
 def fitted(metal):
     from iadkit.model import Model
 
-    return Model.create("padim", image_size=SIZE).fit(metal.train, progress=False)
+    return Model.create("padim", image_size=SIZE).fit(metal.train, calibration_fraction=0, progress=False)
 
 
 def test_padim_detects_synthetic_defects(metal, fitted):
@@ -125,7 +127,7 @@ def test_padim_detects_synthetic_defects(metal, fitted):
     assert result.maps.shape == (len(metal.test), SIZE, SIZE)
     det = fitted.detector
     grid = (SIZE // 4) ** 2  # stride-4 grid of blocks.1
-    assert det.mean.shape == (grid, 100) and det.whitening.shape == (grid, 100, 100)
+    assert det.mean_.shape == (grid, 100) and det.whitening_.shape == (grid, 100, 100)
     # the image score is the maximum of the smoothed map
     np.testing.assert_allclose(result.scores, result.maps.reshape(len(metal.test), -1).max(1), rtol=1e-6)
 
@@ -140,16 +142,16 @@ def test_padim_matches_numpy_reference_on_its_own_features(metal, fitted):
         emb = det.embed(train).flatten(2).transpose(1, 2).double().numpy()  # [N, P, d]
     pos = 37
     x = emb[:, pos]
-    np.testing.assert_allclose(det.mean[pos].numpy(), x.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(det.mean_[pos].numpy(), x.mean(0), rtol=1e-5, atol=1e-5)
     inv = np.linalg.inv(np.cov(x, rowvar=False) + 0.01 * np.eye(x.shape[1]))
     test_vec = emb[0, pos] + 0.5
     ref = np.sqrt((test_vec - x.mean(0)) @ inv @ (test_vec - x.mean(0)))
     got = mahalanobis(
-        torch.from_numpy(test_vec)[None, None].float(), det.mean[pos : pos + 1], det.whitening[pos : pos + 1]
+        torch.from_numpy(test_vec)[None, None].float(), det.mean_[pos : pos + 1], det.whitening_[pos : pos + 1]
     )
     assert float(got) == pytest.approx(ref, rel=1e-3)
     # the channel subset is PaDiM's seeded random choice of 100 of the 176 channels
-    idx = det.channel_index
+    idx = det.channel_index_
     assert idx.shape == (100,) and torch.equal(idx, torch.sort(idx).values) and int(idx.max()) < 176
 
 
@@ -158,13 +160,13 @@ def test_padim_model_file_round_trip(metal, fitted, tmp_path):
 
     loaded = assert_round_trip_identical(fitted, metal.test, tmp_path / "padim.iad")
     assert loaded.detector.get_params() == fitted.detector.get_params()
-    assert torch.equal(loaded.detector.channel_index, fitted.detector.channel_index)
+    assert torch.equal(loaded.detector.channel_index_, fitted.detector.channel_index_)
 
 
 def test_padim_rejects_bad_settings():
     from iadkit.methods.padim import PaDiM
 
-    with pytest.raises(GaussianFitError, match="n_features"):
-        PaDiM(n_features=500)
-    with pytest.raises(GaussianFitError, match="eps"):
-        PaDiM(eps=-1.0)
+    with pytest.raises(InvalidParameterError, match="n_features"):
+        PaDiM(n_features=500).validate()
+    with pytest.raises(InvalidParameterError, match="eps"):
+        PaDiM(eps=-1.0).validate()

@@ -11,7 +11,7 @@ import torch
 
 from iadkit.components.memory_bank import StreamingCoreset, coverage_radius
 from iadkit.data.transforms import ImageSet
-from iadkit.methods import NotFittedError
+from iadkit.errors import InvalidParameterError, NotFittedError
 from iadkit.methods.patchcore import PatchCore, reweighted_image_scores
 from iadkit.model import Model
 
@@ -28,7 +28,7 @@ def synth(synthetic):
 @pytest.fixture(scope="module")
 def fitted(synth):
     model = Model.create("patchcore", image_size=SIZE, coreset_ratio=0.1)
-    model.fit(synth["metal"].train, progress=False)
+    model.fit(synth["metal"].train, calibration_fraction=0, progress=False)
     return model
 
 
@@ -60,7 +60,7 @@ def test_detects_synthetic_defects(synth, fitted):
     assert result.maps.shape == (len(synth["metal"].test), SIZE, SIZE)
     info = fitted.detector.fit_info_
     assert info["bank_size"] == int(info["n_patches"] * 0.1) and info["grid"] == (SIZE // 8, SIZE // 8)
-    wood = Model.create("patchcore", image_size=SIZE).fit(synth["wood"].train, progress=False)
+    wood = Model.create("patchcore", image_size=SIZE).fit(synth["wood"].train, calibration_fraction=0, progress=False)
     assert auroc(wood, synth["wood"].test)[0] >= 0.85  # measured 0.94
 
 
@@ -70,31 +70,31 @@ def test_model_file_round_trip(synth, fitted, tmp_path):
     json.dumps(manifest_params)  # hyper-parameters are JSON-able as stored
     loaded = assert_round_trip_identical(fitted, synth["metal"].test, path)
     assert loaded.detector.get_params() == manifest_params
-    assert torch.equal(loaded.detector.memory_bank, fitted.detector.memory_bank)
-    # the frozen backbone is not in the file: only the bank and the fitted flag
+    assert torch.equal(loaded.detector.memory_bank_, fitted.detector.memory_bank_)
+    # the frozen backbone is not in the file: only the bank
     from safetensors.torch import load_file
 
-    assert set(load_file(str(path))) == {"memory_bank", "_fitted"}
+    assert set(load_file(str(path))) == {"memory_bank_"}
 
 
 def test_predict_before_fit_and_bad_params():
     det = PatchCore()
     with pytest.raises(NotFittedError):
         det.predict(torch.zeros(1, 3, 64, 64))
-    with pytest.raises(ValueError, match="coreset_method"):
-        PatchCore(coreset_method="kmeans")
-    with pytest.raises(ValueError, match="search"):
-        PatchCore(search="annoy")
+    with pytest.raises(InvalidParameterError, match="coreset_method"):
+        PatchCore(coreset_method="kmeans").validate()
+    with pytest.raises(InvalidParameterError, match="search"):
+        PatchCore(search="annoy").validate()
 
 
 def test_approximate_search_close_to_exact(synth, fitted):
     exact = fitted.predict(synth["metal"].test)
     det = fitted.detector
     try:
-        det.search = "hnsw"
+        det.set_params(search="hnsw")
         approx = fitted.predict(synth["metal"].test)
     finally:
-        det.search = "exact"
+        det.set_params(search="exact")
     assert (approx.scores >= exact.scores - 1e-4).all() or np.corrcoef(approx.scores, exact.scores)[0, 1] > 0.99
     assert np.corrcoef(approx.maps.ravel(), exact.maps.ravel())[0, 1] > 0.99
 
@@ -108,12 +108,13 @@ def test_onnxruntime_features_match_torch(synth, fitted, tmp_path, monkeypatch):
     with torch.inference_mode():
         ref = det.embed(images)
         try:
-            det.set_feature_runtime("onnxruntime")
+            det.set_params(feature_runtime="onnxruntime")
             got = det.embed(images)
-            pred_ort = det.predict(images)
+            pred_ort = fitted.predict_tensor(images)
         finally:
-            det.set_feature_runtime("torch")
-        pred_torch = det.predict(images)
+            det.set_params(feature_runtime="torch")
+        pred_torch = fitted.predict_tensor(images)
+    assert det.is_fitted  # an inference knob keeps the fit
     assert got.shape == ref.shape
     assert float((got - ref).abs().max()) < 1e-4
     assert torch.allclose(pred_ort.scores, pred_torch.scores, atol=1e-4, rtol=1e-5)

@@ -8,12 +8,12 @@ from torch import nn
 
 from iadkit.components.adaptor import Discriminator, FeatureAdaptor, gaussian_feature_noise, truncated_l1_loss
 from iadkit.components.features import PatchEmbedding
-from iadkit.components.postprocess import upsample_and_smooth
+from iadkit.components.postprocess import gaussian_blur, upsample
 from iadkit.methods.base import NotFittedError
 from iadkit.methods.simplenet import SimpleNet
 from iadkit.model import Model
 
-from _helpers import assert_round_trip_identical, predict_and_auroc
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 
@@ -27,7 +27,7 @@ def fabric(synthetic):
 def fitted(fabric):
     torch.set_num_threads(1)
     model = Model.create("simplenet", image_size=SIZE, epochs=40, seed=0)
-    return model.fit(fabric.train, progress=False)
+    return model.fit(fabric.train, calibration_fraction=0, progress=False)
 
 
 def test_learns_to_detect_synthetic_defects(fitted, fabric) -> None:
@@ -47,14 +47,16 @@ def test_scores_are_minus_discriminator_and_map_is_smoothed(fitted, fabric) -> N
 
     x = torch.stack([ImageSet(fabric.test[:2], fitted.preprocess).image(i) for i in range(2)])
     with torch.no_grad():
-        pred = det.predict(x)
+        pred = fitted.predict_tensor(x)
         fmap = det._patch_features(x)
         b, d, h, w = fmap.shape
-        q = det.adaptor(fmap.permute(0, 2, 3, 1).reshape(-1, d))
-        s = -det.discriminator(q).reshape(b, h, w)
+        q = det.adaptor_(fmap.permute(0, 2, 3, 1).reshape(-1, d))
+        s = -det.discriminator_(q).reshape(b, h, w)
     assert (h, w) == (SIZE // 8, SIZE // 8)  # blocks.2 grid (stride 8)
     assert torch.allclose(pred.scores, s.flatten(1).max(dim=1).values, atol=1e-6)
-    assert torch.allclose(pred.maps, upsample_and_smooth(s, (SIZE, SIZE), 4.0), atol=1e-5)
+    # the map: upsampled, then smoothed with sigma 4 at a 224-px input, scaled to this size
+    smoothed = gaussian_blur(upsample(s, (SIZE, SIZE)), 4.0 * SIZE / 224)
+    assert torch.allclose(pred.maps, smoothed, atol=1e-5)
 
 
 def test_truncated_l1_loss_by_hand() -> None:
@@ -66,14 +68,14 @@ def test_truncated_l1_loss_by_hand() -> None:
 
 
 def test_components_follow_the_paper() -> None:
-    det = SimpleNet()
-    assert isinstance(det.embedding, PatchEmbedding) and det.embedding.patch_size == 3
+    det = built(SimpleNet())
+    assert isinstance(det.embedding_, PatchEmbedding) and det.embedding_.patch_size == 3
     assert det.layers == ("blocks.2", "blocks.4")
-    assert isinstance(det.adaptor, FeatureAdaptor) and det.adaptor.linear.in_features == det.adaptor.linear.out_features
-    body = list(det.discriminator.body)
+    assert isinstance(det.adaptor_, FeatureAdaptor) and det.adaptor_.linear.in_features == det.adaptor_.linear.out_features
+    body = list(det.discriminator_.body)
     assert isinstance(body[0], nn.Linear) and isinstance(body[1], nn.BatchNorm1d)
     assert isinstance(body[2], nn.LeakyReLU) and body[2].negative_slope == 0.2
-    assert det.discriminator.tail.out_features == 1
+    assert det.discriminator_.tail.out_features == 1
     assert det.threshold == 0.5 and det.adaptor_lr == 1e-4 and det.discriminator_lr == 2e-4
     d = Discriminator(8).eval()
     assert d(torch.randn(5, 8)).shape == (5,)

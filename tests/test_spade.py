@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from iadkit.data.transforms import ImageSet
+from iadkit.errors import IadkitError
 from iadkit.methods import NotFittedError
 from iadkit.methods.spade import SPADE, pyramid_features
 from iadkit.model import Model
@@ -26,7 +27,7 @@ def fabric(synthetic):
 
 @pytest.fixture(scope="module")
 def fitted(fabric):
-    return Model.create("spade", image_size=SIZE).fit(fabric.train, progress=False)
+    return Model.create("spade", image_size=SIZE).fit(fabric.train, calibration_fraction=0, progress=False)
 
 
 def test_pyramid_concatenates_layers_at_the_finest_resolution():
@@ -39,17 +40,17 @@ def test_pyramid_concatenates_layers_at_the_finest_resolution():
 
 def test_scores_match_brute_force_knn(fabric):
     model = Model.create("spade", image_size=SIZE, k_images=3, k_pixels=2, sigma=0.0)
-    model.fit(fabric.train, progress=False)
+    model.fit(fabric.train, calibration_fraction=0, progress=False)
     det = model.detector
     train = ImageSet(fabric.train, model.preprocess)
     test = ImageSet(fabric.test[:4], model.preprocess)
     x_train = torch.stack([train.image(i) for i in range(len(train))])
     x_test = torch.stack([test.image(i) for i in range(len(test))])
     with torch.no_grad():
-        ftr, fte = det.backbone(x_train), det.backbone(x_test)
+        ftr, fte = det.backbone_(x_train), det.backbone_(x_test)
         g_tr, g_te = ftr["head"].mean((2, 3)), fte["head"].mean((2, 3))
         p_tr, p_te = pyramid_features(ftr, det.layers), pyramid_features(fte, det.layers)
-        pred = det.predict(x_test)
+        pred = model.predict_tensor(x_test)
     d2 = ((g_te[:, None] - g_tr[None]) ** 2).sum(-1)  # squared distances, test x train
     nearest = d2.argsort(1)[:, :3]
     expected_scores = torch.gather(d2, 1, nearest).mean(1)  # d(y) = 1/K Σ ||f - f_y||^2
@@ -65,7 +66,7 @@ def test_scores_match_brute_force_knn(fabric):
 def test_predict_before_fit_and_at_another_size_raise(fabric, fitted):
     with pytest.raises(NotFittedError):
         SPADE().predict(torch.zeros(1, 3, SIZE, SIZE))
-    with pytest.raises(ValueError, match="training image size"):
+    with pytest.raises(IadkitError, match="training image size"):
         fitted.detector.predict(torch.zeros(1, 3, 2 * SIZE, 2 * SIZE))
 
 
@@ -74,7 +75,7 @@ def test_detects_synthetic_defects(fabric, fitted):
     assert auroc >= 0.75, auroc  # measured 0.83 (no training, deterministic); chance is 0.5
     assert result.maps.shape == (len(fabric.test), SIZE, SIZE)
     # K = 50 is capped by the 16 training images
-    assert fitted.detector.train_global.shape[0] == len(fabric.train) < fitted.detector.k_images
+    assert fitted.detector.train_global_.shape[0] == len(fabric.train) < fitted.detector.k_images
 
 
 def test_model_file_round_trip(fabric, fitted, tmp_path):
@@ -82,4 +83,4 @@ def test_model_file_round_trip(fabric, fitted, tmp_path):
     json.dumps(params)
     loaded = assert_round_trip_identical(fitted, fabric.test, tmp_path / "spade.iad")
     assert loaded.detector.get_params() == params
-    assert torch.equal(loaded.detector.train_pixels, fitted.detector.train_pixels)
+    assert torch.equal(loaded.detector.train_pixels_, fitted.detector.train_pixels_)

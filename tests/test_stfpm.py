@@ -12,13 +12,13 @@ import torch
 from iadkit.components.distillation import StudentNetwork, TrainingDivergedError, train_epochs
 from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss
 from iadkit.data.transforms import ImageSet, Preprocess
-from iadkit.errors import IadkitError
+from iadkit.errors import IadkitError, InvalidParameterError
 from iadkit.methods import NotFittedError
 from iadkit.methods.stfpm import STFPM, combine_level_maps
 from iadkit.model import Model
 from iadkit.types import Sample
 
-from _helpers import assert_round_trip_identical, predict_and_auroc
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 PARAMS = dict(epochs=20, batch_size=4)  # paper: 100 epochs, batch 32 (too slow for a unit test)
@@ -31,7 +31,7 @@ def metal(synthetic):
 
 @pytest.fixture(scope="module")
 def fitted(metal):
-    return Model.create("stfpm", image_size=SIZE, **PARAMS).fit(metal.train, progress=False)
+    return Model.create("stfpm", image_size=SIZE, **PARAMS).fit(metal.train, calibration_fraction=0, progress=False)
 
 
 def test_loss_is_half_squared_distance_of_normalised_features():
@@ -55,25 +55,25 @@ def test_level_maps_combine_by_product_as_in_the_paper():
     b = torch.tensor([[[2.0, 0.5], [1.0, 4.0]]])
     torch.testing.assert_close(combine_level_maps([a, b], "product"), torch.tensor([[[2.0, 1.0], [3.0, 2.0]]]))
     torch.testing.assert_close(combine_level_maps([a, b], "sum"), a + b)
-    with pytest.raises(ValueError, match="map_reduce"):
-        STFPM(map_reduce="mean")
+    with pytest.raises(InvalidParameterError, match="map_reduce"):
+        STFPM(map_reduce="mean").validate()
 
 
 def test_student_is_the_teacher_architecture_randomly_initialised():
-    det = STFPM(epochs=1)
-    teacher = det.backbone.body.state_dict()
-    student = det.student.body.state_dict()
+    det = built(STFPM(epochs=1))
+    teacher = det.backbone_.body.state_dict()
+    student = det.student_.body.state_dict()
     assert list(teacher) == list(student)
     assert all(teacher[k].shape == student[k].shape for k in teacher)
     weights = [k for k in teacher if k.endswith("conv_pw.weight")]
     assert weights and all(not torch.equal(teacher[k], student[k]) for k in weights)
-    assert all(p.requires_grad for p in det.student.parameters())
-    assert not any(p.requires_grad for p in det.backbone.parameters())
+    assert all(p.requires_grad for p in det.student_.parameters())
+    assert not any(p.requires_grad for p in det.backbone_.parameters())
     again = StudentNetwork("efficientnet_lite0", det.layers, seed=0)
     assert all(torch.equal(v, again.body.state_dict()[k]) for k, v in student.items())
     x = torch.randn(1, 3, SIZE, SIZE)
-    out = det.student(x)
-    assert {k: v.shape[1:] for k, v in out.items()} == {k: v.shape[1:] for k, v in det.backbone(x).items()}
+    out = det.student_(x)
+    assert {k: v.shape[1:] for k, v in out.items()} == {k: v.shape[1:] for k, v in det.backbone_(x).items()}
 
 
 def test_epoch_loop_trains_skips_single_image_batches_and_stops_on_divergence():
@@ -103,7 +103,7 @@ def test_predict_before_fit_raises():
 
 def test_learns_synthetic_defects(metal, fitted):
     det = fitted.detector
-    assert det.loss_history[-1] < 0.3 * det.loss_history[0]
+    assert det.loss_history_[-1] < 0.3 * det.loss_history_[0]
     result, auroc = predict_and_auroc(fitted, metal.test)
     assert auroc >= 0.8, auroc  # measured 0.94 (seeds 0/1/2: 0.94/0.94/0.96); chance is 0.5
     assert result.maps.shape == (len(metal.test), SIZE, SIZE)
@@ -115,6 +115,6 @@ def test_model_file_round_trip(metal, fitted, tmp_path):
     params = fitted.detector.get_params()
     json.dumps(params)
     tensors, _ = fitted.detector.state()
-    assert tensors and not any(k.startswith("backbone.") for k in tensors)  # teacher rebuilt, not stored
+    assert tensors and not any(k.startswith("backbone_.") for k in tensors)  # teacher rebuilt, not stored
     loaded = assert_round_trip_identical(fitted, metal.test, tmp_path / "stfpm.iad")
     assert loaded.detector.get_params() == params

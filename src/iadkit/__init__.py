@@ -4,7 +4,7 @@ Five lines from images to verdicts::
 
     import iadkit
     train, test = iadkit.load_dataset("synthetic:./demo-out/synth", category="fabric")
-    model = iadkit.Model.create("patchcore", image_size=224).fit(train, calibration_fraction=0.1)
+    model = iadkit.Model.create("patchcore", image_size=224).fit(train)  # holds out 10 % for the threshold
     result = model.predict(test)                  # scores, verdicts, anomaly maps
     print(iadkit.evaluate(model, test).metrics)   # image/pixel AUROC, AP, F1-max, AUPRO
     model.save("fabric.iad")                      # safetensors + JSON manifest
@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public names, imported on first use so `import iadkit` (and the CLI's --help) stays quick.
 _LAZY = {
@@ -30,6 +30,8 @@ _LAZY = {
     "Preprocess": "iadkit.data.transforms",
     "ImageSet": "iadkit.data.transforms",
     "available_methods": "iadkit.methods",
+    "available_settings": "iadkit.settings",
+    "predict_folder": "iadkit.batch",
     "load_model": "iadkit.store",
 }
 

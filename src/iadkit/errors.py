@@ -23,3 +23,30 @@ class ModelFileError(IadkitError, ValueError):
 
 class MetricUndefinedError(IadkitError, ValueError):
     """A metric is undefined for the given data (e.g. AUROC with one class only)."""
+
+
+class InvalidParameterError(IadkitError, ValueError):
+    """A hyper-parameter or option has a value that cannot work; the message names it and what is accepted."""
+
+
+class NotFittedError(IadkitError, RuntimeError):
+    """A model or detector was asked to predict (or be saved) before it was fitted."""
+
+
+class TrainingDataError(IadkitError, ValueError):
+    """The training images cannot train this method (none, too few, or missing labelled defects)."""
+
+
+class UnknownNameError(IadkitError, KeyError):
+    """A method, setting or dataset source name that is not registered; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class OutputPathError(IadkitError, OSError):
+    """An output file or folder cannot be written; the message names it and why."""
+
+
+class ExecutorError(IadkitError, RuntimeError):
+    """A local or Ray executor cannot run the work (Ray missing, cluster unreachable, a worker died)."""

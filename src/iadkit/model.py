@@ -1,14 +1,15 @@
 """`Model`: a detector together with everything needed to use it identically everywhere.
 
 A Model is the unit users fit, save, load, evaluate, export and serve: the detector (method
-and learned tensors), the preprocessing, the operating threshold and the heatmap display
-range. `predict`, `iadkit.evaluate`, the benchmark and the server all go through it, so
+and learned tensors), the preprocessing, the post-processing (map upsampling and smoothing,
+heat-map colour range) and the operating threshold. `predict`, `iadkit.evaluate`, the benchmark and the server all go through it, so
 training and deployment see the same pixels and the same post-processing.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -16,14 +17,21 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from iadkit.components.postprocess import Postprocess, heatmap_range
 from iadkit.data.transforms import ImageSet, Preprocess
+from iadkit.errors import InvalidParameterError, TrainingDataError
 from iadkit.methods.base import Detector, create
-from iadkit.thresholds import Threshold, f1_optimal_threshold, false_alarm_threshold, manual_threshold
-from iadkit.types import UNKNOWN, Prediction, Sample
+from iadkit.thresholds import Threshold, false_alarm_threshold, manual_threshold
+from iadkit.types import ANOMALOUS, GOOD, UNKNOWN, Prediction, Sample
 
 log = logging.getLogger(__name__)
 
 ImageInput = Sample | str | Path | np.ndarray
+
+# One default for the API and the CLI: hold out 10 % of the good training images to set the
+# threshold, when at least 10 good images remain to train on.
+DEFAULT_CALIBRATION_FRACTION = 0.1
+MIN_TRAIN_FOR_HOLDOUT = 10
 
 
 def as_samples(inputs: Iterable[ImageInput]) -> list[Sample]:
@@ -67,21 +75,37 @@ class PredictionResult:
 
 
 class Model:
-    """A fitted detector plus preprocessing, threshold and display range."""
+    """A fitted detector plus its preprocessing, post-processing and operating threshold.
+
+    Parameters
+    ----------
+    detector : Detector
+        The method, fitted or not.
+    preprocess : Preprocess
+        How image files become the detector's input tensors.
+    postprocess : Postprocess, optional
+        How the detector's raw maps become anomaly maps at input size (upsampling, the
+        paper's smoothing, the map maximum as score) and the heat-map colour range.
+        Default: the method's own smoothing, no colour range yet.
+    threshold : Threshold, optional
+        The operating point: a score above it is a defect.
+    info : dict, optional
+        Facts about training (dataset, category, image counts, timings), saved with the model.
+    """
 
     def __init__(
         self,
         detector: Detector,
         preprocess: Preprocess,
         *,
+        postprocess: Postprocess | None = None,
         threshold: Threshold | None = None,
-        map_range: tuple[float, float] | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
         self.detector = detector
         self.preprocess = preprocess
+        self.postprocess = postprocess if postprocess is not None else Postprocess(sigma=detector.map_sigma)
         self.threshold = threshold
-        self.map_range = map_range
         self.info = dict(info or {})
 
     # -- construction --------------------------------------------------------------------
@@ -92,20 +116,37 @@ class Model:
         *,
         image_size: int | tuple[int, int] = 224,
         crop_size: int | tuple[int, int] | None = None,
+        sigma: float | None = None,
         **params: Any,
     ) -> "Model":
-        """A new, unfitted model. `params` are the method's hyper-parameters.
+        """A new, unfitted model.
 
-        The normalisation comes from the method's backbone (its weights were trained with
-        particular mean/std), or ImageNet statistics for methods without one.
+        Parameters
+        ----------
+        method : str
+            A registered method name (``iadkit methods`` lists them).
+        image_size, crop_size : int or (int, int)
+            Resize to `image_size`, then optionally centre-crop to `crop_size` (pixels).
+        sigma : float, optional
+            Map smoothing, Gaussian sigma in pixels of a 224-px input (scaled to the input
+            size). Default: the method's paper value (``Detector.map_sigma``).
+        **params
+            The method's hyper-parameters (see its class docstring).
         """
         detector = create(method, **params)
-        mean, std = detector_normalization(detector)
-        return cls(detector, Preprocess(image_size=image_size, crop_size=crop_size, mean=mean, std=std))
+        mean, std = detector.input_normalization()
+        preprocess = Preprocess(image_size=image_size, crop_size=crop_size, mean=mean, std=std)
+        post = Postprocess(sigma=detector.map_sigma if sigma is None else _check_sigma(sigma))
+        return cls(detector, preprocess, postprocess=post)
 
     @property
     def method(self) -> str:
         return self.detector.name
+
+    @property
+    def map_range(self) -> tuple[float, float] | None:
+        """The heat-map colour range (``postprocess.map_range``)."""
+        return self.postprocess.map_range
 
     def to(self, device: str | torch.device) -> "Model":
         self.detector.to(device)
@@ -117,77 +158,99 @@ class Model:
         train: Sequence[Sample] | ImageSet,
         *,
         calibration: Sequence[Sample] | None = None,
-        calibration_fraction: float = 0.0,
+        calibration_fraction: float | None = None,
         target_fpr: float = 0.01,
         seed: int = 0,
         progress: bool = True,
     ) -> "Model":
         """Fit the detector on good images, then calibrate the threshold.
 
-        The threshold needs good images the detector has not seen (scores of training images
-        are optimistically low). Give them as `calibration`, or set `calibration_fraction` to
-        hold out that share of `train`. Without either, the threshold is left unset and a
-        warning says so; it can be set later with `calibrate`.
+        Parameters
+        ----------
+        train : samples or ImageSet
+            Good images; labelled defects (label 1) too for semi-supervised methods. An
+            unsupervised method is given the good ones only.
+        calibration : samples, optional
+            Good images the detector does not train on, to set the threshold.
+        calibration_fraction : float, optional
+            Without `calibration`, hold out this share of the good training images (at
+            least one) to set the threshold. Default: 10 %, and only when at least 10 good
+            images remain to train on (the CLI's default too); 0 holds out nothing.
+        target_fpr : float
+            False-alarm rate on good images that the threshold allows.
+        seed : int
+            Seed of the hold-out draw.
+        progress : bool
+            Show progress bars (plain lines when not on a terminal).
         """
         samples = list(train.samples) if isinstance(train, ImageSet) else list(train)
         if not samples:
-            raise ValueError("no training images")
-        if calibration is None and calibration_fraction > 0:
-            rng = np.random.default_rng(seed)
-            order = rng.permutation(len(samples))
-            n_cal = max(1, int(round(calibration_fraction * len(samples))))
-            if len(samples) - n_cal < 1:
-                raise ValueError("calibration_fraction leaves no training images")
-            calibration = [samples[i] for i in order[:n_cal]]
-            samples = [samples[i] for i in sorted(order[n_cal:])]
+            raise TrainingDataError("no training images")
+        if calibration_fraction is not None and not 0.0 <= calibration_fraction < 1.0:
+            raise InvalidParameterError(f"calibration_fraction must be in [0, 1), got {calibration_fraction}")
+        samples = self._usable_training(samples)
+        if calibration is None:
+            if calibration_fraction is None:
+                samples, calibration = split_calibration(samples, DEFAULT_CALIBRATION_FRACTION, seed, MIN_TRAIN_FOR_HOLDOUT)
+            elif calibration_fraction > 0:
+                samples, calibration = split_calibration(samples, calibration_fraction, seed, 1)
+        start = time.perf_counter()
         self.detector.fit(ImageSet(samples, self.preprocess), progress=progress)
-        self.info.update(n_train=len(samples))
+        self.info.update(
+            n_train=len(samples),
+            n_train_anomalous=sum(1 for s in samples if s.label == ANOMALOUS),
+            fit_seconds=time.perf_counter() - start,
+        )
         if calibration:
+            start = time.perf_counter()
             self.calibrate(calibration, target_fpr=target_fpr)
+            self.info.update(n_calibration=len(calibration), calibration_seconds=time.perf_counter() - start)
         else:
-            log.warning("no calibration images: the model has no threshold yet (use calibrate())")
+            self.threshold = None
+            log.warning(
+                "no calibration images (%d good training images): the model has no threshold yet; "
+                "give calibration= good images or call calibrate()",
+                sum(1 for s in samples if s.label == GOOD),
+            )
         return self
 
+    def _usable_training(self, samples: list[Sample]) -> list[Sample]:
+        """The images the detector may learn from: an unsupervised method gets the good ones."""
+        if self.detector.supervision == "semi-supervised":
+            return samples
+        good = [s for s in samples if s.label != ANOMALOUS]
+        if len(good) < len(samples):
+            log.info(
+                "%s is unsupervised: training on the %d good images, ignoring %d labelled defects",
+                self.detector.name,
+                len(good),
+                len(samples) - len(good),
+            )
+        if not good:
+            raise TrainingDataError(f"{self.detector.name} needs good training images; got labelled defects only")
+        return good
+
     def calibrate(self, good: Sequence[ImageInput], *, target_fpr: float = 0.01, batch_size: int = 16) -> Threshold:
-        """Set the threshold for a target false-alarm rate on good images only."""
+        """Set the threshold for a target false-alarm rate on good images only, and the
+        heat-map colour range from their maps."""
         result = self.predict(good, batch_size=batch_size)
         self.threshold = false_alarm_threshold(result.scores, target_fpr)
-        self._set_map_range(result)
-        return self.threshold
-
-    def calibrate_f1(self, labelled: Sequence[Sample], *, batch_size: int = 16) -> Threshold:
-        """Set the F1-optimal threshold from labelled good and defective images."""
-        result = self.predict(labelled, batch_size=batch_size)
-        labels = np.array([s.label for s in labelled])
-        self.threshold = f1_optimal_threshold(labels, result.scores)
-        good = labels == 0
-        if good.any() and result.maps is not None:
-            self._set_map_range(
-                PredictionResult(paths=[], scores=result.scores[good], maps=result.maps[good], threshold=None)
-            )
+        if result.maps is not None:
+            self.postprocess = self.postprocess.with_range(heatmap_range(result.maps))
         return self.threshold
 
     def set_threshold(self, value: float) -> None:
         self.threshold = manual_threshold(value)
 
-    def _set_map_range(self, good_result: PredictionResult) -> None:
-        """Heatmap colour range fixed from good images, so a good part never looks alarming:
-        the low end is the median good pixel, the high end the largest good pixel."""
-        if good_result.maps is None or good_result.maps.size == 0:
-            return
-        lo = float(np.median(good_result.maps))
-        hi = float(good_result.maps.max())
-        if hi <= lo:
-            hi = lo + 1e-6
-        self.map_range = (lo, hi)
-
     # -- inference -----------------------------------------------------------------------
     @torch.inference_mode()
     def predict_tensor(self, images: torch.Tensor) -> Prediction:
-        """Preprocessed images [B, 3, H, W] -> scores and maps on the CPU."""
+        """Preprocessed images [B, 3, H, W] -> scores and input-size maps on the CPU."""
         self.detector.check_fitted()
         self.detector.eval()
-        pred = self.detector.predict(images.to(self.detector.device))
+        raw = self.detector.predict(images.to(self.detector.device))
+        pred = self.postprocess(raw, (int(images.shape[-2]), int(images.shape[-1])))
+        assert pred.scores is not None
         return Prediction(
             scores=pred.scores.float().cpu(), maps=None if pred.maps is None else pred.maps.float().cpu()
         )
@@ -202,6 +265,8 @@ class Model:
         progress: bool = False,
     ) -> PredictionResult:
         """Score images (samples, paths or arrays). `threshold` overrides the stored one."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InvalidParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
         dataset = inputs if isinstance(inputs, ImageSet) else ImageSet(as_samples(inputs), self.preprocess, cache=False)
         scores, maps = [], []
         batches = dataset.batches(batch_size)
@@ -211,6 +276,7 @@ class Model:
             batches = track(batches, total=dataset.num_batches(batch_size), description="predict")
         for batch in batches:
             pred = self.predict_tensor(batch.images)
+            assert pred.scores is not None
             scores.append(pred.scores.numpy())
             if keep_maps and pred.maps is not None:
                 maps.append(pred.maps.numpy())
@@ -240,10 +306,22 @@ class Model:
         return f"Model(method={self.method!r}, input={self.preprocess.output_size}, threshold={thr})"
 
 
-def detector_normalization(detector: Detector) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    backbone = getattr(detector, "backbone", None)
-    if backbone is not None and hasattr(backbone, "mean") and hasattr(backbone, "std"):
-        return tuple(backbone.mean), tuple(backbone.std)
-    from iadkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+def split_calibration(
+    samples: list[Sample], fraction: float, seed: int, min_train: int = 1
+) -> tuple[list[Sample], list[Sample] | None]:
+    """(training samples, held-out good images for the threshold) — a seeded draw of
+    `fraction` of the good images, at least one, only when at least `min_train` good images
+    remain to train on; otherwise nothing is held out."""
+    good_idx = [i for i, s in enumerate(samples) if s.label != ANOMALOUS]
+    n_cal = max(1, int(round(fraction * len(good_idx))))
+    if len(good_idx) - n_cal < max(1, min_train):
+        return samples, None
+    order = np.random.default_rng(seed).permutation(len(good_idx))
+    held = {good_idx[i] for i in order[:n_cal]}
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
-    return IMAGENET_MEAN, IMAGENET_STD
+
+def _check_sigma(sigma: Any) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0 or sigma == float("inf"):
+        raise InvalidParameterError(f"sigma must be a finite number >= 0 (pixels at a 224-px input), got {sigma!r}")
+    return float(sigma)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from iadkit.errors import MetricUndefinedError
+from iadkit.errors import InvalidParameterError, MetricUndefinedError
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def false_alarm_threshold(good_scores: np.ndarray, target_fpr: float = 0.01) -> 
     if not np.isfinite(s).all():
         raise MetricUndefinedError("calibration scores contain NaN or infinity")
     if not 0.0 <= target_fpr < 1.0:
-        raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
+        raise InvalidParameterError(f"target_fpr must be in [0, 1), got {target_fpr}")
     n = s.size
     allowed = int(math.floor(target_fpr * n + 1e-9))
     t = float(s[n - 1 - allowed])
@@ -94,4 +94,12 @@ def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> Threshold:
 
 
 def manual_threshold(value: float) -> Threshold:
-    return Threshold(value=float(value), rule="manual", details={})
+    """A threshold the user chose. Must be a finite number: a NaN threshold would call every
+    image good (no comparison with NaN is true), the worst silent failure an inspection has."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"threshold must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise InvalidParameterError(f"threshold must be a finite number, got {value!r}")
+    return Threshold(value=v, rule="manual", details={})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,6 +38,9 @@ class Sample:
     mask: np.ndarray | None = field(default=None, repr=False, compare=False)
     # For masks stored as several files (MVTec LOCO: a folder of PNGs per defect), merged.
     mask_paths: tuple[str, ...] = ()
+    # "binary": a mask holds 0 and one other value; "nonzero": any nonzero pixel is a defect
+    # (masks that number their defect regions, as VisA's and KolektorSDD2's do).
+    mask_values: str = "binary"
 
     @property
     def is_anomalous(self) -> bool:
@@ -58,19 +60,21 @@ class Sample:
     def load_mask(self, shape: tuple[int, int] | None = None) -> np.ndarray | None:
         """The pixel mask (HxW bool), or None when this sample has none.
 
-        A good image without a mask file gets an all-False mask of `shape` when a shape is
-        given, because for metrics a good image's mask is known to be empty.
+        Several mask files (MVTec LOCO: one per defect) are merged. With
+        ``mask_values="nonzero"`` (VisA, KolektorSDD2: masks numbering each defect region) any
+        nonzero pixel is a defect; otherwise a mask must be strictly binary. A good image
+        without a mask file gets an all-False mask of `shape` when a shape is given, because
+        for metrics a good image's mask is known to be empty.
         """
         if self.mask is not None:
             return self.mask
-        from iadkit.data.io import read_mask
+        paths = ([self.mask_path] if self.mask_path is not None else []) + list(self.mask_paths)
+        if paths:
+            from iadkit.data.io import read_mask
 
-        if self.mask_path is not None:
-            return read_mask(self.mask_path, expected_shape=shape)
-        if self.mask_paths:
-            merged = None
-            for p in self.mask_paths:
-                m = read_mask(p, expected_shape=shape)
+            merged: np.ndarray | None = None
+            for p in paths:
+                m = read_mask(p, expected_shape=shape, nonzero=self.mask_values == "nonzero", image_path=self.path)
                 merged = m if merged is None else (merged | m)
             return merged
         if self.label == GOOD and shape is not None:
@@ -83,27 +87,27 @@ class Sample:
 
 @dataclass
 class Prediction:
-    """Scores [B] and anomaly maps [B, H, W] at the preprocessed input size (float32)."""
+    """What a detector returns: image scores [B] and anomaly maps [B, h, w] (float32).
 
-    scores: torch.Tensor
+    From a detector, maps may be at feature resolution and `scores` may be None (meaning "the
+    maximum of the post-processed map"); after the model's `Postprocess`, maps are at the
+    input size and scores are always set. `maps` is None for image-level methods.
+    """
+
+    scores: torch.Tensor | None
     maps: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.scores.ndim != 1:
+        if self.scores is None and self.maps is None:
+            raise ValueError("a Prediction needs scores or maps")
+        if self.scores is not None and self.scores.ndim != 1:
             raise ValueError(f"Prediction.scores must be 1-D [B], got shape {tuple(self.scores.shape)}")
-        if self.maps is not None and (self.maps.ndim != 3 or self.maps.shape[0] != self.scores.shape[0]):
-            raise ValueError(
-                f"Prediction.maps must be [B, H, W] with B={self.scores.shape[0]}, got {tuple(self.maps.shape)}"
-            )
+        if self.maps is not None and (
+            self.maps.ndim != 3 or (self.scores is not None and self.maps.shape[0] != self.scores.shape[0])
+        ):
+            raise ValueError(f"Prediction.maps must be [B, H, W] matching the scores, got {tuple(self.maps.shape)}")
 
     def __len__(self) -> int:
-        return int(self.scores.shape[0])
-
-    @staticmethod
-    def concat(parts: list["Prediction"]) -> "Prediction":
-        scores = torch.cat([p.scores for p in parts])
-        maps = None if any(p.maps is None for p in parts) else torch.cat([p.maps for p in parts])
-        return Prediction(scores=scores, maps=maps)
-
-
-ProgressCallback = Callable[[str, float], None]
+        ref = self.scores if self.scores is not None else self.maps
+        assert ref is not None
+        return int(ref.shape[0])

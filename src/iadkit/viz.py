@@ -1,7 +1,8 @@
 """Heatmap overlays: an anomaly map drawn over its image, with the ground-truth outline.
 
-Shared by `iadkit predict` (one overlay per image) and the benchmark report's gallery, so a
-user sees the same picture everywhere.
+The one place overlays are made: `model_overlay` renders a model's map over the image as the
+model saw it, on the model's colour range, for `iadkit predict`, the benchmark report's
+gallery and the server alike, so a user sees the same picture everywhere.
 
 Design choices, and why:
 - The colour range is fixed by the caller (`map_range`, normally the model's range
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -122,7 +124,7 @@ def save_overlay(
     **kwargs: object,
 ) -> Path:
     """Write `overlay(...)` as a PNG file atomically (a killed run never leaves half a file)."""
-    from iadkit.store import atomic_write_bytes
+    from iadkit.files import atomic_write_bytes
 
     return atomic_write_bytes(path, overlay_png(image, amap, map_range, mask, **kwargs))
 
@@ -136,3 +138,62 @@ def side_by_side(image: np.ndarray, over: np.ndarray, mask: np.ndarray | None = 
     plain = overlay(img, np.zeros(img.shape[:2], np.float32), (0.0, 1.0), mask)
     spacer = np.full((img.shape[0], gap, 3), 255, np.uint8)
     return np.concatenate([plain, spacer, over], axis=1)
+
+
+def model_view(model: Any, image: np.ndarray) -> np.ndarray:
+    """The image as `model` sees it (its resize and crop), HxWx3 float in [0, 1]."""
+    pp = model.preprocess
+    return pp.geometry(pp.to_unit_float(image)).permute(1, 2, 0).numpy()
+
+
+def model_overlay(
+    model: Any,
+    sample: Any,
+    amap: np.ndarray,
+    *,
+    mask: np.ndarray | None = None,
+    with_photo: bool = False,
+    max_side: int | None = None,
+    min_side: int | None = None,
+) -> bytes:
+    """PNG of `amap` (a map `model` produced) over the image of `sample` (a Sample, a path or
+    an HxWxC array), coloured on the model's heat-map range (`model.map_range`; an
+    uncalibrated model has none, and then the map's own min..max is used).
+
+    `mask` (in the model's input geometry) or, for a Sample with a ground-truth mask, its mask
+    is outlined. `with_photo` puts the plain photo beside the overlay (the report's gallery).
+    `max_side` shrinks large images and `min_side` enlarges tiny ones (so the outline does not
+    hide a defect of a few pixels).
+    """
+    from iadkit.types import Sample
+
+    if isinstance(sample, Sample):
+        image = sample.load_image()
+        if mask is None and sample.has_mask:
+            try:
+                mask = model.preprocess.mask(sample.load_mask(shape=image.shape[:2])).numpy()
+            except (ValueError, OSError):
+                mask = None
+    elif isinstance(sample, (str, Path)):
+        from iadkit.data.io import read_image
+
+        image = read_image(sample)
+    else:
+        image = np.asarray(sample)
+    rgb = model_view(model, image)
+    h, w = rgb.shape[:2]
+    scale = 1.0
+    if max_side is not None and max(h, w) > max_side:
+        scale = max_side / max(h, w)
+    elif min_side is not None and max(h, w) < min_side:
+        scale = min_side / max(h, w)
+    if scale != 1.0:
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST
+        rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=interp)
+    a = np.asarray(amap, dtype=np.float32)
+    map_range = model.map_range
+    if map_range is None:
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        map_range = (lo, hi if hi > lo else lo + 1e-6)
+    over = overlay(rgb, a, map_range, mask)
+    return png_bytes(side_by_side(rgb, over, mask) if with_photo else over)

@@ -6,17 +6,16 @@ and a self-contained HTML report.
     run_benchmark(cfg, "out/results.db")          # rerun to resume; --executor ray to scale out
     write_report("out/results.db", "out/report")  # out/report/index.html
 
-Modules: config (grid file, cells and their identity), settings (how a split becomes a
-cell's train/test), datasets (sources, subsampling), runner (cells and the driver), db
-(schema in its docstring), executors (local, Ray, batch prediction), summary (tables),
-report (HTML), presets (demo, full).
+Modules: config (grid file, cells and their identity), datasets (a cell's split,
+subsampling), runner (cells and the driver), db (schema in its docstring), executors (local
+processes, Ray), summary (tables), report (HTML), presets (demo, full). How a split becomes
+a cell's train/test is a setting: `iadkit.settings`.
 """
 
 from iadkit.bench.config import BenchConfig, BenchConfigError, Cell, expand
 from iadkit.bench.db import CellResult, ResultsDB
 from iadkit.bench.report import build_report_html, write_report
 from iadkit.bench.runner import run_benchmark, run_cell
-from iadkit.bench.settings import available_settings, register_setting
 
 __all__ = [
     "BenchConfig",
@@ -24,10 +23,8 @@ __all__ = [
     "Cell",
     "CellResult",
     "ResultsDB",
-    "available_settings",
     "build_report_html",
     "expand",
-    "register_setting",
     "run_benchmark",
     "run_cell",
     "write_report",

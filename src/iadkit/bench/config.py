@@ -230,7 +230,7 @@ def expand(config: BenchConfig) -> list[Cell]:
     leaderboard row by row.
     """
     from iadkit.bench.datasets import list_source_categories
-    from iadkit.bench.settings import get_setting
+    from iadkit.settings import get_setting
 
     import_modules(config.imports)
     for s in config.settings:

@@ -1,10 +1,10 @@
-"""Where a benchmark cell gets its images: dataset sources, categories and subsampling.
+"""Where a benchmark cell gets its images: a dataset source, a category, and optional subsampling.
 
 A dataset is named by a source string, the same one `iadkit.data.load_dataset` takes
-(``"elpv"``, ``"synthetic:./synth"``, ``"mvtec:/data/mvtec"`` ...). Extra sources can be
-registered here (`register_source`) by a module listed in the benchmark's ``imports``; the
-test suite uses this for tiny in-memory data, and users can plug in private data without
-touching the data layer.
+(``"elpv"``, ``"synthetic:./synth"``, ``"mvtec:/data/mvtec"`` ..., or a scheme registered
+with `iadkit.data.register_source`). The training list holds the good training images and
+the dataset's labelled training defects (label 1) where it has them: the cell's setting
+decides what a method sees (vanilla keeps the good ones; semi-supervised adds defects).
 
 Subsampling exists for quick runs (the demo): it keeps at most `train` training images
 and at most `test` test images, the test part stratified by label so both classes stay.
@@ -14,59 +14,28 @@ the same subsample; the dataset's display name says it is one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
 from iadkit.types import Sample
 
-Loader = Callable[[str, str], tuple[list[Sample], list[Sample]]]
-Lister = Callable[[str], list[str]]
-
-
-@dataclass(frozen=True)
-class Source:
-    load: Loader  # (location, category) -> (train, test)
-    categories: Lister  # location -> category names
-
-
-_SOURCES: dict[str, Source] = {}
-
-
-def register_source(scheme: str, load: Loader, categories: Lister) -> None:
-    """Serve sources ``"<scheme>"`` and ``"<scheme>:<location>"`` with these functions."""
-    _SOURCES[scheme] = Source(load=load, categories=categories)
-
-
-def _split(source: str) -> tuple[str, str]:
-    scheme, _, location = source.partition(":")
-    return scheme, location
-
 
 def list_source_categories(source: str) -> list[str]:
-    scheme, location = _split(source)
-    if scheme in _SOURCES:
-        return list(_SOURCES[scheme].categories(location))
     from iadkit.data import list_categories
 
     return list(list_categories(source))
 
 
 def load_split(source: str, category: str, subsample: dict[str, int | None] | None = None) -> tuple[list[Sample], list[Sample]]:
-    """(train, test) samples of one category, subsampled when asked."""
-    scheme, location = _split(source)
-    if scheme in _SOURCES:
-        train, test = _SOURCES[scheme].load(location, category)
-    else:
-        from iadkit.data import load_dataset
+    """(train, test) samples of one category, subsampled when asked; train includes the
+    dataset's labelled training defects."""
+    from iadkit.data import load_dataset
 
-        split = load_dataset(source, category=category)
-        train, test = list(split.train), list(split.test)
+    split = load_dataset(source, category=category)
+    train, test = list(split.train) + list(split.train_anomalous), list(split.test)
     if subsample:
         train = subsample_train(train, subsample.get("train"))
         test = subsample_test(test, subsample.get("test"))
-    return list(train), list(test)
+    return train, test
 
 
 def subsample_train(samples: list[Sample], n: int | None, seed: int = 0) -> list[Sample]:

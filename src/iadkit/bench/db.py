@@ -1,8 +1,8 @@
 """The results database: one SQLite file per benchmark, written only by the driver.
 
-Schema (version 1)::
+Schema (version 2)::
 
-    meta(key TEXT PRIMARY KEY, value TEXT)          -- 'schema_version' = '1', 'created'
+    meta(key TEXT PRIMARY KEY, value TEXT)          -- 'schema_version' = '2', 'created'
     runs(                                           -- one row per cell
         cell_id        TEXT PRIMARY KEY,            -- sha256(identity)[:16], see bench.config.Cell
         method         TEXT NOT NULL,
@@ -20,6 +20,10 @@ Schema (version 1)::
         timings        TEXT,                        -- JSON {"fit_seconds", "seconds_per_image",
                                                     --   "model_seconds_per_image", "fit_peak_rss_mb",
                                                     --   "peak_rss_mb", ...}
+        operating_point TEXT,                       -- JSON {"threshold", "rule", "target_fpr",
+                                                    --   "n_calibration", "test_false_alarm_rate",
+                                                    --   "test_miss_rate"}; null when no threshold
+                                                    --   could be calibrated (schema 2)
         n_train        INTEGER, n_test INTEGER,
         iadkit_version TEXT NOT NULL,
         host           TEXT,                        -- machine that ran the cell (Ray workers differ)
@@ -45,7 +49,10 @@ Schema (version 1)::
 Per-image scores with labels let any image metric be recomputed later without rerunning
 (`image_scores`). Each finished cell is written in one transaction (run row, scores and
 overlays together), so a killed benchmark leaves either the whole cell or none of it. The
-default rollback journal keeps the database a single file.
+default rollback journal keeps the database a single file. A schema-1 database gains the
+`operating_point` column when it is opened for writing. Opened for reading only
+(``writable=False``, what the report does), the file is never modified, and a file that is
+not an iadkit results database is refused.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ import iadkit
 from iadkit.bench.config import Cell, canonical_json
 from iadkit.errors import IadkitError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -83,6 +90,7 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
     metrics TEXT,
     timings TEXT,
+    operating_point TEXT,
     n_train INTEGER,
     n_test INTEGER,
     iadkit_version TEXT NOT NULL,
@@ -143,6 +151,7 @@ class CellResult:
     status: str  # 'done' | 'failed'
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    operating_point: dict[str, Any] | None = None
     n_train: int | None = None
     n_test: int | None = None
     paths: list[str] = field(default_factory=list)
@@ -178,28 +187,42 @@ def _finite(d: dict[str, Any]) -> dict[str, Any]:
 class ResultsDB:
     """Open (or create) a results database. Use as a context manager or call `close()`."""
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True, writable: bool = True) -> None:
         self.path = Path(path)
-        if not create and not self.path.is_file():
+        if (not create or not writable) and not self.path.is_file():
             raise ResultsDBError(f"{self.path}: no such results database (run `iadkit benchmark` first)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.conn = sqlite3.connect(self.path, timeout=30.0)
+            if writable:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.conn = sqlite3.connect(self.path, timeout=30.0)
+            else:
+                self.conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True, timeout=30.0)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA foreign_keys = ON")
-            with self.conn:
-                self.conn.executescript(_SCHEMA)
-                row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                    self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (now_iso(),))
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and not {"meta", "runs"} <= tables or (not writable and not tables):
+                raise ResultsDBError(
+                    f"{self.path}: not an iadkit results database (it holds tables: {', '.join(sorted(tables)) or 'none'})"
+                )
+            if writable:
+                with self.conn:
+                    self.conn.executescript(_SCHEMA)
+                    if self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() is None:
+                        self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (now_iso(),))
+            row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as exc:
-            raise ResultsDBError(f"{self.path}: not a usable results database ({exc})") from exc
+            raise ResultsDBError(f"{self.path}: not a usable results database ({exc})") from None
         version = int(row["value"]) if row is not None else SCHEMA_VERSION
         if version > SCHEMA_VERSION:
+            self.conn.close()
             raise ResultsDBError(
                 f"{self.path}: results schema {version} is newer than this iadkit understands ({SCHEMA_VERSION}); upgrade iadkit"
             )
+        if version < SCHEMA_VERSION and writable:
+            with self.conn:  # schema 1 -> 2: the operating point of each cell
+                self.conn.execute("ALTER TABLE runs ADD COLUMN operating_point TEXT")
+                self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self.conn.close()
@@ -241,7 +264,7 @@ class ResultsDB:
         }
         cols = ", ".join(values)
         with self.conn:
-            self.conn.execute(f"DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
+            self.conn.execute("DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
             self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
 
     def record(self, result: CellResult) -> None:
@@ -252,6 +275,7 @@ class ResultsDB:
             "status": result.status,
             "metrics": canonical_json(_finite(result.metrics)),
             "timings": canonical_json(_finite(result.timings)),
+            "operating_point": _json_or_none(_finite(result.operating_point) if result.operating_point else None),
             "n_train": result.n_train,
             "n_test": result.n_test,
             "iadkit_version": result.iadkit_version,
@@ -296,6 +320,8 @@ class ResultsDB:
             for key in ("metrics", "timings"):
                 raw = json.loads(d[key]) if d[key] else {}
                 d[key] = {k: (float("nan") if v is None else v) for k, v in raw.items()}
+            op = d.get("operating_point")
+            d["operating_point"] = json.loads(op) if op else None
             rows.append(d)
         return rows
 

@@ -5,31 +5,24 @@ Both executors take the same plain-data jobs and hand back the same plain-data r
 the driver (the only process that writes the results database) cannot tell them apart and
 Ray and local runs of a deterministic method store identical numbers.
 
-Ray is an optional extra (``pip install iadkit[ray]``) imported only when asked for. With
-``address=None`` a private local Ray instance is started; ``address="auto"`` or
-``"ray://host:10001"`` joins a running cluster. Workers import iadkit from their own
-environment and must be able to read the dataset files (shared storage); the model file
-for batch prediction is shipped through Ray's object store, so it need not be shared.
+Ray is an optional extra (``pip install iadkit[ray]``, see `iadkit.cluster`) imported only
+when asked for. With ``address=None`` a private local Ray instance is started;
+``address="auto"`` or ``"ray://host:10001"`` joins a running cluster. Workers import iadkit
+from their own environment and must be able to read the dataset files (shared storage).
+Batch prediction over many files (local or Ray) lives in `iadkit.batch`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import traceback
-from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
-
-import numpy as np
 
 from iadkit.bench.config import Cell
 from iadkit.bench.db import CellResult, now_iso
-from iadkit.errors import IadkitError
-
-
-class ExecutorError(IadkitError, RuntimeError):
-    """An executor cannot be used (unknown name, Ray missing or unreachable)."""
+from iadkit.cluster import extend_sys_path, init_ray
+from iadkit.errors import ExecutorError
 
 
 class Executor(Protocol):
@@ -62,7 +55,7 @@ class LocalExecutor:
 def _init_process_worker(threads: int, sys_path: list[str]) -> None:
     import torch
 
-    _extend_sys_path(sys_path)
+    extend_sys_path(sys_path)
     torch.set_num_threads(threads)
 
 
@@ -125,39 +118,8 @@ class ProcessExecutor:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError as exc:
-        raise ExecutorError(
-            "the Ray executor needs Ray: install it with `pip install 'iadkit[ray]'` (or use --executor local)"
-        ) from exc
-    return ray
-
-
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
-    """Start (or join) Ray once per process; returns the `ray` module."""
-    ray = _import_ray()
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-        if address is None:
-            kwargs["num_cpus"] = num_cpus
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ExecutorError(f"cannot start or join Ray at {address or 'a new local instance'}: {exc}") from exc
-    return ray
-
-
-def _extend_sys_path(paths: list[str]) -> None:
-    """Make the driver's import paths visible in a worker (plugin modules, tests)."""
-    for p in reversed(paths):
-        if p and p not in sys.path and os.path.isdir(p):
-            sys.path.insert(0, p)
-
-
 def _ray_cell(cell: Cell, sys_path: list[str], cwd: str) -> CellResult:
-    _extend_sys_path(sys_path)
+    extend_sys_path(sys_path)
     if os.path.isdir(cwd):  # relative dataset paths mean the driver's folder (shared storage)
         os.chdir(cwd)
     from iadkit.bench.runner import run_cell
@@ -222,85 +184,3 @@ def make_executor(name: str, *, address: str | None = None, workers: int = 1) ->
     if name == "ray":
         return RayExecutor(address)
     raise ExecutorError(f"unknown executor {name!r}; use 'local' or 'ray'")
-
-
-# -- batch prediction over many files --------------------------------------------------------
-def _predict_shard(model_source: str | bytes, files: list[str], batch_size: int = 16) -> list[dict[str, Any]]:
-    """Score one shard of files with a model given as a path or as the model file's bytes.
-
-    A file that cannot be read gets a row with `error` and no score, instead of failing the
-    shard: in a folder of thousands, one corrupt image must not lose the rest.
-    """
-    from iadkit.model import Model
-
-    if isinstance(model_source, bytes):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.iad"
-            path.write_bytes(model_source)
-            model = Model.load(path)
-    else:
-        model = Model.load(model_source)
-    rows: list[dict[str, Any]] = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        try:
-            rows.extend(_rows(model.predict(chunk, batch_size=batch_size, keep_maps=False)))
-        except (IadkitError, ValueError, OSError):
-            for f in chunk:  # find the bad file(s); score the others
-                try:
-                    rows.extend(_rows(model.predict([f], batch_size=1, keep_maps=False)))
-                except (IadkitError, ValueError, OSError) as exc:
-                    rows.append({"path": f, "score": None, "anomalous": None, "error": str(exc)})
-    return rows
-
-
-def _rows(result: Any) -> list[dict[str, Any]]:
-    return [{**r, "error": None} for r in result.rows()]
-
-
-def shard(files: Sequence[str], n: int) -> list[list[str]]:
-    """Split into at most n contiguous, nearly equal shards (order kept, none empty)."""
-    n = max(1, min(int(n), len(files)))
-    return [list(part) for part in np.array_split(np.asarray(list(files), dtype=object), n) if len(part)]
-
-
-def predict_folder(
-    model_path: str | Path,
-    files: Sequence[str | Path],
-    executor: str = "local",
-    address: str | None = None,
-    shards: int | None = None,
-    batch_size: int = 16,
-) -> list[dict[str, Any]]:
-    """Score many image files; rows come back in the order of `files`.
-
-    Each row: ``{"path", "score", "anomalous" (None without a threshold), "error"}``.
-    ``executor="ray"`` splits the files into `shards` (default: the cluster's CPU count)
-    and scores each shard as a Ray task; the model file is sent through Ray's object store.
-    """
-    files = [str(f) for f in files]
-    if not files:
-        return []
-    model_path = Path(model_path)
-    if executor == "local":
-        if address:
-            raise ExecutorError("--address is for the Ray executor; use --executor ray")
-        return _predict_shard(str(model_path), files, batch_size)
-    if executor != "ray":
-        raise ExecutorError(f"unknown executor {executor!r}; use 'local' or 'ray'")
-    from iadkit.store import read_manifest
-
-    read_manifest(model_path)  # a clear error here rather than in every worker
-    ray = init_ray(address)
-    n = shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    model_ref = ray.put(model_path.read_bytes())
-    remote = ray.remote(num_cpus=1, max_retries=1)(_predict_shard)
-    # Workers may run in another folder: send absolute paths, give back the paths as given.
-    refs = [remote.remote(model_ref, part, batch_size) for part in shard([os.path.abspath(f) for f in files], n)]
-    rows: list[dict[str, Any]] = []
-    for part in ray.get(refs):
-        rows.extend(part)
-    assert len(rows) == len(files), "every file gets exactly one row"
-    for row, given in zip(rows, files):
-        row["path"] = given
-    return rows

@@ -336,7 +336,7 @@ def build_report_html(db_path: str | Path) -> str:
 
     matplotlib.use("Agg", force=False)
     db_path = Path(db_path)
-    with ResultsDB(db_path, create=False) as db:
+    with ResultsDB(db_path, writable=False) as db:
         runs = db.runs()
         meta = db.meta()
         tables = metric_tables(runs)
@@ -415,7 +415,7 @@ def build_report_html(db_path: str | Path) -> str:
 
 def write_report(db_path: str | Path, out_dir: str | Path) -> Path:
     """Write ``out_dir/index.html`` (self-contained) and return its path."""
-    from iadkit.store import atomic_write_text
+    from iadkit.files import atomic_write_text
 
     page = build_report_html(db_path)
     path = atomic_write_text(Path(out_dir) / "index.html", page)

@@ -57,6 +57,7 @@ def resolve_device(device: str) -> str:
 
 
 def _load_split_cached(cell: Cell) -> tuple[list[Any], list[Any]]:
+    """The cell's (train, test) before the setting; kept for the next cell of the category."""
     from iadkit.bench.config import canonical_json
     from iadkit.bench.datasets import load_split
 
@@ -69,23 +70,23 @@ def _load_split_cached(cell: Cell) -> tuple[list[Any], list[Any]]:
 
 
 def method_params(cell: Cell) -> dict[str, Any]:
-    """The cell's hyper-parameters; a method with a `seed` parameter gets the cell's seed
-    unless the config fixes it, so that the grid's seeds really vary the method."""
-    from iadkit.methods import get_method
-
+    """The cell's hyper-parameters; a method gets the cell's seed unless the config fixes it,
+    so that the grid's seeds really vary the method."""
     params = dict(cell.params)
-    if "seed" not in params and "seed" in get_method(cell.method).param_names():
-        params["seed"] = cell.seed
+    params.setdefault("seed", cell.seed)
     return params
 
 
+TARGET_FPR = 0.01
+
+
 def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult:
-    """Fit, evaluate and render one cell. Never raises for an ordinary error: returns 'failed'."""
-    from iadkit.bench.settings import apply_setting
-    from iadkit.data.transforms import ImageSet
+    """Fit (as users do: `Model.fit`, with a calibration hold-out that sets the threshold),
+    evaluate and render one cell. Never raises for an ordinary error: returns 'failed'."""
     from iadkit.evaluation import evaluate
     from iadkit.metrics.efficiency import PeakMemory, Timer
     from iadkit.model import Model
+    from iadkit.settings import apply_setting, check_combination
 
     def stage(name: str) -> None:
         if on_stage is not None:
@@ -99,26 +100,30 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
         stage("load data")
         train, test = _load_split_cached(cell)
         train, test = apply_setting(cell.setting, train, test, seed=cell.seed, params=cell.setting_params)
-        result.n_train, result.n_test = len(train), len(test)
         if not train:
             raise CellError(f"{cell.describe()}: the setting left no training images")
         if not test:
             raise CellError(f"{cell.describe()}: the setting left no test images")
         stage("fit")
         model = Model.create(cell.method, image_size=cell.image_size, **method_params(cell))
+        note = check_combination(cell.setting, model.detector, train)
+        if note:
+            log.info("%s: %s", cell.describe(), note)
         model.to(resolve_device(cell.device))
-        # The detector is fitted directly: a benchmark reports threshold-free metrics, so
-        # there is no calibration split (Model.fit would warn about that on every cell).
         with PeakMemory() as fit_memory, Timer() as fit_timer:
-            model.detector.fit(ImageSet(train, model.preprocess), progress=False)
-        model.info.update(n_train=len(train), dataset=cell.dataset, category=cell.category)
+            # the API's default hold-out (10 % when >= 10 images remain), as users get it
+            model.fit(train, target_fpr=TARGET_FPR, seed=cell.seed, progress=False)
+        result.n_train, result.n_test = int(model.info["n_train"]), len(test)
+        model.info.update(dataset=cell.dataset, category=cell.category)
         stage("evaluate")
         evaluation = evaluate(model, test, batch_size=cell.batch_size, keep_maps=cell.gallery_size > 0)
         stage("overlays")
         result.overlays = render_gallery(model, test, evaluation, cell.gallery_size)
         result.metrics = dict(evaluation.metrics)
+        result.operating_point = operating_point(model, evaluation.labels, evaluation.scores)
         result.timings = {
-            "fit_seconds": fit_timer.elapsed,
+            "fit_seconds": float(model.info.get("fit_seconds", fit_timer.elapsed)),
+            "calibration_seconds": float(model.info.get("calibration_seconds", 0.0)),
             "fit_peak_rss_mb": fit_memory.peak_rss_mb,
             "fit_extra_rss_mb": fit_memory.extra_mb,
             **evaluation.timings,
@@ -143,62 +148,42 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
     return result
 
 
-def gallery_range(maps: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """One colour range for all overlays of a cell, so its images compare with each other.
+def operating_point(model: Any, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any] | None:
+    """The calibrated threshold and what it does on the test set: the share of good parts
+    flagged (false-alarm rate) and of defective parts passed (miss rate) — a line engineer's
+    first question. None when the model has no threshold (too few training images to hold
+    any out)."""
+    if model.threshold is None:
+        return None
+    thr = model.threshold
+    flagged = scores > thr.value
+    good, bad = labels == 0, labels == 1
+    return {
+        "threshold": thr.value,
+        "rule": thr.rule,
+        "target_fpr": thr.details.get("target_fpr"),
+        "n_calibration": thr.details.get("n_good"),
+        "test_false_alarm_rate": float(flagged[good].mean()) if good.any() else float("nan"),
+        "test_miss_rate": float((~flagged[bad]).mean()) if bad.any() else float("nan"),
+    }
 
-    Low end: the median pixel of the good test images (a typical good pixel shows no colour).
-    High end: the 99.9th percentile of all test pixels (robust to a few extreme pixels).
-    """
-    good = maps[labels == 0] if (labels == 0).any() else maps
-    lo = float(np.median(good))
-    hi = float(np.percentile(maps, 99.9))
-    if not hi > lo:
-        hi = float(maps.max())
-    if not hi > lo:
-        hi = lo + 1e-6
-    return lo, hi
 
-
-def render_gallery(
-    model: Any, test: list[Any], evaluation: Any, k: int, max_side: int = 256, min_side: int = 128
-) -> list[Overlay]:
+def render_gallery(model: Any, test: list[Any], evaluation: Any, k: int) -> list[Overlay]:
     """Overlays of the k highest-scored defective images and the k highest-scored good ones
-    (the worst false alarms), each as [photo + ground-truth outline | heatmap + outline]."""
-    import cv2
-
-    from iadkit.data.transforms import ImageSet
-    from iadkit.viz import overlay, png_bytes, side_by_side
+    (the worst false alarms), each [photo + ground-truth outline | heatmap + outline],
+    coloured on the model's own heat-map range (`viz.model_overlay`)."""
+    from iadkit.viz import model_overlay
 
     if k <= 0 or evaluation.maps is None or len(evaluation.scores) == 0:
         return []
     maps, labels, scores = evaluation.maps, evaluation.labels, evaluation.scores
-    map_range = gallery_range(maps, labels)
-    images = ImageSet(test, model.preprocess, cache=False)
     out: list[Overlay] = []
     for kind, wanted in (("defect", 1), ("false_alarm", 0)):
         idx = np.flatnonzero(labels == wanted)
         idx = idx[np.argsort(-scores[idx], kind="stable")][:k]
         for rank, i in enumerate(idx):
             sample = test[int(i)]
-            pp = model.preprocess
-            rgb = pp.geometry(pp.to_unit_float(sample.load_image())).permute(1, 2, 0).numpy()
-            if evaluation.masks is not None:
-                mask = evaluation.masks[int(i)]
-            elif sample.has_mask or sample.label == 0:
-                try:
-                    mask = images.mask(int(i)).numpy()
-                except (ValueError, OSError):
-                    mask = None
-            else:
-                mask = None
-            h, w = rgb.shape[:2]
-            if max(h, w) > max_side:  # keep the database small
-                scale = max_side / max(h, w)
-                rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-            elif max(h, w) < min_side:  # tiny inputs: enlarge so the outline does not hide the defect
-                scale = min_side / max(h, w)
-                rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_NEAREST)
-            over = overlay(rgb, maps[int(i)], map_range, mask)
+            mask = evaluation.masks[int(i)] if evaluation.masks is not None else None
             out.append(
                 Overlay(
                     kind=kind,
@@ -207,7 +192,7 @@ def render_gallery(
                     label=int(labels[i]),
                     defect_type=sample.defect_type or "",
                     score=float(scores[i]),
-                    png=png_bytes(side_by_side(rgb, over, mask)),
+                    png=model_overlay(model, sample, maps[int(i)], mask=mask, with_photo=True, max_side=256, min_side=128),
                 )
             )
     return out

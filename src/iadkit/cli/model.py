@@ -1,9 +1,7 @@
-"""`iadkit fit | predict | evaluate`: train a model, score images, measure it."""
+"""`iadkit methods | fit | predict | evaluate`: see the methods, train a model, score images, measure it."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -13,11 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from iadkit.cli import app
-from iadkit.errors import IadkitError
+from iadkit.errors import IadkitError, InvalidParameterError
 
 console = Console()
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
@@ -26,7 +22,7 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise IadkitError(f"--param expects key=value, got {item!r}")
+            raise InvalidParameterError(f"--param expects key=value (e.g. -p epochs=10), got {item!r}")
         try:
             params[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
@@ -36,53 +32,154 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
 
 def expand_images(inputs: list[Path]) -> list[Path]:
     """Files as given; folders searched recursively for image files, sorted."""
+    from iadkit.data.io import IMAGE_EXTENSIONS
+
     files: list[Path] = []
     for p in inputs:
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
+            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()))
         elif p.exists():
             files.append(p)
         else:
             raise IadkitError(f"{p}: no such file or folder")
     if not files:
-        raise IadkitError(f"no images found in {', '.join(map(str, inputs))} (looked for {sorted(IMAGE_SUFFIXES)})")
+        raise IadkitError(f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return files
+
+
+@app.command("methods")
+def methods_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON (for scripts)."),
+    method: Optional[str] = typer.Argument(None, help="Show one method's hyper-parameters in full."),
+) -> None:
+    """List every method: family, supervision, what it outputs, its paper.
+
+    Example:  iadkit methods            (all)      iadkit methods patchcore     (one, with its hyper-parameters)
+    """
+    from iadkit.methods import available_methods, get_method
+
+    if method is not None:
+        cls = get_method(method)
+        if as_json:
+            typer.echo(json.dumps(_describe(cls), indent=2))
+            return
+        console.print(f"[bold]{cls.name}[/bold] — {cls.paper}", highlight=False)
+        console.print(cls.__doc__ or "", highlight=False)
+        return
+    rows = [_describe(cls) for cls in available_methods().values()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="Methods")
+    for col in ("method", "family", "supervision", "outputs", "paper"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        outputs = "scores + maps" if r["produces_maps"] else "scores (maps with patch_size)" if r["name"] == "cutpaste" else "scores"
+        extras = [k for k in ("continual", "multi_class", "uses_depth") if r[k]]
+        table.add_row(r["name"], r["family"], r["supervision"] + (f" ({', '.join(extras)})" if extras else ""), outputs, r["paper"])
+    console.print(table)
+    console.print("`iadkit methods NAME` shows a method's hyper-parameters; pass them with `iadkit fit -p key=value`.")
+
+
+def _describe(cls: Any) -> dict[str, Any]:
+    from iadkit.methods.base import jsonable
+
+    return {
+        "name": cls.name,
+        "family": cls.family,
+        "supervision": cls.supervision,
+        "continual": cls.continual,
+        "multi_class": cls.multi_class,
+        "produces_maps": bool(cls.produces_maps),
+        "uses_depth": cls.uses_depth,
+        "map_sigma": cls.map_sigma,
+        "paper": cls.paper,
+        "params": {n: jsonable(p.default) for n, (p, _) in cls._params.items()},
+    }
 
 
 @app.command()
 def fit(
-    method: str = typer.Option(..., "--method", "-m", help="Method name, e.g. patchcore, padim (see `iadkit fit --list`)."),
+    method: str = typer.Option(..., "--method", "-m", help="Method name, e.g. patchcore, padim (see `iadkit methods`)."),
     data: str = typer.Option(..., "--data", "-d", help="Dataset folder (MVTec/VisA/... layout, auto-detected) or 'elpv'."),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (safetensors + JSON manifest)."),
     category: Optional[str] = typer.Option(None, "--category", "-c", help="Category (product) to train on."),
     image_size: int = typer.Option(224, help="Input size in pixels (square)."),
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Hyper-parameter key=value (repeatable)."),
-    calibration_fraction: float = typer.Option(
-        0.1, help="Share of the good training images held out to set the threshold."
+    setting: str = typer.Option("vanilla", help="Data setting, e.g. vanilla, few_shot:k=4 (see the README)."),
+    calibration_fraction: Optional[float] = typer.Option(
+        None,
+        help="Share of the good training images held out to set the threshold "
+        "(default 0.1, when at least 10 images remain to train on).",
     ),
     target_fpr: float = typer.Option(0.01, help="False-alarm rate on good images that the threshold allows."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
-    seed: int = typer.Option(0, help="Seed for the calibration split and the method's randomness."),
+    seed: int = typer.Option(0, help="Seed for the calibration split, the setting and the method's randomness."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing model file."),
 ) -> None:
     """Train a model on the good images of a dataset and save it.
 
+    Everything is checked before training starts: the method and its parameters, the
+    options, the data, and that OUT can be written.
     Example:  iadkit fit -m patchcore -d ./synth -c fabric -o fabric.iad
     """
+    from iadkit.data import load_dataset
+    from iadkit.files import check_writable_file
+    from iadkit.model import Model
+    from iadkit.settings import apply_setting, check_combination, parse_setting
+
+    if out.exists() and not force:
+        raise InvalidParameterError(f"{out} exists; pass --force to overwrite it or choose another --out")
+    check_writable_file(out, "model file")
+    if image_size < 16 or image_size > 4096:
+        raise InvalidParameterError(f"--image-size must be between 16 and 4096 pixels, got {image_size}")
+    if not 0.0 <= target_fpr < 1.0:
+        raise InvalidParameterError(f"--target-fpr must be in [0, 1), got {target_fpr}")
+    if calibration_fraction is not None and not 0.0 <= calibration_fraction < 1.0:
+        raise InvalidParameterError(f"--calibration-fraction must be in [0, 1), got {calibration_fraction}")
+    dev = _check_device(device)
+    params = parse_params(param)
+    params.setdefault("seed", seed)
+    model = Model.create(method, image_size=image_size, **params).to(dev)
+    model.detector.validate()
+    setting_name, setting_params = parse_setting(setting)
+    split = load_dataset(data, category=category)
+    train, _ = apply_setting(
+        setting_name, list(split.train) + list(split.train_anomalous), split.test, seed=seed, params=setting_params
+    )
+    note = check_combination(setting_name, model.detector, train)
+    if note:
+        console.print(note, highlight=False)
+    console.print(f"fitting [bold]{method}[/] on {len(train)} training images of {split.name}/{split.category}")
+    model.fit(train, calibration_fraction=calibration_fraction, target_fpr=target_fpr, seed=seed)
+    model.info.update(dataset=str(data), category=split.category, setting=setting)
+    model.save(out)
+    console.print(f"saved [bold]{out}[/]  threshold: {_threshold_text(model)}", highlight=False)
+
+
+def _threshold_text(model: Any) -> str:
+    thr = model.threshold
+    if thr is None:
+        return "unset (too few good images to hold any out; calibrate it with good images)"
+    d = thr.details
+    text = f"{thr.value:.5g} ({thr.rule}"
+    if "n_good" in d:
+        text += f", from {d['n_good']} held-out good images: target FPR {d['target_fpr']}, resolution {d['resolution']:.3g}"
+    return text + ")"
+
+
+def _check_device(device: str) -> str:
     import torch
 
-    from iadkit.data import load_dataset
-    from iadkit.model import Model
-
-    torch.manual_seed(seed)
-    split = load_dataset(data, category=category)
-    params = parse_params(param)
-    model = Model.create(method, image_size=image_size, **params).to(device)
-    console.print(f"fitting [bold]{method}[/] on {len(split.train)} good images of {split.name}/{split.category}")
-    model.fit(split.train, calibration_fraction=calibration_fraction, target_fpr=target_fpr, seed=seed)
-    model.info.update(dataset=str(data), category=split.category)
-    model.save(out)
-    thr = f"{model.threshold.value:.5g} ({model.threshold.rule}, target FPR {target_fpr})" if model.threshold else "unset"
-    console.print(f"saved [bold]{out}[/]  threshold: {thr}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InvalidParameterError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidParameterError(f"--device {device}: Apple MPS is not available here; use --device cpu")
+    return device
 
 
 @app.command()
@@ -92,62 +189,47 @@ def predict(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.csv/.json and overlays/."),
     threshold: Optional[float] = typer.Option(None, help="Override the model's stored threshold."),
     overlays: bool = typer.Option(True, help="Write heatmap overlay PNGs."),
-    batch_size: int = typer.Option(16),
+    batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the rows of an earlier run in OUT; score only the rest."),
     executor: str = typer.Option("local", help="local, or ray to shard the files across Ray workers."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (with --executor ray)."),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Score images: a CSV/JSON of scores and verdicts, and heatmap overlays.
 
+    Results are written as they come; an interrupted run keeps what it scored (rerun with
+    --resume). Unreadable images are listed with their error; the exit code is then 1.
     Example:  iadkit predict fabric.iad ./new_photos --out preds
     """
+    from iadkit.batch import predict_folder
     from iadkit.model import Model
-    from iadkit.store import atomic_write_text
 
     files = expand_images(images)
-    out.mkdir(parents=True, exist_ok=True)
-    if executor != "local":
-        from iadkit.bench.executors import predict_folder
-
-        rows = predict_folder(str(model_path), [str(f) for f in files], executor=executor, address=address)
-        if threshold is not None:
-            for r in rows:
-                r["anomalous"] = r["score"] > threshold
-        model = None
-    else:
-        model = Model.load(model_path, device=device)
-        result = model.predict(files, batch_size=batch_size, threshold=threshold, keep_maps=overlays, progress=True)
-        rows = result.rows()
-        if overlays and result.maps is not None:
-            write_overlays(model, files, result.maps, out / "overlays", rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["path", "score", "anomalous"] + (["overlay"] if overlays and model else []))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "predictions.csv", buf.getvalue())
-    atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
-    n_bad = sum(1 for r in rows if r["anomalous"])
-    verdict = f"{n_bad} of {len(rows)} flagged anomalous" if rows and rows[0]["anomalous"] is not None else "no threshold"
-    console.print(f"{len(rows)} images scored, {verdict}; results in [bold]{out}[/]")
-
-
-def write_overlays(model: Any, files: list[Path], maps: Any, folder: Path, rows: list[dict]) -> None:
-    """Heatmap over the image as the model saw it, coloured on the model's fixed range."""
-    from iadkit.data.io import read_image
-    from iadkit.viz import save_overlay
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lo_hi = model.map_range or (float(maps.min()), float(maps.max()))
-    used: set[str] = set()
-    for f, amap, row in zip(files, maps, rows):
-        rgb = model.preprocess.geometry(model.preprocess.to_unit_float(read_image(f))).permute(1, 2, 0).numpy()
-        name = f.stem
-        while name in used:  # same stem in two folders
-            name += "_"
-        used.add(name)
-        target = folder / f"{name}.png"
-        save_overlay(target, rgb, amap, map_range=lo_hi)
-        row["overlay"] = str(target)
+    model: Any = model_path
+    if executor == "local":
+        model = Model.load(model_path, device=_check_device(device))
+    result = predict_folder(
+        model,
+        files,
+        out,
+        batch_size=batch_size,
+        threshold=threshold,
+        overlays=overlays,
+        resume=resume,
+        executor=executor,
+        address=address,
+        progress=True,
+    )
+    scored = len(result.rows) - len(result.failed)
+    verdict = f"{result.n_flagged} of {scored} flagged anomalous" if result.threshold is not None else "no threshold"
+    kept = f" ({result.skipped} kept from the earlier run)" if result.skipped else ""
+    console.print(f"{scored} images scored{kept}, {verdict}; results in [bold]{out}[/]", highlight=False)
+    if result.failed:
+        for row in result.failed[:10]:
+            console.print(f"[red]failed[/red] {row['path']}: {row['error']}", highlight=False)
+        more = f" (first 10 shown; all in {out / 'predictions.csv'})" if len(result.failed) > 10 else ""
+        console.print(f"[red]{len(result.failed)} image(s) could not be scored[/red]{more}", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -156,7 +238,7 @@ def evaluate(
     data: str = typer.Option(..., "--data", "-d", help="Dataset folder or 'elpv' (its test split is used)."),
     category: Optional[str] = typer.Option(None, "--category", "-c"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON (for scripts)."),
-    batch_size: int = typer.Option(16),
+    batch_size: int = typer.Option(16, min=1),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Measure a model on a labelled test set: image and pixel metrics, AUPRO, speed.
@@ -167,7 +249,7 @@ def evaluate(
     from iadkit.evaluation import evaluate as run_evaluation
     from iadkit.model import Model
 
-    model = Model.load(model_path, device=device)
+    model = Model.load(model_path, device=_check_device(device))
     split = load_dataset(data, category=category if category else model.info.get("category"))
     result = run_evaluation(model, split.test, batch_size=batch_size, progress=not as_json)
     summary = result.summary()

@@ -403,7 +403,7 @@ class FeaturePath:
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
-        from iadkit.store import atomic_write_bytes
+        from iadkit.files import atomic_write_bytes
 
         return atomic_write_bytes(path, buf.getvalue())
 
@@ -449,10 +449,6 @@ class FeaturePath:
             self._sessions.clear()
 
 
-def as_list(feats: Mapping[str, torch.Tensor], layers: Sequence[str]) -> list[torch.Tensor]:
-    return [feats[name] for name in layers]
-
-
 __all__ = [
     "CACHE_DIR_ENV",
     "RUNTIMES",
@@ -461,7 +457,6 @@ __all__ = [
     "FeatureRuntimeError",
     "PatchEmbedding",
     "adaptive_pool_matrix",
-    "as_list",
     "cache_dir",
     "reference_patch_embedding",
 ]

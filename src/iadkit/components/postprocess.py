@@ -1,4 +1,7 @@
-"""Map post-processing shared by the methods: upsampling to input size and Gaussian smoothing.
+"""Map post-processing: upsampling to the input size, Gaussian smoothing, image score and the
+heat-map colour range — as tensor functions, and as `Postprocess`, the object stored with
+every model so that evaluation, the benchmark, the server and an exported graph all turn a
+detector's raw maps into the same final maps.
 
 Written with plain tensor ops (interpolate, matmul) so the same code runs in evaluation, in
 the server and inside an exported ONNX graph.
@@ -7,10 +10,15 @@ the server and inside an exported ONNX graph.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from iadkit.types import Prediction
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -73,23 +81,6 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[:, 0]
 
 
-def upsample_and_smooth(maps: torch.Tensor, size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
-    """The field's usual map post-processing: bilinear upsampling to input size, then blur."""
-    return gaussian_blur(upsample(maps, size), sigma)
-
-
-class MapPostprocess(nn.Module):
-    """Module form of `upsample_and_smooth`, for methods that keep it in their graph."""
-
-    def __init__(self, size: tuple[int, int], sigma: float = 4.0) -> None:
-        super().__init__()
-        self.size = tuple(size)
-        self.sigma = float(sigma)
-
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return upsample_and_smooth(maps, self.size, self.sigma)
-
-
 def sigma_for_size(size: int, reference_size: int = 224, reference_sigma: float = 4.0) -> float:
     """Scale a smoothing sigma chosen at one input size to another (keeps the physical blur)."""
     return reference_sigma * size / reference_size if size > 0 else reference_sigma
@@ -105,12 +96,68 @@ def blur_at_reference_sigma(maps: torch.Tensor, reference_sigma: float, referenc
     return gaussian_blur(maps, sigma_for_size(min(maps.shape[-2:]), reference_size, reference_sigma))
 
 
+@dataclass(frozen=True)
+class Postprocess:
+    """How a detector's raw maps become the model's anomaly maps and scores; stored with the model.
+
+    1. maps are upsampled (bilinear) to the input size when they are coarser;
+    2. smoothed by a Gaussian of `sigma` pixels at a `reference_size`-px input, scaled to the
+       actual input (the same physical blur at any size; `sigma` 0: none);
+    3. a detector that returns no image scores gets the maximum of the smoothed map;
+    4. `map_range` is the heat-map colour range (`heatmap_range` of good images' maps), set
+       when the model is calibrated, so that every overlay of a model is coloured alike.
+    """
+
+    sigma: float = 4.0
+    reference_size: int = 224
+    map_range: tuple[float, float] | None = None
+
+    def __call__(self, raw: Prediction, size: tuple[int, int]) -> Prediction:
+        if raw.maps is None:
+            return raw
+        maps = blur_at_reference_sigma(upsample(raw.maps, size), self.sigma, self.reference_size)
+        scores = raw.scores if raw.scores is not None else maps.flatten(1).amax(1)
+        return Prediction(scores=scores, maps=maps)
+
+    def with_range(self, map_range: tuple[float, float] | None) -> "Postprocess":
+        return replace(self, map_range=map_range)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sigma": self.sigma,
+            "reference_size": self.reference_size,
+            "map_range": list(self.map_range) if self.map_range is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Postprocess":
+        rng = d.get("map_range")
+        return cls(
+            sigma=float(d["sigma"]),
+            reference_size=int(d["reference_size"]),
+            map_range=(float(rng[0]), float(rng[1])) if rng is not None else None,
+        )
+
+
+def heatmap_range(good_maps: np.ndarray) -> tuple[float, float] | None:
+    """The one colour-range rule: from the maps of good images, the low end is their median
+    pixel (a typical good pixel shows no colour) and the high end their largest pixel (a
+    good part never looks alarming; anything hotter than every good pixel is fully red)."""
+    if good_maps.size == 0:
+        return None
+    finite = good_maps[np.isfinite(good_maps)]
+    if finite.size == 0:
+        return None
+    lo, hi = float(np.median(finite)), float(finite.max())
+    return (lo, hi if hi > lo else lo + 1e-6)
+
+
 __all__ = [
-    "MapPostprocess",
+    "Postprocess",
     "blur_at_reference_sigma",
     "gaussian_blur",
     "gaussian_kernel1d",
+    "heatmap_range",
     "sigma_for_size",
     "upsample",
-    "upsample_and_smooth",
 ]

@@ -24,10 +24,10 @@ from iadkit.data.io import (
 from iadkit.data.layouts import (
     LAYOUTS,
     DatasetSplit,
-    LabelMaskSample,
     detect_layout,
     list_categories,
     load_dataset,
+    register_source,
 )
 
 __all__ = [
@@ -38,12 +38,12 @@ __all__ = [
     "LAYOUTS",
     "DatasetSplit",
     "ImageInfo",
-    "LabelMaskSample",
     "detect_layout",
     "image_shape",
     "list_categories",
     "load_dataset",
     "load_elpv",
+    "register_source",
     "probe_image",
     "read_image",
     "read_mask",

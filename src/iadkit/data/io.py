@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Iterator
 
 import numpy as np
 
+from iadkit.files import atomic_target
 from iadkit.errors import ImageReadError
 
 DEFAULT_MAX_PIXELS = 80_000_000
@@ -485,10 +485,8 @@ def write_image_atomic(path: str | os.PathLike[str], array: np.ndarray, *, quali
         raise ValueError(f"write_image_atomic: {suffix} holds 8-bit data only, got {arr.dtype}; use .png or .tif")
     if suffix == ".png" and arr.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"write_image_atomic: PNG holds uint8 or uint16, got {arr.dtype}; use .tif")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=f".tmp{suffix}")
-    os.close(fd)
-    try:
+    with atomic_target(p) as tmp:
+        tmp_name = str(tmp)
         if suffix in (".tif", ".tiff"):
             import tifffile
 
@@ -505,9 +503,4 @@ def write_image_atomic(path: str | os.PathLike[str], array: np.ndarray, *, quali
             im = Image.fromarray(np.ascontiguousarray(arr))
             fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}[suffix]
             im.save(tmp_name, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
-        os.replace(tmp_name, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
     return p

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from iadkit.data.io import read_mask
-from iadkit.data.layouts import DatasetSplit, LabelMaskSample, list_images, pick_category, require_dir
+from iadkit.data.layouts import DatasetSplit, list_images, pick_category, require_dir
 from iadkit.errors import DatasetLayoutError
 from iadkit.types import ANOMALOUS, GOOD, Sample
 
@@ -58,8 +58,9 @@ def _read_part(folder: Path) -> tuple[list[Sample], list[Sample]]:
         mask_path = masks[p.stem]
         if read_mask(mask_path, nonzero=True).any():
             anomalous.append(
-                LabelMaskSample(
-                    path=str(p), label=ANOMALOUS, category=KOLEKTOR2_CATEGORY, defect_type="defect", mask_path=str(mask_path)
+                Sample(
+                    path=str(p), label=ANOMALOUS, category=KOLEKTOR2_CATEGORY, defect_type="defect", mask_path=str(mask_path),
+                    mask_values="nonzero",
                 )
             )
         else:

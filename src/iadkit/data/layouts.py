@@ -141,29 +141,6 @@ class DatasetSplit:
         )
 
 
-@dataclass(frozen=True)
-class LabelMaskSample(Sample):
-    """A Sample whose mask files hold instance labels (0, 1, 2, ...): any nonzero pixel is a defect.
-
-    VisA's masks number each defect region, so the strict binary check of ``read_mask``
-    would refuse them; this subclass reads them with ``nonzero=True``.
-    """
-
-    def load_mask(self, shape: tuple[int, int] | None = None) -> np.ndarray | None:
-        if self.mask is not None:
-            return self.mask
-        paths = ([self.mask_path] if self.mask_path is not None else []) + list(self.mask_paths)
-        if paths:
-            merged = None
-            for p in paths:
-                m = read_mask(p, expected_shape=shape, nonzero=True, image_path=self.path)
-                merged = m if merged is None else (merged | m)
-            return merged
-        if self.label == GOOD and shape is not None:
-            return np.zeros(shape, dtype=bool)
-        return None
-
-
 # --------------------------------------------------------------------------------------
 # helpers shared by the readers
 # --------------------------------------------------------------------------------------
@@ -172,13 +149,6 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
-
-
-def strip_mask_suffix(stem: str) -> str:
-    for suffix in MASK_SUFFIXES:
-        if stem.endswith(suffix) and len(stem) > len(suffix):
-            return stem[: -len(suffix)]
-    return stem
 
 
 class MaskIndex:
@@ -291,6 +261,42 @@ SOURCE_SCHEMES: dict[str, str] = {**{k: k for k in LAYOUTS}, "synthetic": "mvtec
 """Prefixes accepted in a source string (``"mvtec:/data/mvtec_ad"``, ``"synthetic:./synth"``) -> layout."""
 
 
+@dataclass(frozen=True)
+class CustomSource:
+    """A dataset source registered by code (private data, in-memory test sets)."""
+
+    load: Callable[[str, str], "DatasetSplit | tuple[list[Sample], list[Sample]]"]  # (location, category)
+    categories: Callable[[str], list[str]]  # location -> category names
+
+
+_CUSTOM_SOURCES: dict[str, CustomSource] = {}
+
+
+def register_source(
+    scheme: str,
+    load: Callable[[str, str], "DatasetSplit | tuple[list[Sample], list[Sample]]"],
+    categories: Callable[[str], list[str]],
+) -> None:
+    """Serve sources ``"<scheme>"`` and ``"<scheme>:<location>"`` with these functions.
+
+    `load(location, category)` returns a `DatasetSplit` or ``(train, test)`` sample lists;
+    `categories(location)` the category names. Everything that names a dataset by a source
+    string (`load_dataset`, `list_categories`, the benchmark grid, the CLI) then accepts it.
+    A module listed in a benchmark's ``imports`` can register private data this way.
+    """
+    if scheme.lower() in SOURCE_SCHEMES:
+        raise ValueError(f"source scheme {scheme!r} is built in; choose another name")
+    _CUSTOM_SOURCES[scheme.lower()] = CustomSource(load=load, categories=categories)
+
+
+def _custom(source: str | Path) -> tuple[CustomSource, str] | None:
+    if not isinstance(source, str):
+        return None
+    scheme, _, location = source.partition(":")
+    found = _CUSTOM_SOURCES.get(scheme.lower())
+    return (found, location) if found is not None else None
+
+
 def parse_source(source: str | Path, layout: str = "auto") -> tuple[str, str | Path]:
     """Split ``"<scheme>:<location>"`` into (layout, location); plain paths keep ``layout``.
 
@@ -389,6 +395,9 @@ def layout_options(layout: str) -> list[str]:
 
 def list_categories(source: str | Path, layout: str = "auto") -> list[str]:
     """Category names found in ``source`` (sorted), e.g. ``['bottle', 'cable', ...]``."""
+    custom = _custom(source)
+    if custom is not None:
+        return list(custom[0].categories(custom[1]))
     layout, source = parse_source(source, layout)
     if layout == "auto":
         layout = detect_layout(source)
@@ -417,6 +426,14 @@ def load_dataset(
         split.test_anomalous[0].load_mask()
         train, test = load_dataset("synthetic:./synth", category="fabric")   # unpacks too
     """
+    custom = _custom(source)
+    if custom is not None:
+        src, location = custom
+        loaded = src.load(location, category or "")
+        if isinstance(loaded, DatasetSplit):
+            return loaded
+        train, test = loaded
+        return DatasetSplit(name=str(source), category=category or "", train=list(train), test=list(test), layout="custom")
     layout, source = parse_source(source, layout)
     if layout == "auto":
         layout = detect_layout(source)

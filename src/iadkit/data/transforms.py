@@ -123,12 +123,6 @@ class Preprocess:
     def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         return torch.stack([self(im) for im in images])
 
-    def denormalize(self, bchw: torch.Tensor) -> torch.Tensor:
-        """Inverse of normalisation, for drawing overlays: values back in [0, 1]."""
-        mean = torch.tensor(self.mean, dtype=bchw.dtype, device=bchw.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=bchw.dtype, device=bchw.device).view(1, 3, 1, 1)
-        return (bchw * std + mean).clamp(0, 1)
-
 
 @dataclass
 class Batch:

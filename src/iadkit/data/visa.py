@@ -10,7 +10,7 @@ same columns and also list anomalous *training* images; those go to
 ``DatasetSplit.train_anomalous``.
 
 VisA's masks number each defect region (pixel values 0, 1, 2, ...) instead of 0/255, so
-anomalous samples are :class:`~iadkit.data.layouts.LabelMaskSample`: any nonzero pixel is
+anomalous samples are :class:`~iadkit.types.Sample` with ``mask_values="nonzero"``: any nonzero pixel is
 a defect. A copy reorganised into the MVTec layout (``visa_pytorch``) is read by the
 ``mvtec`` layout instead.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from iadkit.data.layouts import DatasetSplit, LabelMaskSample, handle_missing_masks, pick_category
+from iadkit.data.layouts import DatasetSplit, handle_missing_masks, pick_category
 from iadkit.errors import DatasetLayoutError
 from iadkit.types import ANOMALOUS, GOOD, Sample
 
@@ -114,12 +114,13 @@ def load_visa(
         if mask is None or not mask.is_file():
             missing_masks.append(str(image))
             mask = None
-        sample = LabelMaskSample(
+        sample = Sample(
             path=str(image),
             label=ANOMALOUS,
             category=name,
             defect_type="anomaly",
             mask_path=str(mask) if mask is not None else None,
+            mask_values="nonzero",
         )
         parts["train_anomalous" if split == "train" else split].append(sample)
 

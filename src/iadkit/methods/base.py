@@ -1,105 +1,244 @@
 """The detector contract every method implements, and the registry that names them.
 
 Conventions borrowed from scikit-learn and PyOD, which our users already know:
-- hyper-parameters are keyword arguments of `__init__`, stored unchanged as attributes and
-  returned by `get_params()` (they go into the model file's manifest);
-- `fit(train)` returns `self`; learned state lives in buffers/parameters registered on the
-  module (so it is saved as safetensors), and `is_fitted` says whether it exists;
+
+- hyper-parameters are declared once as annotated class attributes (`methods.params`); the
+  constructor is keyword-only and stores each value unchanged; `get_params`, `set_params`
+  and `clone` work as in scikit-learn;
+- validation happens in one place, `validate()`, called by `fit` and when a model file is
+  loaded, and raises `InvalidParameterError`;
+- `fit(train)` builds the networks (`_build`), learns (`_fit`) and returns `self`; everything
+  learned is named with a trailing underscore (``memory_bank_``, ``student_``) and registered
+  on the module, so it is saved as safetensors;
 - higher score = more anomalous; `predict` before `fit` raises `NotFittedError`.
 
-A detector is a `torch.nn.Module`: `predict` is pure tensor code wherever the method allows,
-so the same graph serves evaluation, the server and ONNX export.
+A method implements `_fit(train, progress)` and `_predict(images)`. `_predict` returns raw
+maps: at feature resolution or input size, whichever the algorithm naturally produces; the
+model's stored `Postprocess` upsamples them to the input size, smooths them and, for a method
+that returns no image scores of its own, takes the map maximum as the score. Tensor code
+throughout, so the same graph serves evaluation, the server and ONNX export.
+
+Class attributes say what a method is, and are read by the settings layer (to refuse a
+combination that makes no sense), by ``iadkit methods`` and by the report: `family`,
+`paper`, `supervision` (unsupervised | semi-supervised | zero-shot), `continual`,
+`multi_class`, `produces_maps`, `uses_depth`, and `map_sigma` (the paper's map smoothing, a
+Gaussian sigma at a 224-px input).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, ClassVar, Self
+import copy
+import os
+import sys
+import typing
+from inspect import Parameter, Signature
+from typing import Any, ClassVar, Iterator, Self
 
 import torch
 from torch import nn
 
-from iadkit.data.transforms import ImageSet
-from iadkit.types import Prediction
+from iadkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSet
+from iadkit.errors import InvalidParameterError, ModelFileError, NotFittedError, TrainingDataError, UnknownNameError
+from iadkit.methods.params import Check, Param, check_value, describe_param, param, unknown_parameter
+from iadkit.types import GOOD, Prediction
+
+SUPERVISION_KINDS = ("unsupervised", "semi-supervised", "zero-shot")
 
 
-class NotFittedError(RuntimeError):
-    pass
+def jsonable(value: Any) -> Any:
+    """Hyper-parameter values as JSON has them: tuples become lists, paths strings."""
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
 
 
+@typing.dataclass_transform(kw_only_default=True, field_specifiers=(param,))
 class Detector(nn.Module):
-    """Base class of all methods. Subclasses set `name`, implement `fit` and `predict`.
+    """Base class of all methods.
 
-    Subclasses list their hyper-parameters as keyword arguments of `__init__` and call
-    `super().__init__()` first. A method with a frozen pretrained backbone keeps it under the
-    attribute name in `frozen_prefixes`, whose tensors are not written to model files (they
-    are rebuilt from the backbone registry and checked by sha256 on load).
+    Subclasses set `name` (and the descriptive class attributes), declare hyper-parameters
+    with `param`, and implement `_fit` and `_predict`; methods with networks to build
+    before training or loading (a backbone, a student, a flow) build them in `_build`.
     """
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    supervision: ClassVar[str] = "unsupervised"  # | "semi-supervised" | "zero-shot"
+    supervision: ClassVar[str] = "unsupervised"
     # Whether `fit` may be called again on a new task and keep what it learned (continual).
     continual: ClassVar[bool] = False
-    frozen_prefixes: ClassVar[tuple[str, ...]] = ("backbone.",)
+    # Whether the method is designed to learn several categories in one model (UniAD).
+    multi_class: ClassVar[bool] = False
+    # Whether `predict` draws anomaly maps (False: image scores only).
+    produces_maps: ClassVar[bool] = True
+    # Whether samples must carry depth / point maps (3D methods).
+    uses_depth: ClassVar[bool] = False
+    # The paper's map smoothing: Gaussian sigma in pixels of a 224-px input (0: none).
+    map_sigma: ClassVar[float] = 4.0
+    # Tensors under these prefixes are rebuilt on load, never written to model files.
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self) -> None:
+    seed: int = param(0, "Seed of every random choice the method makes (initialisation, sampling, order).")
+
+    _params: ClassVar[dict[str, tuple[Param, Any]]] = {}
+
+    # -- declarations -> constructor, signature, docs ------------------------------------------
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The method's own hyper-parameters first (in declaration order), then those of its
+        # bases; a redeclared name takes the most derived declaration.
+        found: dict[str, tuple[Param, Any]] = {}
+        for klass in cls.__mro__:
+            for attr, value in vars(klass).items():
+                if isinstance(value, Param) and attr not in found:
+                    found[attr] = (value, _annotation(klass, attr))
+        cls._params = found
+        cls.__signature__ = Signature(  # type: ignore[attr-defined]
+            [Parameter(n, Parameter.KEYWORD_ONLY, default=p.default, annotation=a) for n, (p, a) in found.items()]
+        )
+        if cls.__doc__ and found and "Parameters\n    ----" not in cls.__doc__:
+            entries = "\n".join(describe_param(n, a, p) for n, (p, a) in found.items())
+            body = "\n".join("    " + line if line else line for line in entries.splitlines())
+            cls.__doc__ = f"{cls.__doc__.rstrip()}\n\n    Parameters\n    ----------\n{body}\n"
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        self.register_buffer("_fitted", torch.zeros((), dtype=torch.bool), persistent=True)
+        known = self._params
+        for key in params:
+            if key not in known:
+                raise unknown_parameter(type(self).__name__, key, list(known))
+        for key, (spec, _) in known.items():
+            setattr(self, key, params[key] if key in params else spec.default)
+        self._is_fitted = False
+        self._target_device = torch.device("cpu")
 
-    # -- the contract ------------------------------------------------------------------------
-    def fit(self, train: ImageSet, *, progress: bool = True) -> Self:  # pragma: no cover - abstract
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return list(cls._params)
+
+    # -- scikit-learn conventions ------------------------------------------------------------------
+    def get_params(self) -> dict[str, Any]:
+        """The hyper-parameters exactly as stored (``jsonable`` turns them into JSON values)."""
+        return {n: getattr(self, n) for n in self._params}
+
+    def set_params(self, **params: Any) -> Self:
+        """Change hyper-parameters. Changing one that shapes what `fit` learns forgets the fit
+        (refit before predicting); an inference knob (e.g. the search backend) keeps it."""
+        for key in params:
+            if key not in self._params:
+                raise unknown_parameter(type(self).__name__, key, self.param_names())
+        changed = [k for k, v in params.items() if getattr(self, k) != v]
+        for key, value in params.items():
+            setattr(self, key, value)
+        if changed:
+            self.validate()
+            if any(not self._params[k][0].inference for k in changed):
+                self._is_fitted = False
+            elif self._is_fitted:
+                self._params_changed(changed)
+        return self
+
+    def clone(self) -> Self:
+        """An unfitted detector with the same hyper-parameters."""
+        return type(self)(**copy.deepcopy(self.get_params()))
+
+    def validate(self) -> None:
+        """Check every hyper-parameter (type, bounds, choices, then `_check_params`); raise
+        `InvalidParameterError` naming the first one that cannot work."""
+        owner = type(self).__name__
+        for key, (spec, annotation) in self._params.items():
+            check_value(owner, key, getattr(self, key), annotation, spec)
+        self._check_params()
+
+    # -- the contract --------------------------------------------------------------------------------
+    def fit(self, train: ImageSet, *, progress: bool = True) -> Self:
+        """Learn from `train` (good images; labelled defects too for semi-supervised methods).
+
+        Validates the hyper-parameters, builds the networks afresh, runs `_fit` with the
+        global random generator seeded by `seed` (and restored afterwards), returns `self`.
+        """
+        self.validate()
+        if len(train) == 0:
+            raise TrainingDataError(f"{type(self).__name__}: the training set is empty")
+        self._is_fitted = False
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            torch.manual_seed(self.seed)
+            self._build()
+            super().to(self._target_device)
+            self._fit(train, progress=progress)
+        self._is_fitted = True
+        self.eval()
+        return self
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Preprocessed images [B, 3, H, W] -> scores [B] (or None: the map maximum after
+        post-processing) and raw maps [B, h, w] (or None for image-level methods)."""
+        self.check_fitted()
+        return self._predict(images)
+
+    def forward(self, images: torch.Tensor) -> Prediction:
+        return self.predict(images)
+
+    # -- what a method implements ------------------------------------------------------------------
+    def _check_params(self) -> None:
+        """Rules that involve several hyper-parameters; raise InvalidParameterError."""
+
+    def _build(self) -> None:
+        """Create the networks and empty learned buffers the hyper-parameters call for."""
+
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def predict(self, images: torch.Tensor) -> Prediction:  # pragma: no cover - abstract
-        """images: [B, 3, H, W] preprocessed. Returns scores [B] and maps [B, H, W]."""
+    def _predict(self, images: torch.Tensor) -> Prediction:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = self.predict(images)
-        assert pred.maps is not None
-        return pred.scores, pred.maps
+    def _params_changed(self, names: list[str]) -> None:
+        """A fitted detector's inference knobs changed: rebuild what depends on them."""
 
-    # -- helpers for subclasses ----------------------------------------------------------
+    def _after_load(self) -> None:
+        """Tensors were just loaded from a model file: rebuild what depends on them."""
+
+    # -- helpers -----------------------------------------------------------------------------------
     @property
     def is_fitted(self) -> bool:
-        return bool(self._fitted)
-
-    def _mark_fitted(self) -> None:
-        self._fitted.fill_(True)
+        return self._is_fitted
 
     def check_fitted(self) -> None:
-        if not self.is_fitted:
+        if not self._is_fitted:
             raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit() on good images first")
 
     @property
     def device(self) -> torch.device:
-        for t in self.buffers():
-            return t.device
-        return torch.device("cpu")
+        return self._target_device
 
-    # -- parameters and state ------------------------------------------------------------
-    @classmethod
-    def param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        return [n for n, p in sig.parameters.items() if n != "self" and p.kind in kinds]
+    def to(self, *args: Any, **kwargs: Any) -> Self:
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            self._target_device = torch.device(device)
+        return super().to(*args, **kwargs)
 
-    def get_params(self) -> dict[str, Any]:
-        """The hyper-parameters as given, JSON-ready (tuples become lists).
+    def _rng_devices(self) -> list[torch.device]:
+        return [self._target_device] if self._target_device.type == "cuda" else []
 
-        A hyper-parameter whose attribute holds a built module (e.g. `backbone`, which names
-        a backbone but is stored as its FeatureExtractor) is read from `<name>_name`.
-        """
-        params: dict[str, Any] = {}
-        for n in self.param_names():
-            value = getattr(self, n)
-            if isinstance(value, nn.Module):
-                value = getattr(self, f"{n}_name")
-            params[n] = list(value) if isinstance(value, tuple) else value
-        return params
+    def draws_maps(self) -> bool:
+        """Whether this instance draws maps (a method may draw them only in some configurations)."""
+        return bool(self.produces_maps)
 
+    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Mean and std (RGB, on [0, 1] pixels) the model's preprocessing should use."""
+        return IMAGENET_MEAN, IMAGENET_STD
+
+    @staticmethod
+    def good_only(train: ImageSet) -> ImageSet:
+        """The good images of `train` (a semi-supervised split may also hold labelled defects)."""
+        keep = [s for s in train.samples if s.label == GOOD]
+        if len(keep) == len(train.samples):
+            return train
+        return ImageSet(keep, train.preprocess, cache=train.cache_enabled)
+
+    # -- parameters and state ------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Learned tensors (frozen backbone excluded) and the JSON-able hyper-parameters."""
         tensors = {
@@ -107,7 +246,7 @@ class Detector(nn.Module):
             for k, v in self.state_dict().items()
             if not any(k.startswith(p) for p in self.frozen_prefixes)
         }
-        return tensors, {"method": self.name, "params": self.get_params()}
+        return tensors, {"method": self.name, "params": jsonable(self.get_params())}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Put saved tensors in place, whatever their shape (memory banks vary in size)."""
@@ -115,7 +254,7 @@ class Detector(nn.Module):
         missing = own - set(tensors)
         unexpected = set(tensors) - own
         if missing or unexpected:
-            raise ValueError(
+            raise ModelFileError(
                 f"model file does not match {type(self).__name__}: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
@@ -123,18 +262,37 @@ class Detector(nn.Module):
             module_path, _, leaf = key.rpartition(".")
             module = self.get_submodule(module_path) if module_path else self
             if leaf in module._parameters and module._parameters[leaf] is not None:
-                param = module._parameters[leaf]
-                module._parameters[leaf] = nn.Parameter(value.to(param.device), requires_grad=param.requires_grad)
+                old_param = module._parameters[leaf]
+                module._parameters[leaf] = nn.Parameter(
+                    value.to(old_param.device), requires_grad=old_param.requires_grad
+                )
             elif leaf in module._buffers:
                 old = module._buffers[leaf]
-                module._buffers[leaf] = value.to(old.device if old is not None else "cpu")
+                module._buffers[leaf] = value.to(old.device if old is not None else self._target_device)
             else:
-                raise ValueError(f"cannot place tensor {key!r} in {type(self).__name__}")
+                raise ModelFileError(f"cannot place tensor {key!r} in {type(self).__name__}")
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Self:
-        det = cls(**config["params"])
+        """Rebuild a fitted detector from `state()`'s output (what a model file holds)."""
+        params = dict(config["params"])
+        missing = [n for n in cls._params if n not in params]
+        extra = [n for n in params if n not in cls._params]
+        if missing or extra:
+            raise ModelFileError(
+                f"the model file's {cls.name} hyper-parameters do not match this iadkit: "
+                + (f"missing {missing} " if missing else "")
+                + (f"unknown {extra} " if extra else "")
+                + "(was it written by another version? refit the model with this one)"
+            )
+        det = cls(**{k: _from_json(v, cls._params[k][1]) for k, v in params.items()})
+        det.validate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(det.seed)
+            det._build()
         det.load_tensors(tensors)
+        det._after_load()
+        det._is_fitted = True
         det.eval()
         return det
 
@@ -142,7 +300,130 @@ class Detector(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
 
 
-# -- registry --------------------------------------------------------------------------------
+def _from_json(value: Any, annotation: Any) -> Any:
+    """A JSON list back to the tuple a ``tuple[...]``-annotated hyper-parameter holds."""
+    if isinstance(value, list):
+        origins = {typing.get_origin(a) for a in (typing.get_args(annotation) or (annotation,))}
+        if tuple in origins or typing.get_origin(annotation) is tuple:
+            return tuple(_from_json(v, Any) for v in value)
+    return value
+
+
+def _annotation(klass: type, attr: str) -> Any:
+    """The evaluated annotation of `attr` in `klass` (modules use ``from __future__ import annotations``)."""
+    raw = vars(klass).get("__annotations__", {}).get(attr, Any)
+    if not isinstance(raw, str):
+        return raw
+    namespace = {**vars(typing), **vars(sys.modules[klass.__module__])}
+    return eval(raw, namespace)  # noqa: S307 - our own source's annotations, not user input
+
+
+# -- methods on a frozen pretrained backbone --------------------------------------------------------
+class BackboneDetector(Detector):
+    """Base of methods built on a frozen ImageNet backbone tapped at named layers.
+
+    It owns what those methods share: the backbone and weight-file hyper-parameters, the
+    validation of those and of the tapped layers (a method declares `layers`, or overrides
+    `backbone_layers` when it taps the network differently), the frozen `FeatureExtractor` (``backbone_``, rebuilt from the
+    registry on load and checked by sha256, never written to model files), the input
+    normalisation its weights were trained with, and `single_pass`, the streaming pass over
+    the training images that feature-statistics methods (PatchCore, PaDiM, SPADE ...) make.
+    """
+
+    frozen_prefixes = ("backbone_.",)
+
+    backbone: str = param(
+        "efficientnet_lite0",
+        "Frozen ImageNet backbone (see `iadkit weights`); its weights load offline from a package "
+        "or from `weights_path`.",
+    )
+    weights_path: str | os.PathLike[str] | None = param(
+        None, "A weight file for the backbone (needed for the torchvision backbones, which do not ship offline)."
+    )
+
+    def _check_params(self) -> None:
+        from iadkit.backbones import backbone_names, layer_names
+
+        if self.backbone not in backbone_names():
+            raise InvalidParameterError(
+                f"{type(self).__name__}: unknown backbone {self.backbone!r}; choose one of {', '.join(backbone_names())}"
+            )
+        names = [info.name for info in layer_names(self.backbone)]
+        layers = self.tapped_layers()
+        unknown = [layer for layer in self.backbone_layers() if layer not in names]
+        if unknown or len(set(layers)) != len(layers):
+            raise InvalidParameterError(
+                f"{type(self).__name__}: layers {layers} are not distinct layers of {self.backbone!r}"
+                + (f" (unknown: {unknown})" if unknown else "")
+                + f"; choose among {', '.join(names)}"
+            )
+
+    def tapped_layers(self) -> list[str]:
+        """The method's `layers` hyper-parameter (each method declares it with its own default)."""
+        return list(getattr(self, "layers", ()))
+
+    def backbone_layers(self) -> list[str]:
+        """Every layer the backbone must output (`layers` plus any extra tap a method needs)."""
+        return self.tapped_layers()
+
+    def _build(self) -> None:
+        from iadkit.backbones import FeatureExtractor
+
+        # Building the architecture draws random initial weights (then overwritten): keep those
+        # draws out of the seeded stream, so a method's own networks start the same whatever
+        # the backbone.
+        with torch.random.fork_rng(devices=[]):
+            self.backbone_ = FeatureExtractor(self.backbone, self.backbone_layers(), self.weights_path)
+
+    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        from iadkit.backbones import get_spec
+
+        spec = get_spec(self.backbone)
+        return spec.mean, spec.std
+
+    def layer_channels(self) -> list[int]:
+        """Channels of each of `layers` (from the architecture; no weights needed)."""
+        from iadkit.backbones import layer_names
+
+        info = {i.name: i for i in layer_names(self.backbone)}
+        return [info[layer].channels for layer in self.tapped_layers()]
+
+    def layer_strides(self) -> list[int]:
+        from iadkit.backbones import layer_names
+
+        info = {i.name: i for i in layer_names(self.backbone)}
+        return [info[layer].stride for layer in self.tapped_layers()]
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen feature maps of `layers`, in order, without gradients."""
+        with torch.no_grad():
+            taps = self.backbone_(images)
+        return [taps[layer] for layer in self.tapped_layers()]
+
+    def single_pass(
+        self, train: ImageSet, batch_size: int, description: str, *, progress: bool = True
+    ) -> Iterator[torch.Tensor]:
+        """Preprocessed training batches on the detector's device, each read once.
+
+        Decoded pixels are not cached (one pass gains nothing from a cache, and ELPV's would
+        take 227 MB); batches come under `torch.no_grad` (not inference mode: a method may keep
+        tensors computed from them, e.g. CFA's memory, for training).
+        """
+        batches = train.batches(batch_size)
+        if progress:
+            from iadkit.progress import track
+
+            batches = track(batches, total=train.num_batches(batch_size), description=description)
+        caching, train.cache_enabled = train.cache_enabled, False
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    yield batch.images.to(self.device)
+        finally:
+            train.cache_enabled = caching
+
+
+# -- registry ------------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Detector]] = {}
 
 
@@ -151,6 +432,8 @@ def register(cls: type[Detector]) -> type[Detector]:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"method name {cls.name!r} is registered twice")
+    if cls.supervision not in SUPERVISION_KINDS:
+        raise ValueError(f"{cls.__name__}.supervision must be one of {SUPERVISION_KINDS}")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -164,9 +447,27 @@ def available_methods() -> dict[str, type[Detector]]:
 def get_method(name: str) -> type[Detector]:
     registry = available_methods()
     if name not in registry:
-        raise KeyError(f"unknown method {name!r}; available: {', '.join(registry)}")
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(registry), n=2, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UnknownNameError(f"unknown method {name!r}; {hint}available: {', '.join(registry)} (see `iadkit methods`)")
     return registry[name]
 
 
 def create(name: str, **params: Any) -> Detector:
     return get_method(name)(**params)
+
+
+__all__ = [
+    "BackboneDetector",
+    "Check",
+    "Detector",
+    "NotFittedError",
+    "available_methods",
+    "create",
+    "get_method",
+    "jsonable",
+    "param",
+    "register",
+]

@@ -29,8 +29,8 @@ Paper hyper-parameters → ours:
   authors report the best of the 30 epochs on the test set, which needs test labels, so we
   train a fixed schedule: ``epochs=10`` by default, CPU-sized (every step compares each patch
   with the whole h·w memory: ~0.5 s per 224-px image on one CPU thread); 30 is a parameter;
-- 224 px crop of 256 → the model's preprocessing; σ = 4 → ``sigma=4`` at a 224-px reference,
-  scaled to the input size.
+- 224 px crop of 256 → the model's preprocessing; σ = 4 → the model's `Postprocess` (σ = 4 at a
+  224-px input, scaled to the input size).
 
 The descriptor, radius and memory bank are saved in the model file; the CNN is rebuilt.
 """
@@ -44,13 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iadkit.backbones import FeatureExtractor
 from iadkit.components.distillation import train_epochs
 from iadkit.components.losses import coupled_hypersphere_loss
 from iadkit.components.memory_bank import MemoryBankError, knn_exact, squared_distances
-from iadkit.components.postprocess import blur_at_reference_sigma, upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import Detector, register
+from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.params import at_least, param, positive
 from iadkit.types import Prediction
 
 
@@ -91,68 +90,41 @@ def softmin_nearest_score(dists: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class CFA(Detector):
+class CFA(BackboneDetector):
     """Learnable patch descriptor + coupled-hypersphere loss against a compact memory (Lee et al. 2022)."""
 
     name = "cfa"
-    family = "memory-bank"
+    family = "memory bank"
     paper = (
         "Lee, Lee & Song, CFA: Coupled-hypersphere-based Feature Adaptation for Target-Oriented "
         "Anomaly Localization, IEEE Access 2022"
     )
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "efficientnet_lite0",
-        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
-        weights_path: str | None = None,
-        gamma_c: int = 1,
-        gamma_d: int = 1,
-        k: int = 3,
-        j: int = 3,
-        radius: float = 1e-5,
-        alpha: float = 0.1,
-        nu: float = 1e-3,
-        epochs: int = 10,
-        batch_size: int = 4,
-        lr: float = 1e-3,
-        weight_decay: float = 5e-4,
-        sigma: float = 4.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if gamma_c < 1 or gamma_d < 1 or k < 1 or j < 0:
-            raise ValueError(f"need gamma_c, gamma_d, k >= 1 and j >= 0, got {gamma_c}, {gamma_d}, {k}, {j}")
-        self.backbone_name = backbone
-        self.layers = tuple(layers)
-        self.weights_path = weights_path
-        self.gamma_c = int(gamma_c)
-        self.gamma_d = int(gamma_d)
-        self.k = int(k)
-        self.j = int(j)
-        self.radius = float(radius)
-        self.alpha = float(alpha)
-        self.nu = float(nu)
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self.sigma = float(sigma)
-        self.seed = int(seed)
-        self.backbone = FeatureExtractor(backbone, self.layers, weights_path)
-        dim = sum(self.backbone.channels[name] for name in self.layers)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.descriptor = CoordConv1x1(dim, max(1, dim // self.gamma_d))
-        self.r = nn.Parameter(torch.tensor(float(radius)))
-        self.register_buffer("memory", torch.empty(0))  # [M, D] adapted memory features
+    layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Backbone stages (WRN-50 stages 1-3).")
+    gamma_c: int = param(1, "Memory compression: K-means to (h*w)/gamma_c centres (paper: 1).", check=at_least(1))
+    gamma_d: int = param(1, "Descriptor width divisor (paper: 1).", check=at_least(1))
+    k: int = param(3, "K nearest memory features attracted (paper: 3).", check=at_least(1))
+    j: int = param(3, "J hard negatives repelled (paper: 3).", check=at_least(0))
+    radius: float = param(1e-5, "Initial hypersphere radius r, learned (paper: 1e-5).", check=at_least(0))
+    alpha: float = param(0.1, "Repulsion margin alpha (paper: 0.1).", check=at_least(0))
+    nu: float = param(1e-3, "Loss weight nu of the soft-boundary terms (paper: 1e-3).", check=positive())
+    epochs: int = param(10, "Training epochs (paper: 30; CPU-sized default).", check=at_least(1))
+    batch_size: int = param(4, "Images per step (paper: 4).", check=at_least(1))
+    lr: float = param(1e-3, "AdamW (amsgrad) learning rate (paper: 1e-3).", check=positive())
+    weight_decay: float = param(5e-4, "AdamW weight decay (paper: 5e-4).", check=at_least(0))
+
+    def _build(self) -> None:
+        super()._build()
+        dim = sum(self.layer_channels())
+        self.descriptor_ = CoordConv1x1(dim, max(1, dim // self.gamma_d))
+        self.r_ = nn.Parameter(torch.tensor(float(self.radius)))
+        self.register_buffer("memory_", torch.empty(0))  # [M, D] adapted memory features
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Adapted patch features φ(p): [B, D, h, w] (gradients flow into the descriptor only)."""
         with torch.no_grad():
-            p = cfa_patch_features(self.backbone(images), self.layers)
-        return self.descriptor(p)
+            p = cfa_patch_features(self.backbone_(images), self.layers)
+        return self.descriptor_(p)
 
     @staticmethod
     def _rows(phi: torch.Tensor) -> torch.Tensor:
@@ -165,8 +137,8 @@ class CFA(Detector):
     def _build_memory(self, train: ImageSet) -> torch.Tensor:
         memory: torch.Tensor | None = None
         i = 0
-        for batch in train.batches(self.batch_size):
-            for phi_map in self.embed(batch.images.to(self.device)):
+        for images in self.single_pass(train, self.batch_size, "cfa memory", progress=False):
+            for phi_map in self.embed(images):
                 phi = self._rows(phi_map[None])
                 if memory is None:
                     memory = self._initial_memory(phi)
@@ -175,8 +147,7 @@ class CFA(Detector):
                     matched = phi[nn_idx[:, 0].to(phi.device)]
                     memory = (memory * i + matched) / (i + 1)
                 i += 1
-        if memory is None:
-            raise ValueError("no training images")
+        assert memory is not None  # fit refuses an empty training set
         return memory.contiguous()
 
     def _initial_memory(self, phi: torch.Tensor) -> torch.Tensor:
@@ -190,31 +161,31 @@ class CFA(Detector):
         return torch.from_numpy(np.asarray(km.cluster_centers_, dtype=np.float32)).to(phi.device)
 
     # -- training --------------------------------------------------------------------------------
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "CFA":
-        self.descriptor.eval()
-        self.memory = self._build_memory(train)
-        m = int(self.memory.shape[0])
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
+        self.descriptor_.eval()
+        self.memory_ = self._build_memory(train)
+        m = int(self.memory_.shape[0])
         if m < self.k + self.j:
             raise MemoryBankError(
                 f"CFA's memory has {m} features but k + j = {self.k + self.j} are needed; "
                 "use a larger image size or a smaller gamma_c"
             )
-        memory_sq = (self.memory * self.memory).sum(1)
+        memory_sq = (self.memory_ * self.memory_).sum(1)
 
         def step(images: torch.Tensor) -> torch.Tensor:
             phi = self._rows(self.embed(images))
-            d2 = squared_distances(phi, self.memory, memory_sq)
+            d2 = squared_distances(phi, self.memory_, memory_sq)
             nearest = torch.topk(d2, self.k + self.j, dim=1, largest=False).values
             l_att, l_rep = coupled_hypersphere_loss(
-                nearest, k=self.k, j=self.j, radius=self.r, alpha=self.alpha, nu=self.nu
+                nearest, k=self.k, j=self.j, radius=self.r_, alpha=self.alpha, nu=self.nu
             )
             return l_att + l_rep
 
-        self.descriptor.train()
+        self.descriptor_.train()
         optimizer = torch.optim.AdamW(
-            [*self.descriptor.parameters(), self.r], lr=self.lr, weight_decay=self.weight_decay, amsgrad=True
+            [*self.descriptor_.parameters(), self.r_], lr=self.lr, weight_decay=self.weight_decay, amsgrad=True
         )
-        self.loss_history = train_epochs(
+        self.loss_history_ = train_epochs(
             train,
             step,
             optimizer,
@@ -225,17 +196,12 @@ class CFA(Detector):
             progress=progress,
             device=self.device,
         )
-        self.descriptor.eval()
-        self._mark_fitted()
-        return self
+        self.descriptor_.eval()
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.check_fitted()
-        size = tuple(images.shape[-2:])
+    def _predict(self, images: torch.Tensor) -> Prediction:
         phi = self.embed(images)
         b, _, h, w = phi.shape
-        k = min(self.k, int(self.memory.shape[0]))
-        dists, _ = knn_exact(self._rows(phi), self.memory, k)
+        k = min(self.k, int(self.memory_.shape[0]))
+        dists, _ = knn_exact(self._rows(phi), self.memory_, k)
         score = softmin_nearest_score(dists.to(images.device)).view(b, h, w)
-        maps = blur_at_reference_sigma(upsample(score, size), self.sigma)
-        return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
+        return Prediction(scores=None, maps=score)

@@ -43,13 +43,10 @@ Ours and why:
 from __future__ import annotations
 
 import math
-import os
-from typing import Self, Sequence
 
 import torch
 from torch import nn
 
-from iadkit.backbones import FeatureExtractor
 from iadkit.components.flows import (
     ChannelStandardizer,
     Flow,
@@ -62,7 +59,8 @@ from iadkit.components.flows import (
 )
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import Detector, register
+from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.params import Divisible, at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import Prediction
 
@@ -104,52 +102,35 @@ def cflow_decoder(channels: int, cond_channels: int, blocks: int, clamp: float, 
 
 
 @register
-class CFlow(Detector):
+class CFlow(BackboneDetector):
     """CFLOW-AD (Gudovskiy et al. 2022): positional-conditional flows on feature fibers."""
 
     name = "cflow"
-    family = "distribution map (normalizing flow)"
+    family = "normalizing flow"
     paper = "Gudovskiy et al., CFLOW-AD: Real-Time Unsupervised Anomaly Detection with Localization via Conditional Normalizing Flows, WACV 2022"
+    map_sigma = 0.0  # the paper does not smooth its maps
 
-    def __init__(
-        self,
-        backbone: str = "efficientnet_lite0",
-        layers: Sequence[str] = ("blocks.2", "blocks.4", "blocks.6"),
-        weights_path: str | None = None,
-        coupling_blocks: int = 8,
-        condition_dim: int = 128,
-        clamp: float = 1.9,
-        epochs: int = 20,
-        batch_size: int = 32,
-        fiber_batch_size: int = 256,
-        lr: float = 2e-4,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if coupling_blocks < 1 or epochs < 1 or batch_size < 1 or fiber_batch_size < 1:
-            raise ValueError("coupling_blocks, epochs, batch_size and fiber_batch_size must be at least 1")
-        self.backbone_name = backbone
-        self.layers = tuple(layers)
-        self.weights_path = None if weights_path is None else os.fspath(weights_path)
-        self.coupling_blocks = int(coupling_blocks)
-        self.condition_dim = int(condition_dim)
-        self.clamp = float(clamp)
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.fiber_batch_size = int(fiber_batch_size)
-        self.lr = float(lr)
-        self.seed = int(seed)
-        self.backbone = FeatureExtractor(backbone, self.layers, self.weights_path)
-        channels = [self.backbone.channels[layer] for layer in self.layers]
-        self.decoders = level_flows(
+    layers: tuple[str, ...] = param(("blocks.2", "blocks.4", "blocks.6"), "Encoder scales (strides 8/16/32).")
+    coupling_blocks: int = param(8, "Conditional coupling blocks per scale (paper: 8).", check=at_least(1))
+    condition_dim: int = param(128, "Positional-encoding condition size (paper: 128).", check=(at_least(4), Divisible(4)))
+    clamp: float = param(1.9, "Soft clamp of the coupling scales (authors' code: 1.9).", check=at_least(0))
+    epochs: int = param(20, "Training epochs (CPU-sized default).", check=at_least(1))
+    batch_size: int = param(32, "Images per feature batch.", check=at_least(1))
+    fiber_batch_size: int = param(256, "Fibers per optimiser step, N (paper: 256).", check=at_least(1))
+    lr: float = param(2e-4, "Adam learning rate (paper: 2e-4).", check=positive())
+
+    def _build(self) -> None:
+        super()._build()
+        channels = self.layer_channels()
+        self.decoders_ = level_flows(
             channels,
             lambda c, seed: cflow_decoder(c, self.condition_dim, self.coupling_blocks, self.clamp, seed),
             self.seed,
         )
-        self.standardizers = nn.ModuleList(ChannelStandardizer(c) for c in channels)
+        self.standardizers_ = nn.ModuleList(ChannelStandardizer(c) for c in channels)
         # per-scale max training log-likelihood / C, and the max summed likelihood map
-        self.register_buffer("ll_max", torch.zeros(len(channels)))
-        self.register_buffer("map_max", torch.tensor(float(len(channels))))
+        self.register_buffer("ll_max_", torch.zeros(len(channels)))
+        self.register_buffer("map_max_", torch.tensor(float(len(channels))))
 
     # -- pieces ------------------------------------------------------------------------------
     def _fibers(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,66 +145,59 @@ class CFlow(Detector):
         """Per-position log-likelihood normalised per dimension, [B, H, W]."""
         b, c, h, w = fmap.shape
         fibers, cond = self._fibers(fmap)
-        z, logdet = self.decoders[level](fibers, cond)
+        z, logdet = self.decoders_[level](fibers, cond)
         return (gaussian_log_likelihood(z, logdet) / c).reshape(b, h, w)
 
     def _likelihood_map(self, images: torch.Tensor) -> torch.Tensor:
         size = tuple(images.shape[-2:])
         total = None
-        for level, fmap in enumerate(standardized_features(self.backbone, self.layers, self.standardizers, images)):
-            prob = upsample(torch.exp(self._log_likelihood(level, fmap) - self.ll_max[level]), size)
+        for level, fmap in enumerate(standardized_features(self.backbone_, self.layers, self.standardizers_, images)):
+            prob = upsample(torch.exp(self._log_likelihood(level, fmap) - self.ll_max_[level]), size)
             total = prob if total is None else total + prob
         return total
 
     # -- training ----------------------------------------------------------------------------
-    def fit(self, train: ImageSet, *, progress: bool = True) -> Self:
-        if len(train) == 0:
-            raise ValueError("CFlow.fit: no training images")
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         device = self.device
-        self._fitted.fill_(False)
         fibers, conds = [], []
         for fmap in fit_standardized_features(
-            self.backbone, self.layers, self.standardizers, train, self.batch_size, device
+            self.backbone_, self.layers, self.standardizers_, train, self.batch_size, device
         ):
             x, c = self._fibers(fmap)
             fibers.append(x)
             conds.append(c)
 
-        optimizer = torch.optim.Adam(self.decoders.parameters(), lr=self.lr)
+        optimizer = torch.optim.Adam(self.decoders_.parameters(), lr=self.lr)
         n_steps = sum(-(-x.shape[0] // self.fiber_batch_size) for x in fibers)
         gen = torch.Generator().manual_seed(self.seed)
-        self.decoders.train()
+        self.decoders_.train()
         with step_bar(self.epochs * n_steps, "cflow", enabled=progress) as bar:
             for _ in range(self.epochs):
                 for level, (x, c) in enumerate(zip(fibers, conds)):
                     order = torch.randperm(x.shape[0], generator=gen).to(x.device)
                     for start in range(0, x.shape[0], self.fiber_batch_size):
                         idx = order[start : start + self.fiber_batch_size]
-                        z, logdet = self.decoders[level](x[idx], c[idx])
+                        z, logdet = self.decoders_[level](x[idx], c[idx])
                         loss = -(gaussian_log_likelihood(z, logdet) / x.shape[1]).mean()
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
                         bar.advance(loss=loss.item(), scale=level)
-        self.decoders.eval()
+        self.decoders_.eval()
 
         # fix the paper's "max" at fit time: per-scale max log-likelihood, then max summed map
         with torch.no_grad():
             for level, (x, c) in enumerate(zip(fibers, conds)):
                 best = -math.inf
                 for start in range(0, x.shape[0], 4096):
-                    z, logdet = self.decoders[level](x[start : start + 4096], c[start : start + 4096])
+                    z, logdet = self.decoders_[level](x[start : start + 4096], c[start : start + 4096])
                     best = max(best, float((gaussian_log_likelihood(z, logdet) / x.shape[1]).max()))
-                self.ll_max[level] = best
-            self.map_max.fill_(-math.inf)
+                self.ll_max_[level] = best
+            self.map_max_.fill_(-math.inf)
             for batch in train.batches(self.batch_size):
                 peak = self._likelihood_map(batch.images.to(device)).flatten(1).amax()
-                self.map_max.copy_(torch.maximum(self.map_max, peak))
-        self._mark_fitted()
-        return self
+                self.map_max_.copy_(torch.maximum(self.map_max_, peak))
 
     # -- inference ---------------------------------------------------------------------------
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.check_fitted()
-        maps = self.map_max - self._likelihood_map(images)
-        return Prediction(scores=maps.flatten(1).amax(dim=1), maps=maps)
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        return Prediction(scores=None, maps=self.map_max_ - self._likelihood_map(images))

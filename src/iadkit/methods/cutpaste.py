@@ -57,8 +57,7 @@ of a method that learns local irregularities.
 from __future__ import annotations
 
 import copy
-import os
-from typing import Self, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -67,10 +66,11 @@ from torch import nn
 
 from iadkit.backbones import FeatureExtractor
 from iadkit.components.gaussian import mahalanobis, whitening_matrices
-from iadkit.components.postprocess import gaussian_blur
 from iadkit.components.synthesis import cutpaste, cutpaste_scar
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import Detector, register
+from iadkit.errors import InvalidParameterError, TrainingDataError
+from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.params import Interval, Length, OneOf, at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import Prediction
 
@@ -136,85 +136,78 @@ def receptive_field_upsample(scores: torch.Tensor, size: tuple[int, int], patch:
 
 
 @register
-class CutPaste(Detector):
+class CutPaste(BackboneDetector):
     """CutPaste (Li et al. 2021): self-supervised CutPaste classifier + Gaussian density."""
 
     name = "cutpaste"
-    family = "one-class classification (self-supervised)"
+    family = "one-class classification"
     paper = "Li et al., CutPaste: Self-Supervised Learning for Anomaly Detection and Localization, CVPR 2021"
+    produces_maps = False  # the image-level variant; `patch_size` turns on maps (`draws_maps`)
 
-    def __init__(
-        self,
-        backbone: str = "efficientnet_lite0",
-        weights_path: str | None = None,
-        finetune_from: str = "blocks.5",
-        variant: str = "3way",
-        head_dims: Sequence[int] = (512, 128),
-        embedding: str = "backbone",
-        epochs: int = 40,
-        batch_size: int = 32,
-        lr: float = 0.03,
-        momentum: float = 0.9,
-        weight_decay: float = 3e-5,
-        patch_size: int | None = None,
-        patch_stride: int = 4,
-        sigma: float = 4.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        if embedding not in EMBEDDINGS:
-            raise ValueError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {embedding!r}")
-        if epochs < 1 or batch_size < 1:
-            raise ValueError("epochs and batch_size must be at least 1")
-        if patch_size is not None and (patch_size < 8 or patch_stride < 1):
-            raise ValueError("patch_size must be at least 8 pixels and patch_stride at least 1")
-        self.backbone_name = backbone
-        self.weights_path = None if weights_path is None else os.fspath(weights_path)
-        self.finetune_from = finetune_from
-        self.variant = variant
-        self.head_dims = tuple(int(h) for h in head_dims)
-        self.embedding = embedding
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.patch_size = None if patch_size is None else int(patch_size)
-        self.patch_stride = int(patch_stride)
-        self.sigma = float(sigma)
-        self.seed = int(seed)
+    finetune_from: str = param("blocks.5", "First backbone stage that is fine-tuned (earlier stages stay frozen).")
+    variant: str = param("3way", "'binary' (CutPaste), 'scar' or '3way' (both; paper's best).", check=OneOf(tuple(VARIANTS)))
+    head_dims: tuple[int, ...] = param((512, 128), "Projection-head widths (Linear-BN-ReLU).", check=(Length(1), Interval(1, None)))
+    embedding: str = param("backbone", "GDE on the pooled 'backbone' representation or the 'head' output.", check=OneOf(EMBEDDINGS))
+    epochs: int = param(40, "Training epochs (paper: 256; CPU-sized default).", check=at_least(1))
+    batch_size: int = param(32, "Good images per step (paper: 32, + augmented copies).", check=at_least(1))
+    lr: float = param(0.03, "SGD learning rate, cosine decay (paper: 0.03).", check=positive())
+    momentum: float = param(0.9, "SGD momentum (paper: 0.9).", check=Interval(0, 1, closed="left"))
+    weight_decay: float = param(3e-5, "SGD weight decay (paper: 3e-5).", check=at_least(0))
+    patch_size: int | None = param(None, "Patch side for the localisation variant (None: image level).", check=at_least(8))
+    patch_stride: int = param(4, "Stride between scored patches (paper: 4).", check=at_least(1))
 
-        # The full pretrained network, split: frozen stages up to `finetune_from` (excluded)
-        # become `self.backbone`; copies of the later ones are the trainable trunk.
-        full = FeatureExtractor(backbone, ["head"], self.weights_path, channels_last=False)
-        names = list(full._step_names)
-        if finetune_from not in names or names.index(finetune_from) == 0:
-            raise ValueError(
-                f"finetune_from must name a stage after the stem of {backbone!r}: one of {', '.join(names[1:])}"
+    def draws_maps(self) -> bool:
+        return self.patch_size is not None
+
+    def backbone_layers(self) -> list[str]:
+        return [self._frozen_layer()]
+
+    def _stage_names(self) -> list[str]:
+        from iadkit.backbones import layer_names
+
+        return [info.name for info in layer_names(self.backbone)]
+
+    def _frozen_layer(self) -> str:
+        """The last frozen stage: the one before `finetune_from`."""
+        names = self._stage_names()
+        return names[names.index(self.finetune_from) - 1]
+
+    def _check_params(self) -> None:
+        from iadkit.backbones import backbone_names
+
+        names = self._stage_names() if self.backbone in backbone_names() else []
+        if names and (self.finetune_from not in names or names.index(self.finetune_from) == 0):
+            raise InvalidParameterError(
+                f"CutPaste: finetune_from must name a stage after the stem of {self.backbone!r}: one of {', '.join(names[1:])}"
             )
-        split = names.index(finetune_from)
-        self.frozen_layer = names[split - 1]
+        super()._check_params()
+
+    def _build(self) -> None:
+        # The full pretrained network, split: frozen stages up to `finetune_from` (excluded)
+        # become `backbone_`; copies of the later ones are the trainable trunk.
+        with torch.random.fork_rng(devices=[]):
+            full = FeatureExtractor(self.backbone, ["head"], self.weights_path, channels_last=False)
+        names = list(full._step_names)
+        split = names.index(self.finetune_from)
         trunk = [copy.deepcopy(m) for m in list(full.body)[split:]]
         rep_dim = full.channels["head"]
         del full
-        self.backbone = FeatureExtractor(backbone, [self.frozen_layer], self.weights_path)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.net = CutPasteNet(trunk, rep_dim, self.head_dims, 1 + len(VARIANTS[variant]))
-        for p in self.net.parameters():
+        super()._build()
+        self.net_ = CutPasteNet(trunk, rep_dim, self.head_dims, 1 + len(VARIANTS[self.variant]))
+        for p in self.net_.parameters():
             p.requires_grad_(True)
-        self.net.eval()
-        dim = rep_dim if embedding == "backbone" else self.head_dims[-1]
-        self.register_buffer("gde_mean", torch.zeros(1, dim))
-        self.register_buffer("gde_whitening", torch.eye(dim)[None])
+        self.net_.eval()
+        dim = rep_dim if self.embedding == "backbone" else self.head_dims[-1]
+        self.register_buffer("gde_mean_", torch.zeros(1, dim))
+        self.register_buffer("gde_whitening_", torch.eye(dim)[None])
 
     # -- pieces ------------------------------------------------------------------------------
-    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+    def _frozen_features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            feats = self.backbone(images)[self.frozen_layer]
-        rep, emb, _ = self.net(feats)
+            return self.backbone_(images)[self._frozen_layer()]
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        rep, emb, _ = self.net_(self._frozen_features(images))
         return rep if self.embedding == "backbone" else emb
 
     def _patches(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -223,7 +216,7 @@ class CutPaste(Detector):
         assert p is not None
         h, w = images.shape[-2:]
         if p > min(h, w):
-            raise ValueError(f"patch_size {p} is larger than the input {h}x{w}")
+            raise InvalidParameterError(f"CutPaste: patch_size {p} is larger than the input {h}x{w}")
         cols = F.unfold(images, kernel_size=p, stride=s)  # [B, 3*p*p, L]
         nh, nw = (h - p) // s + 1, (w - p) // s + 1
         patches = cols.transpose(1, 2).reshape(-1, 3, p, p)
@@ -251,12 +244,11 @@ class CutPaste(Detector):
         return torch.cat(out), torch.cat(labels)
 
     # -- training ----------------------------------------------------------------------------
-    def fit(self, train: ImageSet, *, progress: bool = True) -> Self:
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         n = len(train)
         if n < 2:
-            raise ValueError("CutPaste.fit needs at least 2 good training images (for the Gaussian)")
+            raise TrainingDataError("CutPaste needs at least 2 good training images (for its Gaussian density)")
         device = self.device
-        self._fitted.fill_(False)
         mean = torch.tensor(train.preprocess.mean).view(1, 3, 1, 1)
         std = torch.tensor(train.preprocess.std).view(1, 3, 1, 1)
         h, w = train.preprocess.output_size
@@ -265,10 +257,10 @@ class CutPaste(Detector):
         steps_per_epoch = -(-n // bs)
         total = self.epochs * steps_per_epoch
         optimizer = torch.optim.SGD(
-            self.net.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            self.net_.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-        self.net.train()
+        self.net_.train()
         with step_bar(total, "cutpaste", enabled=progress) as bar:
             for _ in range(self.epochs):
                 order = torch.randperm(n, generator=gen)
@@ -282,10 +274,7 @@ class CutPaste(Detector):
                         x = torch.stack([im[:, t : t + p, l : l + p] for im, t, l in zip(x, tops, lefts)])
                     unit = (x * std + mean).clamp(0, 1)
                     aug, labels = self._augment(unit, min(h, w), gen)
-                    batch = ((aug - mean) / std).to(device)
-                    with torch.no_grad():
-                        feats = self.backbone(batch)[self.frozen_layer]
-                    _, _, logits = self.net(feats)
+                    _, _, logits = self.net_(self._frozen_features(((aug - mean) / std).to(device)))
                     loss = F.cross_entropy(logits, labels.to(device))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -293,24 +282,21 @@ class CutPaste(Detector):
                     schedule.step()
                     acc = (logits.argmax(1).cpu() == labels).float().mean().item()
                     bar.advance(loss=loss.item(), acc=acc)
-        self.net.eval()
+        self.net_.eval()
         self._fit_gde(train)
-        self._mark_fitted()
-        return self
 
     @torch.no_grad()
     def _fit_gde(self, train: ImageSet) -> None:
         embs = [self._embed_all(b.images.to(self.device)) for b in train.batches(self.batch_size)]
         e = torch.cat(embs).double().cpu()
         cov = ledoit_wolf_covariance(e)
-        self.gde_mean.copy_(e.mean(0, keepdim=True).float())
-        self.gde_whitening.copy_(whitening_matrices(cov[None], eps=0.0).float())
+        self.gde_mean_.copy_(e.mean(0, keepdim=True).float())
+        self.gde_whitening_.copy_(whitening_matrices(cov[None], eps=0.0).float())
 
     # -- inference ---------------------------------------------------------------------------
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.check_fitted()
+    def _predict(self, images: torch.Tensor) -> Prediction:
         emb = self._embed_all(images)
-        dist = mahalanobis(emb[:, None], self.gde_mean, self.gde_whitening)[:, 0]
+        dist = mahalanobis(emb[:, None], self.gde_mean_, self.gde_whitening_)[:, 0]
         if self.patch_size is None:
             return Prediction(scores=dist, maps=None)
         b = images.shape[0]
@@ -318,5 +304,4 @@ class CutPaste(Detector):
         nh = (size[0] - self.patch_size) // self.patch_stride + 1
         nw = (size[1] - self.patch_size) // self.patch_stride + 1
         maps = receptive_field_upsample(dist.reshape(b, nh, nw), size, self.patch_size, self.patch_stride)
-        maps = gaussian_blur(maps, self.sigma)
-        return Prediction(scores=maps.flatten(1).amax(dim=1), maps=maps)
+        return Prediction(scores=None, maps=maps)

@@ -37,13 +37,10 @@ Ours and why:
 
 from __future__ import annotations
 
-import os
-from typing import Self, Sequence
 
 import torch
 from torch import nn
 
-from iadkit.backbones import FeatureExtractor
 from iadkit.components.flows import (
     ChannelStandardizer,
     Flow,
@@ -56,7 +53,8 @@ from iadkit.components.flows import (
 )
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import Detector, register
+from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.params import at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import Prediction
 
@@ -75,71 +73,48 @@ def fastflow_flow(channels: int, steps: int, hidden_ratio: float, conv3x3_only: 
 
 
 @register
-class FastFlow(Detector):
+class FastFlow(BackboneDetector):
     """FastFlow (Yu et al. 2021): per-level 2-D normalizing flows on frozen features."""
 
     name = "fastflow"
-    family = "distribution map (normalizing flow)"
+    family = "normalizing flow"
     paper = "Yu et al., FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing Flows, arXiv 2021"
+    map_sigma = 0.0  # the paper does not smooth its maps
 
-    def __init__(
-        self,
-        backbone: str = "efficientnet_lite0",
-        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
-        weights_path: str | None = None,
-        flow_steps: int = 8,
-        hidden_ratio: float = 1.0,
-        conv3x3_only: bool = False,
-        clamp: float = 2.0,
-        epochs: int = 50,
-        batch_size: int = 32,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-5,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if flow_steps < 1 or epochs < 1 or batch_size < 1:
-            raise ValueError("flow_steps, epochs and batch_size must be at least 1")
-        self.backbone_name = backbone
-        self.layers = tuple(layers)
-        self.weights_path = None if weights_path is None else os.fspath(weights_path)
-        self.flow_steps = int(flow_steps)
-        self.hidden_ratio = float(hidden_ratio)
-        self.conv3x3_only = bool(conv3x3_only)
-        self.clamp = float(clamp)
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self.seed = int(seed)
-        self.backbone = FeatureExtractor(backbone, self.layers, self.weights_path)
-        channels = [self.backbone.channels[layer] for layer in self.layers]
-        self.flows = level_flows(
+    layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Feature levels (ResNet stages 1-3).")
+    flow_steps: int = param(8, "Flow steps per level (paper: 8 for ResNets).", check=at_least(1))
+    hidden_ratio: float = param(1.0, "Sub-network hidden channels / input channels (paper: 1.0).", check=positive())
+    conv3x3_only: bool = param(False, "Use 3x3 kernels in every step (paper: alternate 3x3 and 1x1 for ResNets).")
+    clamp: float = param(2.0, "Soft clamp of the coupling scales.", check=at_least(0))
+    epochs: int = param(50, "Training epochs (paper: 500; CPU-sized default).", check=at_least(1))
+    batch_size: int = param(32, "Images per Adam step (paper: 32).", check=at_least(1))
+    lr: float = param(1e-3, "Adam learning rate (paper: 1e-3).", check=positive())
+    weight_decay: float = param(1e-5, "Adam weight decay (paper: 1e-5).", check=at_least(0))
+
+    def _build(self) -> None:
+        super()._build()
+        channels = self.layer_channels()
+        self.flows_ = level_flows(
             channels,
             lambda c, seed: fastflow_flow(c, self.flow_steps, self.hidden_ratio, self.conv3x3_only, self.clamp, seed),
             self.seed,
         )
-        self.standardizers = nn.ModuleList(ChannelStandardizer(c) for c in channels)
+        self.standardizers_ = nn.ModuleList(ChannelStandardizer(c) for c in channels)
 
-    # -- features --------------------------------------------------------------------------
     def _latents(self, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [flow(f) for flow, f in zip(self.flows, feats)]
+        return [flow(f) for flow, f in zip(self.flows_, feats)]
 
     # -- training --------------------------------------------------------------------------
-    def fit(self, train: ImageSet, *, progress: bool = True) -> Self:
-        if len(train) == 0:
-            raise ValueError("FastFlow.fit: no training images")
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         device = self.device
-        self._fitted.fill_(False)
         cached = fit_standardized_features(
-            self.backbone, self.layers, self.standardizers, train, self.batch_size, device
+            self.backbone_, self.layers, self.standardizers_, train, self.batch_size, device
         )
-
-        optimizer = torch.optim.Adam(self.flows.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.Adam(self.flows_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         n = cached[0].shape[0]
         n_batches = -(-n // self.batch_size)
         gen = torch.Generator().manual_seed(self.seed)
-        self.flows.train()
+        self.flows_.train()
         with step_bar(self.epochs * n_batches, "fastflow", enabled=progress) as bar:
             for _ in range(self.epochs):
                 order = torch.randperm(n, generator=gen)
@@ -150,18 +125,14 @@ class FastFlow(Detector):
                     loss.backward()
                     optimizer.step()
                     bar.advance(loss=loss.item())
-        self.flows.eval()
-        self._mark_fitted()
-        return self
+        self.flows_.eval()
 
     # -- inference -------------------------------------------------------------------------
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.check_fitted()
+    def _predict(self, images: torch.Tensor) -> Prediction:
         size = tuple(images.shape[-2:])
         prob = None
-        feats = standardized_features(self.backbone, self.layers, self.standardizers, images)
+        feats = standardized_features(self.backbone_, self.layers, self.standardizers_, images)
         for z, _ in self._latents(feats):
             p = upsample(torch.exp(-0.5 * (z**2).mean(dim=1)), size)
             prob = p if prob is None else prob + p
-        maps = -prob / len(self.layers)
-        return Prediction(scores=maps.flatten(1).amax(dim=1), maps=maps)
+        return Prediction(scores=None, maps=-prob / len(self.layers))

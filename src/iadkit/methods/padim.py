@@ -30,126 +30,84 @@ Paper hyper-parameters -> ours:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import torch
 
-from iadkit.backbones import FeatureExtractor
-from iadkit.components.features import ConcatEmbedding, FeaturePath
+from iadkit.components.features import RUNTIMES, ConcatEmbedding, FeaturePath
 from iadkit.components.gaussian import PAPER_EPS, GaussianAccumulator, GaussianFitError, mahalanobis, whitening_matrices
-from iadkit.components.postprocess import blur_at_reference_sigma, upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import Detector, register
+from iadkit.errors import InvalidParameterError
+from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.params import OneOf, at_least, param
 from iadkit.types import Prediction
 
 
 def random_channel_index(total: int, n_features: int, seed: int) -> torch.Tensor:
     """Sorted seeded random subset of `n_features` channels out of `total` (PaDiM's reduction)."""
-    if not 1 <= n_features <= total:
-        raise GaussianFitError(
-            f"PaDiM: n_features={n_features} must be between 1 and the {total} channels of the chosen layers"
-        )
     g = torch.Generator().manual_seed(int(seed))
     return torch.sort(torch.randperm(total, generator=g)[:n_features]).values
 
 
 @register
-class PaDiM(Detector):
+class PaDiM(BackboneDetector):
     """Per-position Gaussians of multi-scale embeddings; Mahalanobis anomaly maps (Defard et al. 2021)."""
 
     name = "padim"
-    family = "memory-bank"
+    family = "memory bank"
     paper = "Defard et al., PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection and Localization, ICPR 2021"
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "efficientnet_lite0",
-        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
-        weights_path: str | None = None,
-        n_features: int = 100,
-        eps: float = PAPER_EPS,
-        sigma: float = 4.0,
-        batch_size: int = 32,
-        feature_runtime: str = "auto",
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if eps < 0:
-            raise GaussianFitError(f"PaDiM: eps must be >= 0, got {eps}")
-        self.backbone_name = backbone
-        self.layers = list(layers) if not isinstance(layers, str) else [layers]
-        self.weights_path = weights_path
-        self.n_features = n_features
-        self.eps = eps
-        self.sigma = sigma
-        self.batch_size = batch_size
-        self.feature_runtime = feature_runtime
-        self.seed = seed
+    layers: tuple[str, ...] = param(
+        ("blocks.1", "blocks.2", "blocks.4"), "Backbone layers, concatenated on the finest grid (ResNet layer1-3)."
+    )
+    n_features: int = param(100, "Channels kept by the seeded random reduction (paper: 100 for R18).", check=at_least(1))
+    eps: float = param(PAPER_EPS, "Regularisation added to each covariance's diagonal (paper: 0.01).", check=at_least(0))
+    batch_size: int = param(32, "Images per feature batch.", check=at_least(1))
+    feature_runtime: str = param(
+        "auto", "'auto' (ONNX Runtime on CPU when installed), 'torch' or 'onnxruntime'.", check=OneOf(RUNTIMES), inference=True
+    )
 
-        self.backbone = FeatureExtractor(backbone, self.layers, weights_path)
-        self._channels = [self.backbone.channels[name] for name in self.layers]
-        self.register_buffer("channel_index", random_channel_index(sum(self._channels), n_features, seed))
-        self.register_buffer("mean", torch.empty(0))  # [P, d]
-        self.register_buffer("whitening", torch.empty(0))  # [P, d, d], lower-triangular L^-1
-        self._build_embedding()
+    def _check_params(self) -> None:
+        super()._check_params()
+        total = sum(self.layer_channels())
+        if self.n_features > total:
+            raise InvalidParameterError(
+                f"PaDiM: n_features={self.n_features} exceeds the {total} channels of layers {list(self.layers)}"
+            )
 
-    def _build_embedding(self) -> None:
-        self.embedding = ConcatEmbedding(self._channels, self.channel_index, mode="nearest")
-        self._path = FeaturePath(self.backbone, self.embedding, self.layers, self.feature_runtime)
+    def _build(self) -> None:
+        super()._build()
+        channels = self.layer_channels()
+        self.register_buffer("channel_index_", random_channel_index(sum(channels), self.n_features, self.seed))
+        self.register_buffer("mean_", torch.empty(0))  # [P, d]
+        self.register_buffer("whitening_", torch.empty(0))  # [P, d, d], lower-triangular L^-1
+        self._params_changed(["feature_runtime"])
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().load_tensors(tensors)
-        self._build_embedding()  # the stored channel subset is authoritative
+    def _params_changed(self, names: list[str]) -> None:
+        self.embedding_ = ConcatEmbedding(self.layer_channels(), self.channel_index_, mode="nearest")
+        self._path = FeaturePath(self.backbone_, self.embedding_, list(self.layers), self.feature_runtime)
 
-    def set_feature_runtime(self, runtime: str) -> None:
-        self.feature_runtime = runtime
-        self._build_embedding()
+    def _after_load(self) -> None:
+        self._params_changed([])  # the stored channel subset is authoritative
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> reduced embeddings [B, d, h, w] (stride-4 grid by default)."""
         return self._path(images)
 
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "PaDiM":
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         acc = GaussianAccumulator()
-        batches = train.batches(self.batch_size)
-        if progress:
-            from iadkit.progress import track
-
-            batches = track(batches, total=train.num_batches(self.batch_size), description="padim features")
-        self.eval()
-        grid = None
-        # One pass over the images: caching their decoded pixels buys nothing.
-        caching, train.cache_enabled = train.cache_enabled, False
-        try:
-            with torch.inference_mode():
-                for batch in batches:
-                    emb = self.embed(batch.images.to(self.device))
-                    grid = tuple(emb.shape[-2:])
-                    acc.add(emb.flatten(2).transpose(1, 2).cpu())  # [B, P, d]
-        finally:
-            train.cache_enabled = caching
+        for images in self.single_pass(train, self.batch_size, "padim features", progress=progress):
+            emb = self.embed(images)
+            acc.add(emb.flatten(2).transpose(1, 2).cpu())  # [B, P, d]
         mean, cov = acc.finalize()
-        whitening = whitening_matrices(cov, self.eps)
-        dev = self.channel_index.device
-        self.mean = mean.float().to(dev)
-        self.whitening = whitening.float().to(dev)
-        self.grid_ = grid
-        self._mark_fitted()
-        return self
+        self.mean_ = mean.float().to(self.device)
+        self.whitening_ = whitening_matrices(cov, self.eps).float().to(self.device)
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.check_fitted()
-        size = (int(images.shape[-2]), int(images.shape[-1]))
-        emb = self.embed(images).to(self.mean.device)
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        emb = self.embed(images).to(self.mean_.device)
         b, d, h, w = emb.shape
-        if h * w != self.mean.shape[0]:
+        if h * w != self.mean_.shape[0]:
             raise GaussianFitError(
-                f"PaDiM was fitted on a {self.mean.shape[0]}-position grid but got {h}x{w}: "
+                f"PaDiM was fitted on a {self.mean_.shape[0]}-position grid but got {h}x{w}: "
                 "predict at the training image size"
             )
-        dist = mahalanobis(emb.flatten(2).transpose(1, 2), self.mean, self.whitening).reshape(b, h, w)
-        maps = upsample(dist, size)
-        maps = blur_at_reference_sigma(maps, self.sigma)
-        scores = maps.flatten(1).amax(1)
-        return Prediction(scores=scores.to(images.device), maps=maps.to(images.device))
+        dist = mahalanobis(emb.flatten(2).transpose(1, 2), self.mean_, self.whitening_).reshape(b, h, w)
+        return Prediction(scores=None, maps=dist.to(images.device))

