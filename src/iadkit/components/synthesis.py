@@ -71,6 +71,36 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return v[None] - v[None] * s[None] * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
+def rotate(image: torch.Tensor, degrees: float, *, fill: float = 0.0) -> torch.Tensor:
+    """Rotate [..., H, W] about the image centre by `degrees` (positive: clockwise on screen,
+    so +90 equals ``torch.rot90(x, -1, (-2, -1))``), bilinear, with `fill` outside the source
+    image (imgaug's Affine defaults).
+
+    Parameters
+    ----------
+    image
+        [H, W], [C, H, W] or [B, C, H, W] float tensor.
+    degrees
+        Rotation angle in degrees.
+    fill
+        Value of the pixels that come from outside the image.
+    """
+    shape = image.shape
+    h, w = shape[-2], shape[-1]
+    x = image.reshape(-1, 1, h, w)
+    theta = math.radians(degrees)
+    c, s = math.cos(theta), math.sin(theta)
+    # affine_grid works in [-1, 1] coordinates per axis: correct for the aspect ratio so the
+    # rotation is a true rotation in pixels. Output pixel p samples the input at R(-theta) p.
+    mat = torch.tensor([[c, s * h / w, 0.0], [-s * w / h, c, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(mat[None].expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    if fill == 0.0:
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    else:  # rotate (x - fill) with zero padding, so the outside becomes exactly `fill`
+        out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    return out.reshape(shape)
+
+
 def color_jitter(
     patch: torch.Tensor,
     *,
@@ -199,4 +229,5 @@ __all__ = [
     "color_jitter",
     "cutpaste",
     "cutpaste_scar",
+    "rotate",
 ]
