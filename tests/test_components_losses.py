@@ -45,7 +45,14 @@ def test_gaussian_window_is_the_11_tap_filter() -> None:
 def test_ssim_map_equals_scikit_image_everywhere() -> None:
     for x, y in _pairs():
         mssim, full = structural_similarity(
-            x, y, channel_axis=0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, full=True
+            x,
+            y,
+            channel_axis=0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=1.0,
+            full=True,
         )
         tx, ty = torch.from_numpy(x)[None], torch.from_numpy(y)[None]
         ours = ssim_map(tx, ty)[0].numpy()  # float64, symmetric (scipy 'reflect') padding

@@ -186,7 +186,9 @@ def ssim_map(
         Border handling, see above.
     """
     if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"ssim needs two [B, C, H, W] batches of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"ssim needs two [B, C, H, W] batches of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if padding not in ("symmetric", "zeros", "valid"):
         raise ValueError(f"padding must be 'symmetric', 'zeros' or 'valid', got {padding!r}")
     if min(x.shape[-2:]) < window_size:
@@ -288,7 +290,9 @@ def focal_loss(
     if target.ndim == probabilities.ndim and target.shape[1] == 1:
         target = target.squeeze(1)
     if target.shape != probabilities.shape[:1] + probabilities.shape[2:]:
-        raise ValueError(f"target shape {tuple(target.shape)} does not match probabilities {tuple(probabilities.shape)}")
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match probabilities {tuple(probabilities.shape)}"
+        )
     if target.is_floating_point() and bool((target != target.round()).any()):
         raise ValueError("focal_loss targets must be class indices (e.g. a 0/1 mask), not fractional values")
     index = target.long()

@@ -202,7 +202,8 @@ class FolderTextures(_ImageListTextures):
         paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not paths:
             raise TextureSourceError(
-                f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}; point FolderTextures at a folder of textures"
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}; "
+                "point FolderTextures at a folder of textures"
             )
         super().__init__(paths, read_image, cache)
 
@@ -257,7 +258,10 @@ def gamma_contrast(x: torch.Tensor, g: torch.Generator | None, gamma: tuple[floa
 
 
 def multiply_and_add_brightness(
-    x: torch.Tensor, g: torch.Generator | None, mul: tuple[float, float] = (0.8, 1.2), add: tuple[float, float] = (-30, 30)
+    x: torch.Tensor,
+    g: torch.Generator | None,
+    mul: tuple[float, float] = (0.8, 1.2),
+    add: tuple[float, float] = (-30, 30),
 ) -> torch.Tensor:
     """imgaug ``MultiplyAndAddToBrightness(mul=(0.8, 1.2), add=(-30, 30))``: the brightness channel
     Y (of YCrCb, one of imgaug's random colour spaces) becomes Y*mul + add/255, chroma kept."""
@@ -266,7 +270,9 @@ def multiply_and_add_brightness(
     return (x + (new_y - y)[None]).clamp(0, 1)
 
 
-def enhance_sharpness(x: torch.Tensor, g: torch.Generator | None, factor: tuple[float, float] = (0.0, 2.0)) -> torch.Tensor:
+def enhance_sharpness(
+    x: torch.Tensor, g: torch.Generator | None, factor: tuple[float, float] = (0.0, 2.0)
+) -> torch.Tensor:
     """imgaug ``pillike.EnhanceSharpness()`` (factor in (0, 2)): PIL's blend between the image
     smoothed by the 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]]/13 (border pixels kept) and the image."""
     kernel = torch.ones(3, 3, dtype=x.dtype, device=x.device)
@@ -277,7 +283,9 @@ def enhance_sharpness(x: torch.Tensor, g: torch.Generator | None, factor: tuple[
     return torch.lerp(smooth, x, _u(*factor, g)).clamp(0, 1)
 
 
-def add_hue_and_saturation(x: torch.Tensor, g: torch.Generator | None, value: tuple[float, float] = (-50, 50)) -> torch.Tensor:
+def add_hue_and_saturation(
+    x: torch.Tensor, g: torch.Generator | None, value: tuple[float, float] = (-50, 50)
+) -> torch.Tensor:
     """imgaug ``AddToHueAndSaturation((-50, 50), per_channel=True)``: independent adds to hue
     and saturation in imgaug's 8-bit units (255 = a full hue turn / full saturation)."""
     hsv = _rgb_to_hsv(x)
