@@ -112,6 +112,9 @@ def test_skimage_textures_are_bundled_and_load_offline() -> None:
     tex = source.sample((40, 56), _gen(0))
     assert tex.shape == (3, 40, 56)
     assert torch.equal(tex, source.sample((40, 56), _gen(0)))
+    tex.zero_()  # the cached copy is not handed out
+    assert torch.equal(source.sample((40, 56), _gen(0)), SkimageTextures(cache=False).sample((40, 56), _gen(0)))
+    assert isinstance(T.default_texture_source(), SkimageTextures)
     with pytest.raises(TextureSourceError, match="rough_wall"):
         SkimageTextures(["brick.png", "rough_wall.png"])  # fetched on demand by skimage: refused
 

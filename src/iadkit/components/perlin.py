@@ -3,8 +3,9 @@
 DRAEM (Zavrtanik, Kristan, Skočaj, "DRAEM - A discriminatively trained reconstruction embedding
 for surface anomaly detection", ICCV 2021) shapes its synthetic anomalies with 2-D Perlin
 noise: random gradient vectors on a coarse lattice, interpolated with the quintic fade
-6t^5 - 15t^4 + 10t^3, rotated at random and thresholded. The blobs it gives have irregular,
-smooth outlines of every size from a few pixels to half the image.
+6t^5 - 15t^4 + 10t^3, rotated at random and thresholded. With a random lattice scale per
+axis this gives irregular smooth-edged regions, from thin streaks to large blobs (about 5% of
+the image on average at the default settings).
 
 ========================  ==================================  ===================================
 paper                     reference code (VitjanZ/DRAEM)      ours
@@ -16,7 +17,7 @@ Perlin noise              ``rand_perlin_2d_np``: one octave,  `perlin_noise`: th
                                                               of ``res``
 random scale              ``2**randint(0, 6)`` per axis       ``scale_exponents=(0, 6)``: 2**k,
                           (1 to 32 cells)                     k uniform in [0, 6), per axis
-(not described)           octaves: ``rand_perlin_2d_octaves`` `perlin_octaves`, ``octaves=1``
+(octaves)                 ``rand_perlin_2d_octaves``          `perlin_octaves`, ``octaves=1``
                           exists but is not used              by default as in the data loader
 random rotation           imgaug ``Affine(rotate=(-90, 90))`` `rotate` by an angle uniform in
                           (bilinear, fill 0)                  ``rotation=(-90, 90)``, bilinear,
