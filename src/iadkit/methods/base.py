@@ -79,6 +79,9 @@ class Detector(nn.Module):
     map_sigma: ClassVar[float] = 4.0
     # Tensors under these prefixes are rebuilt on load, never written to model files.
     frozen_prefixes: ClassVar[tuple[str, ...]] = ()
+    # The smallest configuration that still runs every code path (seconds on a CPU at 64 px):
+    # what the contract test (tests/test_contract.py) fits for every registered method.
+    smoke_params: ClassVar[dict[str, Any]] = {}
 
     seed: int = param(0, "Seed of every random choice the method makes (initialisation, sampling, order).")
 
@@ -347,6 +350,11 @@ class BackboneDetector(Detector):
         if self.backbone not in backbone_names():
             raise InvalidParameterError(
                 f"{type(self).__name__}: unknown backbone {self.backbone!r}; choose one of {', '.join(backbone_names())}"
+            )
+        if self.weights_path is not None and not os.path.isfile(self.weights_path):
+            raise InvalidParameterError(
+                f"{type(self).__name__}: weights_path {os.fspath(self.weights_path)!r} is not a file; "
+                f"give the path of the {self.backbone} weight file (see `iadkit weights`)"
             )
         names = [info.name for info in layer_names(self.backbone)]
         layers = self.tapped_layers()

@@ -99,6 +99,7 @@ class CFA(BackboneDetector):
         "Lee, Lee & Song, CFA: Coupled-hypersphere-based Feature Adaptation for Target-Oriented "
         "Anomaly Localization, IEEE Access 2022"
     )
+    smoke_params = {"epochs": 1, "layers": ("blocks.2", "blocks.4")}
 
     layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Backbone stages (WRN-50 stages 1-3).")
     gamma_c: int = param(1, "Memory compression: K-means to (h*w)/gamma_c centres (paper: 1).", check=at_least(1))

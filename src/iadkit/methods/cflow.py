@@ -108,6 +108,7 @@ class CFlow(BackboneDetector):
     name = "cflow"
     family = "normalizing flow"
     paper = "Gudovskiy et al., CFLOW-AD: Real-Time Unsupervised Anomaly Detection with Localization via Conditional Normalizing Flows, WACV 2022"
+    smoke_params = {"epochs": 1, "coupling_blocks": 2, "layers": ("blocks.2", "blocks.4")}
     map_sigma = 0.0  # the paper does not smooth its maps
 
     layers: tuple[str, ...] = param(("blocks.2", "blocks.4", "blocks.6"), "Encoder scales (strides 8/16/32).")

@@ -142,6 +142,7 @@ class CutPaste(BackboneDetector):
     name = "cutpaste"
     family = "one-class classification"
     paper = "Li et al., CutPaste: Self-Supervised Learning for Anomaly Detection and Localization, CVPR 2021"
+    smoke_params = {"epochs": 1, "batch_size": 8, "patch_size": 32, "patch_stride": 16}
     produces_maps = False  # the image-level variant; `patch_size` turns on maps (`draws_maps`)
 
     finetune_from: str = param("blocks.5", "First backbone stage that is fine-tuned (earlier stages stay frozen).")

@@ -79,6 +79,7 @@ class FastFlow(BackboneDetector):
     name = "fastflow"
     family = "normalizing flow"
     paper = "Yu et al., FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing Flows, arXiv 2021"
+    smoke_params = {"epochs": 2, "flow_steps": 2, "batch_size": 8}
     map_sigma = 0.0  # the paper does not smooth its maps
 
     layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Feature levels (ResNet stages 1-3).")

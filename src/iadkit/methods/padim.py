@@ -54,6 +54,7 @@ class PaDiM(BackboneDetector):
     name = "padim"
     family = "memory bank"
     paper = "Defard et al., PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection and Localization, ICPR 2021"
+    smoke_params = {"n_features": 32}
 
     layers: tuple[str, ...] = param(
         ("blocks.1", "blocks.2", "blocks.4"), "Backbone layers, concatenated on the finest grid (ResNet layer1-3)."

@@ -118,6 +118,7 @@ class PatchCore(BackboneDetector):
     name = "patchcore"
     family = "memory bank"
     paper = "Roth et al., Towards Total Recall in Industrial Anomaly Detection, CVPR 2022"
+    smoke_params = {"coreset_ratio": 0.1}
 
     layers: tuple[str, ...] = param(("blocks.2", "blocks.4"), "Backbone layers (strides 8, 16: WRN-50 layer2/3).")
     patch_size: int = param(3, "Neighbourhood p aggregated around each position (paper: 3).", check=at_least(1))

@@ -52,6 +52,7 @@ class ReverseDistillation(BackboneDetector):
     name = "reverse_distillation"
     family = "teacher-student"
     paper = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
+    smoke_params = {"epochs": 2, "batch_size": 8}
 
     layers: tuple[str, ...] = param(
         ("blocks.1", "blocks.2", "blocks.4"), "Encoder stages, shallow to deep (WRN-50 layer1-3).", check=Length(2)

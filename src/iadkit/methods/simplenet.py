@@ -65,6 +65,7 @@ class SimpleNet(BackboneDetector):
     name = "simplenet"
     family = "one-class classification"
     paper = "Liu et al., SimpleNet: A Simple Network for Image Anomaly Detection and Localization, CVPR 2023"
+    smoke_params = {"epochs": 2}
 
     layers: tuple[str, ...] = param(("blocks.2", "blocks.4"), "Backbone layers (strides 8, 16: WRN-50 layer2/3).")
     patch_size: int = param(3, "Neighbourhood aggregated around each position (paper: 3).", check=at_least(1))

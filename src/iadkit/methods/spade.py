@@ -64,6 +64,7 @@ class SPADE(BackboneDetector):
     name = "spade"
     family = "memory bank"
     paper = "Cohen & Hoshen, Sub-Image Anomaly Detection with Deep Pyramid Correspondences, 2020"
+    smoke_params = {"k_images": 3}
 
     layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Pyramid layers for the pixel gallery.")
     global_layer: str = param("head", "Layer whose pooled output describes a whole image.")

@@ -61,6 +61,7 @@ class STFPM(BackboneDetector):
     name = "stfpm"
     family = "teacher-student"
     paper = "Wang et al., Student-Teacher Feature Pyramid Matching for Anomaly Detection, BMVC 2021"
+    smoke_params = {"epochs": 2, "batch_size": 8}
     map_sigma = 0.0  # the paper does not smooth its maps
 
     layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Pyramid levels (ResNet-18 conv2_x-conv4_x).")

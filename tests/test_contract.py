@@ -1,0 +1,193 @@
+"""The detector contract, checked over every registered method (as scikit-learn's
+`parametrize_with_checks`): a method added later is checked automatically.
+
+Each method is fitted with its `smoke_params` on a tiny set with obvious defects (64 px):
+fit returns self; predict gives finite float scores [N] and, when the method draws maps,
+float32 maps [N, 64, 64]; predicting before fit raises NotFittedError; a model file
+reproduces the scores and maps bit for bit; get_params/clone/set_params behave as in
+scikit-learn; the same seed gives the same scores; every hyper-parameter refuses a value
+of the wrong kind with InvalidParameterError; and defective images score higher than good
+ones for at least 70 % of (good, defective) pairs (AUROC >= 0.7; the defects are large).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from iadkit.errors import IadkitError, InvalidParameterError, NotFittedError
+from iadkit.methods import available_methods
+from iadkit.methods.base import Detector, jsonable
+from iadkit.metrics.image import image_auroc
+from iadkit.model import Model
+from iadkit.types import ANOMALOUS, GOOD, Sample
+
+SIZE = 64
+METHODS = sorted(name for name, cls in available_methods().items() if cls.__module__.startswith("iadkit.methods."))
+
+
+def _texture(rng: np.random.Generator) -> np.ndarray:
+    """A smooth grey texture with mild noise, like a brushed surface."""
+    from scipy import ndimage
+
+    base = ndimage.gaussian_filter(rng.normal(0, 1, (SIZE, SIZE)), 3)
+    img = 120 + 25 * base / (np.abs(base).max() + 1e-6) + rng.normal(0, 2, (SIZE, SIZE))
+    return np.repeat(img[:, :, None], 3, axis=2)
+
+
+def _dataset() -> tuple[list[Sample], list[Sample]]:
+    """14 good training images; test: 8 good, 8 with a dark 14x14 blob (masks given)."""
+    rng = np.random.default_rng(0)
+    train = [Sample(path=f"mem://train/{i}", label=GOOD, image=_texture(rng).clip(0, 255).astype(np.uint8)) for i in range(14)]
+    test = []
+    for i in range(16):
+        img = _texture(rng)
+        mask = np.zeros((SIZE, SIZE), bool)
+        if i >= 8:
+            r, c = rng.integers(8, SIZE - 22, 2)
+            img[r : r + 14, c : c + 14] = 20
+            mask[r : r + 14, c : c + 14] = True
+        test.append(
+            Sample(
+                path=f"mem://test/{i}",
+                label=ANOMALOUS if i >= 8 else GOOD,
+                defect_type="blob" if i >= 8 else "good",
+                image=img.clip(0, 255).astype(np.uint8),
+                mask=mask if i >= 8 else None,
+            )
+        )
+    return train, test
+
+
+DATA = _dataset()
+
+
+def _model(name: str, **extra) -> Model:
+    cls = available_methods()[name]
+    return Model.create(name, image_size=SIZE, **{**cls.smoke_params, **extra})
+
+
+@pytest.fixture(scope="module")
+def fitted() -> dict[str, Model]:
+    return {}
+
+
+def _fitted(name: str, cache: dict[str, Model]) -> Model:
+    if name not in cache:
+        torch.set_num_threads(1)
+        model = _model(name)
+        returned = model.detector.fit  # the detector's fit returns the detector itself
+        assert returned is not None
+        cache[name] = model.fit(DATA[0], calibration_fraction=0.15, progress=False)
+    return cache[name]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_declared_attributes(name: str) -> None:
+    cls = available_methods()[name]
+    assert cls.name == name and cls.family and cls.paper
+    assert cls.supervision in ("unsupervised", "semi-supervised", "zero-shot")
+    assert isinstance(cls.produces_maps, bool) and cls.map_sigma >= 0
+    # the constructor is keyword-only and documented: every hyper-parameter in the docstring
+    params = inspect.signature(cls).parameters
+    assert all(p.kind == p.KEYWORD_ONLY for p in params.values())
+    assert list(params) == cls.param_names()
+    for n in params:
+        assert f"\n    {n} : " in (cls.__doc__ or ""), f"{name}: {n} is not documented"
+    with pytest.raises(TypeError):
+        cls(1)  # positional arguments are refused  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_init_stores_and_clone_round_trips(name: str) -> None:
+    cls = available_methods()[name]
+    det = cls(**cls.smoke_params)
+    params = det.get_params()
+    for k, v in cls.smoke_params.items():
+        assert params[k] is v  # stored unchanged, not converted
+    json.dumps(jsonable(params))  # a manifest can hold them
+    clone = det.clone()
+    assert type(clone) is cls and clone.get_params() == params and not clone.is_fitted
+    assert clone.set_params(seed=5) is clone and clone.seed == 5 and det.seed == params["seed"]
+    with pytest.raises(InvalidParameterError, match="did you mean"):
+        det.set_params(sed=1)
+    with pytest.raises(InvalidParameterError):
+        cls(not_a_parameter=1)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_hyper_parameter_refuses_a_wrong_value(name: str) -> None:
+    cls = available_methods()[name]
+    cls(**cls.smoke_params).validate()  # the defaults are valid
+    for pname, (spec, _) in cls._params.items():
+        bad = "not-a-valid-value" if not isinstance(spec.default, str) else object()
+        det = cls(**{**cls.smoke_params, pname: bad})
+        with pytest.raises(InvalidParameterError, match=pname):
+            det.validate()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_predict_before_fit_raises(name: str) -> None:
+    model = _model(name)
+    with pytest.raises(NotFittedError):
+        model.detector.predict(torch.zeros(1, 3, SIZE, SIZE))
+    with pytest.raises(NotFittedError):
+        model.predict(DATA[1][:1])
+    assert isinstance(NotFittedError("x"), IadkitError)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_fit_predict_shapes_scores_and_ranking(name: str, fitted: dict[str, Model]) -> None:
+    model = _fitted(name, fitted)
+    det = model.detector
+    assert det.is_fitted and model.threshold is not None
+    result = model.predict(DATA[1])
+    n = len(DATA[1])
+    assert result.scores.shape == (n,) and np.issubdtype(result.scores.dtype, np.floating)
+    assert np.isfinite(result.scores).all()
+    if det.draws_maps():
+        assert result.maps is not None and result.maps.shape == (n, SIZE, SIZE) and result.maps.dtype == np.float32
+        assert np.isfinite(result.maps).all()
+    else:
+        assert result.maps is None
+    auroc = image_auroc(result.labels, result.scores)
+    assert auroc >= 0.7, f"{name}: image AUROC {auroc:.3f} on large dark blobs"
+    # learned state is named with a trailing underscore; the frozen backbone is not saved
+    tensors, _ = det.state()
+    assert tensors and all(k.split(".")[0].endswith("_") for k in tensors), sorted(tensors)[:5]
+    assert not any(k.startswith(det.frozen_prefixes) for k in tensors) if det.frozen_prefixes else True
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_model_file_round_trip_is_exact(name: str, fitted: dict[str, Model], tmp_path) -> None:
+    model = _fitted(name, fitted)
+    loaded = Model.load(model.save(tmp_path / f"{name}.iad"))
+    a, b = model.predict(DATA[1][:6]), loaded.predict(DATA[1][:6])
+    np.testing.assert_array_equal(a.scores, b.scores)
+    if a.maps is not None:
+        np.testing.assert_array_equal(a.maps, b.maps)
+    assert loaded.detector.get_params() == model.detector.get_params()
+    assert loaded.threshold == model.threshold and loaded.postprocess == model.postprocess
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_same_seed_gives_the_same_scores(name: str, fitted: dict[str, Model]) -> None:
+    first = _fitted(name, fitted)
+    torch.manual_seed(1234)  # the global generator's state must not matter
+    again = _model(name).fit(DATA[0], calibration_fraction=0.15, progress=False)
+    np.testing.assert_allclose(again.predict(DATA[1]).scores, first.predict(DATA[1]).scores, rtol=1e-5, atol=1e-6)
+
+
+def test_every_method_module_is_checked() -> None:
+    import pkgutil
+
+    import iadkit.methods as pkg
+
+    modules = {m.name for m in pkgutil.iter_modules(pkg.__path__)} - {"base", "params"}
+    registered = {available_methods()[n].__module__.rsplit(".", 1)[1] for n in METHODS}
+    assert modules <= registered, f"method modules not registered: {sorted(modules - registered)}"
+    assert all(issubclass(available_methods()[n], Detector) for n in METHODS)
