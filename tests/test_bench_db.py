@@ -108,3 +108,65 @@ def test_newer_schema_is_refused_and_junk_is_reported(tmp_path):
         ResultsDB(junk)
     with pytest.raises(ResultsDBError, match="iadkit benchmark"):
         ResultsDB(tmp_path / "missing.db", create=False)
+
+
+def test_schema_1_database_migrates_in_place_and_reads_read_only(tmp_path):
+    """A results database of schema 1 (no operating_point column) is read as it is and gains
+    the column, and schema 2, when opened for writing."""
+    path = tmp_path / "old.db"
+    old_schema = _SCHEMA_1
+    con = sqlite3.connect(path)
+    con.executescript(old_schema)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.execute(
+        "INSERT INTO runs (cell_id, method, params, dataset, dataset_label, category, setting, setting_params, seed, "
+        "image_size, status, metrics, timings, iadkit_version) VALUES ('c1', 'm', '{}', 'd', 'd', 'cat', 'vanilla', "
+        "'{}', 0, '[16, 16]', 'done', '{\"image_auroc\": 0.5}', '{}', '0.1.0')"
+    )
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    with ResultsDB(path, writable=False) as db:
+        (run,) = db.runs()
+        assert run["operating_point"] is None and run["metrics"]["image_auroc"] == 0.5
+    assert path.read_bytes() == before
+    with ResultsDB(path) as db:
+        assert db.meta()["schema_version"] == str(SCHEMA_VERSION) == "2"
+        assert "operating_point" in {r[1] for r in db.conn.execute("PRAGMA table_info(runs)")}
+        assert db.runs()[0]["cell_id"] == "c1"
+
+
+def test_someone_elses_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "other.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE customers (id INTEGER)")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    for writable in (False, True):
+        with pytest.raises(ResultsDBError, match="not an iadkit results database"):
+            ResultsDB(path, writable=writable)
+    assert path.read_bytes() == before
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    with pytest.raises(ResultsDBError):
+        ResultsDB(empty, writable=False)
+    assert empty.read_bytes() == b""
+
+
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE runs (
+    cell_id TEXT PRIMARY KEY, method TEXT NOT NULL, params TEXT NOT NULL, dataset TEXT NOT NULL,
+    dataset_label TEXT NOT NULL, subsample TEXT, category TEXT NOT NULL, setting TEXT NOT NULL,
+    setting_params TEXT NOT NULL, seed INTEGER NOT NULL, image_size TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')), metrics TEXT, timings TEXT,
+    n_train INTEGER, n_test INTEGER, iadkit_version TEXT NOT NULL, host TEXT, error TEXT, traceback TEXT,
+    started TEXT, finished TEXT
+);
+CREATE TABLE scores (cell_id TEXT NOT NULL, idx INTEGER NOT NULL, path TEXT NOT NULL, label INTEGER NOT NULL,
+    defect_type TEXT NOT NULL, score REAL NOT NULL, PRIMARY KEY (cell_id, idx));
+CREATE TABLE overlays (cell_id TEXT NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL, path TEXT NOT NULL,
+    label INTEGER NOT NULL, defect_type TEXT NOT NULL, score REAL NOT NULL, png BLOB NOT NULL,
+    PRIMARY KEY (cell_id, kind, rank));
+"""

@@ -69,7 +69,7 @@ def bench(tmp_path_factory):
 def test_page_has_every_section(bench):
     path, page, _ = bench
     assert path.name == "index.html" and path.stat().st_size > 10_000
-    assert page.sections == ["overview", "charts", "tables", "roc", "cost", "gallery", "failed"]
+    assert page.sections == ["overview", "charts", "tables", "roc", "operating", "cost", "gallery", "failed"]
 
 
 def test_metric_tables_hold_the_database_numbers_with_mean_rows(bench):
@@ -129,3 +129,30 @@ def test_report_of_a_missing_database_is_a_clear_error(tmp_path):
 
     with pytest.raises(ResultsDBError, match="no such results database"):
         write_report(tmp_path / "nope.db", tmp_path / "out")
+
+
+def test_operating_point_tables_hold_the_test_rates_lowest_best(tmp_path):
+    """Cells with a calibrated threshold: the report tabulates the test false-alarm and miss
+    rates per category and method (lower is better: the lowest value is outlined), and never
+    writes into the database it reads."""
+    from iadkit.bench.config import Cell
+    from iadkit.bench.db import CellResult
+
+    db_path = tmp_path / "r.db"
+    rates = {("a", "flat"): (0.0, 0.25), ("a", "dark"): (0.1, 0.5), ("b", "flat"): (0.2, 0.0), ("b", "dark"): (0.3, 0.1)}
+    with ResultsDB(db_path) as db:
+        for (method, cat), (far, miss) in rates.items():
+            cell = Cell(method, {}, "tinybench", cat, "vanilla", 0, (16, 16))
+            op = {"threshold": 1.5, "rule": "false_alarm_rate", "target_fpr": 0.01, "n_calibration": 2,
+                  "test_false_alarm_rate": far, "test_miss_rate": miss}
+            db.record(CellResult(cell=cell, status="done", metrics={"image_auroc": 0.9}, operating_point=op,
+                                 paths=["x"], labels=[0], defect_types=["good"], scores=[0.1]))
+    before = db_path.read_bytes()
+    page = Page()
+    page.feed(write_report(db_path, tmp_path / "out").read_text(encoding="utf-8"))
+    assert db_path.read_bytes() == before  # reading never modifies the input
+    tables = {t["attrs"]["data-metric"]: t["rows"] for t in page.tables if "data-metric" in t["attrs"]}
+    header, flat, dark, mean = tables["test_false_alarm_rate"]
+    assert header == ["dataset / category", "a", "b"]
+    assert flat == ["tinybench / flat", "0.000", "0.200"] and mean == ["mean", "0.050", "0.250"]
+    assert tables["test_miss_rate"][-1] == ["mean", "0.375", "0.050"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -84,3 +85,49 @@ def test_cli_errors_are_one_clear_line(tmp_path):
         finally:
             sys.argv = argv
     assert exc.value.code == 2
+
+
+def test_methods_lists_every_method_with_its_attributes():
+    from iadkit.methods import available_methods
+
+    r = runner.invoke(app, ["methods", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in json.loads(r.output)}
+    assert set(rows) >= {n for n in available_methods() if not n.startswith("test_")}
+    pc = rows["patchcore"]
+    assert pc["family"] == "memory bank" and pc["supervision"] == "unsupervised" and pc["produces_maps"]
+    assert pc["params"]["coreset_ratio"] == 0.1 and pc["paper"].startswith("Roth")
+    assert rows["cutpaste"]["produces_maps"] is False
+    r = runner.invoke(app, ["methods"])
+    assert r.exit_code == 0 and "patchcore" in r.output and "teacher-student" in r.output
+    r = runner.invoke(app, ["methods", "patchcore"])
+    assert r.exit_code == 0 and "coreset_ratio : float, default=0.1" in r.output
+
+
+def test_fit_checks_everything_before_training(tmp_path):
+    """Bad options fail fast with one line (exit 2), before any training and without a file."""
+    import sys
+
+    from iadkit.cli import main
+
+    data = make_tree(tmp_path / "data")
+
+    def run(*args):
+        argv, sys.argv = sys.argv, ["iadkit", "fit", "-d", str(data), "-c", "plate", *args]
+        try:
+            with pytest.raises(SystemExit) as exc:
+                main()
+        finally:
+            sys.argv = argv
+        return exc.value.code
+
+    out = tmp_path / "m.iad"
+    assert run("-m", "patchcor", "-o", str(out)) == 2  # unknown method (closest name suggested)
+    assert run("-m", "patchcore", "-o", str(out), "-p", "coreset_ratio=2") == 2
+    assert run("-m", "patchcore", "-o", str(out), "-p", "coreset_rati=0.1") == 2
+    assert run("-m", "patchcore", "-o", str(out), "--target-fpr", "1.5") == 2
+    assert run("-m", "patchcore", "-o", str(out), "--device", "cuda:7") == 2
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run("-m", "patchcore", "-o", str(blocker / "m.iad")) == 2  # its folder cannot exist
+    assert not out.exists()

@@ -36,6 +36,7 @@ from iadkit.bench.summary import (
     TIMINGS,
     MetricTable,
     cost_table,
+    operating_tables,
     fmt_metric,
     fmt_timing,
     is_nan,
@@ -94,8 +95,9 @@ def _esc(s: Any) -> str:
 
 
 def _shade(v: float, lo: float, hi: float) -> str:
-    """Background colour from red (worst in the row) through yellow to green (best)."""
-    if is_nan(v) or not hi > lo:
+    """Background colour from red (at `lo`, the worst in the row) through yellow to green (at
+    `hi`, the best); `lo` > `hi` for a measure where lower is better."""
+    if is_nan(v) or hi == lo:
         return ""
     from matplotlib import colormaps
 
@@ -111,7 +113,9 @@ def _metric_table_html(t: MetricTable) -> str:
     for label, values in t.rows + [("mean", t.mean)]:
         vals = [v for v in values.values() if not is_nan(v)]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 0.0)
-        top = max(vals) if vals else None
+        if t.lower_is_better:  # colour and outline the lowest value as the best
+            lo, hi = hi, lo
+        top = (min(vals) if t.lower_is_better else max(vals)) if vals else None
         cls = ' class="mean"' if label == "mean" else ""
         cells = []
         for m in t.methods:
@@ -330,6 +334,40 @@ def _failed_html(runs: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _operating_html(runs: list[dict[str, Any]]) -> str:
+    """The operating point: what each model's own threshold (calibrated on held-out good
+    training images for a 1 % false-alarm target) does on the test set."""
+    tables = operating_tables(runs)
+    out = ['<section id="operating"><h2>At the calibrated threshold</h2>']
+    if not tables:
+        out.append('<p class="note">No cell has a threshold (each needs at least 10 good training images left after holding 10 % out).</p></section>')
+        return "\n".join(out)
+    out.append(
+        '<p class="note">Each model set its own threshold on good training images it did not learn from '
+        "(10 % held out, target false-alarm rate 1 %), as `iadkit fit` does. False alarms: share of good test "
+        "parts flagged; misses: share of defective test parts passed. Lower is better; a line engineer's "
+        "first question. The threshold values themselves are not comparable across methods.</p>"
+    )
+    for t in tables:
+        out.append(f"<h3>{_esc(t.title)} · {_esc(t.setting)}</h3>{_metric_table_html(t)}")
+    thresholds = [
+        (r["method"], row_label(r), r["operating_point"])
+        for r in runs
+        if r["status"] == "done" and r.get("operating_point")
+    ]
+    rows = "".join(
+        f'<tr><td class="l">{_esc(m)}</td><td class="l">{_esc(lbl)}</td><td>{op["threshold"]:.4g}</td>'
+        f'<td>{op.get("n_calibration") or "–"}</td></tr>'
+        for m, lbl, op in thresholds
+    )
+    out.append(
+        '<details><summary>thresholds per cell (and how many held-out images set each)</summary>'
+        '<table><tr><th class="l">method</th><th class="l">dataset / category</th><th>threshold</th>'
+        f"<th>calibration images</th></tr>{rows}</table></details></section>"
+    )
+    return "\n".join(out)
+
+
 def build_report_html(db_path: str | Path) -> str:
     """The report page as a string (used by `write_report`, and by tests)."""
     import matplotlib
@@ -395,6 +433,7 @@ def build_report_html(db_path: str | Path) -> str:
             if img:
                 body.append(f'<img class="plot" src="{img}" alt="ROC curves {_esc(s)}">')
         body.append("</section>")
+        body.append(_operating_html(runs))
         body.append(f'<section id="cost"><h2>Time and memory</h2>{_cost_html(list(costs.values()))}</section>')
         body.append(f'<section id="gallery"><h2>Gallery</h2>{_gallery_html(db, runs)}</section>')
         body.append(f'<section id="failed"><h2>Failed or interrupted cells</h2>{_failed_html(runs)}</section>')
@@ -402,7 +441,7 @@ def build_report_html(db_path: str | Path) -> str:
     title = "iadkit benchmark report"
     nav = "".join(
         f'<a href="#{a}">{n}</a>'
-        for a, n in [("overview", "Overview"), ("charts", "Charts"), ("tables", "Tables"), ("roc", "ROC"), ("cost", "Time & memory"), ("gallery", "Gallery"), ("failed", "Failures")]
+        for a, n in [("overview", "Overview"), ("charts", "Charts"), ("tables", "Tables"), ("roc", "ROC"), ("operating", "Threshold"), ("cost", "Time & memory"), ("gallery", "Gallery"), ("failed", "Failures")]
     )
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'

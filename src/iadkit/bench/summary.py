@@ -27,6 +27,13 @@ METRICS: dict[str, str] = {
     "aupro_100": "AUPRO@0.3 (100 thr.)",
 }
 
+# What the calibrated threshold does on the test set (the runs' `operating_point`); lower is
+# better, unlike the metrics above.
+OPERATING: dict[str, str] = {
+    "test_false_alarm_rate": "false alarms @ threshold",
+    "test_miss_rate": "misses @ threshold",
+}
+
 TIMINGS: dict[str, tuple[str, str]] = {
     "fit_seconds": ("fit time", "s"),
     "seconds_per_image": ("time / image", "ms"),
@@ -60,11 +67,17 @@ class MetricTable:
 
     @property
     def title(self) -> str:
-        return METRICS.get(self.metric, self.metric)
+        return METRICS.get(self.metric, OPERATING.get(self.metric, self.metric))
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric in OPERATING
 
     def best(self, values: dict[str, float]) -> str | None:
         vals = {m: v for m, v in values.items() if not is_nan(v)}
-        return max(vals, key=vals.__getitem__) if vals else None
+        if not vals:
+            return None
+        return (min if self.lower_is_better else max)(vals, key=vals.__getitem__)
 
 
 def short_dataset(run: dict[str, Any]) -> str:
@@ -131,6 +144,18 @@ def metric_tables(runs: list[dict[str, Any]], metrics: Iterable[str] | None = No
                     table.incomplete.add(m)
             tables.append(table)
     return tables
+
+
+def operating_tables(runs: list[dict[str, Any]]) -> list[MetricTable]:
+    """Per (setting, category, method): the test false-alarm and miss rates at the threshold
+    each model calibrated on its own held-out good images (target FPR 1 %) — what a line
+    would see. Cells without a threshold (too few training images to hold any out) are blank."""
+    derived = [
+        {**r, "metrics": {k: r["operating_point"].get(k) for k in OPERATING}}
+        for r in runs
+        if r["status"] == "done" and r.get("operating_point")
+    ]
+    return metric_tables(derived, OPERATING)
 
 
 @dataclass

@@ -71,12 +71,16 @@ def methods_cmd(
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="Methods")
-    for col in ("method", "family", "supervision", "outputs", "paper"):
-        table.add_column(col, overflow="fold")
+    table.add_column("method", no_wrap=True)
+    table.add_column("family", no_wrap=True)
+    table.add_column("supervision")
+    table.add_column("outputs")
+    table.add_column("paper")
     for r in rows:
-        outputs = "scores + maps" if r["produces_maps"] else "scores (maps with patch_size)" if r["name"] == "cutpaste" else "scores"
-        extras = [k for k in ("continual", "multi_class", "uses_depth") if r[k]]
-        table.add_row(r["name"], r["family"], r["supervision"] + (f" ({', '.join(extras)})" if extras else ""), outputs, r["paper"])
+        outputs = "scores, maps" if r["produces_maps"] else "scores"
+        extras = [k.replace("_", "-") for k in ("continual", "multi_class", "uses_depth") if r[k]]
+        paper = r["paper"].split(",")[0] + ", " + r["paper"].rsplit(",", 1)[-1].strip()
+        table.add_row(r["name"], r["family"], r["supervision"] + (f" ({', '.join(extras)})" if extras else ""), outputs, paper)
     console.print(table)
     console.print("`iadkit methods NAME` shows a method's hyper-parameters; pass them with `iadkit fit -p key=value`.")
 
