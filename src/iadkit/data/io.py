@@ -40,6 +40,7 @@ hold instance labels (0, 1, 2, ...) use ``nonzero=True``.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -208,12 +209,12 @@ def _channels_last(path: Path, arr: np.ndarray, *, gray_alpha: bool = False) -> 
 # --------------------------------------------------------------------------------------
 # decoders
 # --------------------------------------------------------------------------------------
-def _decode_tiff(path: Path, max_pixels: int | None) -> np.ndarray | None:
+def _decode_tiff(path: Path, max_pixels: int | None, data: bytes | None = None) -> np.ndarray | None:
     """TIFF via tifffile; None when the photometric interpretation is better left to Pillow."""
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(path if data is None else io.BytesIO(data)) as tif:
             if not tif.pages:
                 raise _fail(path, "TIFF file has no pages.")
             page = tif.pages[0]
@@ -241,11 +242,14 @@ def _decode_tiff(path: Path, max_pixels: int | None) -> np.ndarray | None:
     return _channels_last(path, arr)
 
 
-def _decode_png16_color(path: Path) -> np.ndarray:
+def _decode_png16_color(path: Path, data: bytes | None = None) -> np.ndarray:
     """16-bit RGB / RGBA / gray+alpha PNG via OpenCV (Pillow would cut it to 8 bits)."""
     import cv2
 
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if data is None:
+        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    else:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise _fail(path, "cannot decode 16-bit PNG; the file is truncated or corrupt.")
     if arr.ndim == 3 and arr.shape[2] >= 3:
@@ -253,13 +257,13 @@ def _decode_png16_color(path: Path) -> np.ndarray:
     return arr
 
 
-def _decode_pillow(path: Path, max_pixels: int | None) -> tuple[np.ndarray, bool]:
+def _decode_pillow(path: Path, max_pixels: int | None, data: bytes | None = None) -> tuple[np.ndarray, bool]:
     """Pillow decode; returns (array, is_gray_alpha)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with _strict_pillow():
-            with Image.open(path) as im:
+            with Image.open(path if data is None else io.BytesIO(data)) as im:
                 _check_pixels(path, im.height, im.width, max_pixels)
                 im.load()  # full decode now: truncation raises here, not later
                 im = ImageOps.exif_transpose(im)
@@ -291,19 +295,27 @@ def _decode_pillow(path: Path, max_pixels: int | None) -> tuple[np.ndarray, bool
         raise _fail(path, f"cannot decode image ({type(exc).__name__}: {exc}); the file is corrupt.") from None
 
 
-def _decode(path: Path, max_pixels: int | None) -> tuple[np.ndarray, str]:
-    """Decoded array (any dtype, HxW or HxWxC) and the format name."""
-    head = _check_file(path)
+def _decode(path: Path, max_pixels: int | None, data: bytes | None = None) -> tuple[np.ndarray, str]:
+    """Decoded array (any dtype, HxW or HxWxC) and the format name.
+
+    With `data`, the image is decoded from those bytes and `path` only names it in errors.
+    """
+    if data is None:
+        head = _check_file(path)
+    elif not data:
+        raise _fail(path, "file is empty (0 bytes); the upload or copy was probably interrupted. Send the file again.")
+    else:
+        head = data[:32]
     if _is_tiff(head):
-        arr = _decode_tiff(path, max_pixels)
+        arr = _decode_tiff(path, max_pixels, data)
         if arr is not None:
             return arr, "TIFF"
     ihdr = _png_ihdr(head)
     if ihdr is not None and ihdr[2] == 16 and ihdr[3] in (2, 4, 6):
         _check_pixels(path, ihdr[1], ihdr[0], max_pixels)
-        arr = _decode_png16_color(path)
+        arr = _decode_png16_color(path, data)
         return _channels_last(path, _to_sample_type(path, arr), gray_alpha=ihdr[3] == 4), "PNG"
-    arr, gray_alpha = _decode_pillow(path, max_pixels)
+    arr, gray_alpha = _decode_pillow(path, max_pixels, data)
     fmt = "JPEG" if head[:3] == _JPEG_MAGIC else ("PNG" if ihdr is not None else _sniff_name(head))
     return _channels_last(path, _to_sample_type(path, arr), gray_alpha=gray_alpha), fmt
 
@@ -331,6 +343,23 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     """
     p = Path(path)
     arr, _ = _decode(p, max_pixels)
+    return np.ascontiguousarray(arr)
+
+
+def read_image_bytes(data: bytes, name: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image held in memory (e.g. an upload) exactly as :func:`read_image` decodes a file.
+
+    Parameters
+    ----------
+    data
+        The encoded file's bytes (PNG, JPEG, BMP, TIFF, ...).
+    name
+        What to call the image in error messages (e.g. the uploaded file's name). It is
+        never opened: nothing touches the disk.
+    max_pixels
+        Decompression-bomb guard, as in :func:`read_image`.
+    """
+    arr, _ = _decode(Path(name), max_pixels, bytes(data))
     return np.ascontiguousarray(arr)
 
 
