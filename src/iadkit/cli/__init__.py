@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for _module in ("data", "weights", "model", "bench"):
+for _module in ("data", "weights", "model", "bench", "serve"):
     try:
         import_module(f"iadkit.cli.{_module}")
     except ModuleNotFoundError as exc:  # a command group not written yet

@@ -1,0 +1,237 @@
+"""The server's only door to a trained model: everything `app.py` needs, behind `Predictor`.
+
+Why a layer of its own: the web layer must not care whether a model runs in torch
+(`iadkit.Model`) or, later, in the torch-free exported runtime, nor where the model keeps its
+heat-map range. Every access to `iadkit.model`, `iadkit.store` and `iadkit.viz` from the
+server happens in this file, so such a change touches this file alone.
+
+A `Predictor` takes decoded images (HxWxC arrays, as `iadkit.data.io.read_image` returns
+them) and gives per image: the score, the verdict at the threshold in force when the call
+started, and two PNGs at the model's input geometry (the image as the model saw it, and the
+same image with the heat map blended over it). The page puts one over the other with an
+opacity slider, so both must have the same size and framing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from iadkit.errors import IadkitError, ModelFileError
+
+RUNTIMES = ("torch", "onnx")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image's outcome. `anomalous` is None when the model has no threshold."""
+
+    score: float
+    anomalous: bool | None
+    threshold: float | None
+    image_png: bytes  # the image as the model saw it (resized/cropped), RGB
+    overlay_png: bytes  # the same with the heat map blended over it
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What the server needs from a model, whatever runs it."""
+
+    name: str
+    runtime: str
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def model_version(self) -> str | None:
+        """iadkit version that wrote the model file (None if unknown)."""
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the model's input; maps and PNGs have this size."""
+
+    @property
+    def threshold(self) -> float | None: ...
+
+    @property
+    def threshold_rule(self) -> str | None: ...
+
+    def set_threshold(self, value: float) -> None: ...
+
+    @property
+    def map_range(self) -> tuple[float, float] | None: ...
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[ImageResult]: ...
+
+
+class TorchPredictor:
+    """`Predictor` over an in-process `iadkit.Model`.
+
+    Predictions are serialised by a lock: the server answers requests on a thread pool, and
+    running several forward passes at once would multiply peak memory without making a
+    CPU-bound model faster (torch already uses every core inside one pass). Decoding and
+    PNG encoding happen outside the lock.
+
+    Parameters
+    ----------
+    model
+        A fitted `iadkit.Model`.
+    name
+        The name the model is served under (URL-safe: letters, digits, ``_ . -``).
+    model_version
+        iadkit version recorded in the model file, if known.
+    batch_size
+        Images per forward pass.
+    """
+
+    runtime = "torch"
+
+    def __init__(self, model: object, name: str, *, model_version: str | None = None, batch_size: int = 8) -> None:
+        self.model = model
+        self.name = check_name(name)
+        self._model_version = model_version
+        self.batch_size = int(batch_size)
+        self._lock = threading.Lock()
+
+    # -- description ----------------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        return str(self.model.method)
+
+    @property
+    def model_version(self) -> str | None:
+        return self._model_version
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        h, w = self.model.preprocess.output_size
+        return int(h), int(w)
+
+    @property
+    def threshold(self) -> float | None:
+        thr = self.model.threshold
+        return None if thr is None else float(thr.value)
+
+    @property
+    def threshold_rule(self) -> str | None:
+        thr = self.model.threshold
+        return None if thr is None else str(thr.rule)
+
+    def set_threshold(self, value: float) -> None:
+        """Move the operating point for this process only (the model file is not rewritten)."""
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"threshold must be a finite number, got {value}")
+        self.model.set_threshold(value)
+
+    @property
+    def map_range(self) -> tuple[float, float] | None:
+        rng = getattr(self.model, "map_range", None)
+        return None if rng is None else (float(rng[0]), float(rng[1]))
+
+    # -- inference ------------------------------------------------------------------------
+    def predict(self, images: Sequence[np.ndarray]) -> list[ImageResult]:
+        if not images:
+            return []
+        threshold = self.threshold  # read once: a concurrent PUT cannot split one request
+        with self._lock:
+            result = self.model.predict(list(images), batch_size=self.batch_size, threshold=threshold, keep_maps=True)
+        scores = np.asarray(result.scores, dtype=np.float64)
+        maps = result.maps
+        if maps is None:
+            raise IadkitError(f"model {self.name!r} ({self.method}) gives no anomaly map; the server needs one to draw")
+        # Without a stored range (a model never calibrated) the colours are stretched over
+        # this request's maps: readable, but not comparable between requests.
+        lo_hi = self.map_range or _fallback_range(maps)
+        out = []
+        for image, amap, score in zip(images, maps, scores):
+            seen = self._as_seen(image)
+            out.append(
+                ImageResult(
+                    score=float(score),
+                    anomalous=None if threshold is None else bool(score > threshold),
+                    threshold=threshold,
+                    image_png=_png(_to_uint8(seen)),
+                    overlay_png=_overlay_png(seen, amap, lo_hi),
+                )
+            )
+        return out
+
+    def _as_seen(self, image: np.ndarray) -> np.ndarray:
+        """The image in the model's input geometry, HxWx3 float in [0, 1]."""
+        pre = self.model.preprocess
+        return pre.geometry(pre.to_unit_float(image)).permute(1, 2, 0).numpy()
+
+
+def load_predictor(path: str | Path, name: str | None = None, *, runtime: str = "torch", device: str = "cpu") -> Predictor:
+    """Open a model file given on the command line (never a path from a request).
+
+    Parameters
+    ----------
+    path
+        Model file written by `iadkit fit` / `Model.save`.
+    name
+        Name to serve it under; the file name without its suffix by default.
+    runtime
+        ``torch`` (the in-process model). ``onnx`` is reserved for the exported runtime.
+    device
+        Torch device for ``runtime="torch"``.
+    """
+    path = Path(path)
+    name = check_name(name if name is not None else path.stem)
+    if runtime not in RUNTIMES:
+        raise IadkitError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "onnx":
+        raise IadkitError(
+            "--runtime onnx is not available yet (the exported-model runtime is not part of this iadkit); "
+            "serve the model file with --runtime torch"
+        )
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file (give the .iad file written by `iadkit fit`)")
+    from iadkit.model import Model
+    from iadkit.store import read_manifest
+
+    version = read_manifest(path).get("iadkit_version")
+    model = Model.load(path, device=device)
+    return TorchPredictor(model, name, model_version=None if version is None else str(version))
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise IadkitError(
+            f"model name {name!r} is not usable in a URL: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit (give NAME=PATH to choose one)"
+        )
+    return name
+
+
+def _fallback_range(maps: np.ndarray) -> tuple[float, float]:
+    finite = maps[np.isfinite(maps)]
+    if finite.size == 0:
+        return (0.0, 1.0)
+    lo, hi = float(finite.min()), float(finite.max())
+    return (lo, hi if hi > lo else lo + 1e-6)
+
+
+def _to_uint8(rgb: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def _png(rgb8: np.ndarray) -> bytes:
+    from iadkit.viz import png_bytes
+
+    return png_bytes(rgb8)
+
+
+def _overlay_png(rgb: np.ndarray, amap: np.ndarray, map_range: tuple[float, float]) -> bytes:
+    from iadkit.viz import overlay, png_bytes
+
+    return png_bytes(overlay(rgb, amap, map_range))
