@@ -64,7 +64,13 @@ def png_array(data_url: str) -> np.ndarray:
 def test_health_and_models(client, predictor, model_file):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["models"] == ["metal"]
-    assert health["limits"] == {"max_request_bytes": 64 << 20, "max_file_bytes": 20 << 20, "max_files": 32, "max_pixels": 80_000_000}
+    assert health["limits"] == {
+        "max_request_bytes": 64 << 20,
+        "max_file_bytes": 20 << 20,
+        "max_files": 32,
+        "max_pixels": 80_000_000,
+        "max_decoded_bytes": 1 << 30,
+    }
     (described,) = client.get("/models").json()
     import iadkit
     from iadkit.store import read_manifest
@@ -200,6 +206,12 @@ def test_size_limits_413(predictor, images):
 
     streamed = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
     assert streamed.status_code == 413 and "request body over the limit" in streamed.json()["detail"]
+
+    # small files that decode to more pixels than allowed: room for the first image only
+    client = TestClient(create_app([predictor], limits=Limits(max_decoded_bytes=read_image(images[0]).nbytes + 1)))
+    pixels = client.post("/predict", files=files_field(images[:2]))
+    assert pixels.status_code == 413
+    assert pixels.json()["detail"].startswith(f"{images[1].name}: the images of this request decode to more than")
 
 
 def test_content_type_415(client, images, tmp_path):

@@ -65,8 +65,24 @@ def serve(
         max_files=max_files,
     )
     shown = f"[{host}]" if _is_ipv6(host) else host
+    if not _is_loopback(host):
+        typer.secho(
+            f"warning: listening on {host}: anyone who can reach this machine can use the models and move "
+            "their thresholds (there is no login); put it behind an authenticating proxy on a shared network",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     typer.echo(f"page: http://{shown}:{port}/   (Ctrl-C to stop)")
     run(predictors, host=host, port=port, limits=limits)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_ipv6(host: str) -> bool:

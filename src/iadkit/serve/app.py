@@ -69,12 +69,16 @@ class Limits:
         Most files in one request.
     max_pixels
         Largest decoded image (height x width): a guard against decompression bombs.
+    max_decoded_bytes
+        Largest total of decoded pixel data in one request: a few small, highly compressed
+        files can decode to gigabytes, which the byte limits above do not see.
     """
 
     max_request_bytes: int = 64 * 1024 * 1024
     max_file_bytes: int = 20 * 1024 * 1024
     max_files: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_decoded_bytes: int = 1024 * 1024 * 1024
 
 
 class ThresholdBody(BaseModel):
@@ -340,12 +344,20 @@ async def _read_uploads(request: Request, limits: Limits) -> list[tuple[str, byt
 
 
 def _decode_all(uploads: list[tuple[str, bytes]], limits: Limits) -> list[Any]:
-    images = []
+    images, decoded = [], 0
     for filename, data in uploads:
         try:
-            images.append(read_image_bytes(data, filename, max_pixels=limits.max_pixels))
+            image = read_image_bytes(data, filename, max_pixels=limits.max_pixels)
         except ImageReadError as exc:
             raise HTTPException(422, str(exc)) from None
+        decoded += image.nbytes
+        if decoded > limits.max_decoded_bytes:
+            raise HTTPException(
+                413,
+                f"{filename}: the images of this request decode to more than {_mb(limits.max_decoded_bytes)} "
+                "of pixels; send fewer or smaller images per request",
+            )
+        images.append(image)
     return images
 
 
