@@ -85,7 +85,7 @@ def test_health_and_models(client, predictor, model_file):
         "threshold": manifest["threshold"]["value"],
         "threshold_rule": "false_alarm_rate",
         "input_size": [SIZE, SIZE],
-        "map_range": manifest["map_range"],
+        "map_range": manifest["postprocess"]["map_range"],
     }
     assert client.get("/models/metal").json() == described
     missing = client.get("/models/nope")

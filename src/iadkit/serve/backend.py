@@ -148,27 +148,21 @@ class TorchPredictor:
         maps = result.maps
         if maps is None:
             raise IadkitError(f"model {self.name!r} ({self.method}) gives no anomaly map; the server needs one to draw")
-        # Without a stored range (a model never calibrated) the colours are stretched over
-        # this request's maps: readable, but not comparable between requests.
-        lo_hi = self.map_range or _fallback_range(maps)
+        from iadkit.viz import model_overlay, model_view
+
         out = []
         for image, amap, score in zip(images, maps, scores):
-            seen = self._as_seen(image)
             out.append(
                 ImageResult(
                     score=float(score),
                     anomalous=None if threshold is None else bool(score > threshold),
                     threshold=threshold,
-                    image_png=_png(_to_uint8(seen)),
-                    overlay_png=_overlay_png(seen, amap, lo_hi),
+                    image_png=_png(_to_uint8(model_view(self.model, image))),
+                    # the model's own colour range (iadkit.viz: one rule everywhere)
+                    overlay_png=model_overlay(self.model, image, amap),
                 )
             )
         return out
-
-    def _as_seen(self, image: np.ndarray) -> np.ndarray:
-        """The image in the model's input geometry, HxWx3 float in [0, 1]."""
-        pre = self.model.preprocess
-        return pre.geometry(pre.to_unit_float(image)).permute(1, 2, 0).numpy()
 
 
 def load_predictor(path: str | Path, name: str | None = None, *, runtime: str = "torch", device: str = "cpu") -> Predictor:
@@ -213,14 +207,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def _fallback_range(maps: np.ndarray) -> tuple[float, float]:
-    finite = maps[np.isfinite(maps)]
-    if finite.size == 0:
-        return (0.0, 1.0)
-    lo, hi = float(finite.min()), float(finite.max())
-    return (lo, hi if hi > lo else lo + 1e-6)
-
-
 def _to_uint8(rgb: np.ndarray) -> np.ndarray:
     return np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
 
@@ -229,9 +215,3 @@ def _png(rgb8: np.ndarray) -> bytes:
     from iadkit.viz import png_bytes
 
     return png_bytes(rgb8)
-
-
-def _overlay_png(rgb: np.ndarray, amap: np.ndarray, map_range: tuple[float, float]) -> bytes:
-    from iadkit.viz import overlay, png_bytes
-
-    return png_bytes(overlay(rgb, amap, map_range))
