@@ -5,6 +5,8 @@
   included - exact, with one sort of the pixels and no float64 copies;
 - AUPRO (`aupro.py`): exact over every threshold (key ``aupro``), or IM-IAD's
   100-threshold procedure (key ``aupro_100``) for comparison with published tables;
+- sPRO (`spro.py`): MVTec LOCO's saturated per-region overlap, AUC-sPRO exact over every
+  threshold, overall and per anomaly type; per-type image AUROC (`image_auroc_by_type`);
 - continual (`continual.py`): forgetting measure;
 - efficiency (`efficiency.py`): time per image, peak host / CUDA memory.
 
@@ -35,8 +37,27 @@ from iadkit.metrics.efficiency import (
     peak_rss_mb,
     time_per_image,
 )
-from iadkit.metrics.image import F1Max, image_ap, image_auroc, image_f1_max, image_metrics
+from iadkit.metrics.image import (
+    F1Max,
+    image_ap,
+    image_auroc,
+    image_auroc_by_type,
+    image_f1_max,
+    image_metrics,
+)
 from iadkit.metrics.pixel import PixelScores, pixel_ap, pixel_auroc, pixel_f1_max, pixel_metrics
+from iadkit.metrics.spro import (
+    DEFAULT_SPRO_FPR_LIMIT,
+    LOCO_FPR_LIMITS,
+    SaturatedRegion,
+    auc_spro,
+    auc_spro_by_type,
+    auc_spro_limits,
+    saturation_area,
+    spro_curve_at,
+    spro_metrics,
+    spro_scores,
+)
 
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max", "image_f1_threshold")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_f1_threshold")
@@ -73,6 +94,17 @@ def compute_all(
 
 __all__ = [
     "AUPRO_VARIANTS",
+    "DEFAULT_SPRO_FPR_LIMIT",
+    "LOCO_FPR_LIMITS",
+    "SaturatedRegion",
+    "auc_spro",
+    "auc_spro_by_type",
+    "auc_spro_limits",
+    "image_auroc_by_type",
+    "saturation_area",
+    "spro_curve_at",
+    "spro_metrics",
+    "spro_scores",
     "IMAGE_KEYS",
     "PIXEL_KEYS",
     "F1Max",

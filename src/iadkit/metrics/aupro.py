@@ -59,20 +59,24 @@ DEFAULT_FPR_LIMIT = 0.3
 _CHUNK = 1 << 18
 
 
-def _check(px: PixelScores, fpr_limit: float) -> np.ndarray:
-    """Validate and return S: S[i] = PRO contributed by defect pixels pos[i:], S[P] = 0."""
+def _check(px: PixelScores, fpr_limit: float, metric: str = "AUPRO") -> np.ndarray:
+    """Validate and return S: S[i] = PRO contributed by defect pixels pos[i:], S[P] = 0.
+
+    `metric` names the metric in error messages (sPRO reuses this machinery with other
+    weights, see `spro.py`).
+    """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     if px.pos_weight is None:
-        raise ValueError("these PixelScores were prepared with regions=False; AUPRO needs regions=True")
+        raise ValueError(f"these PixelScores were prepared with regions=False; {metric} needs regions=True")
     if px.n_regions == 0:
         raise MetricUndefinedError(
-            "AUPRO is undefined: the masks contain no defect pixel, so there is no region to overlap; "
+            f"{metric} is undefined: the masks contain no defect pixel, so there is no region to overlap; "
             "evaluate on a test set with annotated defects"
         )
     if px.neg.size == 0:
         raise MetricUndefinedError(
-            "AUPRO is undefined: every pixel is a defect pixel, so there is no false-positive rate; "
+            f"{metric} is undefined: every pixel is a defect pixel, so there is no false-positive rate; "
             "include normal pixels (e.g. good test images)"
         )
     suffix = np.zeros(px.pos.size + 1, dtype=np.float64)
@@ -83,7 +87,17 @@ def _check(px: PixelScores, fpr_limit: float) -> np.ndarray:
 
 def aupro_exact_from(px: PixelScores, *, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
     """Exact AUPRO (every distinct threshold) from prepared pixel scores; see the module doc."""
-    suffix = _check(px, fpr_limit)
+    return exact_area_from(px, fpr_limit, "AUPRO")
+
+
+def exact_area_from(px: PixelScores, fpr_limit: float, metric: str) -> float:
+    """Normalised area under the exact overlap curve of `px` up to `fpr_limit`.
+
+    The overlap at threshold t is sum(pos_weight[pos > t]) / n_regions: per-region overlap
+    for AUPRO (weights 1/|C_k|), saturated overlap for sPRO (`spro.py`). Shared so that both
+    metrics integrate their curves - ties included - in exactly the same way.
+    """
+    suffix = _check(px, fpr_limit, metric)
     neg, pos = px.neg, px.pos
     n = neg.size
     limit = fpr_limit * n  # the FPR limit counted in normal pixels

@@ -11,7 +11,7 @@ raise a bare ValueError or return a warning-laden 0.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -81,3 +81,61 @@ def image_metrics(labels: ArrayLike, scores: ArrayLike) -> dict[str, float]:
         "image_f1_max": summary.f1_max,
         "image_f1_threshold": summary.f1_threshold,
     }
+
+
+def image_auroc_by_type(
+    labels: ArrayLike, scores: ArrayLike, defect_types: Sequence[str], *, good_type: str = "good"
+) -> dict[str, float]:
+    """Image AUROC of each anomaly type against the good images, and their mean.
+
+    MVTec LOCO reports classification AUROC separately for structural and logical anomalies
+    (the official ``get_image_level_detection_metrics_aggregated``: good test images vs the
+    images of one type) and their mean; IM-IAD's LOCO table has the same three columns.
+
+    Parameters
+    ----------
+    labels
+        0 (good) / 1 (anomalous) per image.
+    scores
+        One anomaly score per image (higher = more anomalous).
+    defect_types
+        The type of each image, e.g. ``Sample.defect_type``; good images must carry
+        `good_type`, anomalous ones any other name.
+    good_type
+        The type name of good images.
+
+    Returns
+    -------
+    dict
+        ``{type: AUROC}`` for every anomalous type (sorted), plus ``"mean"``: the unweighted
+        mean over the types (LOCO's 0.5 * (structural + logical)).
+
+    Raises
+    ------
+    ValueError
+        A label contradicts its type (a good image with a defect type or the reverse).
+    MetricUndefinedError
+        No good image, or no anomalous image.
+    """
+    y, s = image_inputs(labels, scores)
+    types = list(defect_types)
+    if len(types) != y.size:
+        raise ValueError(f"got {len(types)} defect types for {y.size} images; pass one per image")
+    is_good_type = np.array([t == good_type for t in types], dtype=bool)
+    bad = np.flatnonzero(is_good_type == y)[:5]
+    if bad.size:
+        raise ValueError(
+            f"labels and defect types disagree at images {bad.tolist()}: good images (label 0) must have type "
+            f"{good_type!r} and anomalous ones (label 1) another type"
+        )
+    neg = np.sort(s[~y])
+    if neg.size == 0:
+        raise MetricUndefinedError("per-type image AUROC is undefined: there is no good image to compare with")
+    out: dict[str, float] = {}
+    for kind in sorted(set(types) - {good_type}):
+        pos = np.sort(s[np.array([t == kind for t in types])])
+        out[kind] = float(summarize_sorted(neg, pos).auroc)
+    if not out:
+        raise MetricUndefinedError("per-type image AUROC is undefined: there is no anomalous image")
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
