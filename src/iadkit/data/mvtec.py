@@ -8,9 +8,12 @@ defect type, ground truth beside) and differ in details, all handled here:
 * **btad**: ``train/ok``, ``test/ok``, ``test/ko``, masks ``ground_truth/ko/<stem>.png``
   (product 03 ships ``.bmp`` images; any image suffix is accepted for masks).
 * **loco** (MVTec LOCO AD): ``validation/good`` as well; the test defect types are
-  ``logical_anomalies`` and ``structural_anomalies``; each anomalous image has a *folder*
-  of masks ``ground_truth/<defect>/<stem>/000.png, 001.png, ...`` (one per defect
-  region), merged into one mask through ``Sample.mask_paths``.
+  ``logical_anomalies`` and ``structural_anomalies`` (kept as ``defect_type``, so metrics
+  can be reported per kind); each anomalous image has a *folder* of masks
+  ``ground_truth/<defect>/<stem>/000.png, 001.png, ...`` (one per defect), merged into one
+  mask through ``Sample.mask_paths``. Test samples are :class:`iadkit.data.loco.LocoSample`,
+  which also read the defects one by one with the saturation thresholds of the category's
+  ``defects_config.json`` (for sPRO); a malformed config is an error at load time.
 * **mvtec3d** (MVTec 3D-AD, RGB channel only): ``train/good/rgb``, ``validation/good/rgb``,
   ``test/<defect>/rgb/<stem>.png`` with masks ``test/<defect>/gt/<stem>.png``; the
   ``xyz`` point clouds are ignored.
@@ -32,6 +35,7 @@ from iadkit.data.layouts import (
     require_dir,
     require_images,
 )
+from iadkit.data.loco import DEFECTS_CONFIG, LocoSample, read_defects_config
 from iadkit.errors import DatasetLayoutError
 from iadkit.types import ANOMALOUS, GOOD, Sample
 
@@ -136,12 +140,22 @@ def load_mvtec(
     if not defect_dirs:
         raise DatasetLayoutError(f"{test_root}: no sub-folders; expected test/{good} and test/<defect_type>. Expected: {expected}")
 
+    loco_config = None
+    if variant == "loco" and (cat_dir / DEFECTS_CONFIG).is_file():
+        loco_config = read_defects_config(cat_dir / DEFECTS_CONFIG)
+
     test: list[Sample] = []
     missing: list[str] = []
     for ddir in defect_dirs:
         images = list_images(_image_dir(ddir, variant))
         if ddir.name == good:
-            test += [Sample(path=str(p), label=GOOD, category=name, defect_type="good") for p in images]
+            if variant == "loco":
+                test += [
+                    LocoSample(path=str(p), label=GOOD, category=name, defect_type="good", defects=loco_config)
+                    for p in images
+                ]
+            else:
+                test += [Sample(path=str(p), label=GOOD, category=name, defect_type="good") for p in images]
             continue
         defect_type = ddir.name
         if variant == "loco":
@@ -152,7 +166,14 @@ def load_mvtec(
                 if not masks:
                     missing.append(str(p))
                 test.append(
-                    Sample(path=str(p), label=ANOMALOUS, category=name, defect_type=defect_type, mask_paths=masks)
+                    LocoSample(
+                        path=str(p),
+                        label=ANOMALOUS,
+                        category=name,
+                        defect_type=defect_type,
+                        mask_paths=masks,
+                        defects=loco_config,
+                    )
                 )
             continue
         if variant == "mvtec3d":
