@@ -16,8 +16,9 @@ btad         as mvtec with ``ok`` for good and ``ko`` for defects;
 loco         MVTec LOCO AD: as mvtec plus ``validation/good``; defect types
              ``logical_anomalies`` / ``structural_anomalies``; one mask folder per image,
              ``ground_truth/<defect>/<stem>/000.png, 001.png, ...`` (merged).
-mvtec3d      MVTec 3D-AD, RGB only: ``<cat>/train/good/rgb``, ``<cat>/test/<defect>/rgb``,
-             masks ``<cat>/test/<defect>/gt/<stem>.png``, ``validation/good/rgb``.
+mvtec3d      MVTec 3D-AD: ``<cat>/train/good/rgb``, ``<cat>/test/<defect>/rgb``,
+             masks ``<cat>/test/<defect>/gt/<stem>.png``, ``validation/good/rgb``; point
+             maps ``xyz/<stem>.tiff`` beside ``rgb/`` (``PointMapSample.load_xyz``).
 visa         VisA as published: ``split_csv/1cls.csv`` (columns object, split, label,
              image, mask; paths relative to the root). Masks hold instance labels.
 kolektor2    KolektorSDD2: ``train/<id>.png`` + ``train/<id>_GT.png``, same for ``test``.
@@ -52,7 +53,7 @@ LAYOUTS: dict[str, str] = {
     "mvtec": "MVTec AD / MPDD / iadkit synthetic: <cat>/train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png",
     "btad": "BTAD: <cat>/train/ok, test/ok|ko, ground_truth/ko/<stem>.png|bmp",
     "loco": "MVTec LOCO AD: mvtec + validation/good, ground_truth/<defect>/<stem>/000.png... (merged)",
-    "mvtec3d": "MVTec 3D-AD (RGB): <cat>/train/good/rgb, test/<defect>/rgb, test/<defect>/gt",
+    "mvtec3d": "MVTec 3D-AD: <cat>/train/good/rgb (+ xyz point maps), test/<defect>/rgb, test/<defect>/gt",
     "visa": "VisA: split_csv/1cls.csv (object, split, label, image, mask)",
     "kolektor2": "KolektorSDD2: train|test/<id>.png + <id>_GT.png (label from the mask)",
     "folder": "plain folders: good/, optional defect/ (or defect/<type>/), optional mask/ matched by stem",

@@ -14,9 +14,13 @@ defect type, ground truth beside) and differ in details, all handled here:
   mask through ``Sample.mask_paths``. Test samples are :class:`iadkit.data.loco.LocoSample`,
   which also read the defects one by one with the saturation thresholds of the category's
   ``defects_config.json`` (for sPRO); a malformed config is an error at load time.
-* **mvtec3d** (MVTec 3D-AD, RGB channel only): ``train/good/rgb``, ``validation/good/rgb``,
-  ``test/<defect>/rgb/<stem>.png`` with masks ``test/<defect>/gt/<stem>.png``; the
-  ``xyz`` point clouds are ignored.
+* **mvtec3d** (MVTec 3D-AD): ``train/good/rgb``, ``validation/good/rgb``,
+  ``test/<defect>/rgb/<stem>.png`` with masks ``test/<defect>/gt/<stem>.png``. Samples are
+  :class:`iadkit.data.point_maps.PointMapSample`: where a folder has ``xyz/`` beside
+  ``rgb/``, each image gets its point map ``xyz/<stem>.tiff`` (read by ``load_xyz()``,
+  optionally with the background plane removed: ``remove_plane=True``); an image without
+  its point map in such a folder is an error. ``xyz=True`` requires point maps everywhere,
+  ``xyz=False`` ignores them.
 
 Masks are matched by stem, with or without a ``_mask`` suffix, whatever the suffix of the
 file, so re-encoded copies of these datasets still load.
@@ -36,6 +40,7 @@ from iadkit.data.layouts import (
     require_images,
 )
 from iadkit.data.loco import DEFECTS_CONFIG, LocoSample, read_defects_config
+from iadkit.data.point_maps import XYZ_EXTENSIONS, PointMapSample
 from iadkit.errors import DatasetLayoutError
 from iadkit.types import ANOMALOUS, GOOD, Sample
 
@@ -93,16 +98,66 @@ def _image_dir(split_dir: Path, variant: str) -> Path:
     return split_dir / "rgb" if variant == "mvtec3d" else split_dir
 
 
+def _xyz_paths(split_dir: Path, xyz: bool | None, remove_plane: bool) -> dict[str, str | None]:
+    """{image stem: its point map ``<split_dir>/xyz/<stem>.tiff``} for an MVTec 3D-AD folder."""
+    images = list_images(split_dir / "rgb")
+    if xyz is False:
+        return {p.stem: None for p in images}
+    xyz_dir = split_dir / "xyz"
+    if not xyz_dir.is_dir():
+        if xyz or remove_plane:
+            raise DatasetLayoutError(
+                f"{xyz_dir}: missing folder of point maps (xyz/<stem>.tiff beside rgb/<stem>.png)"
+                + (" needed by remove_plane=True" if remove_plane and not xyz else "")
+                + "; pass xyz=False to read the RGB images only"
+            )
+        return {p.stem: None for p in images}
+    by_stem = {f.stem: f for f in sorted(xyz_dir.iterdir()) if f.is_file() and f.suffix.lower() in XYZ_EXTENSIONS}
+    missing = [p.name for p in images if p.stem not in by_stem]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DatasetLayoutError(
+            f"{xyz_dir}: {len(missing)} image(s) of {split_dir / 'rgb'} have no point map <stem>.tiff here "
+            f"({shown}); restore the files, or pass xyz=False to read the RGB images only"
+        )
+    return {p.stem: str(by_stem[p.stem]) for p in images}
+
+
 def load_mvtec(
     root: Path | str,
     category: str | None = None,
     *,
     variant: str = "mvtec",
     allow_missing_masks: bool = False,
+    xyz: bool | None = None,
+    remove_plane: bool = False,
 ) -> DatasetSplit:
-    """Read one category of an MVTec-family dataset (see the module docstring for layouts)."""
+    """Read one category of an MVTec-family dataset (see the module docstring for layouts).
+
+    Parameters
+    ----------
+    root
+        The dataset folder (holding category folders) or one category folder.
+    category
+        The category to read; may be omitted when there is only one.
+    variant
+        "mvtec", "btad", "loco" or "mvtec3d".
+    allow_missing_masks
+        Keep anomalous images without a mask (with a warning) instead of failing.
+    xyz
+        MVTec 3D-AD only: None reads point maps where an ``xyz/`` folder exists, True
+        requires them for every image, False ignores them.
+    remove_plane
+        MVTec 3D-AD only: ``load_xyz()`` removes the background plane (BTF's preprocessing).
+    """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant != "mvtec3d" and (xyz or remove_plane):
+        raise DatasetLayoutError(
+            f"xyz / remove_plane apply to MVTec 3D-AD point maps only, not to the {variant!r} layout"
+        )
+    if remove_plane and xyz is False:
+        raise DatasetLayoutError("remove_plane=True needs the point maps; it contradicts xyz=False")
     root = Path(root)
     expected = _EXPECTED[variant]
     dirs = {d.name: d for d in _category_dirs(root)}
@@ -117,19 +172,29 @@ def load_mvtec(
     name = pick_category(sorted(dirs), category, root, variant)
     cat_dir = dirs[name]
 
-    train_dir = _image_dir(require_dir(cat_dir / "train" / good, f"training images, train/{good}", expected), variant)
-    train = [
-        Sample(path=str(p), label=GOOD, category=name, defect_type="good")
-        for p in require_images(train_dir, f"training images of {name!r}")
-    ]
+    point_maps: dict[Path, dict[str, str | None]] = {}  # per folder, listed once
+
+    def make(split_dir: Path, images: list[Path], **fields: object) -> list[Sample]:
+        """Samples of (some) images of one folder; with their point maps for MVTec 3D-AD."""
+        if variant != "mvtec3d":
+            return [Sample(path=str(p), category=name, **fields) for p in images]  # type: ignore[arg-type]
+        if split_dir not in point_maps:
+            point_maps[split_dir] = _xyz_paths(split_dir, xyz, remove_plane)
+        return [
+            PointMapSample(  # type: ignore[arg-type]
+                path=str(p), category=name, xyz_path=point_maps[split_dir][p.stem], remove_plane=remove_plane, **fields
+            )
+            for p in images
+        ]
+
+    train_split = require_dir(cat_dir / "train" / good, f"training images, train/{good}", expected)
+    train_images = require_images(_image_dir(train_split, variant), f"training images of {name!r}")
+    train = make(train_split, train_images, label=GOOD, defect_type="good")
 
     validation: list[Sample] = []
     val_dir = cat_dir / "validation" / good
     if val_dir.is_dir():
-        validation = [
-            Sample(path=str(p), label=GOOD, category=name, defect_type="good")
-            for p in list_images(_image_dir(val_dir, variant))
-        ]
+        validation = make(val_dir, list_images(_image_dir(val_dir, variant)), label=GOOD, defect_type="good")
 
     test_root = require_dir(cat_dir / "test", "test images", expected)
     # good first, then the defect types alphabetically
@@ -155,7 +220,7 @@ def load_mvtec(
                     for p in images
                 ]
             else:
-                test += [Sample(path=str(p), label=GOOD, category=name, defect_type="good") for p in images]
+                test += make(ddir, images, label=GOOD, defect_type="good")
             continue
         defect_type = ddir.name
         if variant == "loco":
@@ -184,14 +249,8 @@ def load_mvtec(
             mask = index.find(p.stem)
             if mask is None:
                 missing.append(str(p))
-            test.append(
-                Sample(
-                    path=str(p),
-                    label=ANOMALOUS,
-                    category=name,
-                    defect_type=defect_type,
-                    mask_path=str(mask) if mask is not None else None,
-                )
+            test += make(
+                ddir, [p], label=ANOMALOUS, defect_type=defect_type, mask_path=str(mask) if mask is not None else None
             )
     if not test:
         raise DatasetLayoutError(f"{test_root}: no test images found in its sub-folders. Expected: {expected}")
