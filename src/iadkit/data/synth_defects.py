@@ -21,6 +21,8 @@ import numpy as np
 
 from iadkit.data.synth_scenes import (
     LABEL_ICONS,
+    TRAY_SLOTS,
+    tray_part_pose,
     Params,
     Rendered,
     Scene,
@@ -217,6 +219,49 @@ def extra_print(ctx: DefectContext, rng: np.random.Generator) -> np.ndarray:
     return ctx.rerender(p)
 
 
+def _tray_parts(ctx: DefectContext) -> dict[int, list]:
+    return {slot: list(items) for slot, items in ctx.params["parts"].items()}
+
+
+def tray_missing_part(ctx: DefectContext, rng: np.random.Generator) -> np.ndarray:
+    """Tray: one compartment is empty - five parts instead of six."""
+    p = copy.copy(ctx.params)
+    parts = _tray_parts(ctx)
+    parts[int(rng.integers(TRAY_SLOTS))] = []
+    p["parts"] = parts
+    return ctx.rerender(p)
+
+
+def tray_extra_part(ctx: DefectContext, rng: np.random.Generator) -> np.ndarray:
+    """Tray: a compartment holds a second part of its kind beside the first - seven parts."""
+    p = copy.copy(ctx.params)
+    parts = _tray_parts(ctx)
+    slot = int(rng.integers(TRAY_SLOTS))
+    kind, first = parts[slot][0]
+    pose = tray_part_pose(rng, kind)
+    # Beside the first part, inside the compartment: the two overlap at most a little.
+    if kind == "nut":
+        direction = rng.uniform(0, 2 * math.pi)
+        pose["dx"], pose["dy"] = first["dx"] + 0.075 * math.cos(direction), first["dy"] + 0.065 * math.sin(direction)
+    else:
+        pose["dx"], pose["dy"] = first["dx"] + rng.uniform(-0.02, 0.02), first["dy"] + rng.choice([-1, 1]) * 0.06
+        pose["angle"] = first["angle"] + rng.normal(0, 0.1)
+    parts[slot] = parts[slot] + [(kind, pose)]
+    p["parts"] = parts
+    return ctx.rerender(p)
+
+
+def tray_swapped_parts(ctx: DefectContext, rng: np.random.Generator) -> np.ndarray:
+    """Tray: a nut and a bolt have exchanged compartments - right count, wrong places."""
+    p = copy.copy(ctx.params)
+    parts = _tray_parts(ctx)
+    nut_slot, bolt_slot = int(rng.integers(3)), 3 + int(rng.integers(3))
+    parts[nut_slot] = [("bolt", tray_part_pose(rng, "bolt"))]
+    parts[bolt_slot] = [("nut", tray_part_pose(rng, "nut"))]
+    p["parts"] = parts
+    return ctx.rerender(p)
+
+
 DEFECTS: dict[str, DefectFn] = {
     "scratch": scratch,
     "thread": thread,
@@ -227,4 +272,7 @@ DEFECTS: dict[str, DefectFn] = {
     "missing_hole": missing_hole,
     "missing_print": missing_print,
     "extra_print": extra_print,
+    "missing_part": tray_missing_part,
+    "extra_part": tray_extra_part,
+    "swapped_parts": tray_swapped_parts,
 }

@@ -362,6 +362,107 @@ def render_label(p: Params, size: int) -> Rendered:
     return Rendered(np.clip(img, 0, 1).astype(np.float32), erode(paper_cov > 0.999, 1))
 
 
+# -- a compartment tray (logical anomalies: counts and positions) -----------------------------
+TRAY_SLOTS = 6  # 2 rows x 3 columns; nuts in the top row, bolts in the bottom row
+TRAY_COLUMNS = (-0.27, 0.0, 0.27)  # compartment centres, tray coordinates (units of the image size)
+TRAY_ROWS = (-0.135, 0.135)
+TRAY_CELL = (0.24, 0.23)  # compartment floor, width x height
+NUT_RADIUS = 0.04  # hexagon circumradius
+NUT_HOLE = 0.016
+BOLT_LENGTH = 0.115  # shank
+BOLT_WIDTH = 0.027
+BOLT_HEAD = (0.035, 0.05)  # along x across
+TRAY_LAYOUT = ("nut", "nut", "nut", "bolt", "bolt", "bolt")
+
+
+def tray_part_pose(rng: np.random.Generator, kind: str) -> dict[str, float]:
+    """Where a part lies in its compartment: a small offset and an orientation."""
+    if kind == "nut":
+        angle = rng.uniform(0, math.pi / 3)  # a hexagon repeats every 60 degrees
+    else:  # a bolt lies roughly along the compartment, head left or right
+        angle = rng.normal(0, 0.12) + (math.pi if rng.random() < 0.5 else 0.0)
+    return {"dx": float(rng.uniform(-0.018, 0.018)), "dy": float(rng.uniform(-0.018, 0.018)), "angle": float(angle)}
+
+
+def sample_tray(rng: np.random.Generator, size: int) -> Params:
+    """A dark plastic tray with six compartments on a light table: three brass nuts on top,
+    three steel bolts below, each part jittered and turned in its compartment."""
+    table = 0.04 * smooth_noise(rng, (size, size), 4.0) + 0.015 * smooth_noise(rng, (size, size), 0.8)
+    return {
+        "centre": (size / 2 + rng.uniform(-0.02, 0.02) * size, size / 2 + rng.uniform(-0.02, 0.02) * size),
+        "angle": math.radians(rng.uniform(-2.5, 2.5)),
+        "table": (np.array([0.78, 0.77, 0.74]) * rng.uniform(0.97, 1.03, 3) * (1 + table)[..., None]).astype(np.float32),
+        "plastic": np.array([0.20, 0.22, 0.27]) * rng.uniform(0.95, 1.05),
+        "brass": np.array([0.74, 0.58, 0.26]) * rng.uniform(0.94, 1.06, 3),
+        "steel": np.array([0.62, 0.63, 0.66]) * rng.uniform(0.94, 1.06),
+        "light": rng.uniform(0, 2 * math.pi),
+        # slot -> list of (kind, pose); a good tray has exactly one part per slot
+        "parts": {i: [(kind, tray_part_pose(rng, kind))] for i, kind in enumerate(TRAY_LAYOUT)},
+    }
+
+
+def _tray_to_image(p: Params, size: int, tx: float, ty: float) -> tuple[float, float]:
+    c, s = math.cos(p["angle"]), math.sin(p["angle"])
+    tx, ty = tx * size, ty * size
+    return p["centre"][0] + tx * c - ty * s, p["centre"][1] + tx * s + ty * c
+
+
+def tray_slot_centre(slot: int) -> tuple[float, float]:
+    """Compartment centre in tray coordinates."""
+    return TRAY_COLUMNS[slot % 3], TRAY_ROWS[slot // 3]
+
+
+def tray_part_coverage(p: Params, size: int, slot: int, kind: str, pose: dict[str, float]) -> np.ndarray:
+    """Anti-aliased coverage of one part (a nut's hole left open)."""
+    sx, sy = tray_slot_centre(slot)
+    cx, cy = _tray_to_image(p, size, sx + pose["dx"], sy + pose["dy"])
+    a = p["angle"] + pose["angle"]
+    if kind == "nut":
+        r = NUT_RADIUS * size
+        hexagon = [(cx + r * math.cos(a + k * math.pi / 3), cy + r * math.sin(a + k * math.pi / 3)) for k in range(6)]
+        return np.clip(polygon_coverage(size, hexagon) - disc_coverage(size, cx, cy, NUT_HOLE * size), 0.0, 1.0)
+    length, width = BOLT_LENGTH * size, BOLT_WIDTH * size
+    head_len, head_w = BOLT_HEAD[0] * size, BOLT_HEAD[1] * size
+    # shank centred on the part, head at one end
+    shank = polygon_coverage(size, rotated_rect(cx, cy, length, width, a))
+    hx, hy = cx - (length + head_len) / 2 * math.cos(a), cy - (length + head_len) / 2 * math.sin(a)
+    head = polygon_coverage(size, rotated_rect(hx, hy, head_len, head_w, a))
+    return np.clip(shank + head, 0.0, 1.0)
+
+
+def render_tray(p: Params, size: int) -> Rendered:
+    y, x = pixel_grid(size)
+    cx, cy = p["centre"]
+    tray_cov = polygon_coverage(size, rotated_rect(cx, cy, 0.86 * size, 0.58 * size, p["angle"]))
+    floor_cov = np.zeros((size, size), np.float32)
+    for slot in range(TRAY_SLOTS):
+        fx, fy = _tray_to_image(p, size, *tray_slot_centre(slot))
+        floor_cov = np.maximum(
+            floor_cov, polygon_coverage(size, rotated_rect(fx, fy, TRAY_CELL[0] * size, TRAY_CELL[1] * size, p["angle"]))
+        )
+    plastic = np.asarray(p["plastic"], np.float32)
+    # Compartment floors are a little lighter than the walls; the table casts no pattern on them.
+    tray_img = plastic * (1 + 0.25 * floor_cov)[..., None]
+    img = tray_cov[..., None] * tray_img + (1 - tray_cov[..., None]) * p["table"]
+    # Parts: flat colour, lit from one side across each part, with a soft shadow on the floor.
+    lx, ly = math.cos(p["light"]), math.sin(p["light"])
+    shade = 1 + 0.12 * ((x - cx) * lx + (y - cy) * ly) / size
+    all_parts = np.zeros((size, size), np.float32)
+    colour_sum = np.zeros((size, size, 3), np.float32)
+    for slot, items in p["parts"].items():
+        for kind, pose in items:
+            cov = tray_part_coverage(p, size, slot, kind, pose)
+            colour = np.asarray(p["brass"] if kind == "nut" else p["steel"], np.float32)
+            new = cov * (1 - all_parts)  # a part lying on another hides it
+            colour_sum += new[..., None] * colour
+            all_parts = all_parts + new
+    shadow = ndimage.gaussian_filter(ndimage.shift(all_parts, (1.0, 1.0), order=1), 1.0)
+    img = img * (1 - 0.35 * shadow * (1 - all_parts))[..., None]
+    parts_img = colour_sum / np.maximum(all_parts, 1e-6)[..., None] * shade[..., None]
+    img = img * (1 - all_parts[..., None]) + parts_img * all_parts[..., None]
+    return Rendered(np.clip(img, 0, 1).astype(np.float32), erode(tray_cov > 0.999, 1))
+
+
 @dataclass(frozen=True)
 class Scene:
     """How to draw one category's good part: random layout, then a pure render."""
@@ -376,4 +477,5 @@ SCENES: dict[str, Scene] = {
     "wood": Scene(sample_wood, render_wood),
     "washer": Scene(sample_washer, render_washer),
     "label": Scene(sample_label, render_label),
+    "tray": Scene(sample_tray, render_tray),
 }
