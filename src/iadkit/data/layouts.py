@@ -302,7 +302,8 @@ def parse_source(source: str | Path, layout: str = "auto") -> tuple[str, str | P
     """Split ``"<scheme>:<location>"`` into (layout, location); plain paths keep ``layout``.
 
     ``"elpv"`` is the built-in ELPV set; ``"synthetic:DIR"`` is a folder written by
-    ``iadkit data synth`` (MVTec layout). A one-letter prefix is a Windows drive, not a scheme.
+    ``iadkit data synth`` (MVTec layout, or the LOCO / 3D-AD layout its ``synthetic.json``
+    records). A one-letter prefix is a Windows drive, not a scheme.
     """
     if isinstance(source, str):
         text = source.strip()
@@ -319,8 +320,21 @@ def parse_source(source: str | Path, layout: str = "auto") -> tuple[str, str | P
                     f"{location}: no synthetic dataset there yet. Create it with `iadkit data synth --out {location}` "
                     "(or iadkit.data.synthetic.generate)."
                 )
+            if scheme.lower() == "synthetic":
+                forced = _synthetic_layout(Path(location).expanduser())
             return _merge_layout(forced, layout, source), location
     return layout, source
+
+
+def _synthetic_layout(root: Path) -> str:
+    """The layout a synthetic folder was written in (its synthetic.json), "mvtec" by default."""
+    import json
+
+    try:
+        recorded = json.loads((root / "synthetic.json").read_text(encoding="utf-8")).get("layout")
+    except (OSError, ValueError, AttributeError):
+        return "mvtec"
+    return {"mvtec_loco_ad": "loco", "mvtec_3d_ad": "mvtec3d"}.get(recorded, "mvtec")
 
 
 def _merge_layout(from_source: str, given: str, source: str | Path) -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -49,6 +50,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from iadkit.data.synth_3d import CATEGORIES_3D, Spec3D, Synth3DImage
+from iadkit.data.synth_3d import synthesize_3d as draw_3d
 from iadkit.data.synth_defects import DEFECTS, DefectContext
 from iadkit.data.synth_scenes import SCENES
 from iadkit.errors import DatasetLayoutError, IadkitError
@@ -60,8 +63,8 @@ MASK_REL_THRESHOLD = 0.15  # of the defect's peak change
 MASK_ABS_THRESHOLD = 3 / 255
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 _MAX_DEFECT_ATTEMPTS = 50
-LOGICAL_FAMILIES = frozenset({"missing_part", "extra_part"})
-_BLOB_FAMILIES = frozenset({"hole", "dent", "stain", "missing_part", "extra_part"})
+LOGICAL_FAMILIES = frozenset({"missing_part", "extra_part", "swapped_parts"})
+_BLOB_FAMILIES = frozenset({"hole", "dent", "stain", "missing_part", "extra_part", "swapped_parts"})
 
 
 class SynthConfigError(IadkitError, ValueError):
@@ -73,7 +76,8 @@ class CategorySpec:
     """What a synthetic category is: texture or object, channels, and its defect types.
 
     `defects` maps each defect type (the folder name under ``test/``) to its family:
-    scratch, crack, hole, dent, stain (structural) or missing_part, extra_part (logical).
+    scratch, crack, hole, dent, stain (structural) or missing_part, extra_part,
+    swapped_parts (logical).
     """
 
     name: str
@@ -125,6 +129,24 @@ CATEGORIES: dict[str, CategorySpec] = {
     ),
 }
 
+LOGICAL_CATEGORIES: dict[str, CategorySpec] = {
+    # Made on request (not in the default set): designed for MVTec LOCO's logical anomalies.
+    "tray": _spec(
+        "tray",
+        "object",
+        3,
+        {
+            "missing_part": "missing_part",
+            "extra_part": "extra_part",
+            "swapped_parts": "swapped_parts",
+            "scratch": "scratch",
+            "stain": "stain",
+        },
+        "compartment tray, three brass nuts over three steel bolts in fixed slots, RGB "
+        "(logical: a part missing, one too many, a nut and a bolt swapped)",
+    ),
+}
+
 PRESETS: dict[str, dict[str, int]] = {
     # Tests: every category in about a second.
     "small": {"image_size": 64, "n_train": 16, "n_test_good": 6, "n_test_per_defect": 3},
@@ -132,10 +154,18 @@ PRESETS: dict[str, dict[str, int]] = {
     "demo": {"image_size": 128, "n_train": 60, "n_test_good": 20, "n_test_per_defect": 8},
 }
 
-_SPLIT_CODES = {"train": 0, "test": 1}
+_SPLIT_CODES = {"train": 0, "test": 1, "validation": 2}
+
+LAYOUTS: dict[str, str] = {"mvtec": "mvtec_ad", "loco": "mvtec_loco_ad", "mvtec3d": "mvtec_3d_ad"}
+"""Layouts `generate` writes (``layout=``) and the name each one is recorded under."""
 
 __all__ = [
     "CATEGORIES",
+    "CATEGORIES_3D",
+    "LAYOUTS",
+    "LOGICAL_CATEGORIES",
+    "loco_defects_config",
+    "synthesize_3d",
     "DEFECT_AREA_RANGE",
     "PRESETS",
     "CategoryCounts",
@@ -166,10 +196,12 @@ def _stable_id(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
-def _streams(seed: int, category: str, split: str, defect_type: str | None, index: int) -> list[np.random.Generator]:
-    """Independent generators (scene, optics, noise, defect) for one image."""
+def _streams(
+    seed: int, category: str, split: str, defect_type: str | None, index: int, n: int = 4
+) -> list[np.random.Generator]:
+    """Independent generators (scene, optics, noise, defect[, depth noise]) for one image."""
     key = [seed, _stable_id(category), _SPLIT_CODES[split], _stable_id(defect_type) if defect_type else 0, index]
-    return [np.random.default_rng(s) for s in np.random.SeedSequence(key).spawn(4)]
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(key).spawn(n)]
 
 
 def _sample_optics(rng: np.random.Generator, channels: int) -> dict[str, Any]:
@@ -197,10 +229,15 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def _all_2d() -> dict[str, CategorySpec]:
+    return {**CATEGORIES, **LOGICAL_CATEGORIES}
+
+
 def _check_category(category: str) -> CategorySpec:
-    if category not in CATEGORIES:
-        raise SynthConfigError(f"unknown synthetic category {category!r}; choose from {', '.join(CATEGORIES)}")
-    return CATEGORIES[category]
+    known = _all_2d()
+    if category not in known:
+        raise SynthConfigError(f"unknown synthetic category {category!r}; choose from {', '.join(known)}")
+    return known[category]
 
 
 def synthesize(
@@ -214,17 +251,18 @@ def synthesize(
 ) -> SynthImage:
     """Generate one image in memory, exactly as `generate` writes it.
 
-    `defect_type=None` gives a good image (`split` "train" or "test"); otherwise a test image
-    with that defect and its mask.
+    `defect_type=None` gives a good image (`split` "train", "validation" or "test");
+    otherwise a test image with that defect and its mask.
     """
+    if category in CATEGORIES_3D:
+        raise SynthConfigError(f"{category!r} is a 3D category; use synthesize_3d for it")
     spec = _check_category(category)
     _check_size(image_size)
     if defect_type is not None and defect_type not in spec.defects:
         raise SynthConfigError(
             f"category {category!r} has no defect type {defect_type!r}; choose from {', '.join(spec.defect_types)}"
         )
-    if split not in _SPLIT_CODES or (defect_type is not None and split != "test"):
-        raise SynthConfigError(f"split must be 'train' or 'test' (defects only in 'test'), got {split!r}")
+    _check_split(split, defect_type)
     scene = SCENES[category]
     r_scene, r_optics, r_noise, r_defect = _streams(seed, category, split, defect_type, index)
     params = scene.sample(r_scene, image_size)
@@ -237,6 +275,47 @@ def synthesize(
     ctx = DefectContext(scene, params, good, image_size)
     defective, mask = _apply_defect(ctx, DEFECTS[defect_type], spec.defects[defect_type], clean, optics, r_defect)
     return SynthImage(_to_uint8(defective + noise), mask, reference=_to_uint8(clean + noise))
+
+
+def _check_split(split: str, defect_type: str | None) -> None:
+    if split not in _SPLIT_CODES or (defect_type is not None and split != "test"):
+        raise SynthConfigError(f"split must be 'train', 'validation' or 'test' (defects only in 'test'), got {split!r}")
+
+
+def synthesize_3d(
+    category: str,
+    defect_type: str | None = None,
+    *,
+    seed: int = 0,
+    index: int = 0,
+    image_size: int = 64,
+    split: str = "test",
+) -> Synth3DImage:
+    """Generate one RGB + point-map shot of a 3D category in memory, exactly as `generate` writes it.
+
+    `defect_type=None` gives a good shot; otherwise a test shot with that defect, its mask
+    and the defect-free twin (`reference`, `reference_xyz`). See :mod:`iadkit.data.synth_3d`.
+    """
+    if category not in CATEGORIES_3D:
+        raise SynthConfigError(
+            f"unknown synthetic 3D category {category!r}; choose from {', '.join(CATEGORIES_3D)}"
+        )
+    spec = CATEGORIES_3D[category]
+    _check_size(image_size)
+    if defect_type is not None and defect_type not in spec.defects:
+        raise SynthConfigError(
+            f"category {category!r} has no defect type {defect_type!r}; choose from {', '.join(spec.defect_types)}"
+        )
+    _check_split(split, defect_type)
+    return draw_3d(
+        category,
+        defect_type,
+        image_size=image_size,
+        streams=_streams(seed, category, split, defect_type, index, n=5),
+        optics=_apply_optics,
+        sample_optics=_sample_optics,
+        to_uint8=_to_uint8,
+    )
 
 
 def _apply_defect(
@@ -270,13 +349,14 @@ class CategoryCounts:
     test_good: int
     test_defects: dict[str, int]
     written: bool = True  # False when an identical earlier run's files were kept
+    validation_good: int = 0  # LOCO and 3D layouts only
 
     @property
     def total(self) -> int:
-        return self.train_good + self.test_good + sum(self.test_defects.values())
+        return self.train_good + self.validation_good + self.test_good + sum(self.test_defects.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind,
             "channels": self.channels,
             "train_good": self.train_good,
@@ -285,6 +365,9 @@ class CategoryCounts:
             "total": self.total,
             "written": self.written,
         }
+        if self.validation_good:
+            out["validation_good"] = self.validation_good
+        return out
 
 
 @dataclass
@@ -297,6 +380,7 @@ class SynthSummary:
     image_size: int
     categories: dict[str, CategoryCounts] = field(default_factory=dict)
     seconds: float = 0.0
+    layout: str = "mvtec"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -304,6 +388,7 @@ class SynthSummary:
             "seed": self.seed,
             "preset": self.preset,
             "image_size": self.image_size,
+            "layout": self.layout,
             "seconds": round(self.seconds, 3),
             "categories": {k: v.to_dict() for k, v in self.categories.items()},
         }
@@ -312,7 +397,8 @@ class SynthSummary:
         """A rich Table with one row per category (for the CLI)."""
         from rich.table import Table
 
-        t = Table(title=f"Synthetic dataset in {self.root} (seed {self.seed}, {self.image_size}px)")
+        layout = "" if self.layout == "mvtec" else f", {LAYOUTS[self.layout]} layout"
+        t = Table(title=f"Synthetic dataset in {self.root} (seed {self.seed}, {self.image_size}px{layout})")
         t.add_column("category")
         t.add_column("kind")
         t.add_column("image")
@@ -358,7 +444,21 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         raise
 
 
-def _write_json(data: dict[str, Any], path: Path) -> None:
+def _save_tiff(array: np.ndarray, path: Path) -> None:
+    """Write an H x W x 3 float32 point map as one TIFF page (as MVTec 3D-AD), atomically."""
+    import tifffile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tifffile.imwrite(tmp, np.ascontiguousarray(array, dtype=np.float32), photometric="rgb")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(data: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -386,37 +486,142 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         ) from exc
 
 
+def _width(n: int) -> int:
+    return max(3, len(str(n - 1)))  # MVTec's 000.png, wider if needed
+
+
 def _jobs(
-    spec: CategorySpec, n_train: int, n_test_good: int, n_per_defect: int
+    spec: CategorySpec | Spec3D, n_train: int, n_test_good: int, n_per_defect: int, n_validation: int = 0
 ) -> Iterator[tuple[str, str | None, int, str]]:
-    """(split, defect_type or None, index, relative path) for every image of a category."""
-    width = lambda n: max(3, len(str(n - 1)))  # noqa: E731 - MVTec's 000.png, wider if needed
+    """(split, defect_type or None, index, MVTec-style folder/stem) for every image of a category."""
     for i in range(n_train):
-        yield "train", None, i, f"train/good/{i:0{width(n_train)}d}.png"
+        yield "train", None, i, f"train/good/{i:0{_width(n_train)}d}"
+    for i in range(n_validation):
+        yield "validation", None, i, f"validation/good/{i:0{_width(n_validation)}d}"
     for i in range(n_test_good):
-        yield "test", None, i, f"test/good/{i:0{width(n_test_good)}d}.png"
+        yield "test", None, i, f"test/good/{i:0{_width(n_test_good)}d}"
     for d in spec.defect_types:
         for i in range(n_per_defect):
-            yield "test", d, i, f"test/{d}/{i:0{width(n_per_defect)}d}.png"
+            yield "test", d, i, f"test/{d}/{i:0{_width(n_per_defect)}d}"
+
+
+def loco_kind(spec: CategorySpec, defect_type: str) -> str:
+    """MVTec LOCO's folder for a defect type: logical_anomalies or structural_anomalies."""
+    return "logical_anomalies" if spec.defects[defect_type] in LOGICAL_FAMILIES else "structural_anomalies"
+
+
+EXTRA_PART_SATURATION = 0.0025
+"""Absolute saturation of an extra part, as a fraction of the image area: half a typical part."""
+
+
+def loco_defects_config(spec: CategorySpec, image_size: int) -> list[dict[str, Any]]:
+    """The ``defects_config.json`` entries of a category written in the LOCO layout.
+
+    Pixel values 255, 254, ... in defect-type order. Saturation (what detecting a defect
+    fully takes): structural defects 100 % of their area (plain PRO); a missing part or two
+    swapped parts 50 % of the ground truth (finding the empty slot, or one of the two
+    exchanged places, is enough); an extra part an absolute half of a typical part,
+    round(0.0025 * image_size ** 2) pixels (LOCO's configs use both kinds of threshold).
+    """
+    entries = []
+    for k, d in enumerate(spec.defect_types):
+        family = spec.defects[d]
+        if family == "extra_part":
+            threshold: float = max(1, round(EXTRA_PART_SATURATION * image_size**2))
+            relative = False
+        elif family in LOGICAL_FAMILIES:
+            threshold, relative = 0.5, True
+        else:
+            threshold, relative = 1.0, True
+        entries.append(
+            {"defect_name": d, "pixel_value": 255 - k, "saturation_threshold": threshold, "relative_saturation": relative}
+        )
+    return entries
+
+
+def _write_mvtec_files(tmp: Path, spec: CategorySpec, seed: int, size: int, counts: tuple[int, ...], advance: Any) -> None:
+    for split, defect, index, rel in _jobs(spec, *counts):
+        out = synthesize(spec.name, defect, seed=seed, index=index, image_size=size, split=split)
+        path = tmp / f"{rel}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_png(out.image, path)
+        if out.mask is not None:
+            mpath = tmp / "ground_truth" / str(defect) / (Path(rel).name + "_mask.png")
+            mpath.parent.mkdir(parents=True, exist_ok=True)
+            _save_png(out.mask.astype(np.uint8) * 255, mpath)
+        advance()
+
+
+def _write_loco_files(
+    tmp: Path, spec: CategorySpec, seed: int, size: int, counts: tuple[int, ...], advance: Any
+) -> dict[str, Any]:
+    """MVTec LOCO layout: anomalies grouped by kind, one mask folder per image, defects_config.json."""
+    config = loco_defects_config(spec, size)
+    value = {e["defect_name"]: e["pixel_value"] for e in config}
+    n_per_kind: dict[str, int] = {}
+    for d in spec.defect_types:
+        n_per_kind[loco_kind(spec, d)] = n_per_kind.get(loco_kind(spec, d), 0) + counts[2]
+    next_index = dict.fromkeys(n_per_kind, 0)
+    files: dict[str, str] = {}
+    for split, defect, index, rel in _jobs(spec, *counts):
+        out = synthesize(spec.name, defect, seed=seed, index=index, image_size=size, split=split)
+        if defect is None:
+            rel_image = f"{rel}.png"
+        else:
+            kind = loco_kind(spec, defect)
+            stem = f"{next_index[kind]:0{_width(n_per_kind[kind])}d}"
+            next_index[kind] += 1
+            rel_image = f"test/{kind}/{stem}.png"
+            files[f"{kind}/{stem}"] = defect
+            mpath = tmp / "ground_truth" / kind / stem / "000.png"
+            mpath.parent.mkdir(parents=True, exist_ok=True)
+            _save_png(out.mask.astype(np.uint8) * np.uint8(value[defect]), mpath)  # type: ignore[union-attr]
+        path = tmp / rel_image
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_png(out.image, path)
+        advance()
+    _write_json(config, tmp / "defects_config.json")  # type: ignore[arg-type]
+    return {"defects_config": config, "defect_of_image": files}
+
+
+def _write_mvtec3d_files(tmp: Path, spec: Spec3D, seed: int, size: int, counts: tuple[int, ...], advance: Any) -> None:
+    """MVTec 3D-AD layout: <split>/<type>/rgb/<stem>.png, xyz/<stem>.tiff, gt/<stem>.png."""
+    for split, defect, index, rel in _jobs(spec, *counts):
+        out = synthesize_3d(spec.name, defect, seed=seed, index=index, image_size=size, split=split)
+        folder, stem = tmp / Path(rel).parent, Path(rel).name
+        for sub in ("rgb", "xyz"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        _save_png(out.image, folder / "rgb" / f"{stem}.png")
+        _save_tiff(out.xyz, folder / "xyz" / f"{stem}.tiff")
+        if out.mask is not None:
+            (folder / "gt").mkdir(exist_ok=True)
+            _save_png(out.mask.astype(np.uint8) * 255, folder / "gt" / f"{stem}.png")
+        advance()
 
 
 def _write_category(
-    root: Path, spec: CategorySpec, seed: int, size: int, counts: tuple[int, int, int], advance: Any
-) -> None:
-    """Write one category into a hidden temp folder, then rename it into place (never half-written)."""
+    root: Path,
+    spec: CategorySpec | Spec3D,
+    seed: int,
+    size: int,
+    counts: tuple[int, ...],
+    advance: Any,
+    layout: str = "mvtec",
+) -> dict[str, Any]:
+    """Write one category into a hidden temp folder, then rename it into place (never half-written).
+
+    Returns what the layout adds to the category's record (LOCO: its defects config).
+    """
     final = root / spec.name
     tmp = root / f".{spec.name}.partial-{uuid.uuid4().hex[:8]}"
+    extra: dict[str, Any] = {}
     try:
-        for split, defect, index, rel in _jobs(spec, *counts):
-            out = synthesize(spec.name, defect, seed=seed, index=index, image_size=size, split=split)
-            path = tmp / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _save_png(out.image, path)
-            if out.mask is not None:
-                mpath = tmp / "ground_truth" / defect / (Path(rel).stem + "_mask.png")
-                mpath.parent.mkdir(parents=True, exist_ok=True)
-                _save_png(out.mask.astype(np.uint8) * 255, mpath)
-            advance()
+        if layout == "loco":
+            extra = _write_loco_files(tmp, spec, seed, size, counts, advance)  # type: ignore[arg-type]
+        elif layout == "mvtec3d":
+            _write_mvtec3d_files(tmp, spec, seed, size, counts, advance)  # type: ignore[arg-type]
+        else:
+            _write_mvtec_files(tmp, spec, seed, size, counts, advance)  # type: ignore[arg-type]
         old = None
         if final.exists():
             old = root / f".{spec.name}.old-{uuid.uuid4().hex[:8]}"
@@ -427,6 +632,7 @@ def _write_category(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return extra
 
 
 def _resolve(preset: str, **overrides: int | None) -> dict[str, int]:
@@ -455,40 +661,82 @@ def generate(
     n_test_good: int | None = None,
     n_test_per_defect: int | None = None,
     progress: bool = False,
+    layout: str = "mvtec",
+    n_validation: int | None = None,
 ) -> SynthSummary:
-    """Write the synthetic dataset (MVTec AD layout) under `out_dir` and return what was made.
+    """Write the synthetic dataset under `out_dir` and return what was made.
 
-    `preset` ("small" for tests, "demo") supplies the image size and counts; explicit
-    arguments override it. Re-running with the same parameters keeps the existing files
-    (a no-op); different parameters regenerate the category. Each category is written to a
-    hidden temp folder and renamed into place, so an interrupted run leaves no partial
-    category. A category folder not made by this generator is never overwritten.
+    Parameters
+    ----------
+    out_dir
+        Output folder (created); one layout per folder.
+    seed
+        The same seed gives byte-identical files.
+    preset
+        "small" (tests) or "demo": image size and counts; explicit arguments override it.
+    image_size, n_train, n_test_good, n_test_per_defect
+        Overrides of the preset.
+    categories
+        Names to make. Default per layout: ``mvtec`` the classic set :data:`CATEGORIES`;
+        ``loco`` the 2D categories with both logical and structural defects (washer,
+        label, tray); ``mvtec3d`` :data:`CATEGORIES_3D`. :data:`LOGICAL_CATEGORIES` (the
+        tray) are made on request in any 2D layout.
+    progress
+        Show a progress bar.
+    layout
+        ``"mvtec"`` (MVTec AD), ``"loco"`` (MVTec LOCO AD: ``validation/good``,
+        ``test/{logical,structural}_anomalies``, ``ground_truth/<kind>/<stem>/000.png``
+        holding the defect's pixel value, ``defects_config.json``; the images are those
+        of the MVTec layout, regrouped) or ``"mvtec3d"`` (MVTec 3D-AD: ``rgb/*.png``,
+        ``xyz/*.tiff``, ``gt/*.png`` per folder, for the 3D categories).
+    n_validation
+        Good validation images (loco and mvtec3d; default ceil(n_train / 6), LOCO's ratio).
+
+    Re-running with the same parameters keeps the existing files (a no-op); different
+    parameters regenerate the category. Each category is written to a hidden temp folder
+    and renamed into place, so an interrupted run leaves no partial category. A category
+    folder not made by this generator is never overwritten.
     """
     t0 = time.perf_counter()
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise SynthConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    if layout not in LAYOUTS:
+        raise SynthConfigError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     values = _resolve(
         preset, image_size=image_size, n_train=n_train, n_test_good=n_test_good, n_test_per_defect=n_test_per_defect
     )
+    if layout == "mvtec" and n_validation:
+        raise SynthConfigError("n_validation applies to the loco and mvtec3d layouts (MVTec AD has no validation set)")
+    if n_validation is None:
+        n_validation = 0 if layout == "mvtec" else math.ceil(int(values["n_train"]) / 6)
+    if not isinstance(n_validation, (int, np.integer)) or n_validation < 0:
+        raise SynthConfigError(f"n_validation must be a non-negative integer, got {n_validation!r}")
     if isinstance(categories, str):  # one name, not a sequence of letters
         categories = [categories]
-    names = list(CATEGORIES) if categories is None else list(dict.fromkeys(categories))
+    default = _default_categories(layout)
+    names = list(default) if categories is None else list(dict.fromkeys(categories))
     if not names:
-        raise SynthConfigError("categories is empty; leave it out to generate all of " + ", ".join(CATEGORIES))
-    specs = [_check_category(n) for n in names]
+        raise SynthConfigError("categories is empty; leave it out to generate all of " + ", ".join(default))
+    specs = [_check_layout_category(n, layout) for n in names]
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise SynthConfigError(f"{root} exists and is not a folder; choose another output folder")
+    manifest = _read_manifest(root) if root.exists() else {}
+    if manifest.get("categories") and manifest.get("layout", LAYOUTS["mvtec"]) != LAYOUTS[layout]:
+        raise SynthConfigError(
+            f"{root} holds a synthetic dataset in the {manifest.get('layout')} layout; write the {LAYOUTS[layout]} "
+            "layout to another folder (one layout per folder, so that loaders detect it)"
+        )
     root.mkdir(parents=True, exist_ok=True)
-    manifest = _read_manifest(root)
     recorded: dict[str, Any] = dict(manifest.get("categories", {}))
 
     size = int(values["image_size"])
     counts = (int(values["n_train"]), int(values["n_test_good"]), int(values["n_test_per_defect"]))
-    summary = SynthSummary(root=root, seed=int(seed), preset=preset, image_size=size)
-    todo: list[CategorySpec] = []
+    all_counts = counts + ((int(n_validation),) if layout != "mvtec" else ())
+    summary = SynthSummary(root=root, seed=int(seed), preset=preset, image_size=size, layout=layout)
+    todo: list[Any] = []
     for spec in specs:
-        params = _category_params(spec, int(seed), size, counts)
+        params = _category_params(spec, int(seed), size, all_counts, layout)
         entry = recorded.get(spec.name)
         exists = (root / spec.name).exists()
         if exists and entry is None:
@@ -498,12 +746,19 @@ def generate(
             )
         keep = exists and entry is not None and entry.get("parameters") == params
         summary.categories[spec.name] = CategoryCounts(
-            spec.kind, spec.channels, counts[0], counts[1], {d: counts[2] for d in spec.defect_types}, written=not keep
+            spec.kind,
+            spec.channels,
+            counts[0],
+            counts[1],
+            {d: counts[2] for d in spec.defect_types},
+            written=not keep,
+            validation_good=int(n_validation),
         )
         if not keep:
             todo.append(spec)
+    known = {**_all_2d(), **CATEGORIES_3D}
     for stale in root.glob(".*.partial-*"):  # left by a killed run
-        if stale.is_dir() and stale.name.split(".partial-")[0][1:] in CATEGORIES:
+        if stale.is_dir() and stale.name.split(".partial-")[0][1:] in known:
             shutil.rmtree(stale, ignore_errors=True)
 
     total = sum(summary.categories[s.name].total for s in todo)
@@ -511,19 +766,20 @@ def generate(
     with bar as (advance, describe):
         for spec in todo:
             describe(spec.name)
-            _write_category(root, spec, int(seed), size, counts, advance)
+            extra = _write_category(root, spec, int(seed), size, all_counts, advance, layout)
             recorded[spec.name] = {
-                "parameters": _category_params(spec, int(seed), size, counts),
+                "parameters": _category_params(spec, int(seed), size, all_counts, layout),
                 "preset": preset,
                 "kind": spec.kind,
                 "channels": spec.channels,
                 "description": spec.description,
-                "defect_families": dict(spec.defects),
+                "defect_families": _families(spec),
                 "counts": {k: v for k, v in summary.categories[spec.name].to_dict().items() if k != "written"},
+                **extra,
             }
-            _write_json(_manifest(recorded), root / MANIFEST)
+            _write_json(_manifest(recorded, layout), root / MANIFEST)
     if not todo and not (root / MANIFEST).exists():
-        _write_json(_manifest(recorded), root / MANIFEST)
+        _write_json(_manifest(recorded, layout), root / MANIFEST)
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -533,18 +789,20 @@ def _source_fingerprint() -> str:
     """sha256 (short) of the generator's source, so files from an older generator are not kept."""
     import hashlib
 
-    from iadkit.data import synth_defects, synth_scenes
+    from iadkit.data import synth_3d, synth_defects, synth_scenes
 
     h = hashlib.sha256()
-    for mod in (synth_scenes, synth_defects):
+    for mod in (synth_scenes, synth_defects, synth_3d):
         h.update(Path(mod.__file__).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
 
 
-def _category_params(spec: CategorySpec, seed: int, size: int, counts: tuple[int, int, int]) -> dict[str, Any]:
+def _category_params(
+    spec: CategorySpec | Spec3D, seed: int, size: int, counts: tuple[int, ...], layout: str = "mvtec"
+) -> dict[str, Any]:
     """What determines a category's files; equal parameters mean byte-identical files."""
-    return {
+    params = {
         "generator_version": GENERATOR_VERSION,
         "generator_source": _source_fingerprint(),
         "seed": seed,
@@ -554,13 +812,48 @@ def _category_params(spec: CategorySpec, seed: int, size: int, counts: tuple[int
         "n_test_per_defect": counts[2],
         "defect_types": list(spec.defect_types),
     }
+    if layout != "mvtec":  # (kept out of MVTec-layout records, which stay as they were)
+        params["layout"] = layout
+        params["n_validation"] = counts[3]
+    return params
 
 
-def _manifest(categories: dict[str, Any]) -> dict[str, Any]:
+def _families(spec: CategorySpec | Spec3D) -> dict[str, Any]:
+    if isinstance(spec, Spec3D):
+        return {d: {"geometry": geo, "rgb": rgb} for d, (geo, rgb) in spec.defects.items()}
+    return dict(spec.defects)
+
+
+def _default_categories(layout: str) -> list[str]:
+    if layout == "mvtec3d":
+        return list(CATEGORIES_3D)
+    if layout == "loco":
+        both = lambda spec: {loco_kind(spec, d) for d in spec.defect_types} == {  # noqa: E731
+            "logical_anomalies",
+            "structural_anomalies",
+        }
+        return [name for name, spec in _all_2d().items() if both(spec)]
+    return list(CATEGORIES)
+
+
+def _check_layout_category(name: str, layout: str) -> CategorySpec | Spec3D:
+    if layout == "mvtec3d":
+        if name not in CATEGORIES_3D:
+            raise SynthConfigError(
+                f"the mvtec3d layout needs a 3D category (with point maps); choose from {', '.join(CATEGORIES_3D)}, "
+                f"got {name!r}"
+            )
+        return CATEGORIES_3D[name]
+    if name in CATEGORIES_3D:
+        raise SynthConfigError(f"{name!r} is a 3D category; write it with layout='mvtec3d'")
+    return _check_category(name)
+
+
+def _manifest(categories: dict[str, Any], layout: str = "mvtec") -> dict[str, Any]:
     return {
         "generator": "iadkit.data.synthetic",
         "generator_version": GENERATOR_VERSION,
-        "layout": "mvtec_ad",
+        "layout": LAYOUTS[layout],
         "how_to_regenerate": "iadkit.data.synthetic.generate(out_dir, seed=..., image_size=..., n_train=..., "
         "n_test_good=..., n_test_per_defect=..., categories=[...]) with a category's parameters below",
         "mask_rule": (
