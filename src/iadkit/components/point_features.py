@@ -80,6 +80,15 @@ def _check_points(points: np.ndarray, what: str = "points") -> np.ndarray:
 def neighbours(points: np.ndarray, radius: float, max_nn: int, tree: cKDTree | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The `max_nn` nearest points within `radius` of each point, itself included.
 
+    Parameters
+    ----------
+    points
+        N x 3 points.
+    radius, max_nn
+        The neighbourhood (Open3D's ``KDTreeSearchParamHybrid``).
+    tree
+        A prebuilt ``cKDTree`` of `points`, to reuse.
+
     Returns (indices [N, max_nn], squared distances [N, max_nn]) sorted by distance; absent
     neighbours have index N and distance inf. Distances equal to within 1e-9 of the radius
     squared count as equal and are ordered by index, so that which of several equidistant
@@ -220,7 +229,15 @@ def _others(idx: np.ndarray, n: int) -> np.ndarray:
 
 
 def spfh(points: np.ndarray, normals: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Simplified point feature histograms [N, 33] from a neighbour table (see :func:`neighbours`)."""
+    """Simplified point feature histograms [N, 33] from a neighbour table.
+
+    Parameters
+    ----------
+    points, normals
+        N x 3 points and unit normals.
+    idx
+        Neighbour table from :func:`neighbours` (the point's own entry is skipped).
+    """
     n = len(points)
     others = _others(idx, n)
     out = np.zeros((n, FPFH_DIM))

@@ -7,7 +7,9 @@ Typical use::
     split = load_dataset("data/mvtec_ad", "bottle")    # DatasetSplit(train=..., test=...)
     split = load_dataset("elpv", "mono")               # built-in real solar-cell images
 
-The synthetic generator lives in ``iadkit.data.synthetic`` (imported on demand).
+MVTec LOCO test samples read their per-defect regions for sPRO (``LocoSample``), MVTec
+3D-AD samples their point maps (``PointMapSample.load_xyz``). The synthetic generator lives
+in ``iadkit.data.synthetic`` (imported on demand).
 """
 
 from iadkit.data.elpv import ELPV_CATEGORIES, ELPV_LICENSE, load_elpv
@@ -29,6 +31,8 @@ from iadkit.data.layouts import (
     load_dataset,
     register_source,
 )
+from iadkit.data.loco import DefectsConfig, LocoSample, read_defects_config
+from iadkit.data.point_maps import PointMapSample, read_xyz, remove_background_plane
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -37,7 +41,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "DatasetSplit",
+    "DefectsConfig",
     "ImageInfo",
+    "LocoSample",
+    "PointMapSample",
     "detect_layout",
     "image_shape",
     "list_categories",
@@ -46,6 +53,9 @@ __all__ = [
     "register_source",
     "probe_image",
     "read_image",
+    "read_defects_config",
     "read_mask",
+    "read_xyz",
+    "remove_background_plane",
     "write_image_atomic",
 ]

@@ -167,8 +167,16 @@ def _entry(item: Any, where: str) -> DefectConfig:
 
 
 def read_defects_config(path: str | Path) -> DefectsConfig:
-    """Read and validate a ``defects_config.json``; a malformed file raises DatasetLayoutError
-    naming the file and what is wrong."""
+    """Read and validate a ``defects_config.json``.
+
+    Parameters
+    ----------
+    path
+        The file (``<category>/defects_config.json`` in MVTec LOCO AD).
+
+    A missing, unreadable or malformed file raises DatasetLayoutError naming the file, the
+    entry and what is wrong.
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -185,6 +193,13 @@ def read_defects_config(path: str | Path) -> DefectsConfig:
 
 def read_defect_mask(path: str | Path, expected_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
     """One LOCO mask file: (HxW bool mask, its pixel value).
+
+    Parameters
+    ----------
+    path
+        ``ground_truth/<kind>/<stem>/NNN.png``.
+    expected_shape
+        (H, W) of the image; a different size is an error.
 
     The file must hold zero plus exactly one other value (the official
     ``GroundTruthChannel.create_from_integer_array`` rule); JPEG is refused.
@@ -215,7 +230,19 @@ def read_defect_mask(path: str | Path, expected_shape: tuple[int, int] | None = 
 def load_regions(
     mask_paths: Sequence[str], config: DefectsConfig | None, shape: tuple[int, int] | None = None, *, where: str = ""
 ) -> list[SaturatedRegion]:
-    """The sPRO regions of one image from its mask files and the category's config."""
+    """The sPRO regions of one image from its mask files and the category's config.
+
+    Parameters
+    ----------
+    mask_paths
+        The image's mask files, one per defect.
+    config
+        The category's defects config; None raises a DatasetLayoutError when there are masks.
+    shape
+        (H, W) every mask must have.
+    where
+        What to name in error messages (e.g. the image path).
+    """
     if not mask_paths:
         return []
     if config is None:

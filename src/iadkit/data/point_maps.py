@@ -49,10 +49,16 @@ BTF_PLANE_DISTANCE = 0.005
 def read_xyz(path: str | Path, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
     """Read an organised point map: H x W x 3 float32, (0, 0, 0) = no point.
 
+    Parameters
+    ----------
+    path
+        The ``xyz/<stem>.tiff`` file.
+    expected_shape
+        (H, W) of the RGB image the map must be aligned with; None skips the check.
+
     NaN points (another common "no point" marker) become (0, 0, 0). Raises ImageReadError
     naming the file for: a missing or unreadable file, a shape other than H x W x 3, a
-    non-float sample type, infinite values, or a size different from `expected_shape`
-    (the RGB image's (H, W)).
+    non-float sample type, infinite values, or a size different from `expected_shape`.
     """
     p = Path(path)
     if not p.is_file():
@@ -151,7 +157,15 @@ def fit_plane_ransac(
 
 
 def border_points(xyz: np.ndarray, border: int = BTF_BORDER) -> np.ndarray:
-    """The valid points of the `border`-pixel frame of an organised map (N x 3)."""
+    """The valid points of the `border`-pixel frame of an organised map (N x 3).
+
+    Parameters
+    ----------
+    xyz
+        H x W x 3 point map.
+    border
+        Width of the frame in pixels (BTF: 10).
+    """
     h, w = xyz.shape[:2]
     frame = np.zeros((h, w), dtype=bool)
     frame[:border], frame[-border:], frame[:, :border], frame[:, -border:] = True, True, True, True
@@ -167,7 +181,17 @@ def fit_background_plane(
     iterations: int = BTF_RANSAC_ITERATIONS,
     seed: int = 0,
 ) -> np.ndarray:
-    """The background plane [a, b, c, d] (unit normal), fitted by RANSAC to the map's border."""
+    """The background plane [a, b, c, d] (unit normal), fitted by RANSAC to the map's border.
+
+    Parameters
+    ----------
+    xyz
+        H x W x 3 point map whose border shows only the background.
+    border
+        Frame width in pixels.
+    threshold, sample_size, iterations, seed
+        RANSAC settings (:func:`fit_plane_ransac`); the defaults are BTF's.
+    """
     pts = border_points(xyz, border)
     if len(pts) < sample_size:
         raise ValueError(
@@ -189,6 +213,15 @@ def remove_background_plane(
     seed: int = 0,
 ) -> np.ndarray:
     """A copy of `xyz` with the points within `distance` of the background plane zeroed.
+
+    Parameters
+    ----------
+    xyz
+        H x W x 3 point map.
+    distance
+        Points closer than this to the plane are removed (BTF: 0.005).
+    border, threshold, sample_size, iterations, seed
+        The plane fit (:func:`fit_background_plane`).
 
     The defaults are BTF's (metres). BTF then keeps only the largest DBSCAN cluster
     (eps 0.006, 30 points) to drop stray points; that step is not done here - on an

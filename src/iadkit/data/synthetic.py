@@ -293,6 +293,19 @@ def synthesize_3d(
 ) -> Synth3DImage:
     """Generate one RGB + point-map shot of a 3D category in memory, exactly as `generate` writes it.
 
+    Parameters
+    ----------
+    category
+        A key of :data:`CATEGORIES_3D`.
+    defect_type
+        None for a good shot, else one of the category's defect types.
+    seed, index
+        Which shot (each has its own random streams).
+    image_size
+        Side in pixels.
+    split
+        "train", "validation" or "test" (defects only in "test").
+
     `defect_type=None` gives a good shot; otherwise a test shot with that defect, its mask
     and the defect-free twin (`reference`, `reference_xyz`). See :mod:`iadkit.data.synth_3d`.
     """
@@ -506,7 +519,15 @@ def _jobs(
 
 
 def loco_kind(spec: CategorySpec, defect_type: str) -> str:
-    """MVTec LOCO's folder for a defect type: logical_anomalies or structural_anomalies."""
+    """MVTec LOCO's folder for a defect type: logical_anomalies or structural_anomalies.
+
+    Parameters
+    ----------
+    spec
+        The category.
+    defect_type
+        One of its defect types; logical families (missing, extra, swapped parts) are logical.
+    """
     return "logical_anomalies" if spec.defects[defect_type] in LOGICAL_FAMILIES else "structural_anomalies"
 
 
@@ -516,6 +537,13 @@ EXTRA_PART_SATURATION = 0.0025
 
 def loco_defects_config(spec: CategorySpec, image_size: int) -> list[dict[str, Any]]:
     """The ``defects_config.json`` entries of a category written in the LOCO layout.
+
+    Parameters
+    ----------
+    spec
+        The category.
+    image_size
+        Side of the images in pixels (absolute saturations scale with it).
 
     Pixel values 255, 254, ... in defect-type order. Saturation (what detecting a defect
     fully takes): structural defects 100 % of their area (plain PRO); a missing part or two

@@ -244,7 +244,15 @@ def auc_spro(maps: ArrayLike, regions: Regions, *, fpr_limit: float = DEFAULT_SP
 def auc_spro_limits(
     maps: ArrayLike, regions: Regions, fpr_limits: Sequence[float] = LOCO_FPR_LIMITS
 ) -> dict[float, float]:
-    """Exact AUC-sPRO at several limits from one preparation of the pixels: {limit: value}."""
+    """Exact AUC-sPRO at several limits from one preparation of the pixels: {limit: value}.
+
+    Parameters
+    ----------
+    maps, regions
+        As for :func:`auc_spro`.
+    fpr_limits
+        Integration limits in (0, 1] (LOCO's five by default).
+    """
     for limit in fpr_limits:
         _check_limit(limit)
     px = spro_scores(maps, regions)
@@ -253,6 +261,13 @@ def auc_spro_limits(
 
 def spro_curve_at(maps: ArrayLike, regions: Regions, thresholds: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, mean sPRO) at the given thresholds, a pixel counting as positive when score > t.
+
+    Parameters
+    ----------
+    maps, regions
+        As for :func:`auc_spro`.
+    thresholds
+        Score thresholds (any order).
 
     The official evaluation's per-threshold numbers (``fp_rates``, ``mean_spros``), e.g. for
     plotting or for comparing with its ``metrics.json``.
@@ -319,7 +334,15 @@ def auc_spro_by_type(
 def spro_metrics(
     maps: ArrayLike, regions: Regions, fpr_limits: Sequence[float] = LOCO_FPR_LIMITS
 ) -> dict[str, float]:
-    """``{"auc_spro_0.05": ..., ...}``: AUC-sPRO at each limit under stable keys."""
+    """``{"auc_spro_0.05": ..., ...}``: AUC-sPRO at each limit under stable keys.
+
+    Parameters
+    ----------
+    maps, regions
+        As for :func:`auc_spro`.
+    fpr_limits
+        Integration limits.
+    """
     return {f"auc_spro_{limit:g}": value for limit, value in auc_spro_limits(maps, regions, fpr_limits).items()}
 
 
