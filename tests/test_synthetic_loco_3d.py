@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from iadkit.data import load_dataset
 from iadkit.data.loco import LocoSample, read_defects_config
 from iadkit.data.point_maps import PointMapSample, valid_points
 from iadkit.data.synth_defects import DEFECTS, DefectContext
-from iadkit.data.synth_scenes import SCENES, TRAY_LAYOUT
+from iadkit.data.synth_scenes import SCENES, tray_layout
 from iadkit.data.synthetic import (
     CATEGORIES,
     CATEGORIES_3D,
@@ -37,11 +38,12 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 # -- the tray: counts and positions --------------------------------------------------------------
-def _tray_after(defect: str, seed: int) -> dict:
-    """The tray layout a logical defect renders (captured from its re-render)."""
+def _tray_after(defect: str, seed: int) -> tuple[dict, dict]:
+    """The good tray's parameters and the parts a logical defect renders (captured)."""
     rng = np.random.default_rng(seed)
     scene = SCENES["tray"]
     params = scene.sample(rng, 64)
+    before = {slot: list(items) for slot, items in params["parts"].items()}
     captured = {}
 
     class Capture(DefectContext):
@@ -50,24 +52,50 @@ def _tray_after(defect: str, seed: int) -> dict:
             return super().rerender(p)
 
     DEFECTS[defect](Capture(scene, params, scene.render(params, 64), 64), rng)
-    assert params["parts"] == {i: params["parts"][i] for i in range(6)}  # the good layout is not mutated
-    return captured["parts"]
+    assert params["parts"] == before  # the good layout is not mutated
+    return params, captured["parts"]
 
 
-@pytest.mark.parametrize("seed", range(4))
+def _kinds(parts: dict) -> list[str]:
+    return [kind for slot in sorted(parts) for kind, _ in parts[slot]]
+
+
+def _turn(angle: float, heading: float) -> float:
+    """Angle between a bolt's direction and the tray's heading, in [0, pi]."""
+    return abs((angle - heading + math.pi) % (2 * math.pi) - math.pi)
+
+
+@pytest.mark.parametrize("seed", range(6))
 def test_tray_defects_change_the_count_or_the_places(seed):
-    good = SCENES["tray"].sample(np.random.default_rng(seed), 64)["parts"]
-    assert [kind for items in good.values() for kind, _ in items] == list(TRAY_LAYOUT)  # one part per slot
-    missing = _tray_after("missing_part", seed)
+    params, _ = _tray_after("missing_part", seed)
+    layout = tray_layout(params["nut_row"])
+    good = params["parts"]
+    assert _kinds(good) == list(layout)  # one part per slot, one kind per row
+    assert all(_turn(pose["angle"], params["heading"]) < 0.5 for kind, pose in sum(good.values(), []) if kind == "bolt")
+    _, missing = _tray_after("missing_part", seed)
     assert sum(len(v) for v in missing.values()) == 5 and sum(not v for v in missing.values()) == 1
-    extra = _tray_after("extra_part", seed)
+    _, extra = _tray_after("extra_part", seed)
     assert sum(len(v) for v in extra.values()) == 7
     (slot,) = [s for s, v in extra.items() if len(v) == 2]
-    assert {kind for kind, _ in extra[slot]} == {TRAY_LAYOUT[slot]}  # a second part of the right kind
-    swapped = _tray_after("swapped_parts", seed)
-    kinds = [kind for items in swapped.values() for kind, _ in items]
-    assert sorted(kinds) == sorted(TRAY_LAYOUT)  # the right count of each kind...
-    assert kinds[:3].count("bolt") == 1 and kinds[3:].count("nut") == 1  # ...one of each in the wrong row
+    assert {kind for kind, _ in extra[slot]} == {layout[slot]}  # a second part of the right kind
+    _, swapped = _tray_after("swapped_parts", seed)
+    kinds = _kinds(swapped)
+    assert sorted(kinds) == sorted(layout)  # the right count of each kind...
+    nut_row = params["nut_row"]
+    assert kinds[3 * nut_row : 3 * nut_row + 3].count("bolt") == 1  # ...one of each in the wrong row
+    assert kinds[3 * (1 - nut_row) : 3 * (1 - nut_row) + 3].count("nut") == 1
+    bolts = [pose for kind, pose in sum(swapped.values(), []) if kind == "bolt"]
+    assert all(_turn(pose["angle"], params["heading"]) < 0.5 for pose in bolts)  # pointing like the others
+    _, reversed_ = _tray_after("reversed_part", seed)
+    assert _kinds(reversed_) == list(layout)
+    turns = [_turn(pose["angle"], params["heading"]) for kind, pose in sum(reversed_.values(), []) if kind == "bolt"]
+    assert sum(t > math.pi - 0.5 for t in turns) == 1 and sum(t < 0.5 for t in turns) == 2
+
+
+def test_tray_layouts_vary_so_each_compartment_may_hold_either_kind():
+    samples = [SCENES["tray"].sample(np.random.default_rng(seed), 64) for seed in range(12)]
+    assert {p["nut_row"] for p in samples} == {0, 1}
+    assert {round(p["heading"], 6) for p in samples} == {0.0, round(math.pi, 6)}
 
 
 def test_tray_masks_are_where_the_image_changed():
@@ -107,12 +135,12 @@ def test_loco_layout_files_config_and_loader(loco: Path) -> None:
     record = json.loads((loco / MANIFEST).read_text())
     assert record["layout"] == "mvtec_loco_ad"
     which = record["categories"]["tray"]["defect_of_image"]
-    assert len(which) == 3 * 2 + 2 * 2  # three logical and two structural types, two images each
+    assert len(which) == 4 * 2 + 2 * 2  # four logical and two structural types, two images each
 
     split = load_dataset(loco, "tray")
     assert split.layout == "loco" and split.counts()["test"] == {
         "good": 2,
-        "logical_anomalies": 6,
+        "logical_anomalies": 8,
         "structural_anomalies": 4,
     }
     for s in split.test_anomalous:

@@ -252,12 +252,25 @@ def tray_extra_part(ctx: DefectContext, rng: np.random.Generator) -> np.ndarray:
 
 
 def tray_swapped_parts(ctx: DefectContext, rng: np.random.Generator) -> np.ndarray:
-    """Tray: a nut and a bolt have exchanged compartments - right count, wrong places."""
+    """Tray: a nut and a bolt have exchanged compartments - right count, wrong places (the
+    bolt points the way the others do)."""
     p = copy.copy(ctx.params)
     parts = _tray_parts(ctx)
-    nut_slot, bolt_slot = int(rng.integers(3)), 3 + int(rng.integers(3))
-    parts[nut_slot] = [("bolt", tray_part_pose(rng, "bolt"))]
+    nut_row = p["nut_row"]
+    nut_slot, bolt_slot = 3 * nut_row + int(rng.integers(3)), 3 * (1 - nut_row) + int(rng.integers(3))
+    parts[nut_slot] = [("bolt", tray_part_pose(rng, "bolt", p["heading"]))]
     parts[bolt_slot] = [("nut", tray_part_pose(rng, "nut"))]
+    p["parts"] = parts
+    return ctx.rerender(p)
+
+
+def tray_reversed_part(ctx: DefectContext, rng: np.random.Generator) -> np.ndarray:
+    """Tray: one bolt points the other way - every part in its place, one turned round."""
+    p = copy.copy(ctx.params)
+    parts = _tray_parts(ctx)
+    slot = 3 * (1 - p["nut_row"]) + int(rng.integers(3))
+    kind, pose = parts[slot][0]
+    parts[slot] = [(kind, {**pose, "angle": pose["angle"] + math.pi})]
     p["parts"] = parts
     return ctx.rerender(p)
 
@@ -275,4 +288,5 @@ DEFECTS: dict[str, DefectFn] = {
     "missing_part": tray_missing_part,
     "extra_part": tray_extra_part,
     "swapped_parts": tray_swapped_parts,
+    "reversed_part": tray_reversed_part,
 }

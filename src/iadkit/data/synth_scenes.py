@@ -363,7 +363,7 @@ def render_label(p: Params, size: int) -> Rendered:
 
 
 # -- a compartment tray (logical anomalies: counts and positions) -----------------------------
-TRAY_SLOTS = 6  # 2 rows x 3 columns; nuts in the top row, bolts in the bottom row
+TRAY_SLOTS = 6  # 2 rows x 3 columns: the nuts fill one row, the bolts the other
 TRAY_COLUMNS = (-0.27, 0.0, 0.27)  # compartment centres, tray coordinates (units of the image size)
 TRAY_ROWS = (-0.135, 0.135)
 TRAY_CELL = (0.24, 0.23)  # compartment floor, width x height
@@ -372,22 +372,35 @@ NUT_HOLE = 0.016
 BOLT_LENGTH = 0.115  # shank
 BOLT_WIDTH = 0.027
 BOLT_HEAD = (0.035, 0.05)  # along x across
-TRAY_LAYOUT = ("nut", "nut", "nut", "bolt", "bolt", "bolt")
 
 
-def tray_part_pose(rng: np.random.Generator, kind: str) -> dict[str, float]:
-    """Where a part lies in its compartment: a small offset and an orientation."""
+def tray_part_pose(rng: np.random.Generator, kind: str, heading: float = 0.0) -> dict[str, float]:
+    """Where a part lies in its compartment: a small offset and an orientation (a bolt's
+    head points along `heading`, give or take a few degrees)."""
     if kind == "nut":
         angle = rng.uniform(0, math.pi / 3)  # a hexagon repeats every 60 degrees
-    else:  # a bolt lies roughly along the compartment, head left or right
-        angle = rng.normal(0, 0.12) + (math.pi if rng.random() < 0.5 else 0.0)
+    else:
+        angle = heading + rng.normal(0, 0.12)
     return {"dx": float(rng.uniform(-0.018, 0.018)), "dy": float(rng.uniform(-0.018, 0.018)), "angle": float(angle)}
 
 
+def tray_layout(nut_row: int) -> tuple[str, ...]:
+    """The kind of part in each slot (row-major) when the nuts fill row `nut_row`."""
+    return tuple("nut" if slot // 3 == nut_row else "bolt" for slot in range(TRAY_SLOTS))
+
+
 def sample_tray(rng: np.random.Generator, size: int) -> Params:
-    """A dark plastic tray with six compartments on a light table: three brass nuts on top,
-    three steel bolts below, each part jittered and turned in its compartment."""
+    """A dark plastic tray with six compartments on a light table: three brass nuts fill one
+    row and three steel bolts the other, every bolt's head pointing the same way.
+
+    Which row holds the nuts and which way the bolts point vary from tray to tray (the tray
+    is symmetric and is filled either way round), so every compartment may hold either kind
+    and a bolt may point either way: the rules - one kind per row, all bolts alike - bind
+    parts that are two compartments apart, not what one compartment looks like.
+    """
     table = 0.04 * smooth_noise(rng, (size, size), 4.0) + 0.015 * smooth_noise(rng, (size, size), 0.8)
+    nut_row = int(rng.integers(2))
+    heading = 0.0 if rng.random() < 0.5 else math.pi
     return {
         "centre": (size / 2 + rng.uniform(-0.02, 0.02) * size, size / 2 + rng.uniform(-0.02, 0.02) * size),
         "angle": math.radians(rng.uniform(-2.5, 2.5)),
@@ -396,8 +409,10 @@ def sample_tray(rng: np.random.Generator, size: int) -> Params:
         "brass": np.array([0.74, 0.58, 0.26]) * rng.uniform(0.94, 1.06, 3),
         "steel": np.array([0.62, 0.63, 0.66]) * rng.uniform(0.94, 1.06),
         "light": rng.uniform(0, 2 * math.pi),
+        "nut_row": nut_row,
+        "heading": heading,
         # slot -> list of (kind, pose); a good tray has exactly one part per slot
-        "parts": {i: [(kind, tray_part_pose(rng, kind))] for i, kind in enumerate(TRAY_LAYOUT)},
+        "parts": {i: [(kind, tray_part_pose(rng, kind, heading))] for i, kind in enumerate(tray_layout(nut_row))},
     }
 
 

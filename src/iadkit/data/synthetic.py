@@ -63,8 +63,8 @@ MASK_REL_THRESHOLD = 0.15  # of the defect's peak change
 MASK_ABS_THRESHOLD = 3 / 255
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 _MAX_DEFECT_ATTEMPTS = 50
-LOGICAL_FAMILIES = frozenset({"missing_part", "extra_part", "swapped_parts"})
-_BLOB_FAMILIES = frozenset({"hole", "dent", "stain", "missing_part", "extra_part", "swapped_parts"})
+LOGICAL_FAMILIES = frozenset({"missing_part", "extra_part", "swapped_parts", "reversed_part"})
+_BLOB_FAMILIES = frozenset({"hole", "dent", "stain", "missing_part", "extra_part", "swapped_parts", "reversed_part"})
 
 
 class SynthConfigError(IadkitError, ValueError):
@@ -77,7 +77,7 @@ class CategorySpec:
 
     `defects` maps each defect type (the folder name under ``test/``) to its family:
     scratch, crack, hole, dent, stain (structural) or missing_part, extra_part,
-    swapped_parts (logical).
+    swapped_parts, reversed_part (logical).
     """
 
     name: str
@@ -139,11 +139,12 @@ LOGICAL_CATEGORIES: dict[str, CategorySpec] = {
             "missing_part": "missing_part",
             "extra_part": "extra_part",
             "swapped_parts": "swapped_parts",
+            "reversed_part": "reversed_part",
             "scratch": "scratch",
             "stain": "stain",
         },
-        "compartment tray, three brass nuts over three steel bolts in fixed slots, RGB "
-        "(logical: a part missing, one too many, a nut and a bolt swapped)",
+        "compartment tray, three brass nuts in one row and three steel bolts in the other, RGB "
+        "(logical: a part missing, one too many, a nut and a bolt swapped, a bolt turned round)",
     ),
 }
 
@@ -546,9 +547,9 @@ def loco_defects_config(spec: CategorySpec, image_size: int) -> list[dict[str, A
         Side of the images in pixels (absolute saturations scale with it).
 
     Pixel values 255, 254, ... in defect-type order. Saturation (what detecting a defect
-    fully takes): structural defects 100 % of their area (plain PRO); a missing part or two
-    swapped parts 50 % of the ground truth (finding the empty slot, or one of the two
-    exchanged places, is enough); an extra part an absolute half of a typical part,
+    fully takes): structural defects 100 % of their area (plain PRO); the other logical
+    defects 50 % of the ground truth (finding the empty slot, one of two exchanged places,
+    or one end of a reversed bolt is enough); an extra part an absolute half of a typical part,
     round(0.0025 * image_size ** 2) pixels (LOCO's configs use both kinds of threshold).
     """
     entries = []
