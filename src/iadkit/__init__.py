@@ -20,7 +20,7 @@ __version__ = "0.2.0"
 # Public names, imported on first use so `import iadkit` (and the CLI's --help) stays quick.
 _LAZY = {
     "Model": "iadkit.model",
-    "PredictionResult": "iadkit.model",
+    "PredictionResult": "iadkit.results",
     "evaluate": "iadkit.evaluation",
     "EvaluationResult": "iadkit.evaluation",
     "load_dataset": "iadkit.data",

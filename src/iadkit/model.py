@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -21,6 +20,7 @@ from iadkit.components.postprocess import Postprocess, heatmap_range
 from iadkit.data.transforms import ImageSet, Preprocess
 from iadkit.errors import InvalidParameterError, TrainingDataError
 from iadkit.methods.base import Detector, create
+from iadkit.results import PredictionResult
 from iadkit.thresholds import Threshold, false_alarm_threshold, manual_threshold
 from iadkit.types import ANOMALOUS, GOOD, UNKNOWN, Prediction, Sample
 
@@ -47,31 +47,6 @@ def as_samples(inputs: Iterable[ImageInput]) -> list[Sample]:
         else:
             raise TypeError(f"cannot predict on {type(item).__name__}: give a Sample, a path or an HxWxC array")
     return samples
-
-
-@dataclass
-class PredictionResult:
-    """Per-image scores, verdicts and anomaly maps (maps at the model's input size)."""
-
-    paths: list[str]
-    scores: np.ndarray  # [N] float
-    maps: np.ndarray | None  # [N, H, W] float32
-    threshold: float | None
-    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [N], -1 = unknown
-
-    @property
-    def verdicts(self) -> np.ndarray:
-        """True = defective. Needs a threshold (set by calibration or given at predict time)."""
-        if self.threshold is None:
-            raise ValueError("this model has no threshold: calibrate it or pass threshold=...")
-        return self.scores > self.threshold
-
-    def rows(self) -> list[dict[str, Any]]:
-        verdicts = self.verdicts if self.threshold is not None else [None] * len(self.paths)
-        return [
-            {"path": p, "score": float(s), "anomalous": None if v is None else bool(v)}
-            for p, s, v in zip(self.paths, self.scores, verdicts)
-        ]
 
 
 class Model:

@@ -141,9 +141,17 @@ def side_by_side(image: np.ndarray, over: np.ndarray, mask: np.ndarray | None = 
 
 
 def model_view(model: Any, image: np.ndarray) -> np.ndarray:
-    """The image as `model` sees it (its resize and crop), HxWx3 float in [0, 1]."""
-    pp = model.preprocess
-    return pp.geometry(pp.to_unit_float(image)).permute(1, 2, 0).numpy()
+    """The image as `model` sees it (its resize and crop), HxWx3 float in [0, 1].
+
+    `model` is an `iadkit.Model` or an exported model of `iadkit.runtime` (both preprocessors
+    have `view`). A model that tiles an image larger than its input sees the whole image at
+    full resolution (its stitched maps have that size)."""
+    tiling = getattr(model, "tiling", None)
+    if tiling is not None and tiling.applies(np.asarray(image).shape[:2]):
+        from iadkit.data.pixels import to_unit_float
+
+        return to_unit_float(image)
+    return np.asarray(model.preprocess.view(image))
 
 
 def model_overlay(
@@ -165,21 +173,23 @@ def model_overlay(
     `max_side` shrinks large images and `min_side` enlarges tiny ones (so the outline does not
     hide a defect of a few pixels).
     """
-    from iadkit.types import Sample
+    if isinstance(sample, np.ndarray):
+        image = sample
+    elif isinstance(sample, (str, Path)):
+        from iadkit.data.io import read_image
 
-    if isinstance(sample, Sample):
+        image = read_image(sample)
+    else:  # a Sample (imported only here: arrays and paths stay torch-free for the runtime's server)
+        from iadkit.types import Sample
+
+        if not isinstance(sample, Sample):
+            raise TypeError(f"cannot draw an overlay of {type(sample).__name__}: give a Sample, a path or an HxWxC array")
         image = sample.load_image()
         if mask is None and sample.has_mask:
             try:
                 mask = model.preprocess.mask(sample.load_mask(shape=image.shape[:2])).numpy()
             except (ValueError, OSError):
                 mask = None
-    elif isinstance(sample, (str, Path)):
-        from iadkit.data.io import read_image
-
-        image = read_image(sample)
-    else:
-        image = np.asarray(sample)
     rgb = model_view(model, image)
     h, w = rgb.shape[:2]
     scale = 1.0

@@ -115,6 +115,11 @@ class Preprocess:
         """One image array -> normalised 3xHxW float32 tensor."""
         return self.normalize(self.geometry(self.to_unit_float(image)))
 
+    def view(self, image: np.ndarray) -> np.ndarray:
+        """The image as the model sees it (resized, cropped), HxWx3 float32 in [0, 1], before
+        normalisation (the torch-free `iadkit.data.pixels.PixelPreprocess.view` gives the same)."""
+        return self.geometry(self.to_unit_float(image)).permute(1, 2, 0).numpy()
+
     def mask(self, mask: np.ndarray) -> torch.Tensor:
         """One HxW bool mask -> HxW bool tensor in the model's input geometry."""
         m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
