@@ -249,3 +249,25 @@ def test_concat_embedding_subset():
     sub = ConcatEmbedding([3, 2], torch.tensor([4, 0, 2]))(feats)
     assert torch.equal(sub, full[:, [0, 2, 4]])
     assert np.isclose(float(sub[0, 0, 0, 0]), 0.0)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_knn_traced_path_equals_chunked_search(k):
+    """Under a tracer (ONNX export) knn_exact searches all queries in one block; same answers."""
+    from iadkit.components.memory_bank import _knn_one_query_block
+
+    g = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(300, 16, generator=g), torch.randn(1000, 16, generator=g)
+    d_ref, i_ref = knn_exact(queries, bank, k, query_chunk=64, bank_chunk=256)
+    d, i = _knn_one_query_block(queries, bank, k, (bank * bank).sum(1), 256)
+    torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(i, i_ref)
+
+    class Search(torch.nn.Module):
+        def forward(self, q):
+            return knn_exact(q, bank, k, query_chunk=64, bank_chunk=256)
+
+    traced = torch.jit.trace(Search(), (queries[:10],), check_trace=False)  # the tracer saw 10 queries
+    d_t, i_t = traced(queries)  # and answers 300 (a query-chunk loop would have been unrolled at 10)
+    torch.testing.assert_close(d_t, d_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(i_t, i_ref)

@@ -51,6 +51,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from iadkit.components.tracing import is_tracing
 from iadkit.errors import IadkitError
 
 SearchMethod = Literal["exact", "faiss_flat", "ivf", "hnsw"]
@@ -117,6 +118,8 @@ def knn_exact(
     bank = bank.float()
     if bank_sq is None:
         bank_sq = (bank * bank).sum(1)
+    if is_tracing():
+        return _knn_one_query_block(queries, bank, k, bank_sq, bank_chunk)
     q = queries.shape[0]
     out_d = torch.empty(q, k, device=queries.device)
     out_i = torch.empty(q, k, dtype=torch.long, device=queries.device)
@@ -154,6 +157,43 @@ def knn_exact(
         out_d[qs : qs + nq] = (torch.gather(best_d, 1, order) + q_sq).clamp_min_(0.0).sqrt_()
         out_i[qs : qs + nq] = torch.gather(best_i, 1, order)
     return out_d, out_i
+
+
+def _knn_one_query_block(
+    queries: torch.Tensor, bank: torch.Tensor, k: int, bank_sq: torch.Tensor, bank_chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`knn_exact` for a traced graph (ONNX export): the same arithmetic over all queries at
+    once. Chunking the queries would be unrolled at the traced number of queries (a graph
+    that then cuts off a larger batch); the bank's chunks stay, since the bank is a constant
+    of the graph. No preallocated output buffers (in-place writes do not trace)."""
+    m = bank.shape[0]
+    best_d: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
+    for bs in range(0, m, bank_chunk):
+        bb = bank[bs : bs + bank_chunk]
+        d = torch.addmm(bank_sq[bs : bs + bank_chunk][None, :], queries, bb.T, alpha=-2.0)
+        if k == 1:
+            dmin, imin = d.min(1, keepdim=True)
+            imin = imin + bs
+            if best_d is None or best_i is None:
+                best_d, best_i = dmin, imin
+            else:
+                better = dmin < best_d
+                best_d = torch.where(better, dmin, best_d)
+                best_i = torch.where(better, imin, best_i)
+        else:
+            dk, ik = torch.topk(d, min(k, int(bb.shape[0])), dim=1, largest=False, sorted=False)
+            ik = ik + bs
+            if best_d is not None and best_i is not None:
+                dk = torch.cat([best_d, dk], 1)
+                ik = torch.cat([best_i, ik], 1)
+            sel_d, sel = torch.topk(dk, min(k, int(dk.shape[1])), dim=1, largest=False, sorted=False)
+            best_d, best_i = sel_d, torch.gather(ik, 1, sel)
+    assert best_d is not None and best_i is not None
+    order = torch.argsort(best_d, dim=1)
+    q_sq = (queries * queries).sum(1, keepdim=True)
+    dist = (torch.gather(best_d, 1, order) + q_sq).clamp_min(0.0).sqrt()
+    return dist, torch.gather(best_i, 1, order)
 
 
 class NearestNeighborIndex:
