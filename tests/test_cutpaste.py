@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.covariance import ledoit_wolf
 
 from iadkit.components import synthesis as S
@@ -102,6 +103,29 @@ def test_receptive_field_upsampling_averages_covering_patches() -> None:
     assert out.shape == (1, 5, 6)
     assert torch.allclose(out[0, 0], torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0, 3.0]))
     assert torch.allclose(out[0, 4], out[0, 3])  # uncovered last row replicates
+
+
+def _fold_reference(scores, size, patch, stride):
+    """The mean of covering patches with F.fold (what receptive_field_upsample computed before
+    it became two coverage products, which ONNX can export)."""
+    b, nh, nw = scores.shape
+    cols = scores.reshape(b, 1, nh * nw).expand(-1, patch * patch, -1)
+    covered = ((nh - 1) * stride + patch, (nw - 1) * stride + patch)
+    out = F.fold(cols, covered, kernel_size=patch, stride=stride) / F.fold(
+        torch.ones_like(cols), covered, kernel_size=patch, stride=stride
+    )
+    if covered != tuple(size):
+        out = F.pad(out, (0, size[1] - covered[1], 0, size[0] - covered[0]), mode="replicate")
+    return out[:, 0]
+
+
+@pytest.mark.parametrize("size, patch, stride", [((64, 64), 32, 16), ((64, 64), 32, 4), ((70, 53), 16, 5), ((224, 224), 32, 4)])
+def test_receptive_field_upsampling_equals_fold(size, patch, stride) -> None:
+    nh, nw = (size[0] - patch) // stride + 1, (size[1] - patch) // stride + 1
+    scores = torch.rand(3, nh, nw, generator=torch.Generator().manual_seed(0)) * 50
+    torch.testing.assert_close(
+        receptive_field_upsample(scores, size, patch, stride), _fold_reference(scores, size, patch, stride), rtol=1e-6, atol=1e-6
+    )
 
 
 # -- the method ----------------------------------------------------------------------------------

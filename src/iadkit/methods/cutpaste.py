@@ -67,6 +67,7 @@ from torch import nn
 from iadkit.backbones import FeatureExtractor
 from iadkit.components.gaussian import mahalanobis, whitening_matrices
 from iadkit.components.synthesis import cutpaste, cutpaste_scar
+from iadkit.components.tracing import is_tracing
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError, TrainingDataError
 from iadkit.methods.base import BackboneDetector, register
@@ -120,16 +121,28 @@ def ledoit_wolf_covariance(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(cov))
 
 
+def _coverage_matrix(n_patches: int, patch: int, stride: int) -> torch.Tensor:
+    """[covered, n_patches] with 1 where pixel r lies in patch i (``i*stride <= r < i*stride + patch``)."""
+    covered = (n_patches - 1) * stride + patch
+    r = torch.arange(covered)[:, None]
+    start = torch.arange(n_patches)[None, :] * stride
+    return ((r >= start) & (r < start + patch)).float()
+
+
 def receptive_field_upsample(scores: torch.Tensor, size: tuple[int, int], patch: int, stride: int) -> torch.Tensor:
     """Patch scores [B, nh, nw] -> pixel map [B, H, W]: each pixel gets the mean score of the
-    patches that contain it (pixels no patch covers take the nearest patches' values)."""
+    patches that contain it (pixels no patch covers take the nearest patches' values).
+
+    The sum over covering patches is separable (a patch covers a band of rows times a band of
+    columns), so it is two products with 0/1 coverage matrices — what ``F.fold`` computes,
+    but in ops an ONNX graph holds (the exporter cannot export this fold)."""
     b, nh, nw = scores.shape
-    cols = scores.reshape(b, 1, nh * nw).expand(-1, patch * patch, -1)
-    covered_h = (nh - 1) * stride + patch
-    covered_w = (nw - 1) * stride + patch
-    summed = F.fold(cols, (covered_h, covered_w), kernel_size=patch, stride=stride)
-    count = F.fold(torch.ones_like(cols), (covered_h, covered_w), kernel_size=patch, stride=stride)
-    out = summed / count
+    ah = _coverage_matrix(nh, patch, stride).to(scores)  # [Hc, nh]
+    aw = _coverage_matrix(nw, patch, stride).to(scores)  # [Wc, nw]
+    summed = torch.matmul(torch.matmul(ah, scores), aw.T)  # [B, Hc, Wc]
+    count = ah.sum(1)[:, None] * aw.sum(1)[None, :]
+    out = (summed / count)[:, None]
+    covered_h, covered_w = int(ah.shape[0]), int(aw.shape[0])
     if (covered_h, covered_w) != tuple(size):  # uncovered right/bottom margin: replicate
         out = F.pad(out, (0, size[1] - covered_w, 0, size[0] - covered_h), mode="replicate")
     return out[:, 0]
@@ -227,6 +240,8 @@ class CutPaste(BackboneDetector):
         """Embeddings of whole images [B, d], or of all their patches [B*L, d]."""
         if self.patch_size is not None:
             images, _, _ = self._patches(images)
+        if is_tracing():  # one block: a traced chunk loop would be unrolled at the traced batch
+            return self._embed(images)
         return torch.cat([self._embed(images[i : i + chunk]) for i in range(0, images.shape[0], chunk)])
 
     def _augment(self, unit: torch.Tensor, image_side: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
