@@ -77,7 +77,7 @@ def test_unit_float_keeps_16_bit_precision_and_refuses_other_types():
 
 def test_image_reading_and_pixels_do_not_import_torch():
     code = (
-        "import sys, iadkit.data.io, iadkit.data.pixels, iadkit.results, iadkit.viz; "
+        "import sys, iadkit.data.io, iadkit.data.pixels, iadkit.results, iadkit.viz, iadkit.tiling, iadkit.runtime, iadkit.export; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

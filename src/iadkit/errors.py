@@ -50,3 +50,7 @@ class OutputPathError(IadkitError, OSError):
 
 class ExecutorError(IadkitError, RuntimeError):
     """A local or Ray executor cannot run the work (Ray missing, cluster unreachable, a worker died)."""
+
+
+class ExportError(IadkitError, ValueError):
+    """A model cannot be exported (to ONNX), or an exported file cannot be used; the message says why and what to do."""

@@ -22,6 +22,7 @@ from iadkit.errors import InvalidParameterError, TrainingDataError
 from iadkit.methods.base import Detector, create
 from iadkit.results import PredictionResult
 from iadkit.thresholds import Threshold, false_alarm_threshold, manual_threshold
+from iadkit.tiling import Tiling, predict_tiled, resolve_tiling
 from iadkit.types import ANOMALOUS, GOOD, UNKNOWN, Prediction, Sample
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ class Model:
         The operating point: a score above it is a defect.
     info : dict, optional
         Facts about training (dataset, category, image counts, timings), saved with the model.
+    tiling : Tiling, optional
+        Set when the model was fitted on tiles (``fit(..., tile=...)``): predictions then cut
+        images larger than a tile into the same tiles (see `iadkit.tiling`).
     """
 
     def __init__(
@@ -76,12 +80,14 @@ class Model:
         postprocess: Postprocess | None = None,
         threshold: Threshold | None = None,
         info: dict[str, Any] | None = None,
+        tiling: Tiling | None = None,
     ) -> None:
         self.detector = detector
         self.preprocess = preprocess
         self.postprocess = postprocess if postprocess is not None else Postprocess(sigma=detector.map_sigma)
         self.threshold = threshold
         self.info = dict(info or {})
+        self.tiling = tiling
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -137,6 +143,8 @@ class Model:
         target_fpr: float = 0.01,
         seed: int = 0,
         progress: bool = True,
+        tile: int | None = None,
+        overlap: float | None = None,
     ) -> "Model":
         """Fit the detector on good images, then calibrate the threshold.
 
@@ -157,25 +165,44 @@ class Model:
             Seed of the hold-out draw.
         progress : bool
             Show progress bars (plain lines when not on a terminal).
+        tile, overlap : optional
+            Fit on tiles: every good image larger than `tile` pixels is cut into overlapping
+            tiles (`overlap`: share of a tile, default 0.25) that the detector learns from as
+            images of their own; the model keeps the `Tiling` and predicts and calibrates with
+            it (see `iadkit.tiling`). Use the input size as the tile to avoid any resize.
         """
         samples = list(train.samples) if isinstance(train, ImageSet) else list(train)
         if not samples:
             raise TrainingDataError("no training images")
         if calibration_fraction is not None and not 0.0 <= calibration_fraction < 1.0:
             raise InvalidParameterError(f"calibration_fraction must be in [0, 1), got {calibration_fraction}")
+        tiling = resolve_tiling(None, tile, overlap) if tile else None
+        if tiling is not None:
+            self._check_tiling(tiling)
+            if self.detector.supervision == "semi-supervised":
+                raise InvalidParameterError(
+                    f"{self.detector.name} learns from labelled defects, and a defective image's tiles are mostly "
+                    "good: fit it without tiles"
+                )
         samples = self._usable_training(samples)
         if calibration is None:
             if calibration_fraction is None:
                 samples, calibration = split_calibration(samples, DEFAULT_CALIBRATION_FRACTION, seed, MIN_TRAIN_FOR_HOLDOUT)
             elif calibration_fraction > 0:
                 samples, calibration = split_calibration(samples, calibration_fraction, seed, 1)
+        n_images = len(samples)
+        if tiling is not None:
+            samples = tile_samples(samples, tiling)
+        self.tiling = tiling
         start = time.perf_counter()
         self.detector.fit(ImageSet(samples, self.preprocess), progress=progress)
         self.info.update(
-            n_train=len(samples),
+            n_train=n_images,
             n_train_anomalous=sum(1 for s in samples if s.label == ANOMALOUS),
             fit_seconds=time.perf_counter() - start,
         )
+        if tiling is not None:
+            self.info.update(n_train_tiles=len(samples))
         if calibration:
             start = time.perf_counter()
             self.calibrate(calibration, target_fpr=target_fpr)
@@ -211,7 +238,8 @@ class Model:
         result = self.predict(good, batch_size=batch_size)
         self.threshold = false_alarm_threshold(result.scores, target_fpr)
         if result.maps is not None:
-            self.postprocess = self.postprocess.with_range(heatmap_range(result.maps))
+            maps = result.maps if isinstance(result.maps, np.ndarray) else np.concatenate([m.ravel() for m in result.maps])
+            self.postprocess = self.postprocess.with_range(heatmap_range(maps))
         return self.threshold
 
     def set_threshold(self, value: float) -> None:
@@ -238,10 +266,36 @@ class Model:
         threshold: float | None = None,
         keep_maps: bool = True,
         progress: bool = False,
+        tile: int | None = None,
+        overlap: float | None = None,
     ) -> PredictionResult:
-        """Score images (samples, paths or arrays). `threshold` overrides the stored one."""
+        """Score images (samples, paths or arrays). `threshold` overrides the stored one.
+
+        Parameters
+        ----------
+        inputs : samples, paths, arrays or ImageSet
+            The images.
+        batch_size : int
+            Images (or tiles) per forward pass.
+        threshold : float, optional
+            Verdict threshold for this call (default: the calibrated one).
+        keep_maps : bool
+            Return the anomaly maps.
+        progress : bool
+            Show a progress bar.
+        tile, overlap : optional
+            Tiling of images larger than `tile` pixels (see `iadkit.tiling`): each tile is
+            scored, the image score is the maximum over its tiles and the maps are stitched at
+            the image's full resolution (then `maps` is a list, one map per image). None: the
+            model's stored tiling, if it was fitted with tiles; 0: no tiling.
+        """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InvalidParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
+        tiling = resolve_tiling(self.tiling, tile, overlap)
+        if tiling is not None:
+            self._check_tiling(tiling)
+            samples = list(inputs.samples) if isinstance(inputs, ImageSet) else as_samples(inputs)
+            return self._predict_tiled(samples, tiling, batch_size, threshold, keep_maps, progress)
         dataset = inputs if isinstance(inputs, ImageSet) else ImageSet(as_samples(inputs), self.preprocess, cache=False)
         scores, maps = [], []
         batches = dataset.batches(batch_size)
@@ -264,11 +318,69 @@ class Model:
             labels=np.array([s.label if s.label is not None else UNKNOWN for s in dataset.samples]),
         )
 
+    def score_images(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decoded image arrays (any size) -> (scores [n], maps [n, H, W] at the input size or None)."""
+        pred = self.predict_tensor(self.preprocess.batch(list(images)))
+        assert pred.scores is not None
+        return pred.scores.numpy(), None if pred.maps is None else pred.maps.numpy()
+
+    def _check_tiling(self, tiling: Tiling) -> None:
+        if self.preprocess.crop_size is not None:
+            raise InvalidParameterError(
+                "tiling needs a model without a centre crop (each tile must be seen whole); "
+                "create the model without crop_size"
+            )
+
+    def _predict_tiled(
+        self,
+        samples: list[Sample],
+        tiling: Tiling,
+        batch_size: int,
+        threshold: float | None,
+        keep_maps: bool,
+        progress: bool,
+    ) -> PredictionResult:
+        scores, maps = [], []
+        items: Iterable[Sample] = samples
+        if progress:
+            from iadkit.progress import track
+
+            items = track(samples, total=len(samples), description="predict (tiled)")
+        for sample in items:
+            score, amap = predict_tiled(sample.load_image(), tiling, self.score_images, batch_size=batch_size)
+            scores.append(score)
+            if keep_maps and amap is not None:
+                maps.append(amap)
+        thr = threshold if threshold is not None else (self.threshold.value if self.threshold else None)
+        return PredictionResult(
+            paths=[s.path for s in samples],
+            scores=np.asarray(scores, dtype=np.float32),
+            maps=maps if maps else None,
+            threshold=thr,
+            labels=np.array([s.label if s.label is not None else UNKNOWN for s in samples]),
+        )
+
     # -- files -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         from iadkit.store import save_model
 
         return save_model(self, path)
+
+    def export_onnx(self, path: str | Path, *, check: bool = True) -> Path:
+        """Write the whole inference graph (normalisation, detector, map upsampling and blur,
+        image score) and the model's facts (preprocessing, threshold, heat-map range, tiling)
+        to one ONNX file, for `iadkit.runtime` (see `iadkit.export.onnx`).
+
+        Parameters
+        ----------
+        path : str or Path
+            The ``.onnx`` file to write.
+        check : bool
+            Compare the exported graph with this model on random pixels before writing.
+        """
+        from iadkit.export.onnx import export_onnx
+
+        return export_onnx(self, path, check=check)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "Model":
@@ -278,7 +390,29 @@ class Model:
 
     def __repr__(self) -> str:
         thr = f"{self.threshold.value:.4g} ({self.threshold.rule})" if self.threshold else "unset"
-        return f"Model(method={self.method!r}, input={self.preprocess.output_size}, threshold={thr})"
+        tiles = f", tiling={self.tiling.tile}px/{self.tiling.overlap:g}" if self.tiling else ""
+        return f"Model(method={self.method!r}, input={self.preprocess.output_size}, threshold={thr}{tiles})"
+
+
+def tile_samples(samples: Sequence[Sample], tiling: Tiling) -> list[Sample]:
+    """Each sample's tiles as samples of their own (in memory; path ``<path>#tile=top,left``).
+    An image not larger than a tile stays as it is."""
+    from dataclasses import replace
+
+    from iadkit.tiling import cut
+
+    out: list[Sample] = []
+    for s in samples:
+        image = s.load_image()
+        if not tiling.applies(image.shape):
+            out.append(s)
+            continue
+        boxes = tiling.boxes(image.shape)
+        for (top, left, _, _), tile in zip(boxes, cut(image, boxes)):
+            out.append(
+                replace(s, path=f"{s.path}#tile={top},{left}", image=np.ascontiguousarray(tile), mask=None, mask_path=None, mask_paths=())
+            )
+    return out
 
 
 def split_calibration(

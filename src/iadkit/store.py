@@ -12,6 +12,7 @@ Manifest (JSON, key ``iadkit_manifest`` in the safetensors metadata), format 2::
      "preprocess": {...Preprocess.to_dict()...},
      "postprocess": {"sigma": 4.0, "reference_size": 224, "map_range": [lo, hi] | null},
      "threshold": {"value": ..., "rule": ..., "details": {...}} | null,
+     "tiling": {"tile": 256, "overlap": 0.25} | null,   # fitted on tiles (optional key)
      "backbone": {"name": ..., "sha256": ...} | null,
      "tensors_sha256": "...",   # over every tensor's name, dtype, shape and bytes
      "info": {...training facts: n_train, dataset, category, saved...}}
@@ -41,6 +42,7 @@ from iadkit.data.transforms import Preprocess
 from iadkit.errors import IadkitError, ModelFileError
 from iadkit.files import atomic_write_bytes
 from iadkit.thresholds import Threshold
+from iadkit.tiling import Tiling
 
 FORMAT = "iadkit-model"
 FORMAT_VERSION = 2
@@ -76,6 +78,7 @@ def manifest_of(model: "iadkit.model.Model", tensors: dict[str, torch.Tensor]) -
         "preprocess": model.preprocess.to_dict(),
         "postprocess": model.postprocess.to_dict(),
         "threshold": model.threshold.to_dict() if model.threshold else None,
+        "tiling": model.tiling.to_dict() if model.tiling is not None else None,
         "backbone": backbone_record(model.detector),
         "tensors_sha256": tensors_digest(tensors),
         "info": {**model.info, "saved": datetime.now(timezone.utc).isoformat(timespec="seconds")},
@@ -149,11 +152,14 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> "iadk
         threshold = Threshold.from_dict(manifest["threshold"]) if manifest.get("threshold") else None
         postprocess = Postprocess.from_dict(manifest["postprocess"])
         preprocess = Preprocess.from_dict(manifest["preprocess"])
+        tiling = Tiling.from_dict(manifest["tiling"]) if manifest.get("tiling") else None
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
     if threshold is not None and not math.isfinite(threshold.value):
         raise ModelFileError(f"{path}: the stored threshold is {threshold.value}, not a finite number; recalibrate the model")
-    model = Model(detector, preprocess, postprocess=postprocess, threshold=threshold, info=manifest.get("info", {}))
+    model = Model(
+        detector, preprocess, postprocess=postprocess, threshold=threshold, info=manifest.get("info", {}), tiling=tiling
+    )
     return model.to(device)
 
 

@@ -2,7 +2,7 @@
 
 Each command group lives in its own module and registers itself on `app`:
 data.py (`iadkit data ...`), weights.py (`iadkit weights`), model.py (`fit`, `predict`,
-`evaluate`), bench.py (`benchmark`, `report`, `demo`).
+`evaluate`), bench.py (`benchmark`, `report`, `demo`), serve.py (`serve`), export.py (`export`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for _module in ("data", "weights", "model", "bench", "serve"):
+for _module in ("data", "weights", "model", "bench", "serve", "export"):
     try:
         import_module(f"iadkit.cli.{_module}")
     except ModuleNotFoundError as exc:  # a command group not written yet
