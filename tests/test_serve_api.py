@@ -275,11 +275,80 @@ def test_load_predictor_errors(model_file, tmp_path):
         load_predictor(tmp_path / "missing.iad")
     with pytest.raises(IadkitError, match="not usable in a URL"):
         load_predictor(model_file, "bad name/..")
-    with pytest.raises(IadkitError, match="--runtime onnx is not available yet"):
+    with pytest.raises(ModelFileError, match="not an exported model.*iadkit export"):
         load_predictor(model_file, runtime="onnx")
     with pytest.raises(IadkitError, match="unknown runtime 'tf'"):
         load_predictor(model_file, runtime="tf")
     assert isinstance(load_predictor(model_file, "other"), TorchPredictor)
+
+
+# -- the exported runtime (--runtime onnx) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def onnx_file(model_file):
+    from iadkit.model import Model
+
+    return Model.load(model_file).export_onnx(model_file.with_suffix(".onnx"))
+
+
+def test_onnx_runtime_serves_the_same_results(onnx_file, model_file, images):
+    from iadkit.errors import ModelFileError
+    from iadkit.serve.backend import OnnxPredictor
+
+    onnx_predictor = load_predictor(onnx_file, runtime="onnx")
+    assert isinstance(onnx_predictor, OnnxPredictor) and onnx_predictor.name == "metal"
+    torch_predictor = load_predictor(model_file, "metal-torch")
+    client = TestClient(create_app([onnx_predictor, torch_predictor]))
+    (described,) = [m for m in client.get("/models").json() if m["name"] == "metal"]
+    assert described["runtime"] == "onnx" and described["method"] == "patchcore"
+    assert described["input_size"] == [SIZE, SIZE] and described["map_range"] == list(torch_predictor.map_range)
+    assert described["threshold"] == torch_predictor.threshold and described["threshold_rule"] == "false_alarm_rate"
+    a = client.post("/predict?model=metal", files=files_field(images)).json()["results"]
+    b = client.post("/predict?model=metal-torch", files=files_field(images)).json()["results"]
+    np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], rtol=1e-4, atol=1e-4)
+    assert [r["verdict"] for r in a] == [r["verdict"] for r in b]
+    for ra, rb in zip(a, b):
+        assert np.array_equal(png_array(ra["image"]), png_array(rb["image"]))  # the same view of the image
+        over_a, over_b = png_array(ra["overlay"]), png_array(rb["overlay"])
+        assert over_a.shape == over_b.shape == (SIZE, SIZE, 3)
+        assert np.abs(over_a.astype(int) - over_b.astype(int)).max() <= 1  # colours from maps equal to 1e-4
+    moved = client.put("/models/metal/threshold", json={"value": -1e9})
+    assert moved.status_code == 200 and moved.json()["threshold_rule"] == "manual"
+    assert {r["verdict"] for r in client.post("/predict?model=metal", files=files_field(images)).json()["results"]} == {"anomalous"}
+    with pytest.raises(ModelFileError, match="serve it with --runtime onnx"):
+        load_predictor(onnx_file)
+
+
+def test_onnx_server_runs_without_torch(onnx_file, images):
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from fastapi.testclient import TestClient\n"
+        "from iadkit.serve.app import create_app\n"
+        "from iadkit.serve.backend import load_predictor\n"
+        f"client = TestClient(create_app([load_predictor({str(onnx_file)!r}, runtime='onnx')]))\n"
+        f"files = [('files', (p.rsplit('/', 1)[-1], open(p, 'rb').read(), 'image/png')) for p in {[str(p) for p in images]!r}]\n"
+        "r = client.post('/predict', files=files)\n"
+        "assert r.status_code == 200, r.text\n"
+        "assert len(r.json()['results']) == 4\n"
+        "assert 'torch' not in sys.modules, 'the ONNX server imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_serve_onnx_with_tiles(onnx_file, monkeypatch):
+    from typer.testing import CliRunner
+
+    import iadkit.serve.app as serve_app
+    from iadkit.cli import app
+    from iadkit.serve.backend import OnnxPredictor
+
+    seen = {}
+    monkeypatch.setattr(serve_app, "run", lambda predictors, **kw: seen.update(predictors=predictors, **kw))
+    result = CliRunner().invoke(app, ["serve", str(onnx_file), "--runtime", "onnx", "--tile", "48", "--overlap", "0.5"])
+    assert result.exit_code == 0, result.output
+    (predictor,) = seen["predictors"]
+    assert isinstance(predictor, OnnxPredictor) and predictor.model.tiling.tile == 48 and predictor.model.tiling.overlap == 0.5
 
 
 def test_cli_serve_builds_the_app(model_file, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -26,11 +27,17 @@ def serve(
     ),
     host: str = typer.Option("127.0.0.1", help="Address to listen on. 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(8000, help="TCP port."),
-    runtime: str = typer.Option("torch", help="torch (the model in this process); onnx is reserved for exported models."),
+    runtime: str = typer.Option(
+        "torch", help="torch (model files from `iadkit fit`) or onnx (files from `iadkit export`; no torch in the server)."
+    ),
     device: str = typer.Option("cpu", help="Torch device: cpu, cuda, cuda:1, mps ..."),
     max_file_mb: float = typer.Option(20.0, help="Largest accepted image file, in MB."),
     max_request_mb: float = typer.Option(64.0, help="Largest request (all its files together), in MB."),
     max_files: int = typer.Option(32, help="Most images in one request."),
+    tile: Optional[int] = typer.Option(
+        None, help="Cut images larger than TILE pixels into tiles at the model's resolution (0: off; default: the model's own)."
+    ),
+    overlap: Optional[float] = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
 ) -> None:
     """Serve models over HTTP with a web page to drop images on and see their heat maps.
 
@@ -50,7 +57,7 @@ def serve(
     names: dict[str, Path] = {}
     for arg in models:
         name, path = parse_model_arg(arg)
-        predictor = load_predictor(path, name, runtime=runtime, device=device)
+        predictor = load_predictor(path, name, runtime=runtime, device=device, tile=tile, overlap=overlap)
         if predictor.name in names:
             raise IadkitError(
                 f"{path} and {names[predictor.name]} would both be served as {predictor.name!r}; "

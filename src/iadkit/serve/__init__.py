@@ -12,6 +12,7 @@ or from Python::
 
     from iadkit.serve import create_app, load_predictor
     app = create_app([load_predictor("fabric.iad")])
+    app = create_app([load_predictor("fabric.onnx", runtime="onnx")])   # exported: no torch in the process
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ def __getattr__(name: str) -> Any:
     if name in ("create_app", "Limits", "run"):
         require_extra()
         return getattr(import_module("iadkit.serve.app"), name)
-    if name in ("load_predictor", "Predictor", "TorchPredictor"):
+    if name in ("load_predictor", "Predictor", "TorchPredictor", "OnnxPredictor"):
         return getattr(import_module("iadkit.serve.backend"), name)
     raise AttributeError(f"module 'iadkit.serve' has no attribute {name!r}")
 
 
-__all__ = ["Limits", "MissingExtraError", "Predictor", "TorchPredictor", "create_app", "load_predictor", "require_extra", "run"]
+__all__ = ["Limits", "MissingExtraError", "OnnxPredictor", "Predictor", "TorchPredictor", "create_app", "load_predictor", "require_extra", "run"]

@@ -1,15 +1,18 @@
 """The server's only door to a trained model: everything `app.py` needs, behind `Predictor`.
 
 Why a layer of its own: the web layer must not care whether a model runs in torch
-(`iadkit.Model`) or, later, in the torch-free exported runtime, nor where the model keeps its
-heat-map range. Every access to `iadkit.model`, `iadkit.store` and `iadkit.viz` from the
-server happens in this file, so such a change touches this file alone.
+(`iadkit.Model`, `TorchPredictor`) or in the torch-free exported runtime (`iadkit.runtime`,
+`OnnxPredictor`: ``iadkit serve model.onnx --runtime onnx``, a server process that never
+imports torch), nor where the model keeps its heat-map range. Every access to `iadkit.model`,
+`iadkit.store`, `iadkit.runtime` and `iadkit.viz` from the server happens in this file.
 
 A `Predictor` takes decoded images (HxWxC arrays, as `iadkit.data.io.read_image` returns
 them) and gives per image: the score, the verdict at the threshold in force when the call
 started, and two PNGs at the model's input geometry (the image as the model saw it, and the
 same image with the heat map blended over it). The page puts one over the other with an
-opacity slider, so both must have the same size and framing.
+opacity slider, so both must have the same size and framing. A model that tiles (fitted with
+tiles, or served with ``--tile``) cuts images larger than a tile into tiles and shows them at
+full resolution, with the stitched map.
 """
 
 from __future__ import annotations
@@ -144,58 +147,176 @@ class TorchPredictor:
         threshold = self.threshold  # read once: a concurrent PUT cannot split one request
         with self._lock:
             result = self.model.predict(list(images), batch_size=self.batch_size, threshold=threshold, keep_maps=True)
-        scores = np.asarray(result.scores, dtype=np.float64)
-        maps = result.maps
-        if maps is None:
-            raise IadkitError(f"model {self.name!r} ({self.method}) gives no anomaly map; the server needs one to draw")
-        from iadkit.viz import model_overlay, model_view
+        return _image_results(self.model, self.name, self.method, images, result, threshold)
 
-        out = []
-        for image, amap, score in zip(images, maps, scores):
-            out.append(
-                ImageResult(
-                    score=float(score),
-                    anomalous=None if threshold is None else bool(score > threshold),
-                    threshold=threshold,
-                    image_png=_png(_to_uint8(model_view(self.model, image))),
-                    # the model's own colour range (iadkit.viz: one rule everywhere)
-                    overlay_png=model_overlay(self.model, image, amap),
-                )
+
+class OnnxPredictor:
+    """`Predictor` over an exported model in ONNX Runtime (`iadkit.runtime.ExportedModel`).
+
+    The process serving it imports no torch. Predictions are serialised by a lock, as in
+    `TorchPredictor` (ONNX Runtime already uses every core inside one run).
+
+    Parameters
+    ----------
+    model
+        An `iadkit.runtime.ExportedModel`.
+    name
+        The name the model is served under (URL-safe: letters, digits, ``_ . -``).
+    batch_size
+        Images decoded and scored per call of the runtime.
+    """
+
+    runtime = "onnx"
+
+    def __init__(self, model: object, name: str, *, batch_size: int = 8) -> None:
+        self.model = model
+        self.name = check_name(name)
+        self.batch_size = int(batch_size)
+        self._lock = threading.Lock()
+
+    @property
+    def method(self) -> str:
+        return str(self.model.method)
+
+    @property
+    def model_version(self) -> str | None:
+        return self.model.iadkit_version
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        h, w = self.model.input_size
+        return int(h), int(w)
+
+    @property
+    def threshold(self) -> float | None:
+        return self.model.threshold
+
+    @property
+    def threshold_rule(self) -> str | None:
+        return self.model.threshold_rule
+
+    def set_threshold(self, value: float) -> None:
+        """Move the operating point for this process only (the exported file is not rewritten)."""
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"threshold must be a finite number, got {value}")
+        self.model.set_threshold(value)
+
+    @property
+    def map_range(self) -> tuple[float, float] | None:
+        rng = self.model.map_range
+        return None if rng is None else (float(rng[0]), float(rng[1]))
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[ImageResult]:
+        if not images:
+            return []
+        threshold = self.threshold
+        with self._lock:
+            result = self.model.predict(list(images), batch_size=self.batch_size, threshold=threshold, keep_maps=True)
+        return _image_results(self.model, self.name, self.method, images, result, threshold)
+
+
+def _image_results(
+    model: object, name: str, method: str, images: Sequence[np.ndarray], result: object, threshold: float | None
+) -> list[ImageResult]:
+    scores = np.asarray(result.scores, dtype=np.float64)
+    maps = result.maps
+    if maps is None:
+        raise IadkitError(f"model {name!r} ({method}) gives no anomaly map; the server needs one to draw")
+    from iadkit.viz import model_overlay, model_view
+
+    out = []
+    for image, amap, score in zip(images, maps, scores):
+        out.append(
+            ImageResult(
+                score=float(score),
+                anomalous=None if threshold is None else bool(score > threshold),
+                threshold=threshold,
+                image_png=_png(_to_uint8(model_view(model, image))),
+                # the model's own colour range (iadkit.viz: one rule everywhere)
+                overlay_png=model_overlay(model, image, amap),
             )
-        return out
+        )
+    return out
 
 
-def load_predictor(path: str | Path, name: str | None = None, *, runtime: str = "torch", device: str = "cpu") -> Predictor:
+def load_predictor(
+    path: str | Path,
+    name: str | None = None,
+    *,
+    runtime: str = "torch",
+    device: str = "cpu",
+    tile: int | None = None,
+    overlap: float | None = None,
+) -> Predictor:
     """Open a model file given on the command line (never a path from a request).
 
     Parameters
     ----------
     path
-        Model file written by `iadkit fit` / `Model.save`.
+        Model file written by `iadkit fit` / `Model.save` (``runtime="torch"``), or an ONNX
+        file written by `iadkit export` (``runtime="onnx"``).
     name
         Name to serve it under; the file name without its suffix by default.
     runtime
-        ``torch`` (the in-process model). ``onnx`` is reserved for the exported runtime.
+        ``torch`` (the model in this process) or ``onnx`` (the exported graph in ONNX Runtime;
+        torch is not imported).
     device
         Torch device for ``runtime="torch"``.
+    tile, overlap
+        Tiling of images larger than `tile` pixels (see `iadkit.tiling`); None keeps the
+        model's own (a model fitted with tiles), 0 turns it off.
     """
     path = Path(path)
     name = check_name(name if name is not None else path.stem)
     if runtime not in RUNTIMES:
         raise IadkitError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    if runtime == "onnx":
-        raise IadkitError(
-            "--runtime onnx is not available yet (the exported-model runtime is not part of this iadkit); "
-            "serve the model file with --runtime torch"
-        )
     if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file (give the .iad file written by `iadkit fit`)")
+        what = "the .onnx file written by `iadkit export`" if runtime == "onnx" else "the .iad file written by `iadkit fit`"
+        raise ModelFileError(f"{path}: no such model file (give {what})")
+    from iadkit.tiling import resolve_tiling
+
+    if runtime == "onnx":
+        if _is_onnx(path) is False:
+            raise ModelFileError(
+                f"{path}: not an exported model; --runtime onnx serves ONNX files: "
+                f"iadkit export {path} --out {path.with_suffix('.onnx').name}, then serve that file"
+            )
+        from iadkit.runtime import ExportedModel
+
+        exported = ExportedModel(path)
+        exported.tiling = resolve_tiling(exported.tiling, tile, overlap)
+        _check_tiling(exported)
+        return OnnxPredictor(exported, name)
+    if _is_onnx(path) is True:
+        raise ModelFileError(f"{path}: an exported ONNX model; serve it with --runtime onnx")
     from iadkit.model import Model
     from iadkit.store import read_manifest
 
     version = read_manifest(path).get("iadkit_version")
     model = Model.load(path, device=device)
+    model.tiling = resolve_tiling(model.tiling, tile, overlap)
+    _check_tiling(model)
     return TorchPredictor(model, name, model_version=None if version is None else str(version))
+
+
+def _is_onnx(path: Path) -> bool | None:
+    """True for an ONNX file (a protobuf ModelProto starts with field 1, ir_version: byte 0x08),
+    False for an iadkit model file (safetensors: an 8-byte header length, then '{'), None
+    for anything else (the loader then says what is wrong)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
+        return False
+    if head[:1] == b"\x08":
+        return True
+    return None
+
+
+def _check_tiling(model: object) -> None:
+    tiling = getattr(model, "tiling", None)
+    if tiling is not None and model.preprocess.crop_size is not None:
+        raise IadkitError("--tile needs a model without a centre crop (each tile must be seen whole)")
 
 
 def check_name(name: str) -> str:
