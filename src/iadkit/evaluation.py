@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from iadkit.data.transforms import ImageSet
+from iadkit.errors import InvalidParameterError
 from iadkit.metrics import compute_all
 from iadkit.metrics.efficiency import PeakMemory
 from iadkit.model import Model
@@ -49,6 +50,12 @@ def evaluate(
 
     `pixel_metrics=None` means: when every anomalous image has a ground-truth mask.
     """
+    if getattr(model, "tiling", None) is not None:
+        raise InvalidParameterError(
+            "evaluate does not tile yet, and this model was fitted on tiles (scoring whole resized images would "
+            "measure something else): score the test images with model.predict(test) (tiled) and compute "
+            "image metrics from result.scores with iadkit.metrics"
+        )
     dataset = test if isinstance(test, ImageSet) else ImageSet(list(test), model.preprocess, cache=False)
     samples = dataset.samples
     if pixel_metrics is None:

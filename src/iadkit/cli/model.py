@@ -120,6 +120,12 @@ def fit(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
     seed: int = typer.Option(0, help="Seed for the calibration split, the setting and the method's randomness."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing model file."),
+    tile: Optional[int] = typer.Option(
+        None,
+        help="High-resolution parts: train on tiles of TILE pixels cut from each good image (e.g. the image size); "
+        "the model then predicts tile by tile.",
+    ),
+    overlap: Optional[float] = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
 ) -> None:
     """Train a model on the good images of a dataset and save it.
 
@@ -142,6 +148,12 @@ def fit(
     if calibration_fraction is not None and not 0.0 <= calibration_fraction < 1.0:
         raise InvalidParameterError(f"--calibration-fraction must be in [0, 1), got {calibration_fraction}")
     dev = _check_device(device)
+    if overlap is not None and tile is None:
+        raise InvalidParameterError("--overlap needs --tile (the tile size in pixels, e.g. --tile 256)")
+    if tile is not None:
+        from iadkit.tiling import Tiling
+
+        Tiling(tile, overlap if overlap is not None else 0.25)  # checks both before training
     params = parse_params(param)
     params.setdefault("seed", seed)
     model = Model.create(method, image_size=image_size, **params).to(dev)
@@ -155,7 +167,7 @@ def fit(
     if note:
         console.print(note, highlight=False)
     console.print(f"fitting [bold]{method}[/] on {len(train)} training images of {split.name}/{split.category}")
-    model.fit(train, calibration_fraction=calibration_fraction, target_fpr=target_fpr, seed=seed)
+    model.fit(train, calibration_fraction=calibration_fraction, target_fpr=target_fpr, seed=seed, tile=tile, overlap=overlap)
     model.info.update(dataset=str(data), category=split.category, setting=setting)
     model.save(out)
     console.print(f"saved [bold]{out}[/]  threshold: {_threshold_text(model)}", highlight=False)
@@ -198,6 +210,10 @@ def predict(
     executor: str = typer.Option("local", help="local, or ray to shard the files across Ray workers."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (with --executor ray)."),
     device: str = typer.Option("cpu"),
+    tile: Optional[int] = typer.Option(
+        None, help="Cut images larger than TILE pixels into tiles at the model's resolution (0: off; default: the model's own)."
+    ),
+    overlap: Optional[float] = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
 ) -> None:
     """Score images: a CSV/JSON of scores and verdicts, and heatmap overlays.
 
@@ -211,7 +227,14 @@ def predict(
     files = expand_images(images)
     model: Any = model_path
     if executor == "local":
+        from iadkit.tiling import resolve_tiling
+
         model = Model.load(model_path, device=_check_device(device))
+        model.tiling = resolve_tiling(model.tiling, tile, overlap)
+        if model.tiling is not None:
+            model._check_tiling(model.tiling)
+    elif tile is not None or overlap is not None:
+        raise InvalidParameterError("--tile/--overlap work with --executor local; Ray workers use the model's own tiling")
     result = predict_folder(
         model,
         files,
