@@ -265,7 +265,10 @@ def _self_check(
 
 
 def _with_metadata(data: bytes, meta: dict[str, Any]) -> bytes:
-    import onnx
+    try:
+        import onnx
+    except ImportError as exc:  # pragma: no cover - onnx is in the onnx extra
+        raise ExportError("exporting needs the onnx package: pip install 'iadkit[onnx]'") from exc
 
     proto = onnx.load_from_string(data)
     del proto.metadata_props[:]
