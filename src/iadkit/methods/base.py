@@ -42,6 +42,9 @@ from iadkit.errors import InvalidParameterError, ModelFileError, NotFittedError,
 from iadkit.methods.params import Check, Param, check_value, describe_param, param, unknown_parameter
 from iadkit.types import GOOD, Prediction
 
+if typing.TYPE_CHECKING:
+    from iadkit.components.feature_cache import FeatureCache
+
 SUPERVISION_KINDS = ("unsupervised", "semi-supervised", "zero-shot")
 
 
@@ -407,6 +410,33 @@ class BackboneDetector(Detector):
         with torch.no_grad():
             taps = self.backbone_(images)
         return [taps[layer] for layer in self.tapped_layers()]
+
+    def frozen_features(
+        self,
+        train: ImageSet,
+        *,
+        head: nn.Module | None = None,
+        batch_size: int = 32,
+        progress: bool = True,
+        keep_pixels: bool = False,
+        description: str | None = None,
+    ) -> FeatureCache:
+        """The frozen backbone's output for every training image, computed once
+        (`components.feature_cache`): the maps of `layers` (or `head` applied to them),
+        through ONNX Runtime on a CPU when it is installed, torch otherwise."""
+        from iadkit.components.feature_cache import cache_features
+        from iadkit.components.features import FeaturePath, LayerTaps
+
+        path = FeaturePath(self.backbone_, head if head is not None else LayerTaps(), self.tapped_layers(), "auto")
+        return cache_features(
+            path,
+            train,
+            batch_size=batch_size,
+            device=self.device,
+            description=description or f"{self.name}: frozen features",
+            progress=progress,
+            keep_pixels=keep_pixels,
+        )
 
     def single_pass(
         self, train: ImageSet, batch_size: int, description: str, *, progress: bool = True

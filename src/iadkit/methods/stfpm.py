@@ -33,10 +33,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from iadkit.components.distillation import StudentNetwork, train_epochs
-from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss
+from iadkit.components.distillation import StudentNetwork
+from iadkit.components.feature_cache import train_on_indices
+from iadkit.components.losses import cosine_distance_map, pyramid_matching_loss
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
@@ -78,27 +80,30 @@ class STFPM(BackboneDetector):
         self.student_.eval()
 
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
+        # The teacher is frozen and the images are not augmented: its pyramid is computed
+        # once; the student still sees the pixels every epoch.
+        teacher = self.frozen_features(train, batch_size=self.batch_size, progress=progress, keep_pixels=True)
         self.student_.train()
         optimizer = torch.optim.SGD(
             self.student_.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
 
-        def step(images: torch.Tensor) -> torch.Tensor:
-            teacher = self.features(images)
+        def step(idx: np.ndarray) -> torch.Tensor:
+            images = torch.stack([train.image(int(i)) for i in idx]).to(self.device)
             student = self.student_(images)
-            return multilevel_cosine_loss([(t, student[k]) for t, k in zip(teacher, self.layers)])
+            return pyramid_matching_loss(list(zip(teacher.take(idx, self.device), (student[k] for k in self.layers))))
 
-        self.loss_history_ = train_epochs(
-            train,
-            step,
-            optimizer,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            description="stfpm",
-            progress=progress,
-            device=self.device,
-        )
+        with teacher:
+            self.loss_history_ = train_on_indices(
+                len(train),
+                step,
+                optimizer,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                description="stfpm",
+                progress=progress,
+            )
         self.student_.eval()
 
     def level_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
