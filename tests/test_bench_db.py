@@ -15,7 +15,8 @@ CELL = Cell("m", {"k": 3}, "tinybench", "flat", "vanilla", 0, (16, 16), subsampl
 COLUMNS = {
     "runs": [
         "cell_id", "method", "params", "dataset", "dataset_label", "subsample", "category", "setting",
-        "setting_params", "seed", "image_size", "status", "metrics", "timings", "operating_point", "n_train", "n_test",
+        "setting_params", "seed", "image_size", "status", "metrics", "timings", "operating_point", "setting_info",
+        "n_train", "n_test",
         "iadkit_version", "host", "error", "traceback", "started", "finished",
     ],
     "scores": ["cell_id", "idx", "path", "label", "defect_type", "score"],

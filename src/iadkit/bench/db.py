@@ -1,8 +1,8 @@
 """The results database: one SQLite file per benchmark, written only by the driver.
 
-Schema (version 2)::
+Schema (version 3)::
 
-    meta(key TEXT PRIMARY KEY, value TEXT)          -- 'schema_version' = '2', 'created'
+    meta(key TEXT PRIMARY KEY, value TEXT)          -- 'schema_version' = '3', 'created'
     runs(                                           -- one row per cell
         cell_id        TEXT PRIMARY KEY,            -- sha256(identity)[:16], see bench.config.Cell
         method         TEXT NOT NULL,
@@ -24,6 +24,13 @@ Schema (version 2)::
                                                     --   "n_calibration", "test_false_alarm_rate",
                                                     --   "test_miss_rate"}; null when no threshold
                                                     --   could be calibrated (schema 2)
+        setting_info   TEXT,                        -- JSON, what the setting gave the cell (schema 3):
+                                                    --   {"n_good", "n_labelled_anomalous",
+                                                    --   "n_calibration", "note"?, "injected"?: [
+                                                    --   {"path", "defect_type", "role": "train" |
+                                                    --   "calibration", "score", "flagged"}]}; the
+                                                    --   noisy setting's disguised defects, scored
+                                                    --   by the fitted model
         n_train        INTEGER, n_test INTEGER,
         iadkit_version TEXT NOT NULL,
         host           TEXT,                        -- machine that ran the cell (Ray workers differ)
@@ -49,8 +56,9 @@ Schema (version 2)::
 Per-image scores with labels let any image metric be recomputed later without rerunning
 (`image_scores`). Each finished cell is written in one transaction (run row, scores and
 overlays together), so a killed benchmark leaves either the whole cell or none of it. The
-default rollback journal keeps the database a single file. A schema-1 database gains the
-`operating_point` column when it is opened for writing. Opened for reading only
+default rollback journal keeps the database a single file. An older database is migrated
+when it is opened for writing: schema 1 gains the `operating_point` column, schema 2 the
+`setting_info` column (NULL for the cells run before). Opened for reading only
 (``writable=False``, what the report does), the file is never modified, and a file that is
 not an iadkit results database is refused.
 """
@@ -71,7 +79,7 @@ import iadkit
 from iadkit.bench.config import Cell, canonical_json
 from iadkit.errors import IadkitError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -91,6 +99,7 @@ CREATE TABLE IF NOT EXISTS runs (
     metrics TEXT,
     timings TEXT,
     operating_point TEXT,
+    setting_info TEXT,
     n_train INTEGER,
     n_test INTEGER,
     iadkit_version TEXT NOT NULL,
@@ -152,6 +161,7 @@ class CellResult:
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     operating_point: dict[str, Any] | None = None
+    setting_info: dict[str, Any] | None = None
     n_train: int | None = None
     n_test: int | None = None
     paths: list[str] = field(default_factory=list)
@@ -220,8 +230,11 @@ class ResultsDB:
                 f"{self.path}: results schema {version} is newer than this iadkit understands ({SCHEMA_VERSION}); upgrade iadkit"
             )
         if version < SCHEMA_VERSION and writable:
-            with self.conn:  # schema 1 -> 2: the operating point of each cell
-                self.conn.execute("ALTER TABLE runs ADD COLUMN operating_point TEXT")
+            with self.conn:
+                if version < 2:  # schema 1 -> 2: the operating point of each cell
+                    self.conn.execute("ALTER TABLE runs ADD COLUMN operating_point TEXT")
+                if version < 3:  # schema 2 -> 3: what the setting gave each cell
+                    self.conn.execute("ALTER TABLE runs ADD COLUMN setting_info TEXT")
                 self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
@@ -276,6 +289,7 @@ class ResultsDB:
             "metrics": canonical_json(_finite(result.metrics)),
             "timings": canonical_json(_finite(result.timings)),
             "operating_point": _json_or_none(_finite(result.operating_point) if result.operating_point else None),
+            "setting_info": _json_or_none(result.setting_info),
             "n_train": result.n_train,
             "n_test": result.n_test,
             "iadkit_version": result.iadkit_version,
@@ -322,6 +336,8 @@ class ResultsDB:
                 d[key] = {k: (float("nan") if v is None else v) for k, v in raw.items()}
             op = d.get("operating_point")
             d["operating_point"] = json.loads(op) if op else None
+            info = d.get("setting_info")  # absent from an old database opened read-only
+            d["setting_info"] = json.loads(info) if info else None
             rows.append(d)
         return rows
 

@@ -107,13 +107,21 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
         stage("fit")
         model = Model.create(cell.method, image_size=cell.image_size, **method_params(cell))
         note = check_combination(cell.setting, model.detector, train)
-        if note:
+        if note:  # said here, once per cell; the training set below no longer needs it said
             log.info("%s: %s", cell.describe(), note)
+        fit_train, calibration = training_and_calibration(model, train, cell.seed)
         model.to(resolve_device(cell.device))
         with PeakMemory() as fit_memory, Timer() as fit_timer:
-            # the API's default hold-out (10 % when >= 10 images remain), as users get it
-            model.fit(train, target_fpr=TARGET_FPR, seed=cell.seed, progress=False)
+            model.fit(
+                fit_train,
+                calibration=calibration,
+                calibration_fraction=None if calibration else 0.0,
+                target_fpr=TARGET_FPR,
+                seed=cell.seed,
+                progress=False,
+            )
         result.n_train, result.n_test = int(model.info["n_train"]), len(test)
+        result.setting_info = setting_info(model, train, fit_train, calibration, note, cell.batch_size)
         model.info.update(dataset=cell.dataset, category=cell.category)
         stage("evaluate")
         evaluation = evaluate(model, test, batch_size=cell.batch_size, keep_maps=cell.gallery_size > 0)
@@ -146,6 +154,53 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
         log.debug("cell %s failed", cell.describe(), exc_info=True)
     result.finished = now_iso()
     return result
+
+
+def training_and_calibration(model: Any, train: list[Any], seed: int) -> tuple[list[Any], list[Any] | None]:
+    """What `Model.fit` would train and calibrate on by default (the method's usable images;
+    10 % of the good ones held out when >= 10 remain), made explicit so that the cell knows
+    where each training image went (an injected noisy image may land in the hold-out)."""
+    from iadkit.model import DEFAULT_CALIBRATION_FRACTION, MIN_TRAIN_FOR_HOLDOUT, split_calibration
+    from iadkit.settings import usable_training
+
+    usable = usable_training(model.detector, train)
+    if not usable:
+        raise CellError(f"{model.detector.name} needs good training images; the setting left labelled defects only")
+    return split_calibration(usable, DEFAULT_CALIBRATION_FRACTION, seed, MIN_TRAIN_FOR_HOLDOUT)
+
+
+def setting_info(
+    model: Any, train: list[Any], fit_train: list[Any], calibration: list[Any] | None, note: str | None, batch_size: int
+) -> dict[str, Any]:
+    """What the setting gave this cell: the training counts, the combination note, and each
+    injected noisy image with the fitted model's score on it (a method that resists the
+    noise still scores it as a defect; one that absorbed it scores it like a good part)."""
+    from iadkit.settings import injected_noise
+    from iadkit.types import ANOMALOUS, GOOD
+
+    info: dict[str, Any] = {
+        "n_good": sum(1 for s in train if s.label == GOOD),
+        "n_labelled_anomalous": sum(1 for s in train if s.label == ANOMALOUS),
+        "n_calibration": len(calibration or []),
+    }
+    if note:
+        info["note"] = note
+    injected = injected_noise(train)
+    if injected:
+        trained_on = {s.path for s in fit_train}
+        scores = model.predict(injected, batch_size=batch_size, keep_maps=False).scores
+        thr = model.threshold.value if model.threshold is not None else None
+        info["injected"] = [
+            {
+                "path": s.path,
+                "defect_type": s.defect_type or "",
+                "role": "train" if s.path in trained_on else "calibration",
+                "score": float(v),
+                "flagged": None if thr is None else bool(v > thr),
+            }
+            for s, v in zip(injected, scores)
+        ]
+    return info
 
 
 def operating_point(model: Any, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any] | None:

@@ -130,7 +130,7 @@ def fit(
     from iadkit.data import load_dataset
     from iadkit.files import check_writable_file
     from iadkit.model import Model
-    from iadkit.settings import apply_setting, check_combination, parse_setting
+    from iadkit.settings import apply_setting, check_combination, parse_setting, usable_training
 
     if out.exists() and not force:
         raise InvalidParameterError(f"{out} exists; pass --force to overwrite it or choose another --out")
@@ -154,6 +154,7 @@ def fit(
     note = check_combination(setting_name, model.detector, train)
     if note:
         console.print(note, highlight=False)
+    train = usable_training(model.detector, train)  # the note said it: fit need not say it again
     console.print(f"fitting [bold]{method}[/] on {len(train)} training images of {split.name}/{split.category}")
     model.fit(train, calibration_fraction=calibration_fraction, target_fpr=target_fpr, seed=seed)
     model.info.update(dataset=str(data), category=split.category, setting=setting)
