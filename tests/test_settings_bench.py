@@ -176,6 +176,7 @@ def test_an_old_results_database_is_migrated(tmp_path, old_version):
 SETTINGS = [
     "vanilla",
     {"few_shot": {"k": [1, 2, 4]}},
+    {"few_shot": {"k": [1, 4], "augment": True, "n_augment": 3}},
     {"noisy": {"ratio": [0.125, 0.25]}},
     {"semi_supervised": {"k": [1, 2]}},
 ]
@@ -195,6 +196,13 @@ def test_curves_hold_the_database_numbers(settings_db):
     assert set(curves) == {("few_shot", "image_auroc"), ("noisy", "image_auroc"), ("semi_supervised", "image_auroc")}
     fs = curves[("few_shot", "image_auroc")]
     assert fs.xs == [1, 2, 4] and fs.rows == ["tinybench / flat", "tinybench / dark"]
+    # a line per method and per augmentation choice; the default (no augmentation) unnamed
+    assert fs.series == [
+        "test_pixel_zscore", "test_bench_seeded",
+        "test_pixel_zscore [augment=True,n_augment=3]", "test_bench_seeded [augment=True,n_augment=3]",
+    ]
+    assert set(fs.mean["test_bench_seeded [augment=True,n_augment=3]"]) == {1, 2, 4}
+    assert fs.incomplete["test_bench_seeded [augment=True,n_augment=3]"] == {2}  # no k=2 cell: no mean
     by = {(r["method"], r["category"], r["setting"], json.dumps(r["setting_params"])): r["metrics"]["image_auroc"] for r in runs}
     for m in ("test_pixel_zscore", "test_bench_seeded"):
         for k in (1, 2, 4):
@@ -212,6 +220,7 @@ def test_the_leaderboard_shows_each_setting_s_mean(settings_db):
     ov = settings_overview(runs, "image_auroc")
     assert ov.settings == [
         "vanilla", "few_shot(k=1)", "few_shot(k=2)", "few_shot(k=4)",
+        "few_shot(augment=True,k=1,n_augment=3)", "few_shot(augment=True,k=4,n_augment=3)",
         "noisy(ratio=0.125)", "noisy(ratio=0.25)", "semi_supervised(k=1)", "semi_supervised(k=2)",
     ]
     console = Console(width=200, record=True, file=io.StringIO())
@@ -235,7 +244,7 @@ def test_the_report_draws_the_three_curves_inline(settings_db, tmp_path):
     for setting in ("few_shot", "noisy", "semi_supervised"):
         block = re.search(rf'<div class="curves" data-setting="{setting}">(.*?)</div>', html, re.S).group(1)
         assert block.lstrip().startswith("<svg") and block.rstrip().endswith("</svg>")
-        assert "test_pixel_zscore" in block and "vanilla (reference" in block  # legend as text
+        assert "test_pixel_zscore" in block and "vanilla (the method" in block  # legend as text
     ids = re.findall(r'\bid="([^"]+)"', html)
     assert len(ids) == len(set(ids))  # several inline SVGs never share an element id
     refs = set(re.findall(r"url\(#([^)]+)\)", html)) | set(re.findall(r'href="#([^"]+)"', html))

@@ -454,7 +454,11 @@ def build_report_html(db_path: str | Path) -> str:
         body.append("</section>")
         body.append(_operating_html(runs))
         body.append(f'<section id="cost"><h2>Time and memory</h2>{_cost_html(list(costs.values()))}</section>')
-        body.append(f'<section id="gallery"><h2>Gallery</h2>{_gallery_html(db, runs)}</section>')
+        gallery_note = ""
+        if len(settings) > 1:  # a gallery per setting would multiply the page's size
+            gallery_note = f'<p class="note">Setting {_esc(charted[0])} only (the other settings\' overlays are in the results database).</p>'
+        gallery = _gallery_html(db, [r for r in runs if len(settings) <= 1 or setting_label(r) in charted])
+        body.append(f'<section id="gallery"><h2>Gallery</h2>{gallery_note}{gallery}</section>')
         body.append(f'<section id="failed"><h2>Failed or interrupted cells</h2>{_failed_html(runs)}</section>')
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = "iadkit benchmark report"
@@ -489,7 +493,9 @@ CURVE_METRICS = ("image_auroc", "pixel_auroc")
 
 def _curve_svg(curves: list[SettingCurve]) -> str:
     """One figure per setting as inline SVG: a row per metric, a panel for the mean over
-    categories and one per category; a line per method (series), its vanilla value dashed."""
+    categories and one per category; a line per series in its method's colour (a method's
+    second variant, e.g. with augmentation, dotted with square markers), the method's vanilla
+    value as a thin dashed line of the same colour."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -499,28 +505,32 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
     columns = ["mean"] + first.rows
     fig, axes = plt.subplots(len(curves), len(columns), figsize=(2.9 * len(columns), 2.5 * len(curves) + 0.5), squeeze=False)
     series = list(dict.fromkeys(s for c in curves for s in c.series))
-    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
-    colour = {s: cmap(i % cmap.N) for i, s in enumerate(series)}
-    method_colour: dict[str, Any] = {}
-    for s in series:
-        method_colour.setdefault(first.method_of.get(s, s), colour[s])
+    method_of = {s: m for c in curves for s, m in c.method_of.items()}
+    methods = list(dict.fromkeys(method_of[s] for s in series))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colour = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    variant = {s: [x for x in series if method_of[x] == method_of[s]].index(s) for s in series}
+    styles = [("-", "o"), (":", "s"), ("-.", "^"), ((0, (1, 3)), "D")]
     handles: dict[str, Any] = {}
     for r, curve in enumerate(curves):
         for c, col in enumerate(columns):
             ax = axes[r, c]
+            drawn = False
             for s in curve.series:
                 m = curve.method_of[s]
                 per_x = curve.mean.get(s, {}) if col == "mean" else curve.values.get((s, col), {})
                 ref = curve.mean_reference.get(m, float("nan")) if col == "mean" else curve.reference.get((m, col), float("nan"))
                 pts = [(x, per_x[x]) for x in curve.xs if x in per_x and not is_nan(per_x[x])]
-                if curve.setting == "noisy" and not is_nan(ref):
+                if curve.setting == "noisy" and pts and not is_nan(ref):
                     pts = [(0.0, ref)] + pts  # noise ratio 0 is vanilla
                 if pts:
                     xs, ys = zip(*pts)
-                    (line,) = ax.plot(xs, ys, marker="o", ms=3.5, lw=1.5, color=colour[s], label=s)
+                    ls, marker = styles[variant[s] % len(styles)]
+                    (line,) = ax.plot(xs, ys, ls=ls, marker=marker, ms=3.5, lw=1.6, color=colour[m], label=s)
                     handles.setdefault(s, line)
-                if not is_nan(ref):
-                    ax.axhline(ref, color=method_colour.get(m, colour[s]), ls="--", lw=1.0, alpha=0.75)
+                    drawn = True
+                if pts and not is_nan(ref):
+                    ax.axhline(ref, color=colour[m], ls="--", lw=0.9, alpha=0.7)
             ticks = ([0.0] if curve.setting == "noisy" else []) + curve.xs
             if curve.setting == "few_shot" and min(curve.xs) > 0 and max(curve.xs) / min(curve.xs) >= 4:
                 ax.set_xscale("log", base=2)
@@ -528,6 +538,9 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
             ax.minorticks_off()
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
+            if not drawn:  # e.g. pixel metrics of a dataset without masks
+                ax.set_yticks([])
+                ax.text(0.5, 0.5, f"no {curve.title}", ha="center", va="center", transform=ax.transAxes, fontsize=8, color="#777")
             if r == 0:
                 ax.set_title(f"mean over {len(curve.rows)} categories" if col == "mean" else col, fontsize=9)
             if c == 0:
@@ -536,16 +549,17 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
                 ax.set_xlabel(curve.axis_label, fontsize=7)
     labels = list(handles)
     if labels:
-        ref_handle = plt.Line2D([], [], color="#555", ls="--", lw=1.0)
+        ref_handle = plt.Line2D([], [], color="#555", ls="--", lw=0.9)
         fig.legend(
             [handles[s] for s in labels] + [ref_handle],
-            labels + ["vanilla (reference, method's colour)"],
+            labels + ["vanilla (the method's colour)"],
             loc="upper center",
-            ncol=min(6, len(labels) + 1),
+            ncol=min(5, len(labels) + 1),
             fontsize=8,
             frameon=False,
         )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+    rows_of_legend = -(-(len(labels) + 1) // 5)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 + 0.22 * rows_of_legend) / fig.get_figheight()))
     return _fig_svg(fig, salt=f"curves-{first.setting}")
 
 
@@ -593,8 +607,10 @@ def _curve_table_html(curve: SettingCurve, row: str | None = None) -> str:
 def _injected_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
     """The noisy setting's disguised defects and how each fitted method scored them: the
     share of the cell's good test parts that score below the injected image (1.00: it still
-    looks like a defect to the method, which resisted the noise; about 0.5: it looks like a
-    good part, the method absorbed it). ⚑: above the method's own threshold."""
+    looks like a defect to the method, which resisted the noise; near 0: it scores like the
+    images the method learnt from, it absorbed the defect). ⚑: above the method's own
+    threshold. Images that fell in the calibration hold-out were not trained on: listed, but
+    left out of the means."""
     noisy = [r for r in runs if r["status"] == "done" and r["setting"] == "noisy" and (r.get("setting_info") or {}).get("injected")]
     if not noisy:
         return ""
@@ -617,7 +633,8 @@ def _injected_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
                 entries[item["path"]] = (share, item.get("flagged"), item.get("role"))
                 images.setdefault(item["path"], {"defect_type": item.get("defect_type", ""), "first": key[1]})
                 images[item["path"]]["first"] = min(images[item["path"]]["first"], key[1])
-                summary[(key[0], row, key[1])].append(share)
+                if item.get("role") != "calibration":
+                    summary[(key[0], row, key[1])].append(share)
             cell_of[key] = entries
         head = "".join(f"<th>{_esc(m)}<br>ratio {x:g}</th>" for m, x in columns)
         lines = []
@@ -628,7 +645,7 @@ def _injected_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
                 tag = (" ⚑" if flagged else "") + (" (held out)" if role == "calibration" else "")
                 cells.append(f"<td>{fmt_metric(share)}{tag}</td>")
             lines.append(
-                f'<tr><td class="l">{_esc(Path(path).name)}</td><td class="l">{_esc(meta["defect_type"])}</td>'
+                f'<tr><td class="l">{_esc("/".join(Path(path).parts[-2:]))}</td><td class="l">{_esc(meta["defect_type"])}</td>'
                 f'<td>{meta["first"]:g}</td>{"".join(cells)}</tr>'
             )
         details.append(
@@ -655,10 +672,11 @@ def _injected_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
     return (
         "<h3>noisy: the injected images</h3>"
         '<p class="note">Each injected image was a defective test part handed to the method as good. Below: the share '
-        "of the cell's good test parts that score lower than it (mean over the injected images and categories). "
-        "1.00: the method still ranks it above every good part (it resisted the noise); near 0.5: it looks like a "
-        "good part to the method (it learnt the defect as normal). ⚑: above the method's own threshold; "
-        "(held out): the image fell in the calibration hold-out, not in training.</p>" + overview + "".join(details)
+        "of the cell's good test parts that score lower than it (mean over the injected images the method trained "
+        "on, then over categories). 1.00: the method still ranks it above every good part (it resisted the noise); "
+        "near 0: it scores like the images the method learnt from (it learnt the defect as normal). ⚑: above the "
+        "method's own threshold; (held out): the image fell in the calibration hold-out, not in training, and is "
+        "left out of the means.</p>" + overview + "".join(details)
     )
 
 

@@ -273,16 +273,17 @@ REFERENCE_SETTING = "vanilla"
 
 
 def setting_sort_key(run: dict[str, Any]) -> tuple[Any, ...]:
-    """A run's setting in reading order: vanilla first, then by setting name, then by
-    parameter values (numbers as numbers: few_shot(k=2) before few_shot(k=10))."""
-    name = run["setting"]
-    key: list[Any] = []
+    """A run's setting in reading order: vanilla first, then by setting name, then by its
+    non-numeric parameters (few_shot before few_shot with augment=True), then by its numbers
+    as numbers (few_shot(k=2) before few_shot(k=10))."""
+    words: list[tuple[str, str]] = []
+    numbers: list[tuple[str, float]] = []
     for k, v in sorted((run.get("setting_params") or {}).items()):
-        try:
-            key.append((k, 0, float(v), ""))
-        except (TypeError, ValueError):  # a list, a string, a flag: after the numbers
-            key.append((k, 1, 0.0, str(v)))
-    return (name != REFERENCE_SETTING, name, tuple(key))
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            numbers.append((k, float(v)))
+        else:  # a flag, a string, a list
+            words.append((k, json.dumps(v, sort_keys=True)))
+    return (run["setting"] != REFERENCE_SETTING, run["setting"], tuple(words), tuple(numbers))
 
 
 @dataclass
@@ -317,14 +318,22 @@ def setting_curves(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_
         in_setting = [r for r in done if r["setting"] == setting and axis in (r.get("setting_params") or {})]
         if not in_setting:
             continue
-        varying = {
-            k
-            for k in {k for r in in_setting for k in r["setting_params"] if k != axis}
-            if len({json.dumps(r["setting_params"].get(k), sort_keys=True) for r in in_setting}) > 1
-        }
+        defaults = _setting_defaults(setting)
+
+        def value(r: dict[str, Any], k: str) -> str:
+            return json.dumps(r["setting_params"].get(k, defaults.get(k)), sort_keys=True)
+
+        others = {k for r in in_setting for k in r["setting_params"] if k != axis}
+        varying = sorted(k for k in others if len({value(r, k) for r in in_setting}) > 1)
 
         def series_of(r: dict[str, Any]) -> str:
-            extra = ",".join(f"{k}={r['setting_params'].get(k)}" for k in sorted(varying))
+            # a line per method and per value of the setting's other varying parameters;
+            # the default value goes unnamed (few_shot vs few_shot [augment=true])
+            extra = ",".join(
+                f"{k}={r['setting_params'].get(k, defaults.get(k))}"  # as setting_label writes it
+                for k in varying
+                if k not in defaults or value(r, k) != json.dumps(defaults[k], sort_keys=True)
+            )
             return method_label(r, runs) + (f" [{extra}]" if extra else "")
 
         for metric in metrics:
@@ -372,6 +381,22 @@ def setting_curves(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_
                     curve.mean_reference[m] = _mean(refs)
             out.append(curve)
     return out
+
+
+def _setting_defaults(name: str) -> dict[str, Any]:
+    """The default values of a registered setting's parameters ({} for an unknown one, e.g.
+    a plugin setting not imported by the reader of the results)."""
+    import inspect
+
+    from iadkit.settings import available_settings, get_setting
+
+    if name not in available_settings():
+        return {}
+    return {
+        p.name: p.default
+        for p in inspect.signature(get_setting(name)).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 @dataclass
