@@ -20,7 +20,7 @@ import torch
 from iadkit.components.postprocess import Postprocess, heatmap_range
 from iadkit.data.transforms import ImageSet, Preprocess
 from iadkit.errors import InvalidParameterError, TrainingDataError
-from iadkit.methods.base import Detector, create
+from iadkit.methods.base import Detector, get_method
 from iadkit.thresholds import Threshold, false_alarm_threshold, manual_threshold
 from iadkit.types import ANOMALOUS, GOOD, UNKNOWN, Prediction, Sample
 
@@ -114,9 +114,10 @@ class Model:
         cls,
         method: str,
         *,
-        image_size: int | tuple[int, int] = 224,
+        image_size: int | tuple[int, int] | None = None,
         crop_size: int | tuple[int, int] | None = None,
         sigma: float | None = None,
+        paper: bool = False,
         **params: Any,
     ) -> "Model":
         """A new, unfitted model.
@@ -126,16 +127,27 @@ class Model:
         method : str
             A registered method name (``iadkit methods`` lists them).
         image_size, crop_size : int or (int, int)
-            Resize to `image_size`, then optionally centre-crop to `crop_size` (pixels).
+            Resize to `image_size` (default 224, or the paper's with `paper`), then optionally
+            centre-crop to `crop_size` (pixels).
         sigma : float, optional
             Map smoothing, Gaussian sigma in pixels of a 224-px input (scaled to the input
             size). Default: the method's paper value (``Detector.map_sigma``).
+        paper : bool
+            Start from the paper's configuration (``Detector.paper_params``: its backbone,
+            epochs, widths; and its input size) instead of the CPU-sized defaults; `params`
+            still override it. Torchvision backbones need the user's weight file
+            (``weights_path=``, see ``iadkit weights``).
         **params
             The method's hyper-parameters (see its class docstring).
         """
-        detector = create(method, **params)
+        method_cls = get_method(method)
+        if paper:
+            params = {**method_cls.paper_params, **params}
+            if image_size is None:
+                image_size = method_cls.paper_image_size
+        detector = method_cls(**params)
         mean, std = detector.input_normalization()
-        preprocess = Preprocess(image_size=image_size, crop_size=crop_size, mean=mean, std=std)
+        preprocess = Preprocess(image_size=224 if image_size is None else image_size, crop_size=crop_size, mean=mean, std=std)
         post = Postprocess(sigma=detector.map_sigma if sigma is None else _check_sigma(sigma))
         return cls(detector, preprocess, postprocess=post)
 

@@ -49,7 +49,7 @@ from iadkit.components.losses import coupled_hypersphere_loss
 from iadkit.components.memory_bank import MemoryBankError, knn_exact, squared_distances
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import OneOf, at_least, param, positive
+from iadkit.methods.params import Length, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 
 
@@ -101,8 +101,13 @@ class CFA(BackboneDetector):
         "Anomaly Localization, IEEE Access 2022"
     )
     smoke_params = {"epochs": 1, "layers": ("blocks.2", "blocks.4")}
+    paper_params = {"backbone": "wide_resnet50_2", "epochs": 30}
+    paper_image_size = 256
 
-    layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Backbone stages (WRN-50 stages 1-3).")
+    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Backbone stages (WRN-50 stages 1-3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+    )
     gamma_c: int = param(1, "Memory compression: K-means to (h*w)/gamma_c centres (paper: 1).", check=at_least(1))
     gamma_d: int = param(1, "Descriptor width divisor (paper: 1).", check=at_least(1))
     k: int = param(3, "K nearest memory features attracted (paper: 3).", check=at_least(1))

@@ -60,7 +60,7 @@ from iadkit.components.flows import (
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import Divisible, OneOf, at_least, param, positive
+from iadkit.methods.params import Divisible, Length, OneOf, at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import Prediction
 
@@ -118,9 +118,14 @@ class CFlow(BackboneDetector):
     family = "normalizing flow"
     paper = "Gudovskiy et al., CFLOW-AD: Real-Time Unsupervised Anomaly Detection with Localization via Conditional Normalizing Flows, WACV 2022"
     smoke_params = {"epochs": 1, "coupling_blocks": 2, "layers": ("blocks.2", "blocks.4")}
+    paper_params = {"backbone": "wide_resnet50_2", "epochs": 25}
+    paper_image_size = 256
     map_sigma = 0.0  # the paper does not smooth its maps
 
-    layers: tuple[str, ...] = param(("blocks.2", "blocks.4", "blocks.6"), "Encoder scales (strides 8/16/32).")
+    layer_presets = {"efficientnet": ('blocks.2', 'blocks.4', 'blocks.6'), "resnet": ('layer2', 'layer3', 'layer4'), "mobilenet": ('features.6', 'features.13', 'features.17')}
+    layers: tuple[str, ...] | None = param(
+        None, "Encoder scales (strides 8/16/32); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+    )
     coupling_blocks: int = param(8, "Conditional coupling blocks per scale (paper: 8).", check=at_least(1))
     condition_dim: int = param(128, "Positional-encoding condition size (paper: 128).", check=(at_least(4), Divisible(4)))
     clamp: float = param(1.9, "Soft clamp of the coupling scales (authors' code: 1.9).", check=at_least(0))
@@ -167,7 +172,7 @@ class CFlow(BackboneDetector):
     def _likelihood_map(self, images: torch.Tensor) -> torch.Tensor:
         size = tuple(images.shape[-2:])
         total = None
-        for level, fmap in enumerate(standardized_features(self.backbone_, self.layers, self.standardizers_, images)):
+        for level, fmap in enumerate(standardized_features(self.backbone_, self.tapped_layers(), self.standardizers_, images)):
             prob = upsample(torch.exp(self._log_likelihood(level, fmap) - self.ll_max_[level]), size)
             total = prob if total is None else total + prob
         return total

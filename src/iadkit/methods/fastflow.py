@@ -56,7 +56,7 @@ from iadkit.components.flows import (
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import OneOf, at_least, param, positive
+from iadkit.methods.params import Length, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 
 
@@ -101,9 +101,14 @@ class FastFlow(BackboneDetector):
     family = "normalizing flow"
     paper = "Yu et al., FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing Flows, arXiv 2021"
     smoke_params = {"epochs": 2, "flow_steps": 2, "batch_size": 8}
+    paper_params = {"backbone": "wide_resnet50_2", "epochs": 500}
+    paper_image_size = 256
     map_sigma = 0.0  # the paper does not smooth its maps
 
-    layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Feature levels (ResNet stages 1-3).")
+    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Feature levels (ResNet stages 1-3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+    )
     flow_steps: int = param(8, "Flow steps per level (paper: 8 for ResNets).", check=at_least(1))
     hidden_ratio: float = param(1.0, "Sub-network hidden channels / input channels (paper: 1.0).", check=positive())
     conv3x3_only: bool = param(False, "Use 3x3 kernels in every step (paper: alternate 3x3 and 1x1 for ResNets).")
@@ -176,4 +181,4 @@ class FastFlow(BackboneDetector):
         for z, _ in self._latents(self.features(images)):
             p = upsample(torch.exp(-0.5 * (z**2).mean(dim=1)), size)
             prob = p if prob is None else prob + p
-        return Prediction(scores=None, maps=-prob / len(self.layers))
+        return Prediction(scores=None, maps=-prob / len(self.tapped_layers()))

@@ -56,9 +56,12 @@ class ReverseDistillation(BackboneDetector):
     family = "teacher-student"
     paper = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
     smoke_params = {"epochs": 2, "batch_size": 8}
+    paper_params = {"backbone": "wide_resnet50_2", "epochs": 200, "embed_channels": 2048, "bottleneck_blocks": 3, "decoder_blocks": (3, 4, 6)}
+    paper_image_size = 256
 
-    layers: tuple[str, ...] = param(
-        ("blocks.1", "blocks.2", "blocks.4"), "Encoder stages, shallow to deep (WRN-50 layer1-3).", check=Length(2)
+    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Encoder stages, shallow to deep (WRN-50 layer1-3); None: the preset for the backbone's family (`layer_presets`).", check=Length(2)
     )
     embed_channels: int | None = param(None, "Width of the one-class embedding (None: twice the deepest stage).", check=at_least(1))
     bottleneck_blocks: int = param(1, "Residual blocks in the one-class embedding stage (official: 2 for ResNet-18, 3 for WRN-50).", check=at_least(1))
@@ -91,9 +94,9 @@ class ReverseDistillation(BackboneDetector):
 
     def _check_params(self) -> None:
         super()._check_params()
-        if isinstance(self.decoder_blocks, tuple) and len(self.decoder_blocks) != len(self.layers):
+        if isinstance(self.decoder_blocks, tuple) and len(self.decoder_blocks) != len(self.tapped_layers()):
             raise InvalidParameterError(
-                f"ReverseDistillation: decoder_blocks {self.decoder_blocks} needs one count per layer ({len(self.layers)})"
+                f"ReverseDistillation: decoder_blocks {self.decoder_blocks} needs one count per layer ({len(self.tapped_layers())})"
             )
 
     def _fit(self, train: ImageSet, *, progress: bool) -> None:

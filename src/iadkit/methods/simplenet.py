@@ -53,7 +53,7 @@ from iadkit.components.adaptor import Discriminator, FeatureAdaptor, gaussian_fe
 from iadkit.components.features import PatchEmbedding
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import at_least, param, positive
+from iadkit.methods.params import Length, at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import Prediction
 
@@ -66,8 +66,13 @@ class SimpleNet(BackboneDetector):
     family = "one-class classification"
     paper = "Liu et al., SimpleNet: A Simple Network for Image Anomaly Detection and Localization, CVPR 2023"
     smoke_params = {"epochs": 2}
+    paper_params = {"backbone": "wide_resnet50_2", "embed_dim": 1536, "epochs": 160}
+    paper_image_size = 288
 
-    layers: tuple[str, ...] = param(("blocks.2", "blocks.4"), "Backbone layers (strides 8, 16: WRN-50 layer2/3).")
+    layer_presets = {"efficientnet": ('blocks.2', 'blocks.4'), "resnet": ('layer2', 'layer3'), "mobilenet": ('features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Backbone layers (strides 8, 16: WRN-50 layer2/3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+    )
     patch_size: int = param(3, "Neighbourhood aggregated around each position (paper: 3).", check=at_least(1))
     embed_dim: int = param(384, "Patch feature dimension (paper: 1536 on WRN-50).", check=at_least(1))
     noise_std: float = param(0.1, "Gaussian noise std, in units of the good features' spread.", check=positive())

@@ -42,7 +42,7 @@ from iadkit.components.losses import cosine_distance_map, pyramid_matching_loss
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import Interval, OneOf, at_least, param, positive
+from iadkit.methods.params import Interval, Length, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 
 MAP_REDUCTIONS = ("product", "sum")
@@ -64,9 +64,14 @@ class STFPM(BackboneDetector):
     family = "teacher-student"
     paper = "Wang et al., Student-Teacher Feature Pyramid Matching for Anomaly Detection, BMVC 2021"
     smoke_params = {"epochs": 2, "batch_size": 8}
+    paper_params = {"backbone": "resnet18", "epochs": 100}
+    paper_image_size = 256
     map_sigma = 0.0  # the paper does not smooth its maps
 
-    layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Pyramid levels (ResNet-18 conv2_x-conv4_x).")
+    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Pyramid levels (ResNet-18 conv2_x-conv4_x); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+    )
     epochs: int = param(20, "Training epochs (paper: 100; CPU-sized default).", check=at_least(1))
     batch_size: int = param(32, "Images per SGD step (paper: 32).", check=at_least(1))
     lr: float = param(0.4, "SGD learning rate (paper: 0.4).", check=positive())
@@ -76,7 +81,7 @@ class STFPM(BackboneDetector):
 
     def _build(self) -> None:
         super()._build()
-        self.student_ = StudentNetwork(self.backbone, self.layers, seed=self.seed)
+        self.student_ = StudentNetwork(self.backbone, self.tapped_layers(), seed=self.seed)
         self.student_.eval()
 
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
@@ -91,7 +96,7 @@ class STFPM(BackboneDetector):
         def step(idx: np.ndarray) -> torch.Tensor:
             images = torch.stack([train.image(int(i)) for i in idx]).to(self.device)
             student = self.student_(images)
-            return pyramid_matching_loss(list(zip(teacher.take(idx, self.device), (student[k] for k in self.layers))))
+            return pyramid_matching_loss(list(zip(teacher.take(idx, self.device), (student[k] for k in self.tapped_layers()))))
 
         with teacher:
             self.loss_history_ = train_on_indices(
@@ -110,7 +115,7 @@ class STFPM(BackboneDetector):
         """Per-level ``½‖t̂ − ŝ‖²`` maps at each level's own resolution."""
         teacher = self.features(images)
         student = self.student_(images)
-        return [cosine_distance_map(t, student[k]) for t, k in zip(teacher, self.layers)]
+        return [cosine_distance_map(t, student[k]) for t, k in zip(teacher, self.tapped_layers())]
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         size = tuple(images.shape[-2:])
