@@ -145,8 +145,10 @@ def predict_folder(
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if threshold is not None and not math.isfinite(threshold):
-        raise InvalidParameterError(f"threshold must be a finite number, got {threshold!r}")
+    if threshold is not None:
+        from iadkit.thresholds import manual_threshold
+
+        threshold = manual_threshold(threshold).value  # NaN would call every image good
     names = [str(f) for f in files]
     out_dir = check_writable_dir(out, "output folder") if out is not None else None
     csv_path = out_dir / "predictions.csv" if out_dir else None

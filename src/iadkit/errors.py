@@ -48,5 +48,9 @@ class OutputPathError(IadkitError, OSError):
     """An output file or folder cannot be written; the message names it and why."""
 
 
+class NonFiniteScoreError(IadkitError, ValueError):
+    """A model scored an image NaN or infinite: no verdict can be given (never "good" by default)."""
+
+
 class ExecutorError(IadkitError, RuntimeError):
     """A local or Ray executor cannot run the work (Ray missing, cluster unreachable, a worker died)."""

@@ -31,13 +31,15 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 @dataclass(frozen=True)
 class ImageResult:
-    """One image's outcome. `anomalous` is None when the model has no threshold."""
+    """One image's outcome. `anomalous` is None when the model has no threshold, and when
+    the score is not a finite number: then `error` says so (NaN must never read as good)."""
 
     score: float
     anomalous: bool | None
     threshold: float | None
     image_png: bytes  # the image as the model saw it (resized/cropped), RGB
     overlay_png: bytes  # the same with the heat map blended over it
+    error: str | None = None
 
 
 @runtime_checkable
@@ -152,11 +154,13 @@ class TorchPredictor:
 
         out = []
         for image, amap, score in zip(images, maps, scores):
+            finite = math.isfinite(float(score))
             out.append(
                 ImageResult(
                     score=float(score),
-                    anomalous=None if threshold is None else bool(score > threshold),
+                    anomalous=None if threshold is None or not finite else bool(score > threshold),
                     threshold=threshold,
+                    error=None if finite else f"the model scored this image {float(score)}: not a number it can judge",
                     image_png=_png(_to_uint8(model_view(self.model, image))),
                     # the model's own colour range (iadkit.viz: one rule everywhere)
                     overlay_png=model_overlay(self.model, image, amap),
