@@ -8,6 +8,7 @@ training and deployment see the same pixels and the same post-processing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -231,7 +232,9 @@ class Model:
             elif calibration_fraction > 0:
                 samples, calibration = split_calibration(samples, calibration_fraction, seed, 1)
         start = time.perf_counter()
-        self.detector.fit(ImageSet(samples, self.preprocess), progress=progress)
+        train_set = ImageSet(samples, dataclasses.replace(self.preprocess, channels=None))
+        self.detector.fit(train_set, progress=progress)
+        self.preprocess = dataclasses.replace(self.preprocess, channels=self._training_channels(train_set))
         self.info.update(
             n_train=len(samples),
             n_train_anomalous=sum(1 for s in samples if s.label == ANOMALOUS),
@@ -249,6 +252,24 @@ class Model:
                 sum(1 for s in samples if s.label == GOOD),
             )
         return self
+
+    @staticmethod
+    def _training_channels(train_set: ImageSet) -> int | None:
+        """Grayscale (1) or colour (3), as the training images were; None when they mix both
+        (a warning) or none was read. Predicting then refuses images of the other kind."""
+        kinds = set(train_set.channel_kinds)
+        if not kinds:  # the detector read its images through another ImageSet
+            from iadkit.data.transforms import channel_kind
+
+            kinds = {channel_kind(s.load_image()) for s in train_set.samples}
+        if len(kinds) == 1:
+            return next(iter(kinds))
+        if kinds:
+            log.warning(
+                "the training images mix grayscale and colour images: the model will accept both, "
+                "but gray images are scored as three equal colour channels"
+            )
+        return None
 
     def _usable_training(self, samples: list[Sample]) -> list[Sample]:
         """The images the detector may learn from: an unsupervised method gets the good ones."""
