@@ -54,3 +54,8 @@ class NonFiniteScoreError(IadkitError, ValueError):
 
 class ExecutorError(IadkitError, RuntimeError):
     """A local or Ray executor cannot run the work (Ray missing, cluster unreachable, a worker died)."""
+
+
+class CalibrationWarning(UserWarning):
+    """The threshold could be set, but not as asked: e.g. too few good images to resolve the
+    target false-alarm rate. The message says how many images set it and what to do."""

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -21,9 +22,9 @@ import torch
 
 from iadkit.components.postprocess import Postprocess, heatmap_range
 from iadkit.data.transforms import ImageSet, Preprocess
-from iadkit.errors import InvalidParameterError, NonFiniteScoreError, TrainingDataError
+from iadkit.errors import CalibrationWarning, InvalidParameterError, NonFiniteScoreError, TrainingDataError
 from iadkit.methods.base import Detector, get_method
-from iadkit.thresholds import Threshold, false_alarm_threshold, manual_threshold
+from iadkit.thresholds import Threshold, false_alarm_threshold, manual_threshold, resolution_note
 from iadkit.types import ANOMALOUS, GOOD, UNKNOWN, Prediction, Sample
 
 log = logging.getLogger(__name__)
@@ -289,9 +290,17 @@ class Model:
 
     def calibrate(self, good: Sequence[ImageInput], *, target_fpr: float = 0.01, batch_size: int = 16) -> Threshold:
         """Set the threshold for a target false-alarm rate on good images only, and the
-        heat-map colour range from their maps."""
+        heat-map colour range from their maps.
+
+        The threshold's details record how many images set it (``n_good``) and the
+        false-alarm resolution they give (``resolution`` = 1/n). A `CalibrationWarning`
+        says so when the target is finer than that resolution.
+        """
         result = self.predict(good, batch_size=batch_size)
         self.threshold = false_alarm_threshold(result.scores, target_fpr)
+        note = resolution_note(self.threshold)
+        if note:
+            warnings.warn(note, CalibrationWarning, stacklevel=2)
         if result.maps is not None:
             self.postprocess = self.postprocess.with_range(heatmap_range(result.maps))
         return self.threshold

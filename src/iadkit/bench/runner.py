@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +31,7 @@ import torch
 
 from iadkit.bench.config import BenchConfig, Cell, expand, import_modules
 from iadkit.bench.db import CellResult, Overlay, ResultsDB, now_iso
-from iadkit.errors import IadkitError
+from iadkit.errors import CalibrationWarning, IadkitError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,10 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
             log.info("%s: %s", cell.describe(), note)
         fit_train, calibration = training_and_calibration(model, train, cell.seed)
         model.to(resolve_device(cell.device))
-        with PeakMemory() as fit_memory, Timer() as fit_timer:
+        with PeakMemory() as fit_memory, Timer() as fit_timer, warnings.catch_warnings():
+            # A coarse calibration is recorded with the cell (operating_point.n_calibration)
+            # and shown in the report; a warning per cell would only flood the log.
+            warnings.simplefilter("ignore", CalibrationWarning)
             model.fit(
                 fit_train,
                 calibration=calibration,

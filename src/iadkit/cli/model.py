@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from iadkit.cli import app
-from iadkit.errors import IadkitError, InvalidParameterError
+from iadkit.errors import CalibrationWarning, IadkitError, InvalidParameterError
 
 console = Console()
 
@@ -156,10 +157,17 @@ def fit(
         console.print(note, highlight=False)
     train = usable_training(model.detector, train)  # the note said it: fit need not say it again
     console.print(f"fitting [bold]{method}[/] on {len(train)} training images of {split.name}/{split.category}")
-    model.fit(train, calibration_fraction=calibration_fraction, target_fpr=target_fpr, seed=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CalibrationWarning)
+        model.fit(train, calibration_fraction=calibration_fraction, target_fpr=target_fpr, seed=seed)
     model.info.update(dataset=str(data), category=split.category, setting=setting)
     model.save(out)
     console.print(f"saved [bold]{out}[/]  threshold: {_threshold_text(model)}", highlight=False)
+    for w in caught:
+        if issubclass(w.category, CalibrationWarning):
+            console.print(f"[yellow]warning:[/yellow] {w.message}", highlight=False)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _threshold_text(model: Any) -> str:
