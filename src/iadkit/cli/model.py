@@ -204,6 +204,7 @@ def predict(
     overlays: bool = typer.Option(True, help="Write heatmap overlay PNGs."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows of an earlier run in OUT; score only the rest."),
+    force: bool = typer.Option(False, "--force", help="Start over in an OUT that holds an earlier run's predictions.csv."),
     executor: str = typer.Option("local", help="local, or ray to shard the files across Ray workers."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (with --executor ray)."),
     device: str = typer.Option("cpu"),
@@ -214,25 +215,45 @@ def predict(
     --resume). Unreadable images are listed with their error; the exit code is then 1.
     Example:  iadkit predict fabric.iad ./new_photos --out preds
     """
-    from iadkit.batch import predict_folder
+    from iadkit.batch import predict_folder, read_scored
+    from iadkit.files import check_writable_dir
     from iadkit.model import Model
+    from iadkit.thresholds import manual_threshold
 
+    if threshold is not None:
+        manual_threshold(threshold)  # 'nan' parses as a float: refuse it before any work
+    csv_path = out / "predictions.csv"
+    if csv_path.exists() and not (resume or force):
+        raise InvalidParameterError(
+            f"{out} holds predictions.csv from an earlier run: pass --resume to keep its rows and score the rest, "
+            "--force to start over, or choose another --out"
+        )
+    check_writable_dir(out, "output folder")
     files = expand_images(images)
     model: Any = model_path
     if executor == "local":
         model = Model.load(model_path, device=_check_device(device))
-    result = predict_folder(
-        model,
-        files,
-        out,
-        batch_size=batch_size,
-        threshold=threshold,
-        overlays=overlays,
-        resume=resume,
-        executor=executor,
-        address=address,
-        progress=True,
-    )
+    try:
+        result = predict_folder(
+            model,
+            files,
+            out,
+            batch_size=batch_size,
+            threshold=threshold,
+            overlays=overlays,
+            resume=resume,
+            executor=executor,
+            address=address,
+            progress=True,
+        )
+    except KeyboardInterrupt:
+        kept = len(read_scored(csv_path))
+        console.print(
+            f"[red]interrupted[/red]: {kept} scored image(s) are kept in {csv_path}; run the same command "
+            "with --resume to score the rest",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
     scored = len(result.rows) - len(result.failed)
     verdict = f"{result.n_flagged} of {scored} flagged anomalous" if result.threshold is not None else "no threshold"
     kept = f" ({result.skipped} kept from the earlier run)" if result.skipped else ""
