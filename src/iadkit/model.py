@@ -389,6 +389,24 @@ def split_calibration(
     return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
 
+def check_device(device: str, option: str = "device") -> str:
+    """`device` if torch knows it and this machine has it; else `InvalidParameterError`
+    naming `option` (``"--device"`` in the CLI) and what to use instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidParameterError(f"{option} {device!r} is not a device name; use cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError(f"{option} {device}: no CUDA GPU is available here; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidParameterError(
+            f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...); choose one of them"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidParameterError(f"{option} {device}: Apple MPS is not available here; use cpu")
+    return device
+
+
 def _check_sigma(sigma: Any) -> float:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0 or sigma == float("inf"):
         raise InvalidParameterError(f"sigma must be a finite number >= 0 (pixels at a 224-px input), got {sigma!r}")

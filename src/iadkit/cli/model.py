@@ -182,17 +182,9 @@ def _threshold_text(model: Any) -> str:
 
 
 def _check_device(device: str) -> str:
-    import torch
+    from iadkit.model import check_device
 
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise InvalidParameterError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:1 or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameterError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InvalidParameterError(f"--device {device}: Apple MPS is not available here; use --device cpu")
-    return device
+    return check_device(device, "--device")
 
 
 @app.command()
