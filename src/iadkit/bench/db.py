@@ -53,6 +53,19 @@ Schema (version 3)::
         png BLOB NOT NULL,                          -- [photo + outline | heatmap + outline]
         PRIMARY KEY (cell_id, kind, rank))
 
+    claims(                                         -- which run is working on a 'running' cell
+        cell_id    TEXT PRIMARY KEY,
+        claimed_by TEXT NOT NULL,                   -- 'host|pid|token' of the claiming run
+        heartbeat  TEXT NOT NULL)                   -- ISO-8601 UTC, renewed while the run lives
+
+Several runs may share one database (two ``iadkit benchmark`` processes on the same output):
+a run claims a cell in one ``BEGIN IMMEDIATE`` transaction (`ResultsDB.claim`) before it
+starts it, and a cell another live run has claimed is left to that run. A claim is live
+while its heartbeat is fresh (`STALE_SECONDS`) and, on this machine, its process exists;
+a killed run's claims are therefore taken over at once on the same machine and after
+`STALE_SECONDS` from another. Recording a result drops the cell's claim in the same
+transaction. The claims table is an addition that older readers ignore (schema 2 still).
+
 Per-image scores with labels let any image metric be recomputed later without rerunning
 (`image_scores`). Each finished cell is written in one transaction (run row, scores and
 overlays together), so a killed benchmark leaves either the whole cell or none of it. The
@@ -66,6 +79,9 @@ not an iadkit results database is refused.
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import socket
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -130,7 +146,18 @@ CREATE TABLE IF NOT EXISTS overlays (
     PRIMARY KEY (cell_id, kind, rank)
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+CREATE TABLE IF NOT EXISTS claims (
+    cell_id TEXT PRIMARY KEY,
+    claimed_by TEXT NOT NULL,
+    heartbeat TEXT NOT NULL
+);
 """
+
+STALE_SECONDS = 120.0
+"""A claim whose heartbeat is older than this is abandoned (its run hangs or died elsewhere)."""
+
+HEARTBEAT_SECONDS = 20.0
+"""How often a running benchmark renews its claims."""
 
 
 class ResultsDBError(IadkitError, ValueError):
@@ -139,6 +166,61 @@ class ResultsDBError(IadkitError, ValueError):
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """Who runs cells: a benchmark run, identified by machine, process and a random token
+    (two runs in one process, one after the other, are different claimants)."""
+
+    host: str
+    pid: int
+    token: str
+
+    @classmethod
+    def here(cls) -> "Claimant":
+        return cls(socket.gethostname(), os.getpid(), secrets.token_hex(6))
+
+    @property
+    def id(self) -> str:
+        return f"{self.host}|{self.pid}|{self.token}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Claimant | None":
+        parts = str(text).rsplit("|", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            return None
+        return cls(parts[0], int(parts[1]), parts[2])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def claim_is_live(claimed_by: str, heartbeat: str, *, me: Claimant | None = None, now: datetime | None = None) -> bool:
+    """Whether a claim still belongs to a running benchmark (see the module docstring)."""
+    owner = Claimant.parse(claimed_by)
+    if owner is None:
+        return False
+    try:
+        age = ((now or datetime.now(timezone.utc)) - datetime.fromisoformat(heartbeat)).total_seconds()
+    except (TypeError, ValueError):
+        return False
+    if age > STALE_SECONDS:
+        return False
+    if owner.host == socket.gethostname():
+        if owner.pid == os.getpid():  # an earlier run in this process (runs here are sequential)
+            return me is not None and owner == me
+        return _pid_alive(owner.pid)
+    return True
 
 
 @dataclass
@@ -269,16 +351,64 @@ class ResultsDB:
 
     def mark_running(self, cell: Cell, started: str | None = None) -> None:
         """Note that a cell started. A row left 'running' means the run was killed: rerun it."""
-        values = {
-            **self._run_values(cell),
-            "status": "running",
-            "iadkit_version": iadkit.__version__,
-            "started": started or now_iso(),
-        }
-        cols = ", ".join(values)
         with self.conn:
-            self.conn.execute("DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
-            self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
+            self._insert_running(cell, started or now_iso())
+
+    def _insert_running(self, cell: Cell, started: str) -> None:
+        values = {**self._run_values(cell), "status": "running", "iadkit_version": iadkit.__version__, "started": started}
+        cols = ", ".join(values)
+        self.conn.execute("DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
+        self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
+
+    def claim(self, cell: Cell, me: Claimant, *, retry_failed: bool = False) -> bool:
+        """Take `cell` for run `me`, atomically; False when it is not to be run by `me`.
+
+        Not taken: a 'done' cell; a 'failed' one unless `retry_failed`; a cell whose claim
+        belongs to another live run. Taken: anything else (new, left 'running' by a dead
+        run, or failed and retried); its row becomes 'running'.
+        """
+        self.conn.execute("BEGIN IMMEDIATE")  # one writer decides at a time
+        try:
+            row = self.conn.execute("SELECT status, finished FROM runs WHERE cell_id = ?", (cell.cell_id,)).fetchone()
+            if row is not None and row["status"] == "done":
+                return self._end(False)
+            if row is not None and row["status"] == "failed" and not retry_failed:
+                return self._end(False)
+            held = self.conn.execute("SELECT claimed_by, heartbeat FROM claims WHERE cell_id = ?", (cell.cell_id,)).fetchone()
+            if held is not None and held["claimed_by"] != me.id and claim_is_live(held["claimed_by"], held["heartbeat"], me=me):
+                return self._end(False)
+            stamp = now_iso()
+            self.conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)", (cell.cell_id, me.id, stamp))
+            self._insert_running(cell, stamp)
+            return self._end(True)
+        except BaseException:
+            self.conn.rollback()
+            raise
+
+    def _end(self, value: bool) -> bool:
+        self.conn.commit()
+        return value
+
+    def heartbeat(self, me: Claimant) -> None:
+        """Renew `me`'s claims (called periodically while a run lives)."""
+        with self.conn:
+            self.conn.execute("UPDATE claims SET heartbeat = ? WHERE claimed_by = ?", (now_iso(), me.id))
+
+    def release(self, me: Claimant) -> None:
+        """Drop `me`'s remaining claims (an interrupted cell stays 'running', free for any run)."""
+        with self.conn:
+            self.conn.execute("DELETE FROM claims WHERE claimed_by = ?", (me.id,))
+
+    def claimed_elsewhere(self, me: Claimant) -> dict[str, str]:
+        """cell_id -> claimant of the unfinished cells other live runs hold."""
+        rows = self.conn.execute(
+            "SELECT c.cell_id, c.claimed_by, c.heartbeat FROM claims c JOIN runs r USING (cell_id) WHERE r.status = 'running'"
+        ).fetchall()
+        return {
+            r["cell_id"]: r["claimed_by"]
+            for r in rows
+            if r["claimed_by"] != me.id and claim_is_live(r["claimed_by"], r["heartbeat"], me=me)
+        }
 
     def record(self, result: CellResult) -> None:
         """Store a finished cell (done or failed) with its scores and overlays, atomically."""
@@ -303,6 +433,7 @@ class ResultsDB:
         with self.conn:
             # Deleting the run cascades to its old scores and overlays (a retried cell).
             self.conn.execute("DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
+            self.conn.execute("DELETE FROM claims WHERE cell_id = ?", (cell.cell_id,))
             self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
             self.conn.executemany(
                 "INSERT INTO scores (cell_id, idx, path, label, defect_type, score) VALUES (?, ?, ?, ?, ?, ?)",
@@ -330,16 +461,30 @@ class ResultsDB:
         for r in self.conn.execute(q, (status,) if status else ()):
             d = dict(r)
             for key in ("params", "setting_params", "image_size", "subsample"):
-                d[key] = json.loads(d[key]) if d[key] is not None else None
+                d[key] = self._json(d, key) if d[key] is not None else None
             for key in ("metrics", "timings"):
-                raw = json.loads(d[key]) if d[key] else {}
+                raw = self._json(d, key) if d[key] else {}
+                if not isinstance(raw, dict):
+                    raise self._corrupt(d, key, "not a JSON object")
                 d[key] = {k: (float("nan") if v is None else v) for k, v in raw.items()}
-            op = d.get("operating_point")
-            d["operating_point"] = json.loads(op) if op else None
-            info = d.get("setting_info")  # absent from an old database opened read-only
-            d["setting_info"] = json.loads(info) if info else None
+            d["operating_point"] = self._json(d, "operating_point") if d.get("operating_point") else None
+            # absent from an old database opened read-only
+            d["setting_info"] = self._json(d, "setting_info") if d.get("setting_info") else None
             rows.append(d)
         return rows
+
+    def _json(self, row: dict[str, Any], key: str) -> Any:
+        try:
+            return json.loads(row[key])
+        except (TypeError, ValueError) as exc:
+            raise self._corrupt(row, key, f"invalid JSON: {exc}") from None
+
+    def _corrupt(self, row: dict[str, Any], key: str, why: str) -> ResultsDBError:
+        return ResultsDBError(
+            f"{self.path}: the {key} of cell {row.get('cell_id')} ({row.get('method')}, {row.get('category')}) is {why}; "
+            "the database was edited or damaged: delete that row (its cell reruns with the next `iadkit benchmark`) "
+            "or use an intact copy"
+        )
 
     def image_scores(self, cell_id: str) -> dict[str, Any]:
         """Per-image arrays of one cell, in test-set order: paths, labels, defect_types, scores."""

@@ -289,16 +289,28 @@ def run_benchmark(
     retry_failed: bool = False,
     progress: bool | None = None,
     workers: int = 1,
+    poll_seconds: float = 2.0,
 ) -> BenchmarkSummary:
     """Run every unfinished cell of `config` and store the results in `db_path` (SQLite).
 
-    `workers` > 1 runs that many cells at once in local processes (executor "local").
+    The whole grid is checked first (`validate_grid`): a mistake in any cell stops the run
+    before the first cell starts. `workers` > 1 runs that many cells at once in local
+    processes (executor "local"). Several runs may work on one database at once: each
+    claims a cell before starting it (`ResultsDB.claim`), so they share the grid instead
+    of running it twice, and a run whose own cells are finished waits (polling every
+    `poll_seconds`) for the cells others still hold, taking over those of a run that died.
+    `progress`: None or True shows a bar on a terminal and a plain line per cell otherwise
+    (a log file, CI); False shows nothing.
     """
     from iadkit.bench.config import canonical_json
+    from iadkit.bench.db import Claimant
     from iadkit.bench.executors import make_executor
 
     cells = expand(config)
+    validate_grid(config, cells)
     summary = BenchmarkSummary(db_path=Path(db_path), cells=cells)
+    me = Claimant.here()
+    ex = make_executor(executor, address=address, workers=workers)  # a wrong executor: before the database
     with ResultsDB(db_path) as db:
         db.set_meta("config", canonical_json(config.model_dump()))
         todo, summary.skipped = plan(cells, db, retry_failed=retry_failed)
@@ -308,27 +320,150 @@ def run_benchmark(
             if failed_before and not retry_failed:
                 note += f" ({failed_before} failed earlier; use --retry-failed to rerun them)"
             log.info(note)
-        ex = make_executor(executor, address=address, workers=workers)
-        with CellProgress(len(cells), done=summary.skipped, enabled=progress) as bar:
-            for result in ex.run(todo, on_start=lambda c: (db.mark_running(c), bar.start(c)), on_stage=bar.stage):
-                db.record(result)
-                summary.ran += 1
-                if result.status == "failed":
-                    summary.failed.append(result)
-                    bar.note(f"[red]failed[/red] {result.cell.describe()}: {result.error}")
-                bar.finish(result)
+        # Only cells that had failed before this run are retried, once: not those that fail
+        # now, in this run or in a concurrent one.
+        retry = {cid for cid, st in db.statuses().items() if st == "failed"} if retry_failed else set()
+        heart = _Heartbeat(Path(db_path), me)
+        try:
+            with CellProgress(len(cells), done=summary.skipped, enabled=progress) as bar:
+                waiting_said = False
+                while todo:
+                    claimed = (c for c in todo if db.claim(c, me, retry_failed=c.cell_id in retry))
+                    for result in ex.run(claimed, on_start=bar.start, on_stage=bar.stage):
+                        db.record(result)
+                        summary.ran += 1
+                        if result.status == "failed":
+                            summary.failed.append(result)
+                            bar.note(f"failed {result.cell.describe()}: {result.error}")
+                        bar.finish(result)
+                    # What is left is held by other live runs (or was freed by one that died).
+                    retry.clear()
+                    statuses = db.statuses()
+                    todo = [c for c in todo if statuses.get(c.cell_id) not in ("done", "failed")]
+                    if todo:
+                        if not waiting_said:
+                            holders = sorted(set(db.claimed_elsewhere(me).values()))
+                            who = ", ".join(h.replace("|", " pid ", 1).rsplit("|", 1)[0] for h in holders) or "another run"
+                            log.info("waiting for %d cell(s) that another benchmark run (%s) is working on", len(todo), who)
+                            waiting_said = True
+                        time.sleep(poll_seconds)
+        finally:
+            heart.stop()
+            db.release(me)
     return summary
 
 
+def validate_grid(config: BenchConfig, cells: list[Cell] | None = None) -> None:
+    """Check every cell of the grid before any runs; one `BenchConfigError` listing every
+    problem: unknown method (with the closest names), hyper-parameters the method refuses,
+    an image size that is not a positive size, an unknown setting or setting parameter, a
+    dataset source that does not exist or lacks a listed category, an unusable device."""
+    import inspect
+
+    from iadkit.bench.config import BenchConfigError
+    from iadkit.bench.datasets import list_source_categories
+    from iadkit.errors import IadkitError
+    from iadkit.model import Model, check_device
+    from iadkit.settings import get_setting
+
+    cells = expand(config) if cells is None else cells
+    problems: list[str] = []
+    seen: set[str] = set()
+    for cell in cells:
+        key = canonical_key(cell.method, cell.params, cell.image_size)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            Model.create(cell.method, image_size=cell.image_size, **method_params(cell)).detector.validate()
+        except IadkitError as exc:
+            problems.append(f"method {cell.method} (image size {list(cell.image_size)}): {exc}")
+    for st in config.settings:
+        try:
+            fn = get_setting(st.name)
+            inspect.signature(fn).bind([], [], seed=0, **st.params)
+        except IadkitError as exc:
+            problems.append(f"setting: {exc}")
+        except TypeError as exc:
+            problems.append(f"setting {st.name!r}: {exc}")
+    for ds in config.datasets:
+        try:
+            known = list_source_categories(ds.source)
+        except IadkitError as exc:
+            problems.append(f"dataset {ds.source!r}: {exc}")
+            continue
+        for category in ds.categories or []:
+            if category not in known:
+                import difflib
+
+                close = difflib.get_close_matches(category, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"dataset {ds.source!r}: no category {category!r}{hint}; it has: {', '.join(known)}")
+    if config.device != "auto":
+        try:
+            check_device(config.device)
+        except IadkitError as exc:
+            problems.append(f"device: {exc}")
+    if problems:
+        seen_lines = list(dict.fromkeys(problems))
+        raise BenchConfigError(
+            f"the benchmark grid has {len(seen_lines)} problem(s); nothing was run:\n  " + "\n  ".join(seen_lines)
+        )
+
+
+def canonical_key(method: str, params: dict[str, Any], size: tuple[int, int]) -> str:
+    from iadkit.bench.config import canonical_json
+
+    return canonical_json([method, params, list(size)])
+
+
+class _Heartbeat:
+    """Renews a run's claims every `HEARTBEAT_SECONDS` from a thread with its own connection,
+    so other runs see it is alive even while a long cell holds the main thread."""
+
+    def __init__(self, db_path: Path, me: Any) -> None:
+        import threading
+
+        from iadkit.bench.db import HEARTBEAT_SECONDS
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, args=(db_path, me, HEARTBEAT_SECONDS), name="iadkit-bench-heartbeat", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self, db_path: Path, me: Any, every: float) -> None:
+        import sqlite3
+
+        while not self._stop.wait(every):
+            try:
+                with ResultsDB(db_path) as db:
+                    db.heartbeat(me)
+            except (sqlite3.Error, IadkitError):  # busy: the next beat will do
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class CellProgress:
-    """One bar: cells done out of the grid, and what the current cell is doing."""
+    """Cells done out of the grid and what the current cell is doing: a bar on a terminal,
+    a plain line per started and finished cell otherwise (a log file or CI shows progress too).
+
+    `enabled`: None or True as above, False silent.
+    """
 
     def __init__(self, total: int, *, done: int = 0, enabled: bool | None = None) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = Console(stderr=True)
-        enabled = sys.stderr.isatty() if enabled is None else enabled
+        on = enabled is not False
+        self.plain = on and not sys.stderr.isatty()
+        self.total, self.done = total, done
+        self._t0 = time.perf_counter()
+        self._started: dict[str, float] = {}
         self.progress = Progress(
             TextColumn("[bold]benchmark"),
             BarColumn(),
@@ -336,7 +471,7 @@ class CellProgress:
             TimeElapsedColumn(),
             TextColumn("{task.fields[current]}"),
             console=self.console,
-            disable=not enabled,
+            disable=not on or self.plain,
         )
         self.task = self.progress.add_task("benchmark", total=total, completed=done, current="")
         self._current = ""
@@ -348,16 +483,28 @@ class CellProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)  # type: ignore[arg-type]
 
+    def _line(self, text: str) -> None:
+        print(f"benchmark [{self.done}/{self.total}, {time.perf_counter() - self._t0:.0f} s] {text}", file=sys.stderr, flush=True)
+
     def start(self, cell: Cell) -> None:
         self._current = cell.describe()
+        self._started[cell.cell_id] = time.perf_counter()
         self.progress.update(self.task, current=self._current)
+        if self.plain:
+            self._line(f"started {self._current}")
 
     def stage(self, cell: Cell, name: str) -> None:
         self.progress.update(self.task, current=f"{cell.describe()} · {name}")
 
     def note(self, text: str) -> None:
-        if not self.progress.disable:
-            self.progress.console.print(text)
+        if self.plain:
+            self._line(text)
+        elif not self.progress.disable:
+            self.progress.console.print(text, highlight=False, markup=False)
 
     def finish(self, result: CellResult) -> None:
+        self.done += 1
         self.progress.update(self.task, advance=1)
+        if self.plain:
+            took = time.perf_counter() - self._started.pop(result.cell.cell_id, time.perf_counter())
+            self._line(f"{result.status} {result.cell.describe()} in {took:.1f} s")
