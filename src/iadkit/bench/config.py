@@ -15,6 +15,8 @@ A config file (YAML shown; TOML has the same keys)::
       - source: elpv
         categories: [mono, poly, all]
         subsample: {train: 100, test: 120}   # optional, for quick runs; labelled in results
+      - source: mvtec:/data/my_parts
+        options: {allow_missing_masks: true} # passed to the dataset reader (load_dataset)
     settings:                      # one cell per entry and value (see SettingSpec)
       - vanilla
       - {few_shot: {k: [1, 2, 4, 8]}}
@@ -83,6 +85,7 @@ class DatasetSpec(BaseModel):
     source: str
     categories: list[str] | None = None
     subsample: SubsampleSpec | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -205,14 +208,18 @@ class Cell:
     image_size: tuple[int, int]
     setting_params: dict[str, Any] = field(default_factory=dict)
     subsample: dict[str, int | None] | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 16
     device: str = "auto"
     gallery_size: int = 3
     imports: tuple[str, ...] = ()
 
     def identity(self) -> dict[str, Any]:
-        """What makes two cells the same experiment (batch size, device, gallery do not)."""
+        """What makes two cells the same experiment (batch size, device, gallery do not).
+        Dataset reader options count only when given, so older cells keep their ids."""
+        extra = {"dataset_options": self.dataset_options} if self.dataset_options else {}
         return {
+            **extra,
             "method": self.method,
             "params": self.params,
             "dataset": self.dataset,
@@ -289,6 +296,7 @@ def expand(config: BenchConfig) -> list[Cell]:
                                 seed=int(seed),
                                 image_size=_size(size),
                                 subsample=ds.subsample.model_dump() if ds.subsample else None,
+                                dataset_options=dict(ds.options),
                                 batch_size=config.batch_size,
                                 device=config.device,
                                 gallery_size=config.gallery_size,

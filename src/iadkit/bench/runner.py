@@ -62,10 +62,10 @@ def _load_split_cached(cell: Cell) -> tuple[list[Any], list[Any]]:
     from iadkit.bench.config import canonical_json
     from iadkit.bench.datasets import load_split
 
-    key = (cell.dataset, cell.category, canonical_json(cell.subsample))
+    key = (cell.dataset, cell.category, canonical_json([cell.subsample, cell.dataset_options]))
     if key not in _split_cache:
         _split_cache.clear()
-        _split_cache[key] = load_split(cell.dataset, cell.category, cell.subsample)
+        _split_cache[key] = load_split(cell.dataset, cell.category, cell.subsample, cell.dataset_options)
     train, test = _split_cache[key]
     return list(train), list(test)
 
@@ -392,6 +392,8 @@ def validate_grid(config: BenchConfig, cells: list[Cell] | None = None) -> None:
         except IadkitError as exc:
             problems.append(f"dataset {ds.source!r}: {exc}")
             continue
+        if ds.options:
+            problems.extend(f"dataset {ds.source!r}: {p}" for p in _reader_option_problems(ds.source, ds.options))
         for category in ds.categories or []:
             if category not in known:
                 import difflib
@@ -409,6 +411,21 @@ def validate_grid(config: BenchConfig, cells: list[Cell] | None = None) -> None:
         raise BenchConfigError(
             f"the benchmark grid has {len(seen_lines)} problem(s); nothing was run:\n  " + "\n  ".join(seen_lines)
         )
+
+
+def _reader_option_problems(source: str, options: dict[str, Any]) -> list[str]:
+    from iadkit.data.layouts import _custom, detect_layout, layout_options, parse_source
+
+    if _custom(source) is not None:
+        return []
+    layout, location = parse_source(source)
+    if layout == "auto":
+        layout = detect_layout(location)
+    allowed = layout_options(layout)
+    unknown = sorted(set(options) - set(allowed))
+    if not unknown:
+        return []
+    return [f"option(s) {', '.join(unknown)} not understood by the {layout} reader; it accepts: {', '.join(allowed) or 'none'}"]
 
 
 def canonical_key(method: str, params: dict[str, Any], size: tuple[int, int]) -> str:

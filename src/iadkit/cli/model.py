@@ -48,6 +48,25 @@ def expand_images(inputs: list[Path]) -> list[Path]:
     return files
 
 
+def load_split(data: str, category: str | None, layout: str, *, allow_missing_masks: bool) -> Any:
+    """`load_dataset` with the CLI's options; `allow_missing_masks` only where the layout has it."""
+    import warnings as _warnings
+
+    from iadkit.data.layouts import detect_layout, layout_options, load_dataset, parse_source
+
+    options: dict[str, Any] = {}
+    if allow_missing_masks:
+        resolved, location = parse_source(data, layout)
+        if resolved == "auto":
+            resolved = detect_layout(location)
+        if "allow_missing_masks" in layout_options(resolved):
+            options["allow_missing_masks"] = True
+    with _warnings.catch_warnings():
+        if allow_missing_masks:  # asked for: the count is not news
+            _warnings.filterwarnings("ignore", message=".*allow_missing_masks=True.*")
+        return load_dataset(data, category=category, layout=layout, **options)
+
+
 @app.command("methods")
 def methods_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON (for scripts)."),
@@ -109,6 +128,7 @@ def fit(
     data: str = typer.Option(..., "--data", "-d", help="Dataset folder (MVTec/VisA/... layout, auto-detected) or 'elpv'."),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (safetensors + JSON manifest)."),
     category: Optional[str] = typer.Option(None, "--category", "-c", help="Category (product) to train on."),
+    layout: str = typer.Option("auto", "--layout", help="Dataset layout instead of detecting it (see `iadkit data list`)."),
     image_size: int = typer.Option(224, help="Input size in pixels (square)."),
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Hyper-parameter key=value (repeatable)."),
     setting: str = typer.Option("vanilla", help="Data setting, e.g. vanilla, few_shot:k=4 (see the README)."),
@@ -128,7 +148,6 @@ def fit(
     options, the data, and that OUT can be written.
     Example:  iadkit fit -m patchcore -d ./synth -c fabric -o fabric.iad
     """
-    from iadkit.data import load_dataset
     from iadkit.files import check_writable_file
     from iadkit.model import Model
     from iadkit.settings import apply_setting, check_combination, parse_setting, usable_training
@@ -148,7 +167,8 @@ def fit(
     model = Model.create(method, image_size=image_size, **params).to(dev)
     model.detector.validate()
     setting_name, setting_params = parse_setting(setting)
-    split = load_dataset(data, category=category)
+    # Training never reads the test masks: a dataset missing some still trains.
+    split = load_split(data, category, layout, allow_missing_masks=True)
     train, _ = apply_setting(
         setting_name, list(split.train) + list(split.train_anomalous), split.test, seed=seed, params=setting_params
     )
@@ -263,6 +283,10 @@ def evaluate(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file from `iadkit fit`."),
     data: str = typer.Option(..., "--data", "-d", help="Dataset folder or 'elpv' (its test split is used)."),
     category: Optional[str] = typer.Option(None, "--category", "-c"),
+    layout: str = typer.Option("auto", "--layout", help="Dataset layout instead of detecting it (see `iadkit data list`)."),
+    allow_missing_masks: bool = typer.Option(
+        False, "--allow-missing-masks", help="Keep defective test images that have no mask (pixel metrics then unavailable)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON (for scripts)."),
     batch_size: int = typer.Option(16, min=1),
     device: str = typer.Option("cpu"),
@@ -271,12 +295,13 @@ def evaluate(
 
     Example:  iadkit evaluate fabric.iad -d ./synth -c fabric
     """
-    from iadkit.data import load_dataset
     from iadkit.evaluation import evaluate as run_evaluation
     from iadkit.model import Model
 
     model = Model.load(model_path, device=_check_device(device))
-    split = load_dataset(data, category=category if category else model.info.get("category"))
+    split = load_split(
+        data, category if category else model.info.get("category"), layout, allow_missing_masks=allow_missing_masks
+    )
     result = run_evaluation(model, split.test, batch_size=batch_size, progress=not as_json)
     summary = result.summary()
     if as_json:
