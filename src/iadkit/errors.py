@@ -29,6 +29,10 @@ class InvalidParameterError(IadkitError, ValueError):
     """A hyper-parameter or option has a value that cannot work; the message names it and what is accepted."""
 
 
+class InvalidInputError(IadkitError, TypeError):
+    """An argument of the wrong kind (e.g. something that is neither a path, an array nor a Sample)."""
+
+
 class NotFittedError(IadkitError, RuntimeError):
     """A model or detector was asked to predict (or be saved) before it was fitted."""
 

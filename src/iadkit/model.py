@@ -22,7 +22,7 @@ import torch
 
 from iadkit.components.postprocess import Postprocess, heatmap_range
 from iadkit.data.transforms import ImageSet, Preprocess
-from iadkit.errors import CalibrationWarning, InvalidParameterError, NonFiniteScoreError, TrainingDataError
+from iadkit.errors import CalibrationWarning, InvalidInputError, InvalidParameterError, NonFiniteScoreError, TrainingDataError
 from iadkit.methods.base import Detector, get_method
 from iadkit.thresholds import Threshold, false_alarm_threshold, manual_threshold, resolution_note
 from iadkit.types import ANOMALOUS, GOOD, UNKNOWN, Prediction, Sample
@@ -48,7 +48,7 @@ def as_samples(inputs: Iterable[ImageInput]) -> list[Sample]:
         elif isinstance(item, np.ndarray):
             samples.append(Sample(path=f"array://{i}", image=item))
         else:
-            raise TypeError(f"cannot predict on {type(item).__name__}: give a Sample, a path or an HxWxC array")
+            raise InvalidInputError(f"cannot predict on {type(item).__name__}: give a Sample, a path or an HxWxC array")
     return samples
 
 
@@ -226,6 +226,9 @@ class Model:
             raise TrainingDataError("no training images")
         if calibration_fraction is not None and not 0.0 <= calibration_fraction < 1.0:
             raise InvalidParameterError(f"calibration_fraction must be in [0, 1), got {calibration_fraction}")
+        if isinstance(target_fpr, bool) or not isinstance(target_fpr, (int, float)) or not 0.0 <= target_fpr < 1.0:
+            # checked before training, not after it
+            raise InvalidParameterError(f"target_fpr must be a number in [0, 1), got {target_fpr!r}")
         samples = self._usable_training(samples)
         if calibration is None:
             if calibration_fraction is None:

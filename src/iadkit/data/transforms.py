@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from iadkit.errors import ImageReadError, InvalidParameterError
+from iadkit.errors import ImageReadError, InvalidParameterError, MetricUndefinedError
 from iadkit.types import ANOMALOUS, Sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,6 +66,8 @@ def _triple(values: Any, name: str, *, positive: bool = False) -> tuple[float, f
 def channel_kind(image: np.ndarray) -> int:
     """1 for a grayscale image (HxW, HxWx1, or colour channels that are all equal), else 3."""
     arr = np.asarray(image)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise ImageReadError(f"expected a non-empty HxWxC image with C in 1, 3 or 4, got shape {arr.shape}")
     if arr.ndim == 2 or arr.shape[2] == 1:
         return 1
     rgb = arr[:, :, :3]
@@ -152,8 +154,8 @@ class Preprocess:
         arr = np.asarray(image)
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise ValueError(f"expected an HxWxC image with C in 1, 3 or 4, got shape {arr.shape}")
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or 0 in arr.shape:
+            raise ImageReadError(f"expected a non-empty HxWxC image with C in 1, 3 or 4, got shape {arr.shape}")
         if arr.shape[2] == 4:  # io.read_image drops alpha already; arrays from users may not
             arr = arr[:, :, :3]
         if arr.dtype == np.uint8:
@@ -161,9 +163,11 @@ class Preprocess:
         elif arr.dtype == np.uint16:
             t = torch.from_numpy(arr.astype(np.float32)).div_(65535.0)
         elif np.issubdtype(arr.dtype, np.floating):
+            if not np.isfinite(arr).all():  # NaN pixels would give a NaN score, never a verdict
+                raise ImageReadError("the image holds NaN or infinite pixel values; give finite values in [0, 1]")
             t = torch.from_numpy(np.array(arr, dtype=np.float32))
         else:
-            raise ValueError(f"unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+            raise ImageReadError(f"unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
         t = t.permute(2, 0, 1)
         if t.shape[0] == 1:
             t = t.expand(3, -1, -1)
@@ -239,8 +243,12 @@ class ImageSet(torch.utils.data.Dataset):
             return self._cache[index].float()
         sample = self.samples[index]
         image = sample.load_image()
-        self.channel_kinds.add(self.preprocess.check_channels(image, sample.path))
-        x = self.preprocess(image)
+        try:
+            self.channel_kinds.add(self.preprocess.check_channels(image, sample.path))
+            x = self.preprocess(image)
+        except ImageReadError as exc:
+            text = str(exc)
+            raise ImageReadError(text if text.startswith(f"{sample.path}:") else f"{sample.path}: {text}") from None
         if self.cache_enabled:
             self._cache[index] = x.half()
         return x
@@ -254,7 +262,10 @@ class ImageSet(torch.utils.data.Dataset):
         s = self.samples[index]
         if not s.has_mask:
             if s.label == ANOMALOUS:
-                raise ValueError(f"{s.path}: anomalous image has no ground-truth mask; pixel metrics need one")
+                raise MetricUndefinedError(
+                    f"{s.path}: anomalous image has no ground-truth mask; pixel metrics need one "
+                    "(add the mask, or evaluate with pixel_metrics=False)"
+                )
             return torch.zeros(self.preprocess.output_size, dtype=torch.bool)
         from iadkit.data.io import image_shape
 
