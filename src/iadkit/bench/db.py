@@ -300,7 +300,8 @@ class ResultsDB:
                 with self.conn:
                     self.conn.executescript(_SCHEMA)
                     if self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() is None:
-                        self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                        # OR IGNORE: another process may create the same new database at this moment
+                        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                         self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (now_iso(),))
             row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as exc:
