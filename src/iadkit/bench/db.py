@@ -313,10 +313,11 @@ class ResultsDB:
                 f"{self.path}: results schema {version} is newer than this iadkit understands ({SCHEMA_VERSION}); upgrade iadkit"
             )
         if version < SCHEMA_VERSION and writable:
-            with self.conn:
-                if version < 2:  # schema 1 -> 2: the operating point of each cell
+            with self.conn:  # another process may be migrating the same file: add what is missing
+                columns = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}
+                if "operating_point" not in columns:  # schema 1 -> 2: the operating point of each cell
                     self.conn.execute("ALTER TABLE runs ADD COLUMN operating_point TEXT")
-                if version < 3:  # schema 2 -> 3: what the setting gave each cell
+                if "setting_info" not in columns:  # schema 2 -> 3: what the setting gave each cell
                     self.conn.execute("ALTER TABLE runs ADD COLUMN setting_info TEXT")
                 self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
