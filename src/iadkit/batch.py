@@ -161,15 +161,15 @@ def predict_folder(
         from iadkit.thresholds import manual_threshold
 
         threshold = manual_threshold(threshold).value  # NaN would call every image good
+    if executor not in ("local", "ray"):
+        raise ExecutorError(f"unknown executor {executor!r}; use 'local' or 'ray'")
+    if executor == "local" and address:
+        raise ExecutorError("--address is for the Ray executor; use --executor ray")
     names = [str(f) for f in files]
     out_dir = check_writable_dir(out, "output folder") if out is not None else None
     csv_path = out_dir / "predictions.csv" if out_dir else None
     done = read_scored(csv_path) if (resume and csv_path) else {}
     todo = [f for f in names if f not in done]
-    if executor not in ("local", "ray"):
-        raise ExecutorError(f"unknown executor {executor!r}; use 'local' or 'ray'")
-    if executor == "local" and address:
-        raise ExecutorError("--address is for the Ray executor; use --executor ray")
 
     if executor == "ray":
         if isinstance(model, Model):

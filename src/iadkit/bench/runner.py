@@ -15,6 +15,7 @@ caught, because they mean "stop", and the interrupted cell simply stays 'running
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import socket
@@ -306,8 +307,7 @@ def run_benchmark(
     from iadkit.bench.db import Claimant
     from iadkit.bench.executors import make_executor
 
-    cells = expand(config)
-    validate_grid(config, cells)
+    cells = validate_grid(config)
     summary = BenchmarkSummary(db_path=Path(db_path), cells=cells)
     me = Claimant.here()
     ex = make_executor(executor, address=address, workers=workers)  # a wrong executor: before the database
@@ -353,35 +353,38 @@ def run_benchmark(
     return summary
 
 
-def validate_grid(config: BenchConfig, cells: list[Cell] | None = None) -> None:
-    """Check every cell of the grid before any runs; one `BenchConfigError` listing every
-    problem: unknown method (with the closest names), hyper-parameters the method refuses,
-    an image size that is not a positive size, an unknown setting or setting parameter, a
-    dataset source that does not exist or lacks a listed category, an unusable device."""
+def validate_grid(config: BenchConfig) -> list[Cell]:
+    """Check every cell of the grid before any runs, and return the cells (`expand`).
+
+    One `BenchConfigError` lists every problem found: unknown method (with the closest
+    names), hyper-parameters the method refuses, an image size that is not a positive
+    size, an unknown setting or setting parameter, a dataset source that does not exist,
+    lacks a listed category or does not take a listed option, an unusable device; then
+    what `expand` refuses (the same cell twice).
+    """
+    import difflib
     import inspect
 
-    from iadkit.bench.config import BenchConfigError
+    from iadkit.bench.config import BenchConfigError, _size
     from iadkit.bench.datasets import list_source_categories
-    from iadkit.errors import IadkitError
     from iadkit.model import Model, check_device
     from iadkit.settings import get_setting
 
-    cells = expand(config) if cells is None else cells
+    import_modules(config.imports)  # plugins register methods, settings and sources
     problems: list[str] = []
-    seen: set[str] = set()
-    for cell in cells:
-        key = canonical_key(cell.method, cell.params, cell.image_size)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            Model.create(cell.method, image_size=cell.image_size, **method_params(cell)).detector.validate()
-        except IadkitError as exc:
-            problems.append(f"method {cell.method} (image size {list(cell.image_size)}): {exc}")
+    for m in config.methods:
+        default = m.image_size if m.image_size is not None else config.image_size
+        sizes = {json.dumps(_size_or_raw(m.image_size_for.get(ds.scheme, default))) for ds in config.datasets}
+        for size in (json.loads(text) for text in sorted(sizes)):
+            try:
+                Model.create(m.name, image_size=_size(size), **{"seed": 0, **m.params}).detector.validate()
+            except IadkitError as exc:
+                problems.append(f"method {m.name} (image size {size}): {exc}")
+            except (TypeError, ValueError) as exc:
+                problems.append(f"method {m.name}: image size {size!r} is not a size in pixels ({exc})")
     for st in config.settings:
         try:
-            fn = get_setting(st.name)
-            inspect.signature(fn).bind([], [], seed=0, **st.params)
+            inspect.signature(get_setting(st.name)).bind([], [], seed=0, **st.params)
         except IadkitError as exc:
             problems.append(f"setting: {exc}")
         except TypeError as exc:
@@ -389,15 +392,13 @@ def validate_grid(config: BenchConfig, cells: list[Cell] | None = None) -> None:
     for ds in config.datasets:
         try:
             known = list_source_categories(ds.source)
+            if ds.options:
+                problems.extend(f"dataset {ds.source!r}: {p}" for p in _reader_option_problems(ds.source, ds.options))
         except IadkitError as exc:
             problems.append(f"dataset {ds.source!r}: {exc}")
             continue
-        if ds.options:
-            problems.extend(f"dataset {ds.source!r}: {p}" for p in _reader_option_problems(ds.source, ds.options))
         for category in ds.categories or []:
             if category not in known:
-                import difflib
-
                 close = difflib.get_close_matches(category, known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 problems.append(f"dataset {ds.source!r}: no category {category!r}{hint}; it has: {', '.join(known)}")
@@ -407,10 +408,13 @@ def validate_grid(config: BenchConfig, cells: list[Cell] | None = None) -> None:
         except IadkitError as exc:
             problems.append(f"device: {exc}")
     if problems:
-        seen_lines = list(dict.fromkeys(problems))
-        raise BenchConfigError(
-            f"the benchmark grid has {len(seen_lines)} problem(s); nothing was run:\n  " + "\n  ".join(seen_lines)
-        )
+        unique = list(dict.fromkeys(problems))
+        raise BenchConfigError(f"the benchmark grid has {len(unique)} problem(s); nothing was run:\n  " + "\n  ".join(unique))
+    return expand(config)
+
+
+def _size_or_raw(size: Any) -> Any:
+    return list(size) if isinstance(size, tuple) else size
 
 
 def _reader_option_problems(source: str, options: dict[str, Any]) -> list[str]:
@@ -426,12 +430,6 @@ def _reader_option_problems(source: str, options: dict[str, Any]) -> list[str]:
     if not unknown:
         return []
     return [f"option(s) {', '.join(unknown)} not understood by the {layout} reader; it accepts: {', '.join(allowed) or 'none'}"]
-
-
-def canonical_key(method: str, params: dict[str, Any], size: tuple[int, int]) -> str:
-    from iadkit.bench.config import canonical_json
-
-    return canonical_json([method, params, list(size)])
 
 
 class _Heartbeat:

@@ -47,6 +47,8 @@ def _run_and_report(
     from iadkit.files import check_writable_dir, check_writable_file
 
     validate_grid(config)  # type: ignore[arg-type]  # every cell, before any output is made
+    if executor not in ("local", "ray"):
+        raise IadkitError(f"unknown executor {executor!r}; use local or ray")
     db_path = db or out / "results.db"
     check_writable_file(db_path, "results database")
     if report:
@@ -146,8 +148,8 @@ def report_cmd(
     from iadkit.bench.report import write_report
     from iadkit.files import check_writable_dir
 
-    with ResultsDB(db, writable=False):  # a clear refusal of a missing or foreign file, before any output
-        pass
+    with ResultsDB(db, writable=False) as rdb:  # a missing, foreign or damaged file: refused before any output
+        rdb.runs()
     check_writable_dir(out, "report folder")
     path = write_report(db, out)
     console.print(f"report: [bold]{path}[/bold]")

@@ -230,8 +230,13 @@ def predict(
     from iadkit.batch import predict_folder, read_scored
     from iadkit.files import check_writable_dir
     from iadkit.model import Model
+    from iadkit.store import read_manifest
     from iadkit.thresholds import manual_threshold
 
+    if executor not in ("local", "ray"):
+        raise InvalidParameterError(f"--executor {executor!r}: use local or ray")
+    if executor == "local" and address:
+        raise InvalidParameterError("--address is for the Ray executor; use --executor ray")
     if threshold is not None:
         manual_threshold(threshold)  # 'nan' parses as a float: refuse it before any work
     csv_path = out / "predictions.csv"
@@ -240,11 +245,13 @@ def predict(
             f"{out} holds predictions.csv from an earlier run: pass --resume to keep its rows and score the rest, "
             "--force to start over, or choose another --out"
         )
-    check_writable_dir(out, "output folder")
     files = expand_images(images)
     model: Any = model_path
     if executor == "local":
         model = Model.load(model_path, device=_check_device(device))
+    elif executor == "ray":
+        read_manifest(model_path)  # a clear error here, not in every worker
+    check_writable_dir(out, "output folder")  # after the inputs are known to be usable
     try:
         result = predict_folder(
             model,
