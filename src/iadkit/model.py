@@ -246,7 +246,7 @@ class Model:
         )
         if calibration:
             start = time.perf_counter()
-            self.calibrate(calibration, target_fpr=target_fpr)
+            self._calibrate(calibration, target_fpr, 16)
             self.info.update(n_calibration=len(calibration), calibration_seconds=time.perf_counter() - start)
         else:
             self.threshold = None
@@ -299,11 +299,15 @@ class Model:
         false-alarm resolution they give (``resolution`` = 1/n). A `CalibrationWarning`
         says so when the target is finer than that resolution.
         """
+        return self._calibrate(good, target_fpr, batch_size)
+
+    def _calibrate(self, good: Sequence[ImageInput], target_fpr: float, batch_size: int) -> Threshold:
+        """`calibrate`, called from `calibrate` or `fit` (the warning points at their caller)."""
         result = self.predict(good, batch_size=batch_size)
         self.threshold = false_alarm_threshold(result.scores, target_fpr)
         note = resolution_note(self.threshold)
         if note:
-            warnings.warn(note, CalibrationWarning, stacklevel=2)
+            warnings.warn(note, CalibrationWarning, stacklevel=3)
         if result.maps is not None:
             self.postprocess = self.postprocess.with_range(heatmap_range(result.maps))
         return self.threshold
