@@ -930,7 +930,7 @@ def _(w, capsys):
 def _(w, capsys):
     client = _client(w.gray_model)
     res = client.post("/predict", files=[("files", ("c.png", (w.color / "plate/test/good/000.png").read_bytes(), "image/png"))])
-    assert res.status_code == 422 and "trained on grayscale" in res.json()["detail"]
+    assert res.status_code == 422 and res.json()["detail"].startswith("c.png: a colour image") and "trained on grayscale" in res.json()["detail"]
 
 
 @handled("server", "a NaN threshold PUT is refused with 422")

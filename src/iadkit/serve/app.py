@@ -247,7 +247,7 @@ def create_app(predictors: Sequence[Predictor], *, limits: Limits | None = None)
         uploads = await _read_uploads(request, limits)
         images = await run_in_threadpool(_decode_all, uploads, limits)
         try:
-            results = await run_in_threadpool(predictor.predict, images)
+            results = await run_in_threadpool(predictor.predict, images, [name for name, _ in uploads])
         except IadkitError as exc:  # e.g. a grayscale image for a colour model
             raise HTTPException(422, str(exc)) from None
         return {

@@ -71,7 +71,8 @@ class Predictor(Protocol):
     @property
     def map_range(self) -> tuple[float, float] | None: ...
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[ImageResult]: ...
+    def predict(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[ImageResult]:
+        """Score decoded images; `names` (e.g. the uploaded file names) name them in errors."""
 
 
 class TorchPredictor:
@@ -140,12 +141,16 @@ class TorchPredictor:
         return None if rng is None else (float(rng[0]), float(rng[1]))
 
     # -- inference ------------------------------------------------------------------------
-    def predict(self, images: Sequence[np.ndarray]) -> list[ImageResult]:
+    def predict(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[ImageResult]:
         if not images:
             return []
+        from iadkit.types import Sample
+
         threshold = self.threshold  # read once: a concurrent PUT cannot split one request
+        labels = list(names) if names is not None else [f"image {i + 1}" for i in range(len(images))]
+        inputs = [Sample(path=name, image=image) for name, image in zip(labels, images)]
         with self._lock:
-            result = self.model.predict(list(images), batch_size=self.batch_size, threshold=threshold, keep_maps=True)
+            result = self.model.predict(inputs, batch_size=self.batch_size, threshold=threshold, keep_maps=True)
         scores = np.asarray(result.scores, dtype=np.float64)
         maps = result.maps
         if maps is None:
