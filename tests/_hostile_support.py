@@ -112,7 +112,7 @@ def mvtec_tree(root: Path, *, n_train: int = 12, size: int = 24, color: bool = F
     return root
 
 
-def edit_manifest(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001 - a callable(manifest)
+def edit_manifest(src: Path, dst: Path, edit) -> Path:
     """Copy a model file with its manifest changed by `edit` (tensors untouched)."""
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save

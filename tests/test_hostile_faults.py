@@ -70,7 +70,7 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> bool:  # noqa: ANN001
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
     """Poll until `predicate()`; False when the process ended first."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -129,7 +129,8 @@ def test_benchmark_killed_at_random_points_resumes_with_every_cell_once(tmp_path
         # a fit, in evaluation, while overlays render or while the result is written.
         k = min(rng.randint(1, left - 1), 2)  # at most 2: leaves work for three rounds
         proc = _start_benchmark(db, log, sleep=0.15)
-        reached = _wait_for(lambda: len(_lines(log)) >= fits_before + k, proc)
+        target = fits_before + k
+        reached = _wait_for(lambda: len(_lines(log)) >= target, proc)  # noqa: B023 - called in this iteration
         assert reached, f"the benchmark ended early: {proc.returncode}\n{proc.stderr.read()[-3000:] if proc.stderr else ''}"
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)

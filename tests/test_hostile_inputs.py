@@ -22,9 +22,10 @@ import re
 import sqlite3
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,7 +36,6 @@ import _hostile_support as hs
 import test_bench_support as bench_support
 from iadkit.errors import (
     CalibrationWarning,
-    DatasetLayoutError,
     IadkitError,
     ImageReadError,
     InvalidInputError,
@@ -178,7 +178,7 @@ def _gray_samples(n: int = 12, size: int = 16) -> list[Sample]:
     return [Sample(path=f"mem://g{i}", image=(100 + rng.normal(0, 3, (size, size))).astype(np.uint8)) for i in range(n)]
 
 
-def _fitted(samples=None, **fit_options) -> Model:  # noqa: ANN001
+def _fitted(samples=None, **fit_options) -> Model:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
         return Model.create("test_pixel_zscore", image_size=16).fit(samples or _gray_samples(), progress=False, **fit_options)
@@ -328,7 +328,7 @@ def _(w):
 
 @api_error("api", "verdicts of NaN scores", NonFiniteScoreError, "NaN or infinity")
 def _(w):
-    PredictionResult(paths=["a", "b"], scores=np.array([0.1, np.nan]), maps=None, threshold=0.5).verdicts
+    _ = PredictionResult(paths=["a", "b"], scores=np.array([0.1, np.nan]), maps=None, threshold=0.5).verdicts
 
 
 @api_error("api", "pixel metrics without masks", MetricUndefinedError, "no ground-truth mask")
@@ -336,7 +336,7 @@ def _(w):
     from iadkit.evaluation import evaluate
 
     bad = Sample(path="mem://bad", label=1, image=np.full((16, 16), 200, np.uint8))
-    evaluate(_fitted(), _gray_samples(2) + [bad], pixel_metrics=True)
+    evaluate(_fitted(), [*_gray_samples(2), bad], pixel_metrics=True)
 
 
 @handled("api", "rows() of NaN scores: an error per image, verdicts for the rest")
@@ -728,9 +728,9 @@ _bench_case(
 cli_error("cli:benchmark", "neither --config nor --preset", "exactly one")(lambda w: ["benchmark"])
 cli_error("cli:benchmark", "unknown preset", "demo, full")(lambda w: ["benchmark", "--preset", "nope", "--out", w.fresh("bench-preset")])
 cli_error("cli:benchmark", "config file missing", "no such benchmark config")(lambda w: ["benchmark", "--config", w.root / "none.yaml"])
-cli_error("cli:benchmark", "--workers 0", "workers")(lambda w: _bench(w, "workers0") + ["--workers", 0])
-cli_error("cli:benchmark", "--executor bogus", "unknown executor")(lambda w: _bench(w, "executor") + ["--executor", "bogus"])
-cli_error("cli:benchmark", "--db under a file", "not a folder")(lambda w: _bench(w, "db-file") + ["--db", w.gray_model / "r.db"])
+cli_error("cli:benchmark", "--workers 0", "workers")(lambda w: [*_bench(w, "workers0"), "--workers", 0])
+cli_error("cli:benchmark", "--executor bogus", "unknown executor")(lambda w: [*_bench(w, "executor"), "--executor", "bogus"])
+cli_error("cli:benchmark", "--db under a file", "not a folder")(lambda w: [*_bench(w, "db-file"), "--db", w.gray_model / "r.db"])
 
 
 @cli_error("cli:benchmark", "invalid YAML", "cannot parse")

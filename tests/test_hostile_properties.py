@@ -66,7 +66,7 @@ def _chunk(kind: bytes, body: bytes, good_crc: bool) -> bytes:
 
 
 @st.composite
-def png_headers(draw) -> bytes:  # noqa: ANN001
+def png_headers(draw) -> bytes:
     ihdr = struct.pack(
         ">IIBBBBB",
         draw(st.sampled_from([0, 1, 7, 65535, 2**31 - 1, 2**32 - 1]) | st.integers(0, 2**32 - 1)),
@@ -87,7 +87,7 @@ def png_headers(draw) -> bytes:  # noqa: ANN001
 
 
 @st.composite
-def jpeg_headers(draw) -> bytes:  # noqa: ANN001
+def jpeg_headers(draw) -> bytes:
     parts = [b"\xff\xd8"]
     for _ in range(draw(st.integers(0, 5))):
         marker = draw(st.sampled_from([0xC0, 0xC2, 0xC4, 0xDB, 0xDA, 0xE0, 0xE1, 0xFE, 0xDD])) | 0
@@ -107,7 +107,7 @@ def jpeg_headers(draw) -> bytes:  # noqa: ANN001
 
 
 @st.composite
-def tiff_headers(draw) -> bytes:  # noqa: ANN001
+def tiff_headers(draw) -> bytes:
     order = draw(st.sampled_from(["<", ">"]))
     magic = b"II*\x00" if order == "<" else b"MM\x00*"
     entries = []
@@ -120,7 +120,7 @@ def tiff_headers(draw) -> bytes:  # noqa: ANN001
 
 
 @st.composite
-def bmp_headers(draw) -> bytes:  # noqa: ANN001
+def bmp_headers(draw) -> bytes:
     width = draw(st.integers(-(2**31), 2**31 - 1))
     height = draw(st.integers(-(2**31), 2**31 - 1))
     bpp = draw(st.sampled_from([1, 4, 8, 16, 24, 32, 0, 7]))
@@ -130,14 +130,14 @@ def bmp_headers(draw) -> bytes:  # noqa: ANN001
 
 
 @st.composite
-def gif_headers(draw) -> bytes:  # noqa: ANN001
+def gif_headers(draw) -> bytes:
     return b"GIF89a" + struct.pack("<HHBBB", draw(st.integers(0, 65535)), draw(st.integers(0, 65535)), draw(st.integers(0, 255)), 0, 0) + draw(
         st.binary(max_size=200)
     )
 
 
 @st.composite
-def mutated_images(draw) -> bytes:  # noqa: ANN001
+def mutated_images(draw) -> bytes:
     data = bytearray(VALID[draw(st.sampled_from(sorted(VALID)))])
     for _ in range(draw(st.integers(0, 6))):
         i = draw(st.integers(0, len(data) - 1))
@@ -231,7 +231,7 @@ def test_model_reader_forged_headers(length: int, header: bytes) -> None:
 
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
-def test_model_reader_damaged_files(model_bytes: bytes, data) -> None:  # noqa: ANN001
+def test_model_reader_damaged_files(model_bytes: bytes, data) -> None:
     raw = bytearray(model_bytes)
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(raw) - 1))

@@ -22,7 +22,13 @@ import torch
 
 from iadkit.components.postprocess import Postprocess, heatmap_range
 from iadkit.data.transforms import ImageSet, Preprocess
-from iadkit.errors import CalibrationWarning, InvalidInputError, InvalidParameterError, NonFiniteScoreError, TrainingDataError
+from iadkit.errors import (
+    CalibrationWarning,
+    InvalidInputError,
+    InvalidParameterError,
+    NonFiniteScoreError,
+    TrainingDataError,
+)
 from iadkit.methods.base import Detector, get_method
 from iadkit.thresholds import Threshold, false_alarm_threshold, manual_threshold, resolution_note
 from iadkit.types import ANOMALOUS, GOOD, UNKNOWN, Prediction, Sample
@@ -88,7 +94,7 @@ class PredictionResult:
         """One dict per image: path, score, anomalous (None without a threshold) and error
         (None, or why the image has no score: a NaN or infinite score gets no verdict)."""
         thr = self.threshold
-        out = []
+        out: list[dict[str, Any]] = []
         for p, s in zip(self.paths, self.scores):
             s = float(s)
             if not math.isfinite(s):

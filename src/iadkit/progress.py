@@ -98,7 +98,7 @@ class PlainProgress:
         task["shown"], task["last"] = task["completed"], now
 
 
-def _progress(transient: bool = True, *, step: int | None = None) -> Progress | PlainProgress:
+def _progress(transient: bool = True, *, step: int | None = None) -> Any:  # Progress | PlainProgress
     if not sys.stderr.isatty():
         return PlainProgress(step)
     return Progress(
@@ -125,13 +125,13 @@ def track(iterable: Iterable[T], *, total: int | None = None, description: str =
 class StepBar:
     """A bar you advance by hand and annotate (e.g. with the running loss)."""
 
-    def __init__(self, progress: Progress | PlainProgress, task_id: int) -> None:
+    def __init__(self, progress: Any, task_id: Any) -> None:  # Progress | PlainProgress, its task id
         self._progress = progress
         self._task = task_id
 
     def advance(self, n: int = 1, **status: float | str) -> None:
         text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in status.items())
-        self._progress.update(self._task, advance=n, status=text)  # type: ignore[arg-type]
+        self._progress.update(self._task, advance=n, status=text)
 
 
 @contextmanager

@@ -40,10 +40,8 @@ def _run_and_report(
 ) -> Path:
     from iadkit.bench.db import ResultsDB
     from iadkit.bench.report import write_report
-    from iadkit.bench.runner import run_benchmark
+    from iadkit.bench.runner import run_benchmark, validate_grid
     from iadkit.bench.summary import leaderboard
-
-    from iadkit.bench.runner import validate_grid
     from iadkit.files import check_writable_dir, check_writable_file
 
     validate_grid(config)  # type: ignore[arg-type]  # every cell, before any output is made

@@ -266,9 +266,9 @@ def predict(
             progress=True,
         )
     except KeyboardInterrupt:
-        kept = len(read_scored(csv_path))
+        n_kept = len(read_scored(csv_path))
         console.print(
-            f"[red]interrupted[/red]: {kept} scored image(s) are kept in {csv_path}; run the same command "
+            f"[red]interrupted[/red]: {n_kept} scored image(s) are kept in {csv_path}; run the same command "
             "with --resume to score the rest",
             highlight=False,
         )

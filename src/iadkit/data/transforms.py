@@ -60,7 +60,7 @@ def _triple(values: Any, name: str, *, positive: bool = False) -> tuple[float, f
     if len(out) != 3 or not all(math.isfinite(v) for v in out) or (positive and min(out) <= 0):
         kind = "positive finite" if positive else "finite"
         raise InvalidParameterError(f"{name} must be three {kind} numbers (one per colour channel), got {values!r}")
-    return out  # type: ignore[return-value]
+    return out[0], out[1], out[2]
 
 
 def channel_kind(image: np.ndarray) -> int:
