@@ -279,7 +279,7 @@ def predict(
     console.print(f"{scored} images scored{kept}, {verdict}; results in [bold]{out}[/]", highlight=False)
     if result.failed:
         for row in result.failed[:10]:
-            console.print(f"[red]failed[/red] {row['path']}: {row['error']}", highlight=False)
+            console.print(f"[red]failed[/red] {row['path']}: {row['error']}", highlight=False, soft_wrap=True)  # a path is never cut
         more = f" (first 10 shown; all in {out / 'predictions.csv'})" if len(result.failed) > 10 else ""
         console.print(f"[red]{len(result.failed)} image(s) could not be scored[/red]{more}", highlight=False)
         raise typer.Exit(1)
