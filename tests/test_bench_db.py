@@ -15,7 +15,8 @@ CELL = Cell("m", {"k": 3}, "tinybench", "flat", "vanilla", 0, (16, 16), subsampl
 COLUMNS = {
     "runs": [
         "cell_id", "method", "params", "dataset", "dataset_label", "subsample", "category", "setting",
-        "setting_params", "seed", "image_size", "status", "metrics", "timings", "operating_point", "n_train", "n_test",
+        "setting_params", "seed", "image_size", "status", "metrics", "timings", "operating_point", "setting_info",
+        "n_train", "n_test",
         "iadkit_version", "host", "error", "traceback", "started", "finished",
     ],
     "scores": ["cell_id", "idx", "path", "label", "defect_type", "score"],
@@ -112,7 +113,7 @@ def test_newer_schema_is_refused_and_junk_is_reported(tmp_path):
 
 def test_schema_1_database_migrates_in_place_and_reads_read_only(tmp_path):
     """A results database of schema 1 (no operating_point column) is read as it is and gains
-    the column, and schema 2, when opened for writing."""
+    the columns, and the current schema, when opened for writing."""
     path = tmp_path / "old.db"
     old_schema = _SCHEMA_1
     con = sqlite3.connect(path)
@@ -131,7 +132,7 @@ def test_schema_1_database_migrates_in_place_and_reads_read_only(tmp_path):
         assert run["operating_point"] is None and run["metrics"]["image_auroc"] == 0.5
     assert path.read_bytes() == before
     with ResultsDB(path) as db:
-        assert db.meta()["schema_version"] == str(SCHEMA_VERSION) == "2"
+        assert db.meta()["schema_version"] == str(SCHEMA_VERSION) == "3"
         assert "operating_point" in {r[1] for r in db.conn.execute("PRAGMA table_info(runs)")}
         assert db.runs()[0]["cell_id"] == "c1"
 

@@ -146,3 +146,18 @@ def grid(methods: list, *, categories: list[str] | None = None, seeds: list[int]
         "gallery_size": gallery,
         "imports": ["test_bench_support"],
     }
+
+
+@register
+class Labelled(_Base):
+    """Declares itself semi-supervised (a test detector): records how many labelled defects
+    its fit received and learns the mean of the good ones."""
+
+    name = "test_bench_labelled"
+    supervision = "semi-supervised"
+
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
+        labels = train.labels
+        FIT_CALLS.append(f"{self.name}/{train.samples[0].category}/{int((labels == ANOMALOUS).sum())}")
+        x = torch.cat([b.images for b in train.batches(8)])
+        self.mean_ = x[labels == GOOD].mean(0)

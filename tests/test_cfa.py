@@ -15,7 +15,7 @@ from iadkit.methods import NotFittedError
 from iadkit.methods.cfa import CFA, CoordConv1x1, softmin_nearest_score
 from iadkit.model import Model
 
-from _helpers import assert_round_trip_identical, predict_and_auroc
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 PARAMS = dict(epochs=10)  # paper: 30 epochs (the authors keep the best on the test set)
@@ -67,26 +67,28 @@ def test_coordconv_sees_position():
     torch.testing.assert_close(y, y[..., :1, :1].expand_as(y))
 
 
-def test_memory_bank_follows_the_paper(metal):
-    det = CFA(epochs=1)
-    det._build()
+def test_memory_bank_follows_the_paper_or_the_authors_code(metal):
+    det = built(CFA(epochs=1))
     mean, std = det.input_normalization()
     pre = Preprocess(image_size=SIZE, mean=mean, std=std)
     two = ImageSet(metal.train[:2], pre, cache=False)
     with torch.no_grad():
+        levels = det.features(torch.stack([two.image(0), two.image(1)]))
         both = det.embed(torch.stack([two.image(0), two.image(1)]))  # one batch, as fit sees them
         phi = [det._rows(both[i : i + 1]) for i in range(2)]
-        memory = det._build_memory(two)
-    # C_0 = first image's features (gamma_c = 1); C_1 = mean of C_0 and each entry's nearest in image 2
+        memory = det._build_memory(levels)
+    # paper: C_0 = first image's features (gamma_c = 1); C_1 = mean of C_0 and each entry's nearest in image 2
     nearest = ((phi[0][:, None] - phi[1][None]) ** 2).sum(-1).argmin(1)
     torch.testing.assert_close(memory, (phi[0] + phi[1][nearest]) / 2)
-    same = ImageSet([metal.train[0]] * 3, pre, cache=False)
     with torch.no_grad():
+        same = [f[:1].expand(3, -1, -1, -1) for f in levels]
         torch.testing.assert_close(det._build_memory(same), phi[0])
-    det4 = CFA(epochs=1, gamma_c=4)
-    det4._build()
+        # the authors' code: the running mean at each position
+        det.set_params(memory="position")
+        torch.testing.assert_close(det._build_memory(levels), (phi[0] + phi[1]) / 2)
+    det4 = built(CFA(epochs=1, gamma_c=4))
     with torch.no_grad():
-        assert det4._build_memory(two).shape == (phi[0].shape[0] // 4, phi[0].shape[1])
+        assert det4._build_memory(levels).shape == (phi[0].shape[0] // 4, phi[0].shape[1])
 
 
 def test_predict_before_fit_raises():

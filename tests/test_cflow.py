@@ -10,7 +10,7 @@ import torch
 
 from iadkit.components.flows import AffineCoupling, FixedChannelMix, gaussian_log_likelihood
 from iadkit.methods.base import NotFittedError
-from iadkit.methods.cflow import CFlow, positional_encoding_2d
+from iadkit.methods.cflow import CFlow, fiber_loss, positional_encoding_2d
 from iadkit.model import Model
 
 from _helpers import assert_round_trip_identical, built, predict_and_auroc
@@ -90,6 +90,17 @@ def test_map_is_max_minus_summed_relative_likelihood() -> None:
         ll = gaussian_log_likelihood(f) / f.shape[1]  # rotation keeps ||z||, log-det 0
         total += torch.nn.functional.interpolate(torch.exp(ll - det.ll_max_[i])[:, None], size=(SIZE, SIZE), mode="bilinear")[:, 0]
     assert torch.allclose(pred.maps, 2.5 - total, atol=1e-5)
+
+
+def test_fiber_loss_is_the_official_log_sigmoid() -> None:
+    ll = torch.tensor([-3.0, -0.5, 2.0])  # per-dimension log-likelihoods of three fibers
+    expected = -sum(math.log(1 / (1 + math.exp(-v))) for v in ll.tolist()) / 3
+    assert float(fiber_loss(ll, "logsigmoid")) == pytest.approx(expected)
+    assert float(fiber_loss(ll, "nll")) == pytest.approx(float(-ll.mean()))
+    # a likely fiber (ll/C > 0) barely pulls any more; an unlikely one pulls like the NLL
+    g = torch.tensor([-8.0, 8.0], requires_grad=True)
+    fiber_loss(g, "logsigmoid").backward()
+    assert abs(float(g.grad[1])) < 1e-3 < abs(float(g.grad[0]))
 
 
 def test_predict_before_fit_raises() -> None:

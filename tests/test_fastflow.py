@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from iadkit.components.flows import AffineCoupling, FixedChannelMix
+from iadkit.components.flows import AffineCoupling, AllInOneCoupling, FixedChannelMix, SampleLayerNorm
 from iadkit.methods.base import NotFittedError, create
 from iadkit.methods.fastflow import FastFlow
 from iadkit.model import Model
@@ -44,23 +44,49 @@ def test_save_load_gives_identical_predictions(fitted, fabric, tmp_path) -> None
     assert loaded.detector.get_params() == fitted.detector.get_params()
 
 
-def test_architecture_follows_the_paper() -> None:
+def test_architecture_follows_the_reference() -> None:
     det = built(create("fastflow", flow_steps=8))
-    assert len(det.flows_) == 3  # one flow per feature level
-    for flow in det.flows_:
-        couplings = [b for b in flow.blocks if isinstance(b, AffineCoupling)]
-        assert len(couplings) == 8
-        assert sum(isinstance(b, FixedChannelMix) and b.kind == "permutation" for b in flow.blocks) == 8
-        kernels = [c.subnet[0].kernel_size[0] for c in couplings]
-        assert kernels == [3, 1] * 4  # alternating 3x3 and 1x1 (ResNet-type setting)
-        assert couplings[0].subnet[0].out_channels == couplings[0].split  # hidden ratio 1.0
-        assert couplings[0].clamp == 2.0
+    assert len(det.flows_) == 3 and len(det.norms_) == 3  # one flow (and layer norm) per feature level
+    assert all(isinstance(n, SampleLayerNorm) for n in det.norms_)
+    for flow, c in zip(det.flows_, det.layer_channels()):
+        steps = list(flow.blocks)
+        assert len(steps) == 8 and all(isinstance(b, AllInOneCoupling) for b in steps)
+        assert [b.subnet[0].kernel_size[0] for b in steps] == [3, 1] * 4  # alternating 3x3 and 1x1 (ResNets)
+        assert steps[0].split == c - c // 2  # FrEIA keeps the first ceil(C/2) channels
+        assert steps[0].subnet[0].out_channels == steps[0].split  # hidden ratio 1.0
+        assert steps[0].clamp == 2.0
+        assert torch.allclose(steps[0]._gamma(), torch.ones(1))  # global affine starts at 1
     only3 = built(FastFlow(flow_steps=2, conv3x3_only=True))
-    assert [b.subnet[0].kernel_size[0] for b in only3.flows_[0].blocks if isinstance(b, AffineCoupling)] == [3, 3]
+    assert [b.subnet[0].kernel_size[0] for b in only3.flows_[0].blocks] == [3, 3]
+    ours = built(FastFlow(flow_steps=4, step="affine", normalization="standardize"))
+    couplings = [b for b in ours.flows_[0].blocks if isinstance(b, AffineCoupling)]
+    assert len(couplings) == 4 and sum(isinstance(b, FixedChannelMix) for b in ours.flows_[0].blocks) == 4
+
+
+def test_allinone_step_is_invertible_with_exact_log_determinant() -> None:
+    torch.manual_seed(0)
+    step = AllInOneCoupling(5, lambda cin, cout: torch.nn.Conv2d(cin, cout, 1), seed=3)
+    with torch.no_grad():
+        step.global_scale.add_(torch.randn_like(step.global_scale))
+    x = torch.randn(1, 5, 1, 1)
+    y, logdet = step(x)
+    torch.testing.assert_close(step.inverse(y), x, atol=1e-5, rtol=1e-5)
+    jac = torch.autograd.functional.jacobian(lambda v: step(v.view(1, 5, 1, 1))[0].flatten(), x.flatten())
+    assert float(torch.linalg.slogdet(jac).logabsdet) == pytest.approx(float(logdet), abs=1e-4)
+
+
+def test_layer_norm_makes_the_map_blind_to_a_global_feature_scale() -> None:
+    """The reference normalises each map over C, H, W: a global gain on the features (a
+    brighter, higher-contrast image) leaves the flow's input, hence the map, unchanged."""
+    norm = SampleLayerNorm()
+    norm.initialise((4, 3, 3))
+    f = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(norm(3.0 * f + 1.0), norm(f), atol=1e-4, rtol=1e-4)
 
 
 def test_map_is_minus_mean_likelihood_over_levels() -> None:
-    det = built(FastFlow(flow_steps=2), fitted=True)  # identity flows, no standardisation: z = permuted features
+    # zero-initialised RealNVP steps are the identity and unfitted standardizers too: z = permuted features
+    det = built(FastFlow(flow_steps=2, step="affine", normalization="standardize"), fitted=True)
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         pred = det.predict(x)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from iadkit.components.distillation import OneClassBottleneck, ReverseDecoder
-from iadkit.components.losses import cosine_distance_map
+from iadkit.components.losses import cosine_distance_map, flattened_cosine_loss, multilevel_cosine_loss
 from iadkit.components.postprocess import upsample
 from iadkit.methods import NotFittedError
 from iadkit.methods.reverse_distillation import ReverseDistillation
@@ -66,6 +66,19 @@ def test_paper_shapes_for_a_wide_resnet_pyramid():
     ]
     ups = [m for m in dec.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
     assert ups and all(m.stride == (2, 2) for m in ups)  # upsampling by deconvolution
+
+
+def test_the_two_loss_forms_by_hand():
+    """Per position (the paper) weighs every position alike; the official code's cosine of the
+    whole flattened map is dominated by high-norm positions."""
+    t = torch.zeros(1, 2, 1, 2)
+    s = torch.zeros(1, 2, 1, 2)
+    t[0, :, 0, 0], s[0, :, 0, 0] = torch.tensor([10.0, 0.0]), torch.tensor([10.0, 0.0])  # strong, matched
+    t[0, :, 0, 1], s[0, :, 0, 1] = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])  # weak, orthogonal
+    assert float(multilevel_cosine_loss([(t, s)])) == pytest.approx((0.0 + 1.0) / 2)
+    # flattened: t = (10, 0, 0, 1), s = (10, 1, 0, 0) -> cos = 100 / 101
+    assert float(flattened_cosine_loss([(t, s)])) == pytest.approx(1 - 100 / 101)
+    assert float(flattened_cosine_loss([(t, s), (t, t)])) == pytest.approx(1 - 100 / 101)
 
 
 def test_predict_before_fit_raises():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -79,6 +81,16 @@ def test_components_follow_the_paper() -> None:
     assert det.threshold == 0.5 and det.adaptor_lr == 1e-4 and det.discriminator_lr == 2e-4
     d = Discriminator(8).eval()
     assert d(torch.randn(5, 8)).shape == (5,)
+
+
+def test_initialisation_and_optimisers_follow_the_authors_code() -> None:
+    torch.manual_seed(0)
+    a = FeatureAdaptor(300)
+    std = math.sqrt(2.0 / (300 + 300))  # xavier normal
+    assert float(a.linear.weight.std()) == pytest.approx(std, rel=0.05)
+    det = SimpleNet()
+    assert det.adaptor_lr == pytest.approx(0.1 * 1e-3) and det.adaptor_weight_decay == 0.01
+    assert det.discriminator_lr == 2e-4 and det.weight_decay == 1e-5
 
 
 def test_gaussian_feature_noise_has_the_requested_std() -> None:

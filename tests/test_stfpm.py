@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from iadkit.components.distillation import StudentNetwork, TrainingDivergedError, train_epochs
-from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss
+from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss, pyramid_matching_loss
 from iadkit.data.transforms import ImageSet, Preprocess
 from iadkit.errors import IadkitError, InvalidParameterError
 from iadkit.methods import NotFittedError
@@ -48,6 +48,22 @@ def test_loss_is_half_squared_distance_of_normalised_features():
     hand = expected.mean() + cosine_distance_map(t2, s2).mean()  # Σ_l 1/(H_l W_l) Σ_ij, batch mean
     torch.testing.assert_close(multilevel_cosine_loss([(t, s), (t2, s2)]), hand)
     assert float(multilevel_cosine_loss([(t, 2 * t)])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_training_loss_is_the_authors_code_on_a_batch_of_four():
+    """gdwang08/STFPM trains on Σ_l mean over batch and positions of Σ_c (t̂ − ŝ)² (no ½) at
+    SGD lr 0.4: our loss must be that number (anomalib's 0.5·Σ_batch/(H·W) would be B/2 times
+    it, the paper's ½-per-image mean half of it), so lr 0.4 takes the authors' step."""
+    g = torch.Generator().manual_seed(1)
+    pairs = [(torch.randn(4, 6, 5, 5, generator=g), torch.randn(4, 6, 5, 5, generator=g)),
+             (torch.randn(4, 9, 3, 3, generator=g), torch.randn(4, 9, 3, 3, generator=g))]
+    hand = 0.0
+    for t, s in pairs:
+        tn, sn = t / t.norm(dim=1, keepdim=True), s / s.norm(dim=1, keepdim=True)
+        per_position = ((tn - sn) ** 2).sum(1)  # [4, H, W]
+        hand += float(per_position.sum() / (4 * t.shape[-2] * t.shape[-1]))
+    assert float(pyramid_matching_loss(pairs)) == pytest.approx(hand, rel=1e-5)
+    assert float(pyramid_matching_loss(pairs)) == pytest.approx(2 * float(multilevel_cosine_loss(pairs)), rel=1e-6)
 
 
 def test_level_maps_combine_by_product_as_in_the_paper():

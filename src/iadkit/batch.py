@@ -16,6 +16,7 @@ thousands of images:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -85,20 +86,31 @@ def _row(path: str, *, score: float | None = None, anomalous: bool | None = None
     return {"path": path, "score": score, "anomalous": anomalous, "overlay": None, "error": error}
 
 
-def _read_existing(csv_path: Path) -> dict[str, dict[str, Any]]:
+def read_scored(csv_path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier run's ``predictions.csv`` that hold a score, by path.
+
+    Rows with an error are left out (they are tried again). A last line without its line
+    end (the process was killed while writing it) is left out too: a cut-off score would
+    otherwise be read back as a different number.
+    """
+    csv_path = Path(csv_path)
     if not csv_path.is_file():
         return {}
+    text = csv_path.read_text(encoding="utf-8", errors="replace")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
     rows: dict[str, dict[str, Any]] = {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            if r.get("error"):
-                continue  # failed files are tried again
-            try:
-                score = float(r["score"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            anomalous = {"True": True, "False": False}.get(r.get("anomalous") or "", None)
-            rows[r["path"]] = _row(r["path"], score=score, anomalous=anomalous) | {"overlay": r.get("overlay") or None}
+    for r in csv.DictReader(io.StringIO(text, newline="")):
+        if r.get("error") or not r.get("path"):
+            continue  # failed files are tried again
+        try:
+            score = float(r["score"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if not math.isfinite(score):
+            continue
+        anomalous = {"True": True, "False": False}.get(r.get("anomalous") or "", None)
+        rows[r["path"]] = _row(r["path"], score=score, anomalous=anomalous) | {"overlay": r.get("overlay") or None}
     return rows
 
 
@@ -145,17 +157,19 @@ def predict_folder(
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if threshold is not None and not math.isfinite(threshold):
-        raise InvalidParameterError(f"threshold must be a finite number, got {threshold!r}")
-    names = [str(f) for f in files]
-    out_dir = check_writable_dir(out, "output folder") if out is not None else None
-    csv_path = out_dir / "predictions.csv" if out_dir else None
-    done = _read_existing(csv_path) if (resume and csv_path) else {}
-    todo = [f for f in names if f not in done]
+    if threshold is not None:
+        from iadkit.thresholds import manual_threshold
+
+        threshold = manual_threshold(threshold).value  # NaN would call every image good
     if executor not in ("local", "ray"):
         raise ExecutorError(f"unknown executor {executor!r}; use 'local' or 'ray'")
     if executor == "local" and address:
         raise ExecutorError("--address is for the Ray executor; use --executor ray")
+    names = [str(f) for f in files]
+    out_dir = check_writable_dir(out, "output folder") if out is not None else None
+    csv_path = out_dir / "predictions.csv" if out_dir else None
+    done = read_scored(csv_path) if (resume and csv_path) else {}
+    todo = [f for f in names if f not in done]
 
     if executor == "ray":
         if isinstance(model, Model):
@@ -166,6 +180,13 @@ def predict_folder(
         loaded = model if isinstance(model, Model) else Model.load(model)
         new_rows = []
     thr = threshold if threshold is not None else (loaded.threshold.value if loaded and loaded.threshold else None)
+    if executor == "ray" and threshold is None:
+        from iadkit.store import read_manifest
+
+        stored = read_manifest(Path(model)).get("threshold")
+        thr = float(stored["value"]) if stored else None
+    for row in done.values():  # kept rows are judged by this run's threshold, like the new ones
+        row["anomalous"] = None if thr is None else bool(row["score"] > thr)
 
     writer = _IncrementalCSV(csv_path, list(done.values())) if csv_path else None
     try:
@@ -201,13 +222,16 @@ def predict_folder(
 
 
 class _IncrementalCSV:
-    """predictions.csv written as rows arrive (flushed per batch); rewritten whole at the end."""
+    """predictions.csv written as rows arrive (flushed per batch); rewritten whole at the end.
+
+    It starts as the header plus the rows kept from an earlier run, written atomically, so
+    a kill at any moment leaves at least those rows; new rows are appended after them.
+    """
 
     def __init__(self, path: Path, kept: list[dict[str, Any]]) -> None:
-        self.f = open(path, "w", newline="", encoding="utf-8")
+        atomic_write_text(path, _csv_text(kept))
+        self.f = open(path, "a", newline="", encoding="utf-8")
         self.writer = csv.DictWriter(self.f, fieldnames=FIELDS)
-        self.writer.writeheader()
-        self.write(kept)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         self.writer.writerows(rows)
@@ -218,8 +242,6 @@ class _IncrementalCSV:
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=FIELDS)
     writer.writeheader()
@@ -291,4 +313,4 @@ def _predict_ray(
     return rows
 
 
-__all__ = ["BatchResult", "predict_folder", "score_files", "shard"]
+__all__ = ["BatchResult", "predict_folder", "read_scored", "score_files", "shard"]

@@ -29,6 +29,10 @@ class InvalidParameterError(IadkitError, ValueError):
     """A hyper-parameter or option has a value that cannot work; the message names it and what is accepted."""
 
 
+class InvalidInputError(IadkitError, TypeError):
+    """An argument of the wrong kind (e.g. something that is neither a path, an array nor a Sample)."""
+
+
 class NotFittedError(IadkitError, RuntimeError):
     """A model or detector was asked to predict (or be saved) before it was fitted."""
 
@@ -48,8 +52,17 @@ class OutputPathError(IadkitError, OSError):
     """An output file or folder cannot be written; the message names it and why."""
 
 
+class NonFiniteScoreError(IadkitError, ValueError):
+    """A model scored an image NaN or infinite: no verdict can be given (never "good" by default)."""
+
+
 class ExecutorError(IadkitError, RuntimeError):
     """A local or Ray executor cannot run the work (Ray missing, cluster unreachable, a worker died)."""
+
+
+class CalibrationWarning(UserWarning):
+    """The threshold could be set, but not as asked: e.g. too few good images to resolve the
+    target false-alarm rate. The message says how many images set it and what to do."""
 
 
 class ExportError(IadkitError, ValueError):

@@ -64,6 +64,8 @@ def check_writable_dir(folder: str | os.PathLike[str], what: str = "output folde
     from iadkit.errors import OutputPathError
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"the {what} {folder} is a file, not a folder; give a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

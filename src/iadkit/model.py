@@ -8,8 +8,11 @@ training and deployment see the same pixels and the same post-processing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -18,10 +21,16 @@ import torch
 
 from iadkit.components.postprocess import Postprocess, heatmap_range
 from iadkit.data.transforms import ImageSet, Preprocess
-from iadkit.errors import InvalidParameterError, TrainingDataError
-from iadkit.methods.base import Detector, create
+from iadkit.errors import (
+    CalibrationWarning,
+    ImageReadError,
+    InvalidInputError,
+    InvalidParameterError,
+    TrainingDataError,
+)
+from iadkit.methods.base import Detector, get_method
 from iadkit.results import PredictionResult
-from iadkit.thresholds import Threshold, false_alarm_threshold, manual_threshold
+from iadkit.thresholds import Threshold, false_alarm_threshold, manual_threshold, resolution_note
 from iadkit.tiling import Tiling, predict_tiled, resolve_tiling
 from iadkit.types import ANOMALOUS, GOOD, UNKNOWN, Prediction, Sample
 
@@ -46,7 +55,7 @@ def as_samples(inputs: Iterable[ImageInput]) -> list[Sample]:
         elif isinstance(item, np.ndarray):
             samples.append(Sample(path=f"array://{i}", image=item))
         else:
-            raise TypeError(f"cannot predict on {type(item).__name__}: give a Sample, a path or an HxWxC array")
+            raise InvalidInputError(f"cannot predict on {type(item).__name__}: give a Sample, a path or an HxWxC array")
     return samples
 
 
@@ -95,9 +104,10 @@ class Model:
         cls,
         method: str,
         *,
-        image_size: int | tuple[int, int] = 224,
+        image_size: int | tuple[int, int] | None = None,
         crop_size: int | tuple[int, int] | None = None,
         sigma: float | None = None,
+        paper: bool = False,
         **params: Any,
     ) -> "Model":
         """A new, unfitted model.
@@ -107,16 +117,27 @@ class Model:
         method : str
             A registered method name (``iadkit methods`` lists them).
         image_size, crop_size : int or (int, int)
-            Resize to `image_size`, then optionally centre-crop to `crop_size` (pixels).
+            Resize to `image_size` (default 224, or the paper's with `paper`), then optionally
+            centre-crop to `crop_size` (pixels).
         sigma : float, optional
             Map smoothing, Gaussian sigma in pixels of a 224-px input (scaled to the input
             size). Default: the method's paper value (``Detector.map_sigma``).
+        paper : bool
+            Start from the paper's configuration (``Detector.paper_params``: its backbone,
+            epochs, widths; and its input size) instead of the CPU-sized defaults; `params`
+            still override it. Torchvision backbones need the user's weight file
+            (``weights_path=``, see ``iadkit weights``).
         **params
             The method's hyper-parameters (see its class docstring).
         """
-        detector = create(method, **params)
+        method_cls = get_method(method)
+        if paper:
+            params = {**method_cls.paper_params, **params}
+            if image_size is None:
+                image_size = method_cls.paper_image_size
+        detector = method_cls(**params)
         mean, std = detector.input_normalization()
-        preprocess = Preprocess(image_size=image_size, crop_size=crop_size, mean=mean, std=std)
+        preprocess = Preprocess(image_size=224 if image_size is None else image_size, crop_size=crop_size, mean=mean, std=std)
         post = Postprocess(sigma=detector.map_sigma if sigma is None else _check_sigma(sigma))
         return cls(detector, preprocess, postprocess=post)
 
@@ -176,6 +197,9 @@ class Model:
             raise TrainingDataError("no training images")
         if calibration_fraction is not None and not 0.0 <= calibration_fraction < 1.0:
             raise InvalidParameterError(f"calibration_fraction must be in [0, 1), got {calibration_fraction}")
+        if isinstance(target_fpr, bool) or not isinstance(target_fpr, (int, float)) or not 0.0 <= target_fpr < 1.0:
+            # checked before training, not after it
+            raise InvalidParameterError(f"target_fpr must be a number in [0, 1), got {target_fpr!r}")
         tiling = resolve_tiling(None, tile, overlap) if tile else None
         if tiling is not None:
             self._check_tiling(tiling)
@@ -195,7 +219,9 @@ class Model:
             samples = tile_samples(samples, tiling)
         self.tiling = tiling
         start = time.perf_counter()
-        self.detector.fit(ImageSet(samples, self.preprocess), progress=progress)
+        train_set = ImageSet(samples, dataclasses.replace(self.preprocess, channels=None))
+        self.detector.fit(train_set, progress=progress)
+        self.preprocess = dataclasses.replace(self.preprocess, channels=self._training_channels(train_set))
         self.info.update(
             n_train=n_images,
             n_train_anomalous=sum(1 for s in samples if s.label == ANOMALOUS),
@@ -205,7 +231,7 @@ class Model:
             self.info.update(n_train_tiles=len(samples))
         if calibration:
             start = time.perf_counter()
-            self.calibrate(calibration, target_fpr=target_fpr)
+            self._calibrate(calibration, target_fpr, 16)
             self.info.update(n_calibration=len(calibration), calibration_seconds=time.perf_counter() - start)
         else:
             self.threshold = None
@@ -215,6 +241,24 @@ class Model:
                 sum(1 for s in samples if s.label == GOOD),
             )
         return self
+
+    @staticmethod
+    def _training_channels(train_set: ImageSet) -> int | None:
+        """Grayscale (1) or colour (3), as the training images were; None when they mix both
+        (a warning) or none was read. Predicting then refuses images of the other kind."""
+        kinds = set(train_set.channel_kinds)
+        if not kinds:  # the detector read its images through another ImageSet
+            from iadkit.data.transforms import channel_kind
+
+            kinds = {channel_kind(s.load_image()) for s in train_set.samples}
+        if len(kinds) == 1:
+            return next(iter(kinds))
+        if kinds:
+            log.warning(
+                "the training images mix grayscale and colour images: the model will accept both, "
+                "but gray images are scored as three equal colour channels"
+            )
+        return None
 
     def _usable_training(self, samples: list[Sample]) -> list[Sample]:
         """The images the detector may learn from: an unsupervised method gets the good ones."""
@@ -234,9 +278,21 @@ class Model:
 
     def calibrate(self, good: Sequence[ImageInput], *, target_fpr: float = 0.01, batch_size: int = 16) -> Threshold:
         """Set the threshold for a target false-alarm rate on good images only, and the
-        heat-map colour range from their maps."""
+        heat-map colour range from their maps.
+
+        The threshold's details record how many images set it (``n_good``) and the
+        false-alarm resolution they give (``resolution`` = 1/n). A `CalibrationWarning`
+        says so when the target is finer than that resolution.
+        """
+        return self._calibrate(good, target_fpr, batch_size)
+
+    def _calibrate(self, good: Sequence[ImageInput], target_fpr: float, batch_size: int) -> Threshold:
+        """`calibrate`, called from `calibrate` or `fit` (the warning points at their caller)."""
         result = self.predict(good, batch_size=batch_size)
         self.threshold = false_alarm_threshold(result.scores, target_fpr)
+        note = resolution_note(self.threshold)
+        if note:
+            warnings.warn(note, CalibrationWarning, stacklevel=3)
         if result.maps is not None:
             maps = result.maps if isinstance(result.maps, np.ndarray) else np.concatenate([m.ravel() for m in result.maps])
             self.postprocess = self.postprocess.with_range(heatmap_range(maps))
@@ -291,6 +347,8 @@ class Model:
         """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InvalidParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if threshold is not None:
+            threshold = manual_threshold(threshold).value  # a NaN threshold would call everything good
         tiling = resolve_tiling(self.tiling, tile, overlap)
         if tiling is not None:
             self._check_tiling(tiling)
@@ -347,7 +405,13 @@ class Model:
 
             items = track(samples, total=len(samples), description="predict (tiled)")
         for sample in items:
-            score, amap = predict_tiled(sample.load_image(), tiling, self.score_images, batch_size=batch_size)
+            image = sample.load_image()
+            try:
+                self.preprocess.check_channels(image, sample.path)
+                score, amap = predict_tiled(image, tiling, self.score_images, batch_size=batch_size)
+            except ImageReadError as exc:  # name the image, as ImageSet does
+                text = str(exc)
+                raise ImageReadError(text if text.startswith(f"{sample.path}:") else f"{sample.path}: {text}") from None
             scores.append(score)
             if keep_maps and amap is not None:
                 maps.append(amap)
@@ -428,6 +492,24 @@ def split_calibration(
     order = np.random.default_rng(seed).permutation(len(good_idx))
     held = {good_idx[i] for i in order[:n_cal]}
     return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def check_device(device: str, option: str = "device") -> str:
+    """`device` if torch knows it and this machine has it; else `InvalidParameterError`
+    naming `option` (``"--device"`` in the CLI) and what to use instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidParameterError(f"{option} {device!r} is not a device name; use cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError(f"{option} {device}: no CUDA GPU is available here; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidParameterError(
+            f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...); choose one of them"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidParameterError(f"{option} {device}: Apple MPS is not available here; use cpu")
+    return device
 
 
 def _check_sigma(sigma: Any) -> float:

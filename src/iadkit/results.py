@@ -6,10 +6,13 @@ it was exported from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from iadkit.errors import InvalidParameterError, NonFiniteScoreError
 
 
 @dataclass
@@ -40,17 +43,40 @@ class PredictionResult:
 
     @property
     def verdicts(self) -> np.ndarray:
-        """True = defective. Needs a threshold (set by calibration or given at predict time)."""
+        """True = defective. Needs a threshold (set by calibration or given at predict time).
+
+        Raises `NonFiniteScoreError` when any score is NaN or infinite: a comparison with NaN
+        is always false, so such an image would silently pass as good. `rows()` gives the
+        other images their verdicts and marks those with an error instead.
+        """
         if self.threshold is None:
             raise ValueError("this model has no threshold: calibrate it or pass threshold=...")
+        if not math.isfinite(self.threshold):
+            raise InvalidParameterError(f"the threshold is {self.threshold}, not a finite number: no verdict can be given")
+        bad = np.flatnonzero(~np.isfinite(np.asarray(self.scores, dtype=np.float64)))
+        if bad.size:
+            first = ", ".join(f"{self.paths[i]} ({self.scores[i]})" for i in bad[:3])
+            raise NonFiniteScoreError(
+                f"{bad.size} of {len(self.scores)} image(s) scored NaN or infinity, so no verdict can be given "
+                f"(first: {first}); the model file may be damaged or the images unlike any it was trained on. "
+                "rows() lists every image with its verdict or error"
+            )
         return self.scores > self.threshold
 
     def rows(self) -> list[dict[str, Any]]:
-        verdicts = self.verdicts if self.threshold is not None else [None] * len(self.paths)
-        return [
-            {"path": p, "score": float(s), "anomalous": None if v is None else bool(v)}
-            for p, s, v in zip(self.paths, self.scores, verdicts)
-        ]
+        """One dict per image: path, score, anomalous (None without a threshold) and error
+        (None, or why the image has no score: a NaN or infinite score gets no verdict)."""
+        thr = self.threshold
+        out: list[dict[str, Any]] = []
+        for p, s in zip(self.paths, self.scores):
+            s = float(s)
+            if not math.isfinite(s):
+                error = f"the model scored this image {s}: not a number it can judge"
+                out.append({"path": p, "score": None, "anomalous": None, "error": error})
+            else:
+                anomalous = None if thr is None else bool(s > thr)
+                out.append({"path": p, "score": s, "anomalous": anomalous, "error": None})
+        return out
 
 
 __all__ = ["PredictionResult"]

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from iadkit.data.pixels import PixelPreprocess
-from iadkit.errors import ExportError, InvalidParameterError
+from iadkit.errors import ExportError, ImageReadError, InvalidInputError, InvalidParameterError
 from iadkit.results import PredictionResult
 from iadkit.tiling import Tiling, predict_tiled, resolve_tiling
 
@@ -132,13 +132,7 @@ class ExportedModel:
 
     def set_threshold(self, value: float) -> None:
         """Move the operating point in this process (the file is not rewritten)."""
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise InvalidParameterError(f"threshold must be a number, got {value!r}") from None
-        if not math.isfinite(v):
-            raise InvalidParameterError(f"threshold must be a finite number, got {value!r}")
-        self._threshold, self._threshold_rule = v, "manual"
+        self._threshold, self._threshold_rule = _finite_threshold(value), "manual"
 
     def __repr__(self) -> str:
         thr = "unset" if self._threshold is None else f"{self._threshold:.4g}"
@@ -196,9 +190,11 @@ class ExportedModel:
             Tiling of images larger than the tile (see `iadkit.tiling`).
         """
         if isinstance(inputs, (str, os.PathLike, np.ndarray)):
-            raise TypeError("predict takes a sequence of images: wrap a single one in a list")
+            raise InvalidInputError("predict takes a sequence of images: wrap a single one in a list")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if threshold is not None:
+            threshold = _finite_threshold(threshold)  # a NaN threshold would call everything good
         items = [_as_item(x, i) for i, x in enumerate(inputs)]
         tiling = resolve_tiling(self.tiling, tile, overlap)
         if tiling is not None and self.preprocess.crop_size is not None:
@@ -207,15 +203,18 @@ class ExportedModel:
         maps: list[np.ndarray] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            images = [_load(item) for item in chunk]
             if tiling is None:
-                s, m = self.score_images(images)
+                pixels = np.stack([self._pixels(item) for item in chunk])
+                s, m = self.run(pixels)
                 scores.append(s)
                 if keep_maps and m is not None:
                     maps.extend(m)
                 continue
-            for image in images:
-                s1, m1 = predict_tiled(image, tiling, self.score_images, batch_size=self.batch_size)
+            for item in chunk:
+                image = _load(item)
+                with _naming(item[0]):
+                    self.preprocess.check_channels(image, item[0])
+                    s1, m1 = predict_tiled(image, tiling, self.score_images, batch_size=self.batch_size)
                 scores.append(np.array([s1], np.float32))
                 if keep_maps and m1 is not None:
                     maps.append(m1)
@@ -227,6 +226,15 @@ class ExportedModel:
             threshold=thr,
             labels=np.array([item[2] for item in items], dtype=np.int64),
         )
+
+
+    def _pixels(self, item: tuple[str, Any, int]) -> np.ndarray:
+        """One input -> 3xHxW [0, 1] pixels, with the model's checks (gray/colour kind, dtype,
+        finite values); an error names the image, as `Model.predict` does."""
+        image = _load(item)
+        with _naming(item[0]):
+            self.preprocess.check_channels(image, item[0])
+            return self.preprocess(image)
 
 
 def load(path: str | Path, *, threads: int | None = None, batch_size: int = DEFAULT_BATCH) -> ExportedModel:
@@ -277,6 +285,30 @@ def _parse_metadata(path: Path, text: str | None) -> dict[str, Any]:
     return meta
 
 
+class _naming:
+    """Prefix an `ImageReadError` raised inside the block with the image's name (once)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if isinstance(exc, ImageReadError) and not str(exc).startswith(f"{self.where}:"):
+            raise ImageReadError(f"{self.where}: {exc}") from None
+
+
+def _finite_threshold(value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"threshold must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise InvalidParameterError(f"threshold must be a finite number, got {value!r}")
+    return v
+
+
 def _as_item(x: Any, i: int) -> tuple[str, Any, int]:
     """(path label, source, label) of one input."""
     if isinstance(x, np.ndarray):
@@ -286,7 +318,7 @@ def _as_item(x: Any, i: int) -> tuple[str, Any, int]:
     if hasattr(x, "load_image") and hasattr(x, "path"):
         label = getattr(x, "label", None)
         return str(x.path), x, UNKNOWN if label is None else int(label)
-    raise TypeError(f"cannot predict on {type(x).__name__}: give a Sample, a path or an HxWxC array")
+    raise InvalidInputError(f"cannot predict on {type(x).__name__}: give a Sample, a path or an HxWxC array")
 
 
 def _load(item: tuple[str, Any, int]) -> np.ndarray:

@@ -59,6 +59,29 @@ def false_alarm_threshold(good_scores: np.ndarray, target_fpr: float = 0.01) -> 
     )
 
 
+def resolution_note(threshold: Threshold) -> str | None:
+    """Why a false-alarm threshold cannot honour its target, or None when it can.
+
+    With n good calibration images the measurable false-alarm rates are multiples of 1/n;
+    a target below 1/n (including 0) cannot be told apart from 0: the threshold is then the
+    highest calibration score, and about 1/(n + 1) of new good parts score above it
+    (the expected rank of a new exchangeable score among n).
+    """
+    d = threshold.details
+    if threshold.rule != "false_alarm_rate" or "n_good" not in d:
+        return None
+    n, target = int(d["n_good"]), float(d["target_fpr"])
+    if target * n >= 1 - 1e-9:
+        return None
+    return (
+        f"the threshold was set from {n} good image(s): they resolve false-alarm rates in steps of "
+        f"1/{n} = {1 / n:.3g}, coarser than the target {target:g}; it is the highest calibration score, "
+        f"and about {1 / (n + 1):.2g} of new good parts may score above it. To honour the target, "
+        f"calibrate on at least {math.ceil(1 / target) if target > 0 else 'many'} good images "
+        "(more training images, a larger calibration fraction, or calibration= images)"
+    )
+
+
 def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> Threshold:
     """The threshold maximising F1 of `score >= t` for label 1 = anomalous.
 

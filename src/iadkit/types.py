@@ -27,6 +27,7 @@ class Sample:
     ``elpv://0042``). `image` is set only for in-memory data; otherwise `load_image()` reads
     `path`. Images are HxWxC arrays, C in {1, 3}, dtype uint8 or uint16 (16-bit precision is
     kept until normalisation). Masks are HxW bool arrays, True = defective pixel.
+    `true_label` is set only by a setting that disguises a sample (see `iadkit.settings.noisy`).
     """
 
     path: str
@@ -41,6 +42,10 @@ class Sample:
     # "binary": a mask holds 0 and one other value; "nonzero": any nonzero pixel is a defect
     # (masks that number their defect regions, as VisA's and KolektorSDD2's do).
     mask_values: str = "binary"
+    # The real label when a setting hides it from the method on purpose: the noisy setting
+    # presents a defective test image as good (label 0, true_label 1), so the benchmark can
+    # say afterwards which training images were noise. None: `label` is the truth.
+    true_label: int | None = None
 
     @property
     def is_anomalous(self) -> bool:

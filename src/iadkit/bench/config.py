@@ -15,7 +15,13 @@ A config file (YAML shown; TOML has the same keys)::
       - source: elpv
         categories: [mono, poly, all]
         subsample: {train: 100, test: 120}   # optional, for quick runs; labelled in results
-    settings: [vanilla]            # or {name: few_shot, params: {k: 4}}
+      - source: mvtec:/data/my_parts
+        options: {allow_missing_masks: true} # passed to the dataset reader (load_dataset)
+    settings:                      # one cell per entry and value (see SettingSpec)
+      - vanilla
+      - {few_shot: {k: [1, 2, 4, 8]}}
+      - {noisy: {ratio: [0.05, 0.1]}}
+      - {name: semi_supervised, params: {k: 4}}
     seeds: [0]
     image_size: 224
     device: auto                   # cpu | cuda | auto
@@ -79,6 +85,7 @@ class DatasetSpec(BaseModel):
     source: str
     categories: list[str] | None = None
     subsample: SubsampleSpec | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -98,6 +105,11 @@ class DatasetSpec(BaseModel):
 
 
 class SettingSpec(BaseModel):
+    """One entry of `settings`: ``vanilla``, ``{name: few_shot, params: {k: 4}}``, or the
+    short form ``{few_shot: {k: [1, 2, 4, 8]}}``. A list of values sweeps: one cell per value
+    (several lists: every combination). A parameter that itself takes a list (few_shot's
+    `augmentations`) sweeps only over a list of lists."""
+
     model_config = ConfigDict(extra="forbid")
     name: str = "vanilla"
     params: dict[str, Any] = Field(default_factory=dict)
@@ -105,7 +117,27 @@ class SettingSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
-        return {"name": v} if isinstance(v, str) else v
+        if isinstance(v, str):
+            return {"name": v}
+        if isinstance(v, dict) and len(v) == 1 and not {"name", "params"} & set(v):
+            ((name, params),) = v.items()
+            return {"name": name, "params": {} if params is None else params}
+        return v
+
+    def variants(self) -> list[dict[str, Any]]:
+        """The concrete parameter sets of this entry (its sweeps expanded, in the order given)."""
+        import itertools
+
+        from iadkit.settings import sequence_parameters
+
+        takes_lists = sequence_parameters(self.name)
+        axes: list[list[Any]] = []
+        for key, value in self.params.items():
+            sweep = isinstance(value, list) and (key not in takes_lists or all(isinstance(x, list) for x in value))
+            if sweep and not value:
+                raise BenchConfigError(f"setting {self.name!r}: {key} lists no value to sweep over")
+            axes.append(value if sweep else [value])
+        return [dict(zip(self.params, combo)) for combo in itertools.product(*axes)]
 
 
 class BenchConfig(BaseModel):
@@ -176,14 +208,18 @@ class Cell:
     image_size: tuple[int, int]
     setting_params: dict[str, Any] = field(default_factory=dict)
     subsample: dict[str, int | None] | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 16
     device: str = "auto"
     gallery_size: int = 3
     imports: tuple[str, ...] = ()
 
     def identity(self) -> dict[str, Any]:
-        """What makes two cells the same experiment (batch size, device, gallery do not)."""
+        """What makes two cells the same experiment (batch size, device, gallery do not).
+        Dataset reader options count only when given, so older cells keep their ids."""
+        extra = {"dataset_options": self.dataset_options} if self.dataset_options else {}
         return {
+            **extra,
             "method": self.method,
             "params": self.params,
             "dataset": self.dataset,
@@ -233,15 +269,19 @@ def expand(config: BenchConfig) -> list[Cell]:
     from iadkit.settings import get_setting
 
     import_modules(config.imports)
+    settings: list[tuple[str, dict[str, Any]]] = []
     for s in config.settings:
         get_setting(s.name)  # fail before any work on a typo
+        for params in s.variants():
+            _check_setting_params(s.name, params)
+            settings.append((s.name, params))
     cells: list[Cell] = []
     for ds in config.datasets:
         categories = ds.categories if ds.categories is not None else list_source_categories(ds.source)
         if not categories:
             raise BenchConfigError(f"dataset {ds.source!r} has no categories")
         for category in categories:
-            for st in config.settings:
+            for setting, setting_params in settings:
                 for seed in config.seeds:
                     for m in config.methods:
                         size = m.image_size_for.get(ds.scheme, m.image_size if m.image_size is not None else config.image_size)
@@ -251,11 +291,12 @@ def expand(config: BenchConfig) -> list[Cell]:
                                 params=dict(m.params),
                                 dataset=ds.source,
                                 category=category,
-                                setting=st.name,
-                                setting_params=dict(st.params),
+                                setting=setting,
+                                setting_params=dict(setting_params),
                                 seed=int(seed),
                                 image_size=_size(size),
                                 subsample=ds.subsample.model_dump() if ds.subsample else None,
+                                dataset_options=dict(ds.options),
                                 batch_size=config.batch_size,
                                 device=config.device,
                                 gallery_size=config.gallery_size,
@@ -266,6 +307,20 @@ def expand(config: BenchConfig) -> list[Cell]:
     if len(set(ids)) != len(ids):
         raise BenchConfigError("the grid lists the same cell twice (same method, parameters, data, setting, seed and size)")
     return cells
+
+
+def _check_setting_params(name: str, params: dict[str, Any]) -> None:
+    """Run the setting on an empty split, so that a wrong parameter (a typo, k=0) fails
+    before any cell runs. Only the setting's own refusals count: a plugin that cannot take
+    an empty split is left to fail in its cells."""
+    from iadkit.settings import SettingError, apply_setting
+
+    try:
+        apply_setting(name, [], [], seed=0, params=params)
+    except SettingError as exc:
+        raise BenchConfigError(f"settings: {exc}") from None
+    except Exception:
+        pass
 
 
 def import_modules(names: list[str] | tuple[str, ...]) -> None:

@@ -14,6 +14,8 @@ the same subsample; the dataset's display name says it is one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from iadkit.types import Sample
@@ -25,12 +27,21 @@ def list_source_categories(source: str) -> list[str]:
     return list(list_categories(source))
 
 
-def load_split(source: str, category: str, subsample: dict[str, int | None] | None = None) -> tuple[list[Sample], list[Sample]]:
+def load_split(
+    source: str,
+    category: str,
+    subsample: dict[str, int | None] | None = None,
+    options: dict[str, Any] | None = None,
+) -> tuple[list[Sample], list[Sample]]:
     """(train, test) samples of one category, subsampled when asked; train includes the
-    dataset's labelled training defects."""
+    dataset's labelled training defects. `options` go to the dataset reader."""
     from iadkit.data import load_dataset
+    from iadkit.errors import DatasetLayoutError
 
-    split = load_dataset(source, category=category)
+    try:
+        split = load_dataset(source, category=category, **(options or {}))
+    except TypeError as exc:  # an option the reader does not take
+        raise DatasetLayoutError(f"dataset {source!r}: {exc}") from None
     train, test = list(split.train) + list(split.train_anomalous), list(split.test)
     if subsample:
         train = subsample_train(train, subsample.get("train"))

@@ -1,8 +1,8 @@
 """The results database: one SQLite file per benchmark, written only by the driver.
 
-Schema (version 2)::
+Schema (version 3)::
 
-    meta(key TEXT PRIMARY KEY, value TEXT)          -- 'schema_version' = '2', 'created'
+    meta(key TEXT PRIMARY KEY, value TEXT)          -- 'schema_version' = '3', 'created'
     runs(                                           -- one row per cell
         cell_id        TEXT PRIMARY KEY,            -- sha256(identity)[:16], see bench.config.Cell
         method         TEXT NOT NULL,
@@ -24,6 +24,13 @@ Schema (version 2)::
                                                     --   "n_calibration", "test_false_alarm_rate",
                                                     --   "test_miss_rate"}; null when no threshold
                                                     --   could be calibrated (schema 2)
+        setting_info   TEXT,                        -- JSON, what the setting gave the cell (schema 3):
+                                                    --   {"n_good", "n_labelled_anomalous",
+                                                    --   "n_calibration", "note"?, "injected"?: [
+                                                    --   {"path", "defect_type", "role": "train" |
+                                                    --   "calibration", "score", "flagged"}]}; the
+                                                    --   noisy setting's disguised defects, scored
+                                                    --   by the fitted model
         n_train        INTEGER, n_test INTEGER,
         iadkit_version TEXT NOT NULL,
         host           TEXT,                        -- machine that ran the cell (Ray workers differ)
@@ -46,11 +53,25 @@ Schema (version 2)::
         png BLOB NOT NULL,                          -- [photo + outline | heatmap + outline]
         PRIMARY KEY (cell_id, kind, rank))
 
+    claims(                                         -- which run is working on a 'running' cell
+        cell_id    TEXT PRIMARY KEY,
+        claimed_by TEXT NOT NULL,                   -- 'host|pid|token' of the claiming run
+        heartbeat  TEXT NOT NULL)                   -- ISO-8601 UTC, renewed while the run lives
+
+Several runs may share one database (two ``iadkit benchmark`` processes on the same output):
+a run claims a cell in one ``BEGIN IMMEDIATE`` transaction (`ResultsDB.claim`) before it
+starts it, and a cell another live run has claimed is left to that run. A claim is live
+while its heartbeat is fresh (`STALE_SECONDS`) and, on this machine, its process exists;
+a killed run's claims are therefore taken over at once on the same machine and after
+`STALE_SECONDS` from another. Recording a result drops the cell's claim in the same
+transaction. The claims table is an addition that older readers ignore (schema 2 still).
+
 Per-image scores with labels let any image metric be recomputed later without rerunning
 (`image_scores`). Each finished cell is written in one transaction (run row, scores and
 overlays together), so a killed benchmark leaves either the whole cell or none of it. The
-default rollback journal keeps the database a single file. A schema-1 database gains the
-`operating_point` column when it is opened for writing. Opened for reading only
+default rollback journal keeps the database a single file. An older database is migrated
+when it is opened for writing: schema 1 gains the `operating_point` column, schema 2 the
+`setting_info` column (NULL for the cells run before). Opened for reading only
 (``writable=False``, what the report does), the file is never modified, and a file that is
 not an iadkit results database is refused.
 """
@@ -58,6 +79,9 @@ not an iadkit results database is refused.
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import socket
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,7 +95,7 @@ import iadkit
 from iadkit.bench.config import Cell, canonical_json
 from iadkit.errors import IadkitError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -91,6 +115,7 @@ CREATE TABLE IF NOT EXISTS runs (
     metrics TEXT,
     timings TEXT,
     operating_point TEXT,
+    setting_info TEXT,
     n_train INTEGER,
     n_test INTEGER,
     iadkit_version TEXT NOT NULL,
@@ -121,7 +146,18 @@ CREATE TABLE IF NOT EXISTS overlays (
     PRIMARY KEY (cell_id, kind, rank)
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+CREATE TABLE IF NOT EXISTS claims (
+    cell_id TEXT PRIMARY KEY,
+    claimed_by TEXT NOT NULL,
+    heartbeat TEXT NOT NULL
+);
 """
+
+STALE_SECONDS = 120.0
+"""A claim whose heartbeat is older than this is abandoned (its run hangs or died elsewhere)."""
+
+HEARTBEAT_SECONDS = 20.0
+"""How often a running benchmark renews its claims."""
 
 
 class ResultsDBError(IadkitError, ValueError):
@@ -130,6 +166,61 @@ class ResultsDBError(IadkitError, ValueError):
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """Who runs cells: a benchmark run, identified by machine, process and a random token
+    (two runs in one process, one after the other, are different claimants)."""
+
+    host: str
+    pid: int
+    token: str
+
+    @classmethod
+    def here(cls) -> "Claimant":
+        return cls(socket.gethostname(), os.getpid(), secrets.token_hex(6))
+
+    @property
+    def id(self) -> str:
+        return f"{self.host}|{self.pid}|{self.token}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Claimant | None":
+        parts = str(text).rsplit("|", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            return None
+        return cls(parts[0], int(parts[1]), parts[2])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def claim_is_live(claimed_by: str, heartbeat: str, *, me: Claimant | None = None, now: datetime | None = None) -> bool:
+    """Whether a claim still belongs to a running benchmark (see the module docstring)."""
+    owner = Claimant.parse(claimed_by)
+    if owner is None:
+        return False
+    try:
+        age = ((now or datetime.now(timezone.utc)) - datetime.fromisoformat(heartbeat)).total_seconds()
+    except (TypeError, ValueError):
+        return False
+    if age > STALE_SECONDS:
+        return False
+    if owner.host == socket.gethostname():
+        if owner.pid == os.getpid():  # an earlier run in this process (runs here are sequential)
+            return me is not None and owner == me
+        return _pid_alive(owner.pid)
+    return True
 
 
 @dataclass
@@ -152,6 +243,7 @@ class CellResult:
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     operating_point: dict[str, Any] | None = None
+    setting_info: dict[str, Any] | None = None
     n_train: int | None = None
     n_test: int | None = None
     paths: list[str] = field(default_factory=list)
@@ -208,7 +300,8 @@ class ResultsDB:
                 with self.conn:
                     self.conn.executescript(_SCHEMA)
                     if self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() is None:
-                        self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                        # OR IGNORE: another process may create the same new database at this moment
+                        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                         self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (now_iso(),))
             row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as exc:
@@ -220,8 +313,12 @@ class ResultsDB:
                 f"{self.path}: results schema {version} is newer than this iadkit understands ({SCHEMA_VERSION}); upgrade iadkit"
             )
         if version < SCHEMA_VERSION and writable:
-            with self.conn:  # schema 1 -> 2: the operating point of each cell
-                self.conn.execute("ALTER TABLE runs ADD COLUMN operating_point TEXT")
+            with self.conn:  # another process may be migrating the same file: add what is missing
+                columns = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}
+                if "operating_point" not in columns:  # schema 1 -> 2: the operating point of each cell
+                    self.conn.execute("ALTER TABLE runs ADD COLUMN operating_point TEXT")
+                if "setting_info" not in columns:  # schema 2 -> 3: what the setting gave each cell
+                    self.conn.execute("ALTER TABLE runs ADD COLUMN setting_info TEXT")
                 self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
@@ -256,16 +353,64 @@ class ResultsDB:
 
     def mark_running(self, cell: Cell, started: str | None = None) -> None:
         """Note that a cell started. A row left 'running' means the run was killed: rerun it."""
-        values = {
-            **self._run_values(cell),
-            "status": "running",
-            "iadkit_version": iadkit.__version__,
-            "started": started or now_iso(),
-        }
-        cols = ", ".join(values)
         with self.conn:
-            self.conn.execute("DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
-            self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
+            self._insert_running(cell, started or now_iso())
+
+    def _insert_running(self, cell: Cell, started: str) -> None:
+        values = {**self._run_values(cell), "status": "running", "iadkit_version": iadkit.__version__, "started": started}
+        cols = ", ".join(values)
+        self.conn.execute("DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
+        self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
+
+    def claim(self, cell: Cell, me: Claimant, *, retry_failed: bool = False) -> bool:
+        """Take `cell` for run `me`, atomically; False when it is not to be run by `me`.
+
+        Not taken: a 'done' cell; a 'failed' one unless `retry_failed`; a cell whose claim
+        belongs to another live run. Taken: anything else (new, left 'running' by a dead
+        run, or failed and retried); its row becomes 'running'.
+        """
+        self.conn.execute("BEGIN IMMEDIATE")  # one writer decides at a time
+        try:
+            row = self.conn.execute("SELECT status, finished FROM runs WHERE cell_id = ?", (cell.cell_id,)).fetchone()
+            if row is not None and row["status"] == "done":
+                return self._end(False)
+            if row is not None and row["status"] == "failed" and not retry_failed:
+                return self._end(False)
+            held = self.conn.execute("SELECT claimed_by, heartbeat FROM claims WHERE cell_id = ?", (cell.cell_id,)).fetchone()
+            if held is not None and held["claimed_by"] != me.id and claim_is_live(held["claimed_by"], held["heartbeat"], me=me):
+                return self._end(False)
+            stamp = now_iso()
+            self.conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)", (cell.cell_id, me.id, stamp))
+            self._insert_running(cell, stamp)
+            return self._end(True)
+        except BaseException:
+            self.conn.rollback()
+            raise
+
+    def _end(self, value: bool) -> bool:
+        self.conn.commit()
+        return value
+
+    def heartbeat(self, me: Claimant) -> None:
+        """Renew `me`'s claims (called periodically while a run lives)."""
+        with self.conn:
+            self.conn.execute("UPDATE claims SET heartbeat = ? WHERE claimed_by = ?", (now_iso(), me.id))
+
+    def release(self, me: Claimant) -> None:
+        """Drop `me`'s remaining claims (an interrupted cell stays 'running', free for any run)."""
+        with self.conn:
+            self.conn.execute("DELETE FROM claims WHERE claimed_by = ?", (me.id,))
+
+    def claimed_elsewhere(self, me: Claimant) -> dict[str, str]:
+        """cell_id -> claimant of the unfinished cells other live runs hold."""
+        rows = self.conn.execute(
+            "SELECT c.cell_id, c.claimed_by, c.heartbeat FROM claims c JOIN runs r USING (cell_id) WHERE r.status = 'running'"
+        ).fetchall()
+        return {
+            r["cell_id"]: r["claimed_by"]
+            for r in rows
+            if r["claimed_by"] != me.id and claim_is_live(r["claimed_by"], r["heartbeat"], me=me)
+        }
 
     def record(self, result: CellResult) -> None:
         """Store a finished cell (done or failed) with its scores and overlays, atomically."""
@@ -276,6 +421,7 @@ class ResultsDB:
             "metrics": canonical_json(_finite(result.metrics)),
             "timings": canonical_json(_finite(result.timings)),
             "operating_point": _json_or_none(_finite(result.operating_point) if result.operating_point else None),
+            "setting_info": _json_or_none(result.setting_info),
             "n_train": result.n_train,
             "n_test": result.n_test,
             "iadkit_version": result.iadkit_version,
@@ -289,6 +435,7 @@ class ResultsDB:
         with self.conn:
             # Deleting the run cascades to its old scores and overlays (a retried cell).
             self.conn.execute("DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
+            self.conn.execute("DELETE FROM claims WHERE cell_id = ?", (cell.cell_id,))
             self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
             self.conn.executemany(
                 "INSERT INTO scores (cell_id, idx, path, label, defect_type, score) VALUES (?, ?, ?, ?, ?, ?)",
@@ -316,14 +463,30 @@ class ResultsDB:
         for r in self.conn.execute(q, (status,) if status else ()):
             d = dict(r)
             for key in ("params", "setting_params", "image_size", "subsample"):
-                d[key] = json.loads(d[key]) if d[key] is not None else None
+                d[key] = self._json(d, key) if d[key] is not None else None
             for key in ("metrics", "timings"):
-                raw = json.loads(d[key]) if d[key] else {}
+                raw = self._json(d, key) if d[key] else {}
+                if not isinstance(raw, dict):
+                    raise self._corrupt(d, key, "not a JSON object")
                 d[key] = {k: (float("nan") if v is None else v) for k, v in raw.items()}
-            op = d.get("operating_point")
-            d["operating_point"] = json.loads(op) if op else None
+            d["operating_point"] = self._json(d, "operating_point") if d.get("operating_point") else None
+            # absent from an old database opened read-only
+            d["setting_info"] = self._json(d, "setting_info") if d.get("setting_info") else None
             rows.append(d)
         return rows
+
+    def _json(self, row: dict[str, Any], key: str) -> Any:
+        try:
+            return json.loads(row[key])
+        except (TypeError, ValueError) as exc:
+            raise self._corrupt(row, key, f"invalid JSON: {exc}") from None
+
+    def _corrupt(self, row: dict[str, Any], key: str, why: str) -> ResultsDBError:
+        return ResultsDBError(
+            f"{self.path}: the {key} of cell {row.get('cell_id')} ({row.get('method')}, {row.get('category')}) is {why}; "
+            "the database was edited or damaged: delete that row (its cell reruns with the next `iadkit benchmark`) "
+            "or use an intact copy"
+        )
 
     def image_scores(self, cell_id: str) -> dict[str, Any]:
         """Per-image arrays of one cell, in test-set order: paths, labels, defect_types, scores."""

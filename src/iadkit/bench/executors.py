@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from iadkit.bench.config import Cell
 from iadkit.bench.db import CellResult, now_iso
@@ -26,9 +26,12 @@ from iadkit.errors import ExecutorError
 
 
 class Executor(Protocol):
+    """Runs cells drawn from an iterable (drawn lazily where the executor allows, so that a
+    cell is claimed in the database just before it starts) and yields their results."""
+
     def run(
         self,
-        cells: Sequence[Cell],
+        cells: Iterable[Cell],
         *,
         on_start: Callable[[Cell], Any],
         on_stage: Callable[[Cell, str], Any],
@@ -40,7 +43,7 @@ class LocalExecutor:
 
     def run(
         self,
-        cells: Sequence[Cell],
+        cells: Iterable[Cell],
         *,
         on_start: Callable[[Cell], Any] = lambda c: None,
         on_stage: Callable[[Cell, str], Any] = lambda c, s: None,
@@ -77,7 +80,7 @@ class ProcessExecutor:
 
     def run(
         self,
-        cells: Sequence[Cell],
+        cells: Iterable[Cell],
         *,
         on_start: Callable[[Cell], Any] = lambda c: None,
         on_stage: Callable[[Cell, str], Any] = lambda c, s: None,
@@ -88,7 +91,7 @@ class ProcessExecutor:
 
         from iadkit.bench.runner import run_cell
 
-        queue = list(cells)
+        queue = iter(cells)  # drawn one at a time: the driver claims each cell as it is drawn
         ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
         pool = ProcessPoolExecutor(
             max_workers=self.workers,
@@ -98,11 +101,17 @@ class ProcessExecutor:
         )
         pending: dict[Any, Cell] = {}
         try:
-            while queue or pending:
-                while queue and len(pending) < self.workers:
-                    cell = queue.pop(0)
+            exhausted = False
+            while not exhausted or pending:
+                while not exhausted and len(pending) < self.workers:
+                    cell = next(queue, None)
+                    if cell is None:
+                        exhausted = True
+                        break
                     on_start(cell)
                     pending[pool.submit(run_cell, cell)] = cell
+                if not pending:
+                    break
                 done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for fut in done:
                     cell = pending.pop(fut)
@@ -140,7 +149,7 @@ class RayExecutor:
 
     def run(
         self,
-        cells: Sequence[Cell],
+        cells: Iterable[Cell],
         *,
         on_start: Callable[[Cell], Any] = lambda c: None,
         on_stage: Callable[[Cell, str], Any] = lambda c, s: None,

@@ -3,7 +3,12 @@
 Sections, in the order a reader needs them:
 1. Overview: one row per method with its mean of every metric, time per image and memory,
    best values highlighted - the at-a-glance comparison.
-2. Bar charts of the main metrics per category, and accuracy against speed.
+2. Bar charts of the main metrics per category, and accuracy against speed (for the
+   reference setting, vanilla, when the grid has several settings).
+2b. Settings (few-shot, noisy, semi-supervised): the metric against the setting's parameter,
+   a line per method with its vanilla value dashed, mean and per category, as inline SVG;
+   the numbers under each curve; the noisy setting's injected images and how each method
+   scored them.
 3. Per-metric tables: categories as rows, methods as columns, a mean row; cells coloured
    from worst to best within the row so the winner of each category stands out.
 4. Image ROC curves per category (recomputed from the per-image scores in the database).
@@ -13,7 +18,8 @@ Sections, in the order a reader needs them:
    a cell.
 7. Failed cells with their errors and tracebacks.
 
-Plots are drawn with matplotlib's Agg backend (no display needed).
+Plots are drawn with matplotlib's Agg backend (no display needed): PNG, or SVG inline for
+the settings curves; nothing is loaded from elsewhere.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import base64
 import html
 import io
 import math
+import re
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +41,9 @@ from iadkit.bench.db import ResultsDB
 from iadkit.bench.summary import (
     METRICS,
     TIMINGS,
+    REFERENCE_SETTING,
     MetricTable,
+    SettingCurve,
     cost_table,
     operating_tables,
     fmt_metric,
@@ -43,7 +52,9 @@ from iadkit.bench.summary import (
     method_label,
     metric_tables,
     row_label,
+    setting_curves,
     setting_label,
+    settings_overview,
 )
 
 MAIN_METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -67,6 +78,7 @@ td.best{font-weight:700;outline:2px solid #1a7f37;outline-offset:-2px}
 .card{background:#f0f4fa;border-radius:6px;padding:8px 14px;font-size:13px}
 .card b{display:block;font-size:18px}
 img.plot{max-width:100%;height:auto}
+.curves svg{max-width:100%;height:auto;display:block} td.ref{color:#5b6474;font-style:italic}
 .gallery{display:flex;flex-wrap:wrap;gap:10px;margin:4px 0 10px}
 figure{margin:0;background:#fafbfc;border:1px solid #e3e6eb;border-radius:4px;padding:4px}
 figure img{display:block;image-rendering:pixelated;width:256px;height:auto}
@@ -404,6 +416,8 @@ def build_report_html(db_path: str | Path) -> str:
                 '<p class="warn">Datasets marked * were subsampled for a quick run (sizes above): '
                 "their numbers are not the full protocol.</p>"
             )
+        if len(settings) > 1:
+            body.append(_settings_overview_html(runs))
         for s in settings:
             if len(settings) > 1:
                 body.append(f"<h3>setting: {_esc(s)}</h3>")
@@ -413,14 +427,19 @@ def build_report_html(db_path: str | Path) -> str:
             "(red) to the best (green) method in each column. I-: image level, P-: pixel level; AUPRO integrates the "
             "per-region overlap up to a false-positive rate of 0.3 (normalised to [0, 1]).</p></section>"
         )
+        # With several settings, the per-category charts show the reference setting; the
+        # settings section below draws every setting against it.
+        charted = settings if len(settings) <= 1 else [REFERENCE_SETTING if REFERENCE_SETTING in settings else settings[0]]
         body.append('<section id="charts"><h2>Charts</h2>')
-        for s in settings:
+        for s in charted:
             if len(settings) > 1:
                 body.append(f"<h3>setting: {_esc(s)}</h3>")
             for img in (_bar_chart(tables, s), _speed_plot(tables, costs, s)):
                 if img:
                     body.append(f'<img class="plot" src="{img}" alt="chart">')
         body.append("</section>")
+        settings_section = _settings_html(db, runs)
+        body.append(settings_section)
         body.append('<section id="tables"><h2>Every metric, per category</h2>')
         for t in tables:
             body.append(f"<h3>{_esc(t.title)} · {_esc(t.setting)}</h3>{_metric_table_html(t)}")
@@ -428,20 +447,26 @@ def build_report_html(db_path: str | Path) -> str:
             body.append('<p class="note">No finished cell yet.</p>')
         body.append("</section>")
         body.append('<section id="roc"><h2>Image ROC curves</h2>')
-        for s in settings:
+        for s in charted:
             img = _roc_plot(db, runs, s)
             if img:
                 body.append(f'<img class="plot" src="{img}" alt="ROC curves {_esc(s)}">')
         body.append("</section>")
         body.append(_operating_html(runs))
         body.append(f'<section id="cost"><h2>Time and memory</h2>{_cost_html(list(costs.values()))}</section>')
-        body.append(f'<section id="gallery"><h2>Gallery</h2>{_gallery_html(db, runs)}</section>')
+        gallery_note = ""
+        if len(settings) > 1:  # a gallery per setting would multiply the page's size
+            gallery_note = f'<p class="note">Setting {_esc(charted[0])} only (the other settings\' overlays are in the results database).</p>'
+        gallery = _gallery_html(db, [r for r in runs if len(settings) <= 1 or setting_label(r) in charted])
+        body.append(f'<section id="gallery"><h2>Gallery</h2>{gallery_note}{gallery}</section>')
         body.append(f'<section id="failed"><h2>Failed or interrupted cells</h2>{_failed_html(runs)}</section>')
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = "iadkit benchmark report"
     nav = "".join(
         f'<a href="#{a}">{n}</a>'
-        for a, n in [("overview", "Overview"), ("charts", "Charts"), ("tables", "Tables"), ("roc", "ROC"), ("operating", "Threshold"), ("cost", "Time & memory"), ("gallery", "Gallery"), ("failed", "Failures")]
+        for a, n in [("overview", "Overview"), ("charts", "Charts")]
+        + ([("settings", "Settings")] if settings_section else [])
+        + [("tables", "Tables"), ("roc", "ROC"), ("operating", "Threshold"), ("cost", "Time & memory"), ("gallery", "Gallery"), ("failed", "Failures")]
     )
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
@@ -460,3 +485,248 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Path:
     path = atomic_write_text(Path(out_dir) / "index.html", page)
     path.chmod(0o644)  # a report is meant to be shared (the temp file was private)
     return path
+
+
+# -- settings: curves against shots, noise ratio and labelled anomalies ------------------------
+CURVE_METRICS = ("image_auroc", "pixel_auroc")
+
+
+def _curve_svg(curves: list[SettingCurve]) -> str:
+    """One figure per setting as inline SVG: a row per metric, a panel for the mean over
+    categories and one per category; a line per series in its method's colour (a method's
+    second variant, e.g. with augmentation, dotted with square markers), the method's vanilla
+    value as a thin dashed line of the same colour."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    first = curves[0]
+    columns = ["mean"] + first.rows
+    fig, axes = plt.subplots(len(curves), len(columns), figsize=(2.9 * len(columns), 2.5 * len(curves) + 0.5), squeeze=False)
+    series = list(dict.fromkeys(s for c in curves for s in c.series))
+    method_of = {s: m for c in curves for s, m in c.method_of.items()}
+    methods = list(dict.fromkeys(method_of[s] for s in series))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colour = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    variant = {s: [x for x in series if method_of[x] == method_of[s]].index(s) for s in series}
+    styles = [("-", "o"), (":", "s"), ("-.", "^"), ((0, (1, 3)), "D")]
+    handles: dict[str, Any] = {}
+    for r, curve in enumerate(curves):
+        for c, col in enumerate(columns):
+            ax = axes[r, c]
+            drawn = False
+            for s in curve.series:
+                m = curve.method_of[s]
+                per_x = curve.mean.get(s, {}) if col == "mean" else curve.values.get((s, col), {})
+                ref = curve.mean_reference.get(m, float("nan")) if col == "mean" else curve.reference.get((m, col), float("nan"))
+                pts = [(x, per_x[x]) for x in curve.xs if x in per_x and not is_nan(per_x[x])]
+                if curve.setting == "noisy" and pts and not is_nan(ref):
+                    pts = [(0.0, ref)] + pts  # noise ratio 0 is vanilla
+                if pts:
+                    xs, ys = zip(*pts)
+                    ls, marker = styles[variant[s] % len(styles)]
+                    (line,) = ax.plot(xs, ys, ls=ls, marker=marker, ms=3.5, lw=1.6, color=colour[m], label=s)
+                    handles.setdefault(s, line)
+                    drawn = True
+                if pts and not is_nan(ref):
+                    ax.axhline(ref, color=colour[m], ls="--", lw=0.9, alpha=0.7)
+            ticks = ([0.0] if curve.setting == "noisy" else []) + curve.xs
+            if curve.setting == "few_shot" and min(curve.xs) > 0 and max(curve.xs) / min(curve.xs) >= 4:
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+            ax.minorticks_off()
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if not drawn:  # e.g. pixel metrics of a dataset without masks
+                ax.set_yticks([])
+                ax.text(0.5, 0.5, f"no {curve.title}", ha="center", va="center", transform=ax.transAxes, fontsize=8, color="#777")
+            if r == 0:
+                ax.set_title(f"mean over {len(curve.rows)} categories" if col == "mean" else col, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(curve.title, fontsize=8)
+            if r == len(curves) - 1:
+                ax.set_xlabel(curve.axis_label, fontsize=7)
+    labels = list(handles)
+    if labels:
+        ref_handle = plt.Line2D([], [], color="#555", ls="--", lw=0.9)
+        fig.legend(
+            [handles[s] for s in labels] + [ref_handle],
+            labels + ["vanilla (the method's colour)"],
+            loc="upper center",
+            ncol=min(5, len(labels) + 1),
+            fontsize=8,
+            frameon=False,
+        )
+    rows_of_legend = -(-(len(labels) + 1) // 5)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 + 0.22 * rows_of_legend) / fig.get_figheight()))
+    return _fig_svg(fig, salt=f"curves-{first.setting}")
+
+
+def _fig_svg(fig: Any, *, salt: str) -> str:
+    """A matplotlib figure as an inline <svg> element (text kept as text; element ids salted
+    per figure so that several figures on one page never share an id)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)  # RDF boilerplate
+    # matplotlib numbers its element ids per figure (figure_1, axes_1 ...): prefix them, and
+    # every reference to them, so that figures inlined in one page stay distinct.
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "-", salt) + "-"
+    text = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}{m.group(1)}"', text)
+    text = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{prefix}{m.group(1)})", text)
+    text = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{prefix}{m.group(1)}"', text)
+    return text[text.index("<svg") :]
+
+
+def _curve_table_html(curve: SettingCurve, row: str | None = None) -> str:
+    """The numbers under a curve: a row per series, the vanilla reference, then a column
+    per parameter value (the survey's table layout); `row` None = the mean over categories."""
+    attrs = f'data-setting="{_esc(curve.setting)}" data-metric="{_esc(curve.metric)}" data-row="{_esc(row or "mean")}"'
+    out = [f'<table class="curve" {attrs}><tr><th class="l">method</th><th>vanilla</th>']
+    out += [f"<th>{_esc(curve.axis)}={x:g}</th>" for x in curve.xs] + ["</tr>"]
+    for s in curve.series:
+        m = curve.method_of[s]
+        ref = curve.mean_reference.get(m, float("nan")) if row is None else curve.reference.get((m, row), float("nan"))
+        per_x = curve.mean.get(s, {}) if row is None else curve.values.get((s, row), {})
+        cells = []
+        for x in curve.xs:
+            v = per_x.get(x, float("nan"))
+            mark = "†" if row is None and x in curve.incomplete.get(s, set()) else ""
+            cells.append(f"<td>{fmt_metric(v)}{mark}</td>")
+        out.append(f'<tr><td class="l">{_esc(s)}</td><td class="ref">{fmt_metric(ref)}</td>{"".join(cells)}</tr>')
+    out.append("</table>")
+    return "".join(out)
+
+
+def _injected_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
+    """The noisy setting's disguised defects and how each fitted method scored them: the
+    share of the cell's good test parts that score below the injected image (1.00: it still
+    looks like a defect to the method, which resisted the noise; near 0: it scores like the
+    images the method learnt from, it absorbed the defect). ⚑: above the method's own
+    threshold. Images that fell in the calibration hold-out were not trained on: listed, but
+    left out of the means."""
+    noisy = [r for r in runs if r["status"] == "done" and r["setting"] == "noisy" and (r.get("setting_info") or {}).get("injected")]
+    if not noisy:
+        return ""
+    by_row: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in noisy:
+        by_row[row_label(r)].append(r)
+    summary: dict[tuple[str, str, float], list[float]] = defaultdict(list)  # (method, row, ratio) -> shares
+    details = []
+    for row, rs in by_row.items():
+        columns = sorted({(method_label(r, runs), float(r["setting_params"].get("ratio", float("nan")))) for r in rs}, key=lambda c: (c[0], c[1]))
+        images: dict[str, dict[str, Any]] = {}
+        cell_of: dict[tuple[str, float], dict[str, Any]] = {}
+        for r in rs:
+            key = (method_label(r, runs), float(r["setting_params"].get("ratio", float("nan"))))
+            s = db.image_scores(r["cell_id"])
+            good = s["scores"][s["labels"] == 0]
+            entries = {}
+            for item in r["setting_info"]["injected"]:
+                share = float(np.mean(good < item["score"])) if len(good) else float("nan")
+                entries[item["path"]] = (share, item.get("flagged"), item.get("role"))
+                images.setdefault(item["path"], {"defect_type": item.get("defect_type", ""), "first": key[1]})
+                images[item["path"]]["first"] = min(images[item["path"]]["first"], key[1])
+                if item.get("role") != "calibration":
+                    summary[(key[0], row, key[1])].append(share)
+            cell_of[key] = entries
+        head = "".join(f"<th>{_esc(m)}<br>ratio {x:g}</th>" for m, x in columns)
+        lines = []
+        for path, meta in sorted(images.items(), key=lambda kv: (kv[1]["first"], kv[0])):
+            cells = []
+            for col in columns:
+                share, flagged, role = cell_of.get(col, {}).get(path, (float("nan"), None, None))
+                tag = (" ⚑" if flagged else "") + (" (held out)" if role == "calibration" else "")
+                cells.append(f"<td>{fmt_metric(share)}{tag}</td>")
+            lines.append(
+                f'<tr><td class="l">{_esc("/".join(Path(path).parts[-2:]))}</td><td class="l">{_esc(meta["defect_type"])}</td>'
+                f'<td>{meta["first"]:g}</td>{"".join(cells)}</tr>'
+            )
+        details.append(
+            f"<details><summary>{_esc(row)}: {len(images)} injected images</summary>"
+            f'<table class="injected" data-row="{_esc(row)}"><tr><th class="l">image</th><th class="l">defect</th>'
+            f'<th>from ratio</th>{head}</tr>{"".join(lines)}</table></details>'
+        )
+    methods = sorted({m for m, _, _ in summary})
+    ratios = sorted({x for _, _, x in summary})
+    rows_html = []
+    for m in methods:
+        vals = []
+        for x in ratios:
+            per_row = [float(np.mean(v)) for (mm, _, xx), v in summary.items() if mm == m and xx == x and v]
+            vals.append(f"<td>{fmt_metric(float(np.mean(per_row)) if per_row else float('nan'))}</td>")
+        rows_html.append(f'<tr><td class="l">{_esc(m)}</td>{"".join(vals)}</tr>')
+    overview = (
+        '<table class="injected-summary"><tr><th class="l">method</th>'
+        + "".join(f"<th>ratio {x:g}</th>" for x in ratios)
+        + "</tr>"
+        + "".join(rows_html)
+        + "</table>"
+    )
+    return (
+        "<h3>noisy: the injected images</h3>"
+        '<p class="note">Each injected image was a defective test part handed to the method as good. Below: the share '
+        "of the cell's good test parts that score lower than it (mean over the injected images the method trained "
+        "on, then over categories). 1.00: the method still ranks it above every good part (it resisted the noise); "
+        "near 0: it scores like the images the method learnt from (it learnt the defect as normal). ⚑: above the "
+        "method's own threshold; (held out): the image fell in the calibration hold-out, not in training, and is "
+        "left out of the means.</p>" + overview + "".join(details)
+    )
+
+
+def _settings_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
+    """The settings section: per setting, its curves (SVG) and the numbers under them."""
+    curves = setting_curves(runs, CURVE_METRICS)
+    if not curves:
+        return ""
+    out = [
+        '<section id="settings"><h2>Settings: shots, noise, labelled anomalies</h2>',
+        '<p class="note">The survey\'s manufacturing settings, as its benchmark (IM-IAD) runs them. Few-shot: k good '
+        "training images per category. Noisy: defective test images join the training set labelled good, at a ratio "
+        "of the clean training count (at most 75 % of a category's test anomalies), and leave the test set. "
+        "Semi-supervised: k labelled defects per category move from test to training (same cap); a method that "
+        "cannot use labels trains on the good images only. Lines: one per method; dashed: the same method in the "
+        "vanilla setting. † a mean over fewer categories.</p>",
+    ]
+    by_setting: dict[str, list[SettingCurve]] = defaultdict(list)
+    for c in curves:
+        by_setting[c.setting].append(c)
+    names = {"few_shot": "few-shot", "noisy": "noisy training data", "semi_supervised": "semi-supervised"}
+    for setting, cs in by_setting.items():
+        out.append(f'<h3>{_esc(names.get(setting, setting))}: metric against {_esc(cs[0].axis_label)}</h3>')
+        out.append(f'<div class="curves" data-setting="{_esc(setting)}">{_curve_svg(cs)}</div>')
+        for c in cs:
+            out.append(f'<p class="note">{_esc(c.title)}, mean over categories</p>{_curve_table_html(c)}')
+            per_row = "".join(f"<h4>{_esc(row)}</h4>{_curve_table_html(c, row)}" for row in c.rows)
+            out.append(f"<details><summary>{_esc(c.title)} per category</summary>{per_row}</details>")
+        if setting == "noisy":
+            out.append(_injected_html(db, runs))
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _settings_overview_html(runs: list[dict[str, Any]]) -> str:
+    """Each setting's mean I-AUROC per method: a row per setting (the leaderboard's summary)."""
+    ov = settings_overview(runs, "image_auroc")
+    if ov is None:
+        return ""
+    out = [f'<table class="settings-overview" data-metric="{ov.metric}"><tr><th class="l">setting</th>']
+    out += [f"<th>{_esc(m)}</th>" for m in ov.methods] + ["</tr>"]
+    for s in ov.settings:
+        vals = ov.values[s]
+        finite = [v for v in vals.values() if not is_nan(v)]
+        cells = []
+        for m in ov.methods:
+            v = vals[m]
+            best = len(finite) > 1 and not is_nan(v) and v == max(finite)
+            mark = "†" if (s, m) in ov.incomplete else ""
+            cells.append(f'<td{" class=best" if best else ""}>{fmt_metric(v)}{mark}</td>')
+        out.append(f'<tr><td class="l">{_esc(s)}</td>{"".join(cells)}</tr>')
+    out.append("</table>")
+    return f"<h3>{_esc(ov.title)} by setting (mean over categories)</h3>" + "".join(out)

@@ -15,12 +15,14 @@ caught, because they mean "stop", and the interrupted cell simply stays 'running
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import socket
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +32,7 @@ import torch
 
 from iadkit.bench.config import BenchConfig, Cell, expand, import_modules
 from iadkit.bench.db import CellResult, Overlay, ResultsDB, now_iso
-from iadkit.errors import IadkitError
+from iadkit.errors import CalibrationWarning, IadkitError
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,10 @@ def _load_split_cached(cell: Cell) -> tuple[list[Any], list[Any]]:
     from iadkit.bench.config import canonical_json
     from iadkit.bench.datasets import load_split
 
-    key = (cell.dataset, cell.category, canonical_json(cell.subsample))
+    key = (cell.dataset, cell.category, canonical_json([cell.subsample, cell.dataset_options]))
     if key not in _split_cache:
         _split_cache.clear()
-        _split_cache[key] = load_split(cell.dataset, cell.category, cell.subsample)
+        _split_cache[key] = load_split(cell.dataset, cell.category, cell.subsample, cell.dataset_options)
     train, test = _split_cache[key]
     return list(train), list(test)
 
@@ -107,13 +109,24 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
         stage("fit")
         model = Model.create(cell.method, image_size=cell.image_size, **method_params(cell))
         note = check_combination(cell.setting, model.detector, train)
-        if note:
+        if note:  # said here, once per cell; the training set below no longer needs it said
             log.info("%s: %s", cell.describe(), note)
+        fit_train, calibration = training_and_calibration(model, train, cell.seed)
         model.to(resolve_device(cell.device))
-        with PeakMemory() as fit_memory, Timer() as fit_timer:
-            # the API's default hold-out (10 % when >= 10 images remain), as users get it
-            model.fit(train, target_fpr=TARGET_FPR, seed=cell.seed, progress=False)
+        with PeakMemory() as fit_memory, Timer() as fit_timer, warnings.catch_warnings():
+            # A coarse calibration is recorded with the cell (operating_point.n_calibration)
+            # and shown in the report; a warning per cell would only flood the log.
+            warnings.simplefilter("ignore", CalibrationWarning)
+            model.fit(
+                fit_train,
+                calibration=calibration,
+                calibration_fraction=None if calibration else 0.0,
+                target_fpr=TARGET_FPR,
+                seed=cell.seed,
+                progress=False,
+            )
         result.n_train, result.n_test = int(model.info["n_train"]), len(test)
+        result.setting_info = setting_info(model, train, fit_train, calibration, note, cell.batch_size)
         model.info.update(dataset=cell.dataset, category=cell.category)
         stage("evaluate")
         evaluation = evaluate(model, test, batch_size=cell.batch_size, keep_maps=cell.gallery_size > 0)
@@ -146,6 +159,53 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
         log.debug("cell %s failed", cell.describe(), exc_info=True)
     result.finished = now_iso()
     return result
+
+
+def training_and_calibration(model: Any, train: list[Any], seed: int) -> tuple[list[Any], list[Any] | None]:
+    """What `Model.fit` would train and calibrate on by default (the method's usable images;
+    10 % of the good ones held out when >= 10 remain), made explicit so that the cell knows
+    where each training image went (an injected noisy image may land in the hold-out)."""
+    from iadkit.model import DEFAULT_CALIBRATION_FRACTION, MIN_TRAIN_FOR_HOLDOUT, split_calibration
+    from iadkit.settings import usable_training
+
+    usable = usable_training(model.detector, train)
+    if not usable:
+        raise CellError(f"{model.detector.name} needs good training images; the setting left labelled defects only")
+    return split_calibration(usable, DEFAULT_CALIBRATION_FRACTION, seed, MIN_TRAIN_FOR_HOLDOUT)
+
+
+def setting_info(
+    model: Any, train: list[Any], fit_train: list[Any], calibration: list[Any] | None, note: str | None, batch_size: int
+) -> dict[str, Any]:
+    """What the setting gave this cell: the training counts, the combination note, and each
+    injected noisy image with the fitted model's score on it (a method that resists the
+    noise still scores it as a defect; one that absorbed it scores it like a good part)."""
+    from iadkit.settings import injected_noise
+    from iadkit.types import ANOMALOUS, GOOD
+
+    info: dict[str, Any] = {
+        "n_good": sum(1 for s in train if s.label == GOOD),
+        "n_labelled_anomalous": sum(1 for s in train if s.label == ANOMALOUS),
+        "n_calibration": len(calibration or []),
+    }
+    if note:
+        info["note"] = note
+    injected = injected_noise(train)
+    if injected:
+        trained_on = {s.path for s in fit_train}
+        scores = model.predict(injected, batch_size=batch_size, keep_maps=False).scores
+        thr = model.threshold.value if model.threshold is not None else None
+        info["injected"] = [
+            {
+                "path": s.path,
+                "defect_type": s.defect_type or "",
+                "role": "train" if s.path in trained_on else "calibration",
+                "score": float(v),
+                "flagged": None if thr is None else bool(v > thr),
+            }
+            for s, v in zip(injected, scores)
+        ]
+    return info
 
 
 def operating_point(model: Any, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any] | None:
@@ -230,16 +290,27 @@ def run_benchmark(
     retry_failed: bool = False,
     progress: bool | None = None,
     workers: int = 1,
+    poll_seconds: float = 2.0,
 ) -> BenchmarkSummary:
     """Run every unfinished cell of `config` and store the results in `db_path` (SQLite).
 
-    `workers` > 1 runs that many cells at once in local processes (executor "local").
+    The whole grid is checked first (`validate_grid`): a mistake in any cell stops the run
+    before the first cell starts. `workers` > 1 runs that many cells at once in local
+    processes (executor "local"). Several runs may work on one database at once: each
+    claims a cell before starting it (`ResultsDB.claim`), so they share the grid instead
+    of running it twice, and a run whose own cells are finished waits (polling every
+    `poll_seconds`) for the cells others still hold, taking over those of a run that died.
+    `progress`: None or True shows a bar on a terminal and a plain line per cell otherwise
+    (a log file, CI); False shows nothing.
     """
     from iadkit.bench.config import canonical_json
+    from iadkit.bench.db import Claimant
     from iadkit.bench.executors import make_executor
 
-    cells = expand(config)
+    cells = validate_grid(config)
     summary = BenchmarkSummary(db_path=Path(db_path), cells=cells)
+    me = Claimant.here()
+    ex = make_executor(executor, address=address, workers=workers)  # a wrong executor: before the database
     with ResultsDB(db_path) as db:
         db.set_meta("config", canonical_json(config.model_dump()))
         todo, summary.skipped = plan(cells, db, retry_failed=retry_failed)
@@ -249,27 +320,165 @@ def run_benchmark(
             if failed_before and not retry_failed:
                 note += f" ({failed_before} failed earlier; use --retry-failed to rerun them)"
             log.info(note)
-        ex = make_executor(executor, address=address, workers=workers)
-        with CellProgress(len(cells), done=summary.skipped, enabled=progress) as bar:
-            for result in ex.run(todo, on_start=lambda c: (db.mark_running(c), bar.start(c)), on_stage=bar.stage):
-                db.record(result)
-                summary.ran += 1
-                if result.status == "failed":
-                    summary.failed.append(result)
-                    bar.note(f"[red]failed[/red] {result.cell.describe()}: {result.error}")
-                bar.finish(result)
+        # Only cells that had failed before this run are retried, once: not those that fail
+        # now, in this run or in a concurrent one.
+        retry = {cid for cid, st in db.statuses().items() if st == "failed"} if retry_failed else set()
+        heart = _Heartbeat(Path(db_path), me)
+        try:
+            with CellProgress(len(cells), done=summary.skipped, enabled=progress) as bar:
+                waiting_said = False
+                while todo:
+                    claimed = (c for c in todo if db.claim(c, me, retry_failed=c.cell_id in retry))
+                    for result in ex.run(claimed, on_start=bar.start, on_stage=bar.stage):
+                        db.record(result)
+                        summary.ran += 1
+                        if result.status == "failed":
+                            summary.failed.append(result)
+                            bar.note(f"failed {result.cell.describe()}: {result.error}")
+                        bar.finish(result)
+                    # What is left is held by other live runs (or was freed by one that died).
+                    retry.clear()
+                    statuses = db.statuses()
+                    todo = [c for c in todo if statuses.get(c.cell_id) not in ("done", "failed")]
+                    if todo:
+                        if not waiting_said:
+                            holders = sorted(set(db.claimed_elsewhere(me).values()))
+                            who = ", ".join(h.replace("|", " pid ", 1).rsplit("|", 1)[0] for h in holders) or "another run"
+                            log.info("waiting for %d cell(s) that another benchmark run (%s) is working on", len(todo), who)
+                            waiting_said = True
+                        time.sleep(poll_seconds)
+        finally:
+            heart.stop()
+            db.release(me)
     return summary
 
 
+def validate_grid(config: BenchConfig) -> list[Cell]:
+    """Check every cell of the grid before any runs, and return the cells (`expand`).
+
+    One `BenchConfigError` lists every problem found: unknown method (with the closest
+    names), hyper-parameters the method refuses, an image size that is not a positive
+    size, an unknown setting or setting parameter, a dataset source that does not exist,
+    lacks a listed category or does not take a listed option, an unusable device; then
+    what `expand` refuses (the same cell twice).
+    """
+    import difflib
+    import inspect
+
+    from iadkit.bench.config import BenchConfigError, _size
+    from iadkit.bench.datasets import list_source_categories
+    from iadkit.model import Model, check_device
+    from iadkit.settings import get_setting
+
+    import_modules(config.imports)  # plugins register methods, settings and sources
+    problems: list[str] = []
+    for m in config.methods:
+        default = m.image_size if m.image_size is not None else config.image_size
+        sizes = {json.dumps(_size_or_raw(m.image_size_for.get(ds.scheme, default))) for ds in config.datasets}
+        for size in (json.loads(text) for text in sorted(sizes)):
+            try:
+                Model.create(m.name, image_size=_size(size), **{"seed": 0, **m.params}).detector.validate()
+            except IadkitError as exc:
+                problems.append(f"method {m.name} (image size {size}): {exc}")
+            except (TypeError, ValueError) as exc:
+                problems.append(f"method {m.name}: image size {size!r} is not a size in pixels ({exc})")
+    for st in config.settings:
+        try:
+            inspect.signature(get_setting(st.name)).bind([], [], seed=0, **st.params)
+        except IadkitError as exc:
+            problems.append(f"setting: {exc}")
+        except TypeError as exc:
+            problems.append(f"setting {st.name!r}: {exc}")
+    for ds in config.datasets:
+        try:
+            known = list_source_categories(ds.source)
+            if ds.options:
+                problems.extend(f"dataset {ds.source!r}: {p}" for p in _reader_option_problems(ds.source, ds.options))
+        except IadkitError as exc:
+            problems.append(f"dataset {ds.source!r}: {exc}")
+            continue
+        for category in ds.categories or []:
+            if category not in known:
+                close = difflib.get_close_matches(category, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"dataset {ds.source!r}: no category {category!r}{hint}; it has: {', '.join(known)}")
+    if config.device != "auto":
+        try:
+            check_device(config.device)
+        except IadkitError as exc:
+            problems.append(f"device: {exc}")
+    if problems:
+        unique = list(dict.fromkeys(problems))
+        raise BenchConfigError(f"the benchmark grid has {len(unique)} problem(s); nothing was run:\n  " + "\n  ".join(unique))
+    return expand(config)
+
+
+def _size_or_raw(size: Any) -> Any:
+    return list(size) if isinstance(size, tuple) else size
+
+
+def _reader_option_problems(source: str, options: dict[str, Any]) -> list[str]:
+    from iadkit.data.layouts import _custom, detect_layout, layout_options, parse_source
+
+    if _custom(source) is not None:
+        return []
+    layout, location = parse_source(source)
+    if layout == "auto":
+        layout = detect_layout(location)
+    allowed = layout_options(layout)
+    unknown = sorted(set(options) - set(allowed))
+    if not unknown:
+        return []
+    return [f"option(s) {', '.join(unknown)} not understood by the {layout} reader; it accepts: {', '.join(allowed) or 'none'}"]
+
+
+class _Heartbeat:
+    """Renews a run's claims every `HEARTBEAT_SECONDS` from a thread with its own connection,
+    so other runs see it is alive even while a long cell holds the main thread."""
+
+    def __init__(self, db_path: Path, me: Any) -> None:
+        import threading
+
+        from iadkit.bench.db import HEARTBEAT_SECONDS
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, args=(db_path, me, HEARTBEAT_SECONDS), name="iadkit-bench-heartbeat", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self, db_path: Path, me: Any, every: float) -> None:
+        import sqlite3
+
+        while not self._stop.wait(every):
+            try:
+                with ResultsDB(db_path) as db:
+                    db.heartbeat(me)
+            except (sqlite3.Error, IadkitError):  # busy: the next beat will do
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class CellProgress:
-    """One bar: cells done out of the grid, and what the current cell is doing."""
+    """Cells done out of the grid and what the current cell is doing: a bar on a terminal,
+    a plain line per started and finished cell otherwise (a log file or CI shows progress too).
+
+    `enabled`: None or True as above, False silent.
+    """
 
     def __init__(self, total: int, *, done: int = 0, enabled: bool | None = None) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = Console(stderr=True)
-        enabled = sys.stderr.isatty() if enabled is None else enabled
+        on = enabled is not False
+        self.plain = on and not sys.stderr.isatty()
+        self.total, self.done = total, done
+        self._t0 = time.perf_counter()
+        self._started: dict[str, float] = {}
         self.progress = Progress(
             TextColumn("[bold]benchmark"),
             BarColumn(),
@@ -277,7 +486,7 @@ class CellProgress:
             TimeElapsedColumn(),
             TextColumn("{task.fields[current]}"),
             console=self.console,
-            disable=not enabled,
+            disable=not on or self.plain,
         )
         self.task = self.progress.add_task("benchmark", total=total, completed=done, current="")
         self._current = ""
@@ -289,16 +498,28 @@ class CellProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)  # type: ignore[arg-type]
 
+    def _line(self, text: str) -> None:
+        print(f"benchmark [{self.done}/{self.total}, {time.perf_counter() - self._t0:.0f} s] {text}", file=sys.stderr, flush=True)
+
     def start(self, cell: Cell) -> None:
         self._current = cell.describe()
+        self._started[cell.cell_id] = time.perf_counter()
         self.progress.update(self.task, current=self._current)
+        if self.plain:
+            self._line(f"started {self._current}")
 
     def stage(self, cell: Cell, name: str) -> None:
         self.progress.update(self.task, current=f"{cell.describe()} · {name}")
 
     def note(self, text: str) -> None:
-        if not self.progress.disable:
-            self.progress.console.print(text)
+        if self.plain:
+            self._line(text)
+        elif not self.progress.disable:
+            self.progress.console.print(text, highlight=False, markup=False)
 
     def finish(self, result: CellResult) -> None:
+        self.done += 1
         self.progress.update(self.task, advance=1)
+        if self.plain:
+            took = time.perf_counter() - self._started.pop(result.cell.cell_id, time.perf_counter())
+            self._line(f"{result.status} {result.cell.describe()} in {took:.1f} s")

@@ -9,6 +9,7 @@ comparable with the others.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -119,7 +120,8 @@ def metric_tables(runs: list[dict[str, Any]], metrics: Iterable[str] | None = No
     done = [r for r in runs if r["status"] == "done"]
     wanted = list(metrics) if metrics is not None else list(METRICS)
     tables = []
-    for setting in sorted({setting_label(r) for r in done}):
+    order = {setting_label(r): setting_sort_key(r) for r in done}
+    for setting in sorted(order, key=order.__getitem__):
         in_setting = [r for r in done if setting_label(r) == setting]
         methods = list(dict.fromkeys(method_label(r, runs) for r in in_setting))
         row_order = list(dict.fromkeys(row_label(r) for r in in_setting))
@@ -201,12 +203,23 @@ def leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_aur
 
     Methods are the rows here (the HTML report has categories as rows) because category
     names are short and method names long: ten methods still fit an 80-column terminal.
+
+    A grid with several settings first gets each setting's mean (`settings_leaderboard`), then
+    the per-category tables of the reference setting (vanilla) only; the HTML report has the
+    others.
     """
     from rich import box
     from rich.table import Table
 
-    out = []
-    for t in metric_tables(runs, metrics):
+    metrics = list(metrics)
+    tables = metric_tables(runs, metrics)
+    out: list[Any] = []
+    settings = list(dict.fromkeys(t.setting for t in tables))
+    if len(settings) > 1:
+        out += settings_leaderboard(runs, metrics)
+        shown = REFERENCE_SETTING if REFERENCE_SETTING in settings else settings[0]
+        tables = [t for t in tables if t.setting == shown]
+    for t in tables:
         labels = [label for label, _ in t.rows]
         cats = [label.split(" / ", 1)[1] for label in labels]
         heads = cats if len(set(cats)) == len(cats) else [lbl.replace(" / ", "/") for lbl in labels]
@@ -245,3 +258,204 @@ def leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_aur
 def _cell(v: float, best: bool) -> str:
     s = fmt_metric(v)
     return f"[bold green]{s}[/bold green]" if best and not is_nan(v) else s
+
+
+# -- settings: the survey's curves -------------------------------------------------------------
+# The settings drawn as curves, with the parameter on the x axis. The survey's tables
+# (IM-IAD: few-shot at 1/2/4/8 shots, noise ratio 0-0.20, 1-10 labelled anomalies) are
+# these curves read at their points; the vanilla value of each method is the reference.
+CURVE_AXES: dict[str, tuple[str, str]] = {
+    "few_shot": ("k", "normal shots per category (k)"),
+    "noisy": ("ratio", "noise ratio (injected / clean training images)"),
+    "semi_supervised": ("k", "labelled anomalies per category (k)"),
+}
+REFERENCE_SETTING = "vanilla"
+
+
+def setting_sort_key(run: dict[str, Any]) -> tuple[Any, ...]:
+    """A run's setting in reading order: vanilla first, then by setting name, then by its
+    non-numeric parameters (few_shot before few_shot with augment=True), then by its numbers
+    as numbers (few_shot(k=2) before few_shot(k=10))."""
+    words: list[tuple[str, str]] = []
+    numbers: list[tuple[str, float]] = []
+    for k, v in sorted((run.get("setting_params") or {}).items()):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            numbers.append((k, float(v)))
+        else:  # a flag, a string, a list
+            words.append((k, json.dumps(v, sort_keys=True)))
+    return (run["setting"] != REFERENCE_SETTING, run["setting"], tuple(words), tuple(numbers))
+
+
+@dataclass
+class SettingCurve:
+    """One setting's metric against its parameter, per series (a method, plus the setting's
+    other parameters when they vary) and per row (dataset / category), seeds averaged."""
+
+    setting: str
+    axis: str  # the parameter on the x axis
+    axis_label: str
+    metric: str
+    xs: list[float]
+    rows: list[str]
+    series: list[str]
+    method_of: dict[str, str]  # series -> method label (for the reference)
+    values: dict[tuple[str, str], dict[float, float]]  # (series, row) -> x -> value
+    reference: dict[tuple[str, str], float]  # (method, row) -> the vanilla value
+    mean: dict[str, dict[float, float]] = field(default_factory=dict)  # series -> x -> mean over rows
+    mean_reference: dict[str, float] = field(default_factory=dict)  # method -> vanilla mean over the same rows
+    incomplete: dict[str, set[float]] = field(default_factory=dict)  # series -> xs whose mean misses a row
+
+    @property
+    def title(self) -> str:
+        return METRICS.get(self.metric, self.metric)
+
+
+def setting_curves(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_auroc",)) -> list[SettingCurve]:
+    """The curves of every setting in `CURVE_AXES` present among the finished runs."""
+    done = [r for r in runs if r["status"] == "done"]
+    out = []
+    for setting, (axis, axis_label) in CURVE_AXES.items():
+        in_setting = [r for r in done if r["setting"] == setting and axis in (r.get("setting_params") or {})]
+        if not in_setting:
+            continue
+        defaults = _setting_defaults(setting)
+
+        def value(r: dict[str, Any], k: str) -> str:
+            return json.dumps(r["setting_params"].get(k, defaults.get(k)), sort_keys=True)
+
+        others = {k for r in in_setting for k in r["setting_params"] if k != axis}
+        varying = sorted(k for k in others if len({value(r, k) for r in in_setting}) > 1)
+
+        def series_of(r: dict[str, Any]) -> str:
+            # a line per method and per value of the setting's other varying parameters;
+            # the default value goes unnamed (few_shot vs few_shot [augment=true])
+            extra = ",".join(
+                f"{k}={r['setting_params'].get(k, defaults.get(k))}"  # as setting_label writes it
+                for k in varying
+                if k not in defaults or value(r, k) != json.dumps(defaults[k], sort_keys=True)
+            )
+            return method_label(r, runs) + (f" [{extra}]" if extra else "")
+
+        for metric in metrics:
+            acc: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+            method_of: dict[str, str] = {}
+            for r in in_setting:
+                v = r["metrics"].get(metric)
+                if is_nan(v):
+                    continue
+                s = series_of(r)
+                method_of[s] = method_label(r, runs)
+                acc[(s, row_label(r))][float(r["setting_params"][axis])].append(float(v))
+            if not acc:
+                continue
+            ref_acc: dict[tuple[str, str], list[float]] = defaultdict(list)
+            for r in done:
+                v = r["metrics"].get(metric)
+                if r["setting"] == REFERENCE_SETTING and not is_nan(v):
+                    ref_acc[(method_label(r, runs), row_label(r))].append(float(v))
+            rows = list(dict.fromkeys(row_label(r) for r in in_setting))
+            series = list(dict.fromkeys(series_of(r) for r in in_setting if (series_of(r), row_label(r)) in acc))
+            curve = SettingCurve(
+                setting=setting,
+                axis=axis,
+                axis_label=axis_label,
+                metric=metric,
+                xs=sorted({x for per_x in acc.values() for x in per_x}),
+                rows=[row for row in rows if any((s, row) in acc for s in series)],
+                series=series,
+                method_of=method_of,
+                values={key: {x: _mean(vs) for x, vs in per_x.items()} for key, per_x in acc.items()},
+                reference={key: _mean(vs) for key, vs in ref_acc.items()},
+            )
+            for s in series:
+                row_set = [row for row in curve.rows if (s, row) in curve.values]
+                curve.mean[s] = {}
+                for x in curve.xs:
+                    vals = [curve.values[(s, row)].get(x, float("nan")) for row in row_set]
+                    curve.mean[s][x] = _mean(vals)
+                    if len(row_set) < len(curve.rows) or any(is_nan(v) for v in vals):
+                        curve.incomplete.setdefault(s, set()).add(x)
+                m = method_of[s]
+                refs = [curve.reference.get((m, row), float("nan")) for row in row_set]
+                if m not in curve.mean_reference and not all(is_nan(v) for v in refs):
+                    curve.mean_reference[m] = _mean(refs)
+            out.append(curve)
+    return out
+
+
+def _setting_defaults(name: str) -> dict[str, Any]:
+    """The default values of a registered setting's parameters ({} for an unknown one, e.g.
+    a plugin setting not imported by the reader of the results)."""
+    import inspect
+
+    from iadkit.settings import available_settings, get_setting
+
+    if name not in available_settings():
+        return {}
+    return {
+        p.name: p.default
+        for p in inspect.signature(get_setting(name)).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+@dataclass
+class SettingsOverview:
+    """Mean of one metric over categories for every (setting, method): a row per setting."""
+
+    metric: str
+    settings: list[str]
+    methods: list[str]
+    values: dict[str, dict[str, float]]  # setting label -> method -> mean
+    incomplete: set[tuple[str, str]] = field(default_factory=set)
+
+    @property
+    def title(self) -> str:
+        return METRICS.get(self.metric, self.metric)
+
+
+def settings_overview(runs: list[dict[str, Any]], metric: str = "image_auroc") -> SettingsOverview | None:
+    """Each setting's mean per method (the leaderboard's summary when a grid has several)."""
+    tables = metric_tables(runs, [metric])  # already in setting order
+    if not tables:
+        return None
+    methods = list(dict.fromkeys(m for t in tables for m in t.methods))
+    ov = SettingsOverview(metric=metric, settings=[t.setting for t in tables], methods=methods, values={})
+    for t in tables:
+        ov.values[t.setting] = {m: t.mean.get(m, float("nan")) for m in methods}
+        ov.incomplete |= {(t.setting, m) for m in t.incomplete}
+    return ov
+
+
+def settings_leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_auroc", "pixel_auroc")) -> list[Any]:
+    """rich Tables: a row per setting, a column per method, each cell the mean over
+    categories; the best method of each row in bold green."""
+    from rich import box
+    from rich.table import Table
+
+    out = []
+    for metric in metrics:
+        ov = settings_overview(runs, metric)
+        if ov is None:
+            continue
+        table = Table(
+            title=f"{ov.title} · mean over categories, by setting",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            padding=(0, 1),
+            collapse_padding=True,
+            pad_edge=False,
+        )
+        table.add_column("setting", no_wrap=True)
+        for m in ov.methods:
+            table.add_column(m, justify="right", no_wrap=True, min_width=6, overflow="ellipsis")
+        for s in ov.settings:
+            vals = ov.values[s]
+            finite = {m: v for m, v in vals.items() if not is_nan(v)}
+            best = max(finite, key=finite.__getitem__) if len(finite) > 1 else None
+            table.add_row(s, *[_cell(vals[m], m == best) + ("†" if (s, m) in ov.incomplete else "") for m in ov.methods])
+        if ov.incomplete:
+            table.caption = "† mean over fewer categories than the others: not comparable"
+            table.caption_justify = "left"
+        out.append(table)
+    return out

@@ -40,14 +40,28 @@ def _run_and_report(
 ) -> Path:
     from iadkit.bench.db import ResultsDB
     from iadkit.bench.report import write_report
-    from iadkit.bench.runner import run_benchmark
+    from iadkit.bench.runner import run_benchmark, validate_grid
     from iadkit.bench.summary import leaderboard
+    from iadkit.files import check_writable_dir, check_writable_file
 
+    validate_grid(config)  # type: ignore[arg-type]  # every cell, before any output is made
+    if executor not in ("local", "ray"):
+        raise IadkitError(f"unknown executor {executor!r}; use local or ray")
     db_path = db or out / "results.db"
+    check_writable_file(db_path, "results database")
+    if report:
+        check_writable_dir(out / "report", "report folder")
     t0 = time.perf_counter()
-    summary = run_benchmark(
-        config, db_path, executor=executor, address=address, retry_failed=retry_failed, workers=workers  # type: ignore[arg-type]
-    )
+    try:
+        summary = run_benchmark(
+            config, db_path, executor=executor, address=address, retry_failed=retry_failed, workers=workers  # type: ignore[arg-type]
+        )
+    except KeyboardInterrupt:
+        console.print(
+            f"[red]interrupted[/red]: finished cells are saved in {db_path}; run the same command again to resume",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
     elapsed = time.perf_counter() - t0
     ids = {c.cell_id for c in summary.cells}
     with ResultsDB(db_path) as rdb:
@@ -67,6 +81,12 @@ def _run_and_report(
     if report:
         path = write_report(db_path, out / "report")
         console.print(f"report: [bold]{path}[/bold]")
+    if n_failed:
+        console.print(
+            f"[red]{n_failed} cell(s) failed[/red] (the others are saved); fix the cause and rerun with --retry-failed",
+            highlight=False,
+        )
+        raise typer.Exit(1)
     return db_path
 
 
@@ -79,13 +99,16 @@ def benchmark(
     executor: str = typer.Option("local", help="local (this process) or ray (one Ray task per cell)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address, e.g. auto or ray://head:10001 (default: start a local Ray)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run cells that failed before again."),
-    workers: int = typer.Option(1, "--workers", "-j", help="With --executor local: cells run at once in separate processes."),
+    workers: int = typer.Option(1, "--workers", "-j", min=1, help="With --executor local: cells run at once in separate processes."),
     method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="With --preset: only these methods (repeatable)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
 ) -> None:
     """Fit and evaluate every cell of a grid, resumably, into one SQLite database.
 
-    A killed run, started again with the same arguments, skips the finished cells.
+    The whole grid and the output locations are checked before the first cell runs. A
+    killed run, started again with the same arguments, skips the finished cells; two runs
+    on the same output share the cells. Exit code 1 when any cell failed (the finished ones
+    are saved; --retry-failed reruns the failed ones).
     Example:  iadkit benchmark --config bench.yaml --out bench-out/mine
     """
     from iadkit.bench.config import BenchConfig, BenchConfigError
@@ -119,8 +142,13 @@ def report_cmd(
 
     Example:  iadkit report bench-out/demo/results.db --out bench-out/demo/report
     """
+    from iadkit.bench.db import ResultsDB
     from iadkit.bench.report import write_report
+    from iadkit.files import check_writable_dir
 
+    with ResultsDB(db, writable=False) as rdb:  # a missing, foreign or damaged file: refused before any output
+        rdb.runs()
+    check_writable_dir(out, "report folder")
     path = write_report(db, out)
     console.print(f"report: [bold]{path}[/bold]")
 

@@ -242,6 +242,9 @@ def synth_cmd(
             f"error: the synthetic generator is not available in this installation ({exc}).", fg=typer.colors.RED, err=True
         )
         raise typer.Exit(1) from None
+    from iadkit.files import check_writable_dir
+
+    check_writable_dir(out, "output folder")  # before generating anything
     kwargs: dict = {"seed": seed, "preset": preset}
     if size is not None:
         kwargs["image_size"] = size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from iadkit.cli import app
-from iadkit.errors import IadkitError, InvalidParameterError
+from iadkit.errors import CalibrationWarning, IadkitError, InvalidParameterError
 
 console = Console()
 
@@ -45,6 +46,25 @@ def expand_images(inputs: list[Path]) -> list[Path]:
     if not files:
         raise IadkitError(f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return files
+
+
+def load_split(data: str, category: str | None, layout: str, *, allow_missing_masks: bool) -> Any:
+    """`load_dataset` with the CLI's options; `allow_missing_masks` only where the layout has it."""
+    import warnings as _warnings
+
+    from iadkit.data.layouts import detect_layout, layout_options, load_dataset, parse_source
+
+    options: dict[str, Any] = {}
+    if allow_missing_masks:
+        resolved, location = parse_source(data, layout)
+        if resolved == "auto":
+            resolved = detect_layout(location)
+        if "allow_missing_masks" in layout_options(resolved):
+            options["allow_missing_masks"] = True
+    with _warnings.catch_warnings():
+        if allow_missing_masks:  # asked for: the count is not news
+            _warnings.filterwarnings("ignore", message=".*allow_missing_masks=True.*")
+        return load_dataset(data, category=category, layout=layout, **options)
 
 
 @app.command("methods")
@@ -108,6 +128,7 @@ def fit(
     data: str = typer.Option(..., "--data", "-d", help="Dataset folder (MVTec/VisA/... layout, auto-detected) or 'elpv'."),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (safetensors + JSON manifest)."),
     category: Optional[str] = typer.Option(None, "--category", "-c", help="Category (product) to train on."),
+    layout: str = typer.Option("auto", "--layout", help="Dataset layout instead of detecting it (see `iadkit data list`)."),
     image_size: int = typer.Option(224, help="Input size in pixels (square)."),
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Hyper-parameter key=value (repeatable)."),
     setting: str = typer.Option("vanilla", help="Data setting, e.g. vanilla, few_shot:k=4 (see the README)."),
@@ -133,10 +154,9 @@ def fit(
     options, the data, and that OUT can be written.
     Example:  iadkit fit -m patchcore -d ./synth -c fabric -o fabric.iad
     """
-    from iadkit.data import load_dataset
     from iadkit.files import check_writable_file
     from iadkit.model import Model
-    from iadkit.settings import apply_setting, check_combination, parse_setting
+    from iadkit.settings import apply_setting, check_combination, parse_setting, usable_training
 
     if out.exists() and not force:
         raise InvalidParameterError(f"{out} exists; pass --force to overwrite it or choose another --out")
@@ -159,18 +179,29 @@ def fit(
     model = Model.create(method, image_size=image_size, **params).to(dev)
     model.detector.validate()
     setting_name, setting_params = parse_setting(setting)
-    split = load_dataset(data, category=category)
+    # Training never reads the test masks: a dataset missing some still trains.
+    split = load_split(data, category, layout, allow_missing_masks=True)
     train, _ = apply_setting(
         setting_name, list(split.train) + list(split.train_anomalous), split.test, seed=seed, params=setting_params
     )
     note = check_combination(setting_name, model.detector, train)
     if note:
         console.print(note, highlight=False)
+    train = usable_training(model.detector, train)  # the note said it: fit need not say it again
     console.print(f"fitting [bold]{method}[/] on {len(train)} training images of {split.name}/{split.category}")
-    model.fit(train, calibration_fraction=calibration_fraction, target_fpr=target_fpr, seed=seed, tile=tile, overlap=overlap)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CalibrationWarning)
+        model.fit(
+            train, calibration_fraction=calibration_fraction, target_fpr=target_fpr, seed=seed, tile=tile, overlap=overlap
+        )
     model.info.update(dataset=str(data), category=split.category, setting=setting)
     model.save(out)
     console.print(f"saved [bold]{out}[/]  threshold: {_threshold_text(model)}", highlight=False)
+    for w in caught:
+        if issubclass(w.category, CalibrationWarning):
+            console.print(f"[yellow]warning:[/yellow] {w.message}", highlight=False)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _threshold_text(model: Any) -> str:
@@ -185,17 +216,9 @@ def _threshold_text(model: Any) -> str:
 
 
 def _check_device(device: str) -> str:
-    import torch
+    from iadkit.model import check_device
 
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise InvalidParameterError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:1 or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameterError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InvalidParameterError(f"--device {device}: Apple MPS is not available here; use --device cpu")
-    return device
+    return check_device(device, "--device")
 
 
 @app.command()
@@ -207,6 +230,7 @@ def predict(
     overlays: bool = typer.Option(True, help="Write heatmap overlay PNGs."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows of an earlier run in OUT; score only the rest."),
+    force: bool = typer.Option(False, "--force", help="Start over in an OUT that holds an earlier run's predictions.csv."),
     executor: str = typer.Option("local", help="local, or ray to shard the files across Ray workers."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (with --executor ray)."),
     device: str = typer.Option("cpu"),
@@ -221,9 +245,24 @@ def predict(
     --resume). Unreadable images are listed with their error; the exit code is then 1.
     Example:  iadkit predict fabric.iad ./new_photos --out preds
     """
-    from iadkit.batch import predict_folder
+    from iadkit.batch import predict_folder, read_scored
+    from iadkit.files import check_writable_dir
     from iadkit.model import Model
+    from iadkit.store import read_manifest
+    from iadkit.thresholds import manual_threshold
 
+    if executor not in ("local", "ray"):
+        raise InvalidParameterError(f"--executor {executor!r}: use local or ray")
+    if executor == "local" and address:
+        raise InvalidParameterError("--address is for the Ray executor; use --executor ray")
+    if threshold is not None:
+        manual_threshold(threshold)  # 'nan' parses as a float: refuse it before any work
+    csv_path = out / "predictions.csv"
+    if csv_path.exists() and not (resume or force):
+        raise InvalidParameterError(
+            f"{out} holds predictions.csv from an earlier run: pass --resume to keep its rows and score the rest, "
+            "--force to start over, or choose another --out"
+        )
     files = expand_images(images)
     model: Any = model_path
     if executor == "local":
@@ -235,25 +274,37 @@ def predict(
             model._check_tiling(model.tiling)
     elif tile is not None or overlap is not None:
         raise InvalidParameterError("--tile/--overlap work with --executor local; Ray workers use the model's own tiling")
-    result = predict_folder(
-        model,
-        files,
-        out,
-        batch_size=batch_size,
-        threshold=threshold,
-        overlays=overlays,
-        resume=resume,
-        executor=executor,
-        address=address,
-        progress=True,
-    )
+    elif executor == "ray":
+        read_manifest(model_path)  # a clear error here, not in every worker
+    check_writable_dir(out, "output folder")  # after the inputs are known to be usable
+    try:
+        result = predict_folder(
+            model,
+            files,
+            out,
+            batch_size=batch_size,
+            threshold=threshold,
+            overlays=overlays,
+            resume=resume,
+            executor=executor,
+            address=address,
+            progress=True,
+        )
+    except KeyboardInterrupt:
+        n_kept = len(read_scored(csv_path))
+        console.print(
+            f"[red]interrupted[/red]: {n_kept} scored image(s) are kept in {csv_path}; run the same command "
+            "with --resume to score the rest",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
     scored = len(result.rows) - len(result.failed)
     verdict = f"{result.n_flagged} of {scored} flagged anomalous" if result.threshold is not None else "no threshold"
     kept = f" ({result.skipped} kept from the earlier run)" if result.skipped else ""
     console.print(f"{scored} images scored{kept}, {verdict}; results in [bold]{out}[/]", highlight=False)
     if result.failed:
         for row in result.failed[:10]:
-            console.print(f"[red]failed[/red] {row['path']}: {row['error']}", highlight=False)
+            console.print(f"[red]failed[/red] {row['path']}: {row['error']}", highlight=False, soft_wrap=True)  # a path is never cut
         more = f" (first 10 shown; all in {out / 'predictions.csv'})" if len(result.failed) > 10 else ""
         console.print(f"[red]{len(result.failed)} image(s) could not be scored[/red]{more}", highlight=False)
         raise typer.Exit(1)
@@ -264,6 +315,10 @@ def evaluate(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file from `iadkit fit`."),
     data: str = typer.Option(..., "--data", "-d", help="Dataset folder or 'elpv' (its test split is used)."),
     category: Optional[str] = typer.Option(None, "--category", "-c"),
+    layout: str = typer.Option("auto", "--layout", help="Dataset layout instead of detecting it (see `iadkit data list`)."),
+    allow_missing_masks: bool = typer.Option(
+        False, "--allow-missing-masks", help="Keep defective test images that have no mask (pixel metrics then unavailable)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON (for scripts)."),
     batch_size: int = typer.Option(16, min=1),
     device: str = typer.Option("cpu"),
@@ -272,12 +327,13 @@ def evaluate(
 
     Example:  iadkit evaluate fabric.iad -d ./synth -c fabric
     """
-    from iadkit.data import load_dataset
     from iadkit.evaluation import evaluate as run_evaluation
     from iadkit.model import Model
 
     model = Model.load(model_path, device=_check_device(device))
-    split = load_dataset(data, category=category if category else model.info.get("category"))
+    split = load_split(
+        data, category if category else model.info.get("category"), layout, allow_missing_masks=allow_missing_masks
+    )
     result = run_evaluation(model, split.test, batch_size=batch_size, progress=not as_json)
     summary = result.summary()
     if as_json:

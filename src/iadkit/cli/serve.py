@@ -38,6 +38,9 @@ def serve(
         None, help="Cut images larger than TILE pixels into tiles at the model's resolution (0: off; default: the model's own)."
     ),
     overlap: Optional[float] = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
+    max_pixels: Optional[int] = typer.Option(
+        None, help="Largest decoded image, height x width (default 80 million, or IADKIT_MAX_PIXELS)."
+    ),
 ) -> None:
     """Serve models over HTTP with a web page to drop images on and see their heat maps.
 
@@ -51,8 +54,11 @@ def serve(
 
     if not 0 < port < 65536:
         raise IadkitError(f"--port must be 1..65535, got {port}")
-    if min(max_file_mb, max_request_mb) <= 0 or max_files < 1:
-        raise IadkitError("--max-file-mb, --max-request-mb and --max-files must be positive")
+    if min(max_file_mb, max_request_mb) <= 0 or max_files < 1 or (max_pixels is not None and max_pixels < 1):
+        raise IadkitError("--max-file-mb, --max-request-mb, --max-files and --max-pixels must be positive")
+    from iadkit.data.io import default_max_pixels
+
+    pixel_limit = max_pixels if max_pixels is not None else default_max_pixels()
     predictors = []
     names: dict[str, Path] = {}
     for arg in models:
@@ -70,6 +76,7 @@ def serve(
         max_request_bytes=int(max_request_mb * 1024 * 1024),
         max_file_bytes=int(max_file_mb * 1024 * 1024),
         max_files=max_files,
+        max_pixels=pixel_limit,
     )
     shown = f"[{host}]" if _is_ipv6(host) else host
     if not _is_loopback(host):

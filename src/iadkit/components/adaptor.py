@@ -17,13 +17,23 @@ import torch
 from torch import nn
 
 
+def xavier_normal_init(module: nn.Module) -> nn.Module:
+    """The authors' code's `init_weight`: xavier-normal weights of every Linear layer (std
+    sqrt(2 / (fan_in + fan_out))), biases left as PyTorch initialises them."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+    return module
+
+
 class FeatureAdaptor(nn.Module):
-    """A linear map C -> C' (SimpleNet's feature adaptor; C' = C by default), with
-    PyTorch's default initialisation (the paper specifies none)."""
+    """A linear map C -> C' (SimpleNet's feature adaptor; C' = C by default), xavier-normal
+    initialised as the authors' code does (the paper specifies none)."""
 
     def __init__(self, channels: int, out_channels: int | None = None) -> None:
         super().__init__()
         self.linear = nn.Linear(channels, out_channels or channels)
+        xavier_normal_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
@@ -44,6 +54,7 @@ class Discriminator(nn.Module):
             nn.LeakyReLU(negative_slope),
         )
         self.tail = nn.Linear(hidden, 1, bias=False)
+        xavier_normal_init(self)  # as the authors' code
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.body(x))[:, 0]
@@ -63,4 +74,4 @@ def truncated_l1_loss(
     return torch.clamp(th_pos - normal_scores, min=0).mean() + torch.clamp(th_neg + anomalous_scores, min=0).mean()
 
 
-__all__ = ["Discriminator", "FeatureAdaptor", "gaussian_feature_noise", "truncated_l1_loss"]
+__all__ = ["Discriminator", "FeatureAdaptor", "gaussian_feature_noise", "truncated_l1_loss", "xavier_normal_init"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +29,6 @@ from iadkit.backbones import get_spec
 from iadkit.backbones.weights import BackboneError
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import IadkitError
-from iadkit.progress import step_bar
 
 
 class TrainingDivergedError(IadkitError, FloatingPointError):
@@ -173,18 +173,27 @@ class ReverseDecoder(nn.Module):
     """RD4AD's student decoder: the encoder's stages in reverse, from the embedding up.
 
     Stage k upsamples (transposed conv) to encoder level k's resolution and channels, then
-    refines with `blocks - 1` more blocks. Returns predictions shallow-to-deep, aligned with
-    the encoder levels they restore.
+    refines with more blocks: `blocks` per stage, an int or one count per stage from the
+    deepest (the official WideResNet-50 decoder has 3, 4, 6; its ResNet-18 decoder 2, 2, 2).
+    Returns predictions shallow-to-deep, aligned with the encoder levels they restore.
     """
 
     def __init__(
-        self, channels: Sequence[int], strides: Sequence[int], *, embed_channels: int, blocks: int = 1
+        self,
+        channels: Sequence[int],
+        strides: Sequence[int],
+        *,
+        embed_channels: int,
+        blocks: int | Sequence[int] = 1,
     ) -> None:
         super().__init__()
         channels, strides = list(channels), list(strides)
+        per_stage = [int(blocks)] * len(channels) if isinstance(blocks, int) else [int(b) for b in blocks]
+        if len(per_stage) != len(channels) or min(per_stage) < 1:
+            raise ValueError(f"decoder blocks: one count >= 1 per encoder level ({len(channels)}), got {blocks}")
         self.stages = nn.ModuleList()
         cin, s_in = embed_channels, strides[-1] * 2
-        for c, s in zip(reversed(channels), reversed(strides)):
+        for c, s, blocks in zip(reversed(channels), reversed(strides), per_stage):
             factor = s_in // s
             if s_in % s:
                 raise ValueError(f"strides must divide each other, got {s} and {s_in}")
@@ -221,40 +230,18 @@ def train_epochs(
     progress: bool = True,
     device: torch.device | str = "cpu",
 ) -> list[float]:
-    """The fixed-schedule epoch loop of the trained feature methods (STFPM, RD4AD, CFA).
+    """`feature_cache.train_on_indices` over images: `step(images)` gets each shuffled batch of
+    preprocessed training images on `device` (the loop of methods that must see the pixels
+    every epoch). Returns the mean loss of each epoch."""
+    from iadkit.components.feature_cache import train_on_indices
 
-    Each epoch visits the training images once in a seeded random order; `step(images)`
-    returns the batch loss, which is back-propagated and applied by `optimizer`. The bar
-    shows the running loss. A batch of one image is skipped when others exist, because
-    batch-norm layers in training mode cannot normalise a single 1x1 map reliably.
-    Returns the mean loss of each epoch (for tests and logs).
-    """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    n = len(train)
-    if n == 0:
-        raise ValueError("no training images")
-    drop_last = n % batch_size == 1 and n > 1
-    per_epoch = train.num_batches(batch_size, drop_last=drop_last)
-    history: list[float] = []
-    with step_bar(epochs * per_epoch, description, enabled=progress) as bar:
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            for batch in train.batches(batch_size, shuffle=True, seed=seed + epoch, drop_last=drop_last):
-                loss = step(batch.images.to(device))
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"{description}: the training loss became {float(loss.detach())} in epoch {epoch + 1}; "
-                        "lower the learning rate"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(batch.images)
-                count += len(batch.images)
-                bar.advance(loss=total / count, epoch=f"{epoch + 1}/{epochs}")
-            history.append(total / max(count, 1))
-    return history
+    def on_indices(idx: np.ndarray) -> torch.Tensor:
+        return step(torch.stack([train.image(int(i)) for i in idx]).to(device))
+
+    return train_on_indices(
+        len(train), on_indices, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
+        description=description, progress=progress,
+    )
 
 
 __all__ = [

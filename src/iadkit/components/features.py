@@ -275,8 +275,18 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "iadkit"
 
 
+class LayerTaps(nn.Module):
+    """The identity head: the layers' maps as they are (a tuple), for caching frozen features."""
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(feats)
+
+    def signature(self) -> dict[str, Any]:
+        return {"kind": "taps"}
+
+
 class _Graph(nn.Module):
-    """What gets exported: images -> embedded feature map, a single tensor."""
+    """What gets exported: images -> the head's output (one tensor, or a tuple of them)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, layers: Sequence[str]) -> None:
         super().__init__()
@@ -284,7 +294,7 @@ class _Graph(nn.Module):
         self.head = head
         self.layers = list(layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
         feats = self.backbone(x)
         return self.head([feats[name] for name in self.layers])
 
@@ -328,11 +338,13 @@ class FeaturePath:
         self._sessions: dict[tuple[int, int], Any] = {}
         self._lock = threading.Lock()
 
-    def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def torch_forward(self, x: torch.Tensor) -> Any:
         feats = self.backbone(x)
         return self.head([feats[name] for name in self.layers])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> Any:
+        """The head's output for images `x`: a tensor, or a tuple of tensors for a head that
+        returns several (`LayerTaps`)."""
         if self.runtime == "torch" or not self._ort_usable(x):
             return self.torch_forward(x)
         if self.runtime == "onnxruntime":
@@ -390,6 +402,9 @@ class FeaturePath:
             return path
         graph = _Graph(self.backbone, self.head, self.layers).eval()
         dummy = torch.zeros(2, 3, *size)
+        with torch.no_grad():
+            probe = graph(dummy)
+        outputs = [f"features_{i}" for i in range(len(probe))] if isinstance(probe, tuple) else ["features"]
         buf = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -398,8 +413,8 @@ class FeaturePath:
                 (dummy,),
                 buf,
                 input_names=["images"],
-                output_names=["features"],
-                dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                output_names=outputs,
+                dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
@@ -436,12 +451,14 @@ class FeaturePath:
             self._sessions[size] = sess
             return sess
 
-    def ort_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def ort_forward(self, x: torch.Tensor) -> Any:
         size = (int(x.shape[-2]), int(x.shape[-1]))
         sess = self.session(size)
         arr = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
-        parts = [sess.run(None, {"images": arr[s : s + self.ort_batch]})[0] for s in range(0, len(arr), self.ort_batch)]
-        return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        runs = [sess.run(None, {"images": arr[s : s + self.ort_batch]}) for s in range(0, len(arr), self.ort_batch)]
+        outs = [torch.from_numpy(r[0] if len(runs) == 1 else np.concatenate(r)) for r in zip(*runs)]
+        multi = len(sess.get_outputs()) > 1 or sess.get_outputs()[0].name != "features"
+        return tuple(outs) if multi else outs[0]
 
     def release(self) -> None:
         """Drop ONNX Runtime sessions (they are rebuilt on demand)."""
@@ -455,6 +472,7 @@ __all__ = [
     "ConcatEmbedding",
     "FeaturePath",
     "FeatureRuntimeError",
+    "LayerTaps",
     "PatchEmbedding",
     "adaptive_pool_matrix",
     "cache_dir",

@@ -26,9 +26,9 @@ import math
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from iadkit.data.transforms import ImageSet
 
 SubnetFactory = Callable[[int, int], nn.Module]
 """`factory(in_channels, out_channels) -> module` building a coupling's sub-network."""
@@ -194,6 +194,86 @@ def coupling_flow(
     return Flow(blocks)
 
 
+class AllInOneCoupling(nn.Module):
+    """One flow step as FrEIA's ``AllInOneBlock`` computes it — the step of the FastFlow
+    reference implementation (gathierry/FastFlow, which anomalib copies), with its defaults
+    (hard permutation, softplus global affine, no GIN, no Householder):
+
+    1. split: x1 = the first ⌈C/2⌉ channels (kept), x2 = the other ⌊C/2⌋;
+    2. a = 0.1 · subnet(x1) (the whole output scaled down, for stability);
+       s = clamp · tanh(a_s), x2 ← x2 · exp(s) + a_t; log-det += Σ s;
+    3. a learned per-channel global affine y = x · γ + β with γ = 0.1 · softplus_{β=0.5}(g),
+       initialised to γ = 1, β = 0; log-det += H·W · Σ_c log γ_c;
+    4. a fixed random permutation of the channels (seeded; log-det 0).
+
+    Unlike `AffineCoupling`, the sub-network keeps its default initialisation (the 0.1 factor
+    makes the step start near the identity).
+    """
+
+    def __init__(self, channels: int, subnet_factory: SubnetFactory, *, clamp: float = 2.0, seed: int = 0) -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"a coupling needs at least 2 channels, got {channels}")
+        self.channels = int(channels)
+        self.split = self.channels - self.channels // 2
+        self.clamp = float(clamp)
+        self.subnet = subnet_factory(self.split, 2 * (self.channels - self.split))
+        init = 2.0 * math.log(math.exp(0.5 * 10.0 * 1.0) - 1.0)  # softplus^-1 of gamma = 1
+        self.global_scale = nn.Parameter(torch.full((1, self.channels, 1, 1), init))
+        self.global_offset = nn.Parameter(torch.zeros(1, self.channels, 1, 1))
+        g = torch.Generator().manual_seed(int(seed))
+        self.register_buffer("perm", torch.randperm(self.channels, generator=g))
+
+    def _gamma(self) -> torch.Tensor:
+        return 0.1 * F.softplus(self.global_scale, beta=0.5)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x1, x2 = x[:, : self.split], x[:, self.split :]
+        a = 0.1 * self.subnet(x1)
+        c2 = x2.shape[1]
+        s = self.clamp * torch.tanh(a[:, :c2])
+        y = torch.cat([x1, x2 * torch.exp(s) + a[:, c2:]], dim=1)
+        gamma = self._gamma()
+        y = y * gamma + self.global_offset
+        n_pixels = y[0, :1].numel()
+        logdet = _sum_except_batch(s) + n_pixels * torch.log(gamma).sum()
+        return y[:, self.perm], logdet
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        y = y[:, torch.argsort(self.perm)]
+        y = (y - self.global_offset) / self._gamma()
+        x1, y2 = y[:, : self.split], y[:, self.split :]
+        a = 0.1 * self.subnet(x1)
+        c2 = y2.shape[1]
+        s = self.clamp * torch.tanh(a[:, :c2])
+        return torch.cat([x1, (y2 - a[:, c2:]) * torch.exp(-s)], dim=1)
+
+
+class SampleLayerNorm(nn.Module):
+    """``nn.LayerNorm`` over each sample's whole [C, H, W] map with an elementwise affine — the
+    normalisation the FastFlow reference puts before each level's flow (trainable, and not part
+    of the flow's Jacobian). The affine's shape is the feature map's, known only from the data:
+    it is created at the first training batch (`initialise`), and a saved model restores it."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.empty(0))
+        self.bias = nn.Parameter(torch.empty(0))
+
+    def initialise(self, shape: Sequence[int]) -> None:
+        self.weight = nn.Parameter(torch.ones(*shape, device=self.weight.device))
+        self.bias = nn.Parameter(torch.zeros(*shape, device=self.bias.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(self.weight.shape) != tuple(x.shape[1:]):
+            raise ValueError(
+                f"the flow's layer norm was fitted on feature maps {tuple(self.weight.shape)}, got "
+                f"{tuple(x.shape[1:])}: predict at the training image size"
+            )
+        return F.layer_norm(x, tuple(x.shape[1:]), self.weight, self.bias, self.eps)
+
+
 def level_flows(channels: Sequence[int], build: Callable[[int, int], Flow], seed: int) -> nn.ModuleList:
     """One flow per feature level, ``build(level_channels, seed + level)``.
 
@@ -219,15 +299,19 @@ def zero_last_layer(module: nn.Module) -> nn.Module:
     return module
 
 
-def conv_subnet(in_channels: int, out_channels: int, hidden_channels: int, kernel_size: int) -> nn.Module:
-    """FastFlow's sub-network: conv(k) -> ReLU -> conv(k), 'same' padding."""
+def conv_subnet(
+    in_channels: int, out_channels: int, hidden_channels: int, kernel_size: int, *, zero_init: bool = True
+) -> nn.Module:
+    """FastFlow's sub-network: conv(k) -> ReLU -> conv(k), 'same' padding; the last conv starts
+    at zero with `zero_init` (identity-start couplings) or keeps PyTorch's default initialisation
+    (the reference's, whose `AllInOneCoupling` scales the output by 0.1 instead)."""
     pad = kernel_size // 2
     net = nn.Sequential(
         nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=pad),
         nn.ReLU(inplace=True),
         nn.Conv2d(hidden_channels, out_channels, kernel_size, padding=pad),
     )
-    return zero_last_layer(net)
+    return zero_last_layer(net) if zero_init else net
 
 
 def mlp_subnet(in_channels: int, out_channels: int, hidden_channels: int) -> nn.Module:
@@ -281,29 +365,6 @@ def standardized_features(
     return [norm(feats[layer]) for norm, layer in zip(standardizers, layers)]
 
 
-@torch.no_grad()
-def fit_standardized_features(
-    backbone: FeatureFn,
-    layers: Sequence[str],
-    standardizers: Sequence[ChannelStandardizer],
-    train: ImageSet,
-    batch_size: int,
-    device: torch.device | str = "cpu",
-) -> list[torch.Tensor]:
-    """Run the frozen backbone once over the training images, fit each level's standardizer on
-    all of its maps, and return the standardised maps [N, C, H, W] per level.
-
-    The flows train on these cached maps: the backbone is frozen and the images are not
-    augmented, so every epoch would compute the same features again.
-    """
-    raw: list[list[torch.Tensor]] = [[] for _ in layers]
-    for batch in train.batches(batch_size):
-        feats = backbone(batch.images.to(device))
-        for i, layer in enumerate(layers):
-            raw[i].append(feats[layer])
-    return [norm.fit(torch.cat(r)) for norm, r in zip(standardizers, raw)]
-
-
 def gaussian_log_likelihood(z: torch.Tensor, logdet: torch.Tensor | None = None, *, dim: int = 1) -> torch.Tensor:
     """log N(z; 0, I) summed over `dim` (+ logdet): the exact log p(x) of a flow.
 
@@ -322,6 +383,8 @@ def flow_nll(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "AffineCoupling",
+    "AllInOneCoupling",
+    "SampleLayerNorm",
     "ChannelStandardizer",
     "FixedChannelMix",
     "Flow",
@@ -330,7 +393,6 @@ __all__ = [
     "conv_subnet",
     "coupling_flow",
     "FeatureFn",
-    "fit_standardized_features",
     "flow_nll",
     "gaussian_log_likelihood",
     "level_flows",

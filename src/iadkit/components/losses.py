@@ -7,10 +7,12 @@ Feature-matching losses of the distillation and hypersphere families:
   through a scale-free distance. STFPM writes it as ``½‖t̂ − ŝ‖²`` of the L2-normalised
   vectors, RD4AD as ``1 − cos(t, s)``. The two are the same number, because for unit vectors
   ``½‖t̂ − ŝ‖² = ½(2 − 2 t̂·ŝ) = 1 − cos(t, s)``; so both methods share `cosine_distance_map`
-  (per position, also their anomaly map) and `multilevel_cosine_loss` (the training loss:
-  the per-position distance averaged over positions, summed over levels — STFPM's
-  ``Σ_l 1/(H_l W_l) Σ_ij ½‖t̂ − ŝ‖²`` and RD4AD's ``Σ_k 1/(H_k W_k) Σ_hw (1 − cos)``,
-  each also averaged over the batch).
+  (per position, also their anomaly map). The training losses differ in their constant and
+  averaging, which set the effective step at a given learning rate:
+  `multilevel_cosine_loss` = Σ_l mean_{b,h,w}(1 − cos) — the papers' per-position formulas
+  averaged over the batch; `pyramid_matching_loss` = Σ_l mean_{b,h,w} ‖t̂ − ŝ‖² = 2x that —
+  STFPM's authors' code (no ½); `flattened_cosine_loss` = Σ_l mean_b(1 − cos(vec t, vec s)) —
+  RD4AD's official code and anomalib, the cosine of each whole C·H·W map.
 
 - *Coupled hyperspheres* (CFA): a soft-boundary attraction of each adapted patch feature to
   its K nearest memory features and a repulsion from the next J (hard negatives).
@@ -54,6 +56,24 @@ def multilevel_cosine_loss(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -
     if not pairs:
         raise ValueError("multilevel_cosine_loss needs at least one pair of feature maps")
     return torch.stack([cosine_distance_map(t, s).mean() for t, s in pairs]).sum()
+
+
+def pyramid_matching_loss(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """STFPM as its authors' code trains it: Σ over levels of the mean over batch and positions
+    of ``‖t̂ − ŝ‖²`` (squared distance of the channel-normalised vectors, without the paper's ½),
+    i.e. 2x `multilevel_cosine_loss`."""
+    if not pairs:
+        raise ValueError("pyramid_matching_loss needs at least one pair of feature maps")
+    return torch.stack([2.0 * cosine_distance_map(t, s).mean() for t, s in pairs]).sum()
+
+
+def flattened_cosine_loss(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """RD4AD's official loss: per sample, 1 − cos between the whole flattened C·H·W maps, averaged
+    over the batch and summed over levels. One similarity per map: positions with large feature
+    norms dominate it, unlike the per-position form."""
+    if not pairs:
+        raise ValueError("flattened_cosine_loss needs at least one pair of feature maps")
+    return torch.stack([(1.0 - F.cosine_similarity(t.flatten(1), s.flatten(1), dim=1)).mean() for t, s in pairs]).sum()
 
 
 def coupled_hypersphere_loss(
@@ -414,9 +434,11 @@ __all__ = [
     "cosine_distance_map",
     "coupled_hypersphere_loss",
     "deviation_loss",
+    "flattened_cosine_loss",
     "focal_loss",
     "gaussian_window",
     "multilevel_cosine_loss",
+    "pyramid_matching_loss",
     "ssim",
     "ssim_loss",
     "ssim_map",

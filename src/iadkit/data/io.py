@@ -56,8 +56,25 @@ DEFAULT_MAX_PIXELS = 80_000_000
 """Largest image (height x width) read by default: 80 megapixels, about a 9000 x 9000 frame.
 
 Larger files are far above any inspection camera and are more likely a decompression bomb
-or a wrong file; pass ``max_pixels=`` explicitly to read one anyway.
+or a wrong file; pass ``max_pixels=`` explicitly to read one anyway, or set the environment
+variable ``IADKIT_MAX_PIXELS`` (what the command line reads: it changes this default for
+every command; ``iadkit serve`` has ``--max-pixels``).
 """
+
+MAX_PIXELS_ENV = "IADKIT_MAX_PIXELS"
+
+
+def default_max_pixels() -> int:
+    """The size guard in force when none is passed: ``IADKIT_MAX_PIXELS`` when set, else
+    :data:`DEFAULT_MAX_PIXELS`."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        from iadkit.errors import InvalidParameterError
+
+        raise InvalidParameterError(f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r}: give a positive number of pixels")
+    return int(text)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes (lower case) that dataset readers treat as images."""
@@ -116,11 +133,14 @@ def _is_tiff(head: bytes) -> bool:
 
 
 def _check_pixels(path: Path, height: int, width: int, max_pixels: int | None) -> None:
+    if max_pixels == DEFAULT_MAX_PIXELS:
+        max_pixels = default_max_pixels()
     if max_pixels is not None and height * width > max_pixels:
         raise _fail(
             path,
             f"image is {width}x{height} = {height * width:,} pixels, above the limit of {max_pixels:,} "
-            "(guard against decompression bombs). If the file is genuine, pass max_pixels= a larger value.",
+            "(guard against decompression bombs). If the file is genuine, raise the limit: max_pixels= in Python, "
+            f"the environment variable {MAX_PIXELS_ENV}=N for the iadkit commands, --max-pixels for `iadkit serve`.",
         )
 
 
@@ -339,7 +359,8 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     See the module docstring for the exact rules (alpha dropped, 16-bit kept, EXIF
     orientation applied, floats in [0, 1] -> uint16). Raises ImageReadError naming the
     file and the problem. ``max_pixels=None`` disables our size guard (Pillow's own hard
-    limit of about 179 megapixels still applies to the formats it decodes).
+    limit of about 179 megapixels still applies to the formats it decodes); the default
+    is :func:`default_max_pixels` (``IADKIT_MAX_PIXELS`` when set).
     """
     p = Path(path)
     arr, _ = _decode(p, max_pixels)

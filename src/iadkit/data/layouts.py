@@ -185,7 +185,9 @@ def handle_missing_masks(missing: Sequence[str], allow_missing_masks: bool, wher
         raise DatasetLayoutError(
             f"{where}: {len(missing)} anomalous image(s) have no ground-truth mask, e.g.\n  {shown}\n"
             "Pixel metrics would be wrong without them. Add the masks (same stem, e.g. 003.png -> 003_mask.png), "
-            "or pass allow_missing_masks=True to keep these images without masks (image-level metrics only)."
+            "or keep these images without masks (image-level metrics only): allow_missing_masks=True in Python, "
+            "--allow-missing-masks for `iadkit evaluate`, options: {allow_missing_masks: true} under the dataset "
+            "of a benchmark grid."
         )
     warnings.warn(
         f"{where}: {len(missing)} anomalous image(s) kept without a ground-truth mask "
@@ -364,7 +366,8 @@ def detect_layout(source: str | Path) -> str:
     raise DatasetLayoutError(
         f"{root}: layout not recognised (it holds: {', '.join(entries) or 'nothing'}). Expected one of:\n  "
         + "\n  ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
-        + "\nOr pass layout=... explicitly (CLI: --layout)."
+        + "\nOr name the layout: layout=... in Python, --layout in the CLI, or a source 'LAYOUT:FOLDER' "
+        "(e.g. 'mvtec:./data', also in benchmark grids)."
     )
 
 

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from iadkit.errors import ImageReadError
+
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, (int, np.integer)):
@@ -90,14 +92,42 @@ def resize_bilinear_antialias(image: np.ndarray, size: int | Sequence[int]) -> n
     return np.ascontiguousarray(x)
 
 
+def channel_kind(image: np.ndarray) -> int:
+    """1 for a grayscale image (HxW, HxWx1, or colour channels that are all equal), else 3."""
+    arr = np.asarray(image)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise ImageReadError(f"expected a non-empty HxWxC image with C in 1, 3 or 4, got shape {arr.shape}")
+    if arr.ndim == 2 or arr.shape[2] == 1:
+        return 1
+    rgb = arr[:, :, :3]
+    same = np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 1], rgb[:, :, 2])
+    return 1 if same else 3
+
+
+KIND_NAMES = {1: "grayscale", 3: "colour"}
+
+
+def check_channels(image: np.ndarray, channels: int | None, where: str) -> int:
+    """The image's kind (1 gray, 3 colour); raises `ImageReadError` naming `where` when a model
+    trained on `channels` (None: not recorded, nothing checked) would get the other kind."""
+    kind = channel_kind(image)
+    if channels is not None and kind != channels:
+        raise ImageReadError(
+            f"{where}: a {KIND_NAMES[kind]} image, but this model was trained on {KIND_NAMES[channels]} images; "
+            f"its score would not be comparable. Give {KIND_NAMES[channels]} images, or train a model on "
+            f"{KIND_NAMES[kind]} ones"
+        )
+    return kind
+
+
 def to_unit_float(image: np.ndarray) -> np.ndarray:
     """HxWxC (or HxW) uint8/uint16/float array -> HxWx3 float32 in [0, 1]
     (grayscale replicated, alpha dropped), as ``Preprocess.to_unit_float``."""
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ValueError(f"expected an HxWxC image with C in 1, 3 or 4, got shape {arr.shape}")
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or 0 in arr.shape:
+        raise ImageReadError(f"expected a non-empty HxWxC image with C in 1, 3 or 4, got shape {arr.shape}")
     if arr.shape[2] == 4:
         arr = arr[:, :, :3]
     if arr.dtype == np.uint8:
@@ -105,9 +135,11 @@ def to_unit_float(image: np.ndarray) -> np.ndarray:
     elif arr.dtype == np.uint16:
         out = arr.astype(np.float32) / np.float32(65535.0)
     elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():  # NaN pixels would give a NaN score, never a verdict
+            raise ImageReadError("the image holds NaN or infinite pixel values; give finite values in [0, 1]")
         out = np.array(arr, dtype=np.float32)
     else:
-        raise ValueError(f"unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+        raise ImageReadError(f"unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
     if out.shape[2] == 1:
         out = np.repeat(out, 3, axis=2)
     return out
@@ -125,12 +157,16 @@ class PixelPreprocess:
         Then centre-crop to this size.
     mean, std : 3 floats
         The normalisation the model applies (inside the exported graph); kept for reference.
+    channels : {1, 3}, optional
+        The kind of image the model was trained on (1 grayscale, 3 colour); an image of the
+        other kind is refused, as by ``Preprocess.check_channels``. None: nothing checked.
     """
 
     image_size: tuple[int, int]
     crop_size: tuple[int, int] | None = None
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channels: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PixelPreprocess":
@@ -141,7 +177,12 @@ class PixelPreprocess:
             crop_size=_pair(crop) if crop else None,
             mean=tuple(float(m) for m in d.get("mean", (0.0, 0.0, 0.0))),  # type: ignore[arg-type]
             std=tuple(float(s) for s in d.get("std", (1.0, 1.0, 1.0))),  # type: ignore[arg-type]
+            channels=d.get("channels"),
         )
+
+    def check_channels(self, image: np.ndarray, where: str) -> int:
+        """As ``Preprocess.check_channels``: the image's kind, or `ImageReadError` naming `where`."""
+        return check_channels(image, self.channels, where)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -171,4 +212,12 @@ class PixelPreprocess:
         return np.stack([self(im) for im in images])
 
 
-__all__ = ["PixelPreprocess", "antialias_weights", "resize_bilinear_antialias", "to_unit_float"]
+__all__ = [
+    "KIND_NAMES",
+    "PixelPreprocess",
+    "antialias_weights",
+    "channel_kind",
+    "check_channels",
+    "resize_bilinear_antialias",
+    "to_unit_float",
+]

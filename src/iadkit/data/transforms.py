@@ -5,10 +5,21 @@ An image goes: HxWxC uint8/uint16 array -> float in [0, 1] (16-bit keeps its pre
 -> 3 channels (grayscale is replicated, because the backbones are RGB networks) -> resize
 (bilinear, antialiased) -> optional centre crop -> (x - mean) / std.
 Masks go through the same geometry with nearest-neighbour resampling.
+
+Grayscale or colour: `Model.fit` records in ``Preprocess.channels`` whether the training
+images were grayscale (1: one channel, or three identical ones) or colour (3). An image of
+the other kind is then refused with an `ImageReadError` naming it (in batch prediction: an
+error row for that image), because replicating a gray image to RGB (or the reverse) gives
+the model pixels unlike its training images and scores that do not mean what the threshold
+assumes. A gray image stored as RGB (three equal channels) counts as gray, so the same
+pixels are never refused for their container. To accept both on purpose, set
+``model.preprocess = dataclasses.replace(model.preprocess, channels=None)``. Training images
+that mix both kinds leave ``channels`` None (with a warning) and nothing is checked.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
@@ -16,37 +27,78 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from iadkit.data.pixels import channel_kind, check_channels  # noqa: F401  (channel_kind: re-exported)
+from iadkit.errors import ImageReadError, InvalidParameterError, MetricUndefinedError
 from iadkit.types import ANOMALOUS, Sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _pair(size: Any, name: str = "image_size") -> tuple[int, int]:
+    """(h, w) from an int or a pair of ints, all positive. A string is refused: ``"64"``
+    would otherwise unpack into a 6 x 4 model."""
+    if _is_int(size):
+        pair = (int(size), int(size))
+    elif isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(v) for v in size):
+        pair = (int(size[0]), int(size[1]))
+    else:
+        raise InvalidParameterError(f"{name} must be an integer or a pair of integers (pixels), got {size!r}")
+    if min(pair) < 1:
+        raise InvalidParameterError(f"{name} must be positive (pixels), got {size!r}")
+    return pair
+
+
+def _triple(values: Any, name: str, *, positive: bool = False) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"{name} must be three numbers (one per colour channel), got {values!r}") from None
+    if len(out) != 3 or not all(math.isfinite(v) for v in out) or (positive and min(out) <= 0):
+        kind = "positive finite" if positive else "finite"
+        raise InvalidParameterError(f"{name} must be three {kind} numbers (one per colour channel), got {values!r}")
+    return out[0], out[1], out[2]
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Geometry and normalisation of a model's input; JSON-serialisable via `to_dict`."""
+    """Geometry and normalisation of a model's input; JSON-serialisable via `to_dict`.
+
+    Parameters
+    ----------
+    image_size : int or (int, int)
+        Resize to this (height, width) in pixels; an int means a square.
+    crop_size : int or (int, int), optional
+        Then centre-crop to this size (not larger than `image_size`).
+    mean, std : three floats
+        Per-channel normalisation, ``(x - mean) / std`` on values in [0, 1].
+    channels : {1, 3}, optional
+        The kind of image the model was trained on: 1 grayscale, 3 colour (set by
+        `Model.fit`). An image of the other kind is refused (see the module docstring).
+        None: not known, nothing checked.
+    """
 
     image_size: tuple[int, int] = (256, 256)
     crop_size: tuple[int, int] | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    channels: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "image_size", _pair(self.image_size))
+        object.__setattr__(self, "image_size", _pair(self.image_size, "image_size"))
         if self.crop_size is not None:
-            crop = _pair(self.crop_size)
+            crop = _pair(self.crop_size, "crop_size")
             if crop[0] > self.image_size[0] or crop[1] > self.image_size[1]:
-                raise ValueError(f"crop_size {crop} is larger than image_size {self.image_size}")
+                raise InvalidParameterError(f"crop_size {crop} is larger than image_size {self.image_size}")
             object.__setattr__(self, "crop_size", crop)
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        object.__setattr__(self, "mean", _triple(self.mean, "mean"))
+        object.__setattr__(self, "std", _triple(self.std, "std", positive=True))
+        if self.channels not in (None, 1, 3) or isinstance(self.channels, bool):
+            raise InvalidParameterError(f"channels must be 1 (grayscale), 3 (colour) or None, got {self.channels!r}")
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -61,12 +113,19 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        """The inverse of `to_dict`; a manifest without ``channels`` (older files) checks nothing."""
         return cls(
             image_size=tuple(d["image_size"]),
             crop_size=tuple(d["crop_size"]) if d.get("crop_size") else None,
             mean=tuple(d["mean"]),
             std=tuple(d["std"]),
+            channels=d.get("channels"),
         )
+
+    def check_channels(self, image: np.ndarray, where: str) -> int:
+        """The image's kind (1 gray, 3 colour); raises `ImageReadError` naming `where` when
+        it is not the kind the model was trained on."""
+        return check_channels(image, self.channels, where)
 
     # -- images --------------------------------------------------------------------------
     def to_unit_float(self, image: np.ndarray) -> torch.Tensor:
@@ -74,8 +133,8 @@ class Preprocess:
         arr = np.asarray(image)
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise ValueError(f"expected an HxWxC image with C in 1, 3 or 4, got shape {arr.shape}")
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or 0 in arr.shape:
+            raise ImageReadError(f"expected a non-empty HxWxC image with C in 1, 3 or 4, got shape {arr.shape}")
         if arr.shape[2] == 4:  # io.read_image drops alpha already; arrays from users may not
             arr = arr[:, :, :3]
         if arr.dtype == np.uint8:
@@ -83,9 +142,11 @@ class Preprocess:
         elif arr.dtype == np.uint16:
             t = torch.from_numpy(arr.astype(np.float32)).div_(65535.0)
         elif np.issubdtype(arr.dtype, np.floating):
+            if not np.isfinite(arr).all():  # NaN pixels would give a NaN score, never a verdict
+                raise ImageReadError("the image holds NaN or infinite pixel values; give finite values in [0, 1]")
             t = torch.from_numpy(np.array(arr, dtype=np.float32))
         else:
-            raise ValueError(f"unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+            raise ImageReadError(f"unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
         t = t.permute(2, 0, 1)
         if t.shape[0] == 1:
             t = t.expand(3, -1, -1)
@@ -152,6 +213,7 @@ class ImageSet(torch.utils.data.Dataset):
         est_bytes = len(self.samples) * 3 * h * w * 2
         self.cache_enabled = cache if cache is not None else est_bytes < 1_000_000_000
         self._cache: dict[int, torch.Tensor] = {}
+        self.channel_kinds: set[int] = set()  # kinds of the images read so far (1 gray, 3 colour)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -163,7 +225,14 @@ class ImageSet(torch.utils.data.Dataset):
     def image(self, index: int) -> torch.Tensor:
         if index in self._cache:
             return self._cache[index].float()
-        x = self.preprocess(self.samples[index].load_image())
+        sample = self.samples[index]
+        image = sample.load_image()
+        try:
+            self.channel_kinds.add(self.preprocess.check_channels(image, sample.path))
+            x = self.preprocess(image)
+        except ImageReadError as exc:
+            text = str(exc)
+            raise ImageReadError(text if text.startswith(f"{sample.path}:") else f"{sample.path}: {text}") from None
         if self.cache_enabled:
             self._cache[index] = x.half()
         return x
@@ -177,7 +246,10 @@ class ImageSet(torch.utils.data.Dataset):
         s = self.samples[index]
         if not s.has_mask:
             if s.label == ANOMALOUS:
-                raise ValueError(f"{s.path}: anomalous image has no ground-truth mask; pixel metrics need one")
+                raise MetricUndefinedError(
+                    f"{s.path}: anomalous image has no ground-truth mask; pixel metrics need one "
+                    "(add the mask, or evaluate with pixel_metrics=False)"
+                )
             return torch.zeros(self.preprocess.output_size, dtype=torch.bool)
         from iadkit.data.io import image_shape
 

@@ -42,6 +42,9 @@ from iadkit.errors import InvalidParameterError, ModelFileError, NotFittedError,
 from iadkit.methods.params import Check, Param, check_value, describe_param, param, unknown_parameter
 from iadkit.types import GOOD, Prediction
 
+if typing.TYPE_CHECKING:
+    from iadkit.components.feature_cache import FeatureCache
+
 SUPERVISION_KINDS = ("unsupervised", "semi-supervised", "zero-shot")
 
 
@@ -82,6 +85,10 @@ class Detector(nn.Module):
     # The smallest configuration that still runs every code path (seconds on a CPU at 64 px):
     # what the contract test (tests/test_contract.py) fits for every registered method.
     smoke_params: ClassVar[dict[str, Any]] = {}
+    # The paper's configuration (backbone, epochs, widths ...) and input size, one switch away:
+    # ``Model.create(name, paper=True, weights_path=...)``; the defaults are CPU-sized.
+    paper_params: ClassVar[dict[str, Any]] = {}
+    paper_image_size: ClassVar[int] = 256
 
     seed: int = param(0, "Seed of every random choice the method makes (initialisation, sampling, order).")
 
@@ -366,9 +373,28 @@ class BackboneDetector(Detector):
                 + f"; choose among {', '.join(names)}"
             )
 
+    # A method's layers for each backbone family (efficientnet | resnet | mobilenet), used when
+    # its `layers` hyper-parameter is None: the paper's layers on the paper's backbone are then
+    # one parameter away (``backbone="wide_resnet50_2"`` with the user's weight file).
+    layer_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
+
     def tapped_layers(self) -> list[str]:
-        """The method's `layers` hyper-parameter (each method declares it with its own default)."""
-        return list(getattr(self, "layers", ()))
+        """The method's layers: its `layers` hyper-parameter, or when that is None the method's
+        preset for the backbone's family (`layer_presets`)."""
+        if "layers" not in self._params:
+            return []  # a method that taps the backbone its own way (CutPaste)
+        layers = getattr(self, "layers", None)
+        if layers is not None:
+            return list(layers)
+        from iadkit.backbones import get_spec
+
+        family = get_spec(self.backbone).family
+        if family not in self.layer_presets:
+            raise InvalidParameterError(
+                f"{type(self).__name__} has no default layers for backbone {self.backbone!r}; give layers=[...] "
+                "(see `iadkit weights` and the backbone's layer names)"
+            )
+        return list(self.layer_presets[family])
 
     def backbone_layers(self) -> list[str]:
         """Every layer the backbone must output (`layers` plus any extra tap a method needs)."""
@@ -407,6 +433,33 @@ class BackboneDetector(Detector):
         with torch.no_grad():
             taps = self.backbone_(images)
         return [taps[layer] for layer in self.tapped_layers()]
+
+    def frozen_features(
+        self,
+        train: ImageSet,
+        *,
+        head: nn.Module | None = None,
+        batch_size: int = 32,
+        progress: bool = True,
+        keep_pixels: bool = False,
+        description: str | None = None,
+    ) -> FeatureCache:
+        """The frozen backbone's output for every training image, computed once
+        (`components.feature_cache`): the maps of `layers` (or `head` applied to them),
+        through ONNX Runtime on a CPU when it is installed, torch otherwise."""
+        from iadkit.components.feature_cache import cache_features
+        from iadkit.components.features import FeaturePath, LayerTaps
+
+        path = FeaturePath(self.backbone_, head if head is not None else LayerTaps(), self.tapped_layers(), "auto")
+        return cache_features(
+            path,
+            train,
+            batch_size=batch_size,
+            device=self.device,
+            description=description or f"{self.name}: frozen features",
+            progress=progress,
+            keep_pixels=keep_pixels,
+        )
 
     def single_pass(
         self, train: ImageSet, batch_size: int, description: str, *, progress: bool = True

@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iadkit.components.distillation import train_epochs
+from iadkit.components.feature_cache import train_on_indices
 from iadkit.components.losses import coupled_hypersphere_loss
 from iadkit.components.memory_bank import MemoryBankError, knn_exact, squared_distances
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import at_least, param, positive
+from iadkit.methods.params import Length, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 
 
@@ -71,12 +71,13 @@ class CoordConv1x1(nn.Module):
         return self.conv(torch.cat([x, xs, ys], dim=1))
 
 
-def cfa_patch_features(feats: dict[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
-    """3x3 average of each stage, upsampled to the first stage's size, concatenated: [B, ΣC, h, w]."""
-    first = feats[layers[0]]
+def cfa_patch_features(feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """3x3 average of each stage's map, upsampled to the first stage's size, concatenated:
+    [B, ΣC, h, w] (stages in order, shallow first)."""
+    first = feats[0]
     out = []
-    for k in layers:
-        f = F.avg_pool2d(feats[k], 3, stride=1, padding=1)
+    for f in feats:
+        f = F.avg_pool2d(f, 3, stride=1, padding=1)
         if f.shape[-2:] != first.shape[-2:]:
             f = F.interpolate(f, size=first.shape[-2:], mode="bilinear", align_corners=False)
         out.append(f)
@@ -100,8 +101,13 @@ class CFA(BackboneDetector):
         "Anomaly Localization, IEEE Access 2022"
     )
     smoke_params = {"epochs": 1, "layers": ("blocks.2", "blocks.4")}
+    paper_params = {"backbone": "wide_resnet50_2", "epochs": 30}
+    paper_image_size = 256
 
-    layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Backbone stages (WRN-50 stages 1-3).")
+    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Backbone stages (WRN-50 stages 1-3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+    )
     gamma_c: int = param(1, "Memory compression: K-means to (h*w)/gamma_c centres (paper: 1).", check=at_least(1))
     gamma_d: int = param(1, "Descriptor width divisor (paper: 1).", check=at_least(1))
     k: int = param(3, "K nearest memory features attracted (paper: 3).", check=at_least(1))
@@ -113,6 +119,13 @@ class CFA(BackboneDetector):
     batch_size: int = param(4, "Images per step (paper: 4).", check=at_least(1))
     lr: float = param(1e-3, "AdamW (amsgrad) learning rate (paper: 1e-3).", check=positive())
     weight_decay: float = param(5e-4, "AdamW weight decay (paper: 5e-4).", check=at_least(0))
+    memory: str = param(
+        "nearest",
+        "How the memory bank is built from the initial descriptors: 'nearest' (the paper: the first image, "
+        "then each entry's running mean with its nearest feature of every next image) or 'position' (the "
+        "authors' code and anomalib: the running mean at each position over all images).",
+        check=OneOf(("nearest", "position")),
+    )
 
     def _build(self) -> None:
         super()._build()
@@ -123,9 +136,7 @@ class CFA(BackboneDetector):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Adapted patch features φ(p): [B, D, h, w] (gradients flow into the descriptor only)."""
-        with torch.no_grad():
-            p = cfa_patch_features(self.backbone_(images), self.layers)
-        return self.descriptor_(p)
+        return self.descriptor_(cfa_patch_features(self.features(images)))
 
     @staticmethod
     def _rows(phi: torch.Tensor) -> torch.Tensor:
@@ -135,24 +146,30 @@ class CFA(BackboneDetector):
 
     # -- memory bank ---------------------------------------------------------------------------
     @torch.no_grad()
-    def _build_memory(self, train: ImageSet) -> torch.Tensor:
+    def _build_memory(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """The memory from the initial descriptor of every training image's cached features."""
+        n = int(levels[0].shape[0])
         memory: torch.Tensor | None = None
-        i = 0
-        for images in self.single_pass(train, self.batch_size, "cfa memory", progress=False):
-            for phi_map in self.embed(images):
+        for start in range(0, n, self.batch_size):
+            phis = self.descriptor_(cfa_patch_features([f[start : start + self.batch_size] for f in levels]))
+            for offset, phi_map in enumerate(phis):
+                i = start + offset
                 phi = self._rows(phi_map[None])
                 if memory is None:
-                    memory = self._initial_memory(phi)
+                    memory = phi.clone() if self.memory == "position" else self._initial_memory(phi)
+                elif self.memory == "position":
+                    memory = (memory * i + phi) / (i + 1)
                 else:
                     _, nn_idx = knn_exact(memory, phi, 1)
                     matched = phi[nn_idx[:, 0].to(phi.device)]
                     memory = (memory * i + matched) / (i + 1)
-                i += 1
         assert memory is not None  # fit refuses an empty training set
+        if self.memory == "position" and self.gamma_c > 1:
+            memory = self._initial_memory(memory)  # the authors' K-means of the mean map
         return memory.contiguous()
 
     def _initial_memory(self, phi: torch.Tensor) -> torch.Tensor:
-        """C_0: the first image's features, K-means-clustered to (h*w)/γ_c centres."""
+        """K-means of one map's features to (h*w)/γ_c centres (γ_c = 1: the features themselves)."""
         n_clusters = max(1, phi.shape[0] // self.gamma_c)
         if n_clusters >= phi.shape[0]:
             return phi.clone()
@@ -163,8 +180,12 @@ class CFA(BackboneDetector):
 
     # -- training --------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
+        # Frozen backbone, no augmentation: the stages' maps are computed once; the memory
+        # and the descriptor's training read them.
+        with self.frozen_features(train, batch_size=self.batch_size, progress=progress) as cache:
+            levels = cache.all(self.device)
         self.descriptor_.eval()
-        self.memory_ = self._build_memory(train)
+        self.memory_ = self._build_memory(levels)
         m = int(self.memory_.shape[0])
         if m < self.k + self.j:
             raise MemoryBankError(
@@ -173,8 +194,9 @@ class CFA(BackboneDetector):
             )
         memory_sq = (self.memory_ * self.memory_).sum(1)
 
-        def step(images: torch.Tensor) -> torch.Tensor:
-            phi = self._rows(self.embed(images))
+        def step(idx: np.ndarray) -> torch.Tensor:
+            sel = torch.as_tensor(idx, device=self.device)
+            phi = self._rows(self.descriptor_(cfa_patch_features([f[sel] for f in levels])))
             d2 = squared_distances(phi, self.memory_, memory_sq)
             nearest = torch.topk(d2, self.k + self.j, dim=1, largest=False).values
             l_att, l_rep = coupled_hypersphere_loss(
@@ -186,16 +208,9 @@ class CFA(BackboneDetector):
         optimizer = torch.optim.AdamW(
             [*self.descriptor_.parameters(), self.r_], lr=self.lr, weight_decay=self.weight_decay, amsgrad=True
         )
-        self.loss_history_ = train_epochs(
-            train,
-            step,
-            optimizer,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            description="cfa",
-            progress=progress,
-            device=self.device,
+        self.loss_history_ = train_on_indices(
+            len(train), step, optimizer, epochs=self.epochs, batch_size=self.batch_size, seed=self.seed,
+            description="cfa", progress=progress,
         )
         self.descriptor_.eval()
 

@@ -45,13 +45,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from iadkit.components.flows import (
     ChannelStandardizer,
     Flow,
     coupling_flow,
-    fit_standardized_features,
     gaussian_log_likelihood,
     level_flows,
     mlp_subnet,
@@ -60,7 +60,7 @@ from iadkit.components.flows import (
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import Divisible, at_least, param, positive
+from iadkit.methods.params import Divisible, Length, OneOf, at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import Prediction
 
@@ -101,6 +101,15 @@ def cflow_decoder(channels: int, cond_channels: int, blocks: int, clamp: float, 
     )
 
 
+def fiber_loss(ll_per_dim: torch.Tensor, kind: str) -> torch.Tensor:
+    """The decoders' training loss on fibers' per-dimension log-likelihoods ll/C: the official
+    code's and anomalib's ``-log sigmoid(ll/C)`` (≈ -ll/C while a fiber is unlikely, saturating
+    once it is likely: likely fibers stop pulling) or the plain ``-ll/C``; mean over fibers."""
+    if kind == "logsigmoid":
+        return -F.logsigmoid(ll_per_dim).mean()
+    return -ll_per_dim.mean()
+
+
 @register
 class CFlow(BackboneDetector):
     """CFLOW-AD (Gudovskiy et al. 2022): positional-conditional flows on feature fibers."""
@@ -109,9 +118,14 @@ class CFlow(BackboneDetector):
     family = "normalizing flow"
     paper = "Gudovskiy et al., CFLOW-AD: Real-Time Unsupervised Anomaly Detection with Localization via Conditional Normalizing Flows, WACV 2022"
     smoke_params = {"epochs": 1, "coupling_blocks": 2, "layers": ("blocks.2", "blocks.4")}
+    paper_params = {"backbone": "wide_resnet50_2", "epochs": 25}
+    paper_image_size = 256
     map_sigma = 0.0  # the paper does not smooth its maps
 
-    layers: tuple[str, ...] = param(("blocks.2", "blocks.4", "blocks.6"), "Encoder scales (strides 8/16/32).")
+    layer_presets = {"efficientnet": ('blocks.2', 'blocks.4', 'blocks.6'), "resnet": ('layer2', 'layer3', 'layer4'), "mobilenet": ('features.6', 'features.13', 'features.17')}
+    layers: tuple[str, ...] | None = param(
+        None, "Encoder scales (strides 8/16/32); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+    )
     coupling_blocks: int = param(8, "Conditional coupling blocks per scale (paper: 8).", check=at_least(1))
     condition_dim: int = param(128, "Positional-encoding condition size (paper: 128).", check=(at_least(4), Divisible(4)))
     clamp: float = param(1.9, "Soft clamp of the coupling scales (authors' code: 1.9).", check=at_least(0))
@@ -119,6 +133,12 @@ class CFlow(BackboneDetector):
     batch_size: int = param(32, "Images per feature batch.", check=at_least(1))
     fiber_batch_size: int = param(256, "Fibers per optimiser step, N (paper: 256).", check=at_least(1))
     lr: float = param(2e-4, "Adam learning rate (paper: 2e-4).", check=positive())
+    loss: str = param(
+        "logsigmoid",
+        "Fiber loss on the per-dimension log-likelihood ll/C: 'logsigmoid' = -log sigmoid(ll/C) (official code "
+        "and anomalib) or 'nll' = -ll/C (the paper's maximum likelihood).",
+        check=OneOf(("logsigmoid", "nll")),
+    )
 
     def _build(self) -> None:
         super()._build()
@@ -152,7 +172,7 @@ class CFlow(BackboneDetector):
     def _likelihood_map(self, images: torch.Tensor) -> torch.Tensor:
         size = tuple(images.shape[-2:])
         total = None
-        for level, fmap in enumerate(standardized_features(self.backbone_, self.layers, self.standardizers_, images)):
+        for level, fmap in enumerate(standardized_features(self.backbone_, self.tapped_layers(), self.standardizers_, images)):
             prob = upsample(torch.exp(self._log_likelihood(level, fmap) - self.ll_max_[level]), size)
             total = prob if total is None else total + prob
         return total
@@ -160,13 +180,16 @@ class CFlow(BackboneDetector):
     # -- training ----------------------------------------------------------------------------
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
         device = self.device
+        # Frozen encoder, no augmentation: its maps are computed once; the decoders train on
+        # random batches of their fibers.
+        with self.frozen_features(train, batch_size=self.batch_size, progress=progress) as cache:
+            levels = cache.all(device)
         fibers, conds = [], []
-        for fmap in fit_standardized_features(
-            self.backbone_, self.layers, self.standardizers_, train, self.batch_size, device
-        ):
-            x, c = self._fibers(fmap)
+        for norm, fmap in zip(self.standardizers_, levels):
+            x, c = self._fibers(norm.fit(fmap))
             fibers.append(x)
             conds.append(c)
+        del levels
 
         optimizer = torch.optim.Adam(self.decoders_.parameters(), lr=self.lr)
         n_steps = sum(-(-x.shape[0] // self.fiber_batch_size) for x in fibers)
@@ -179,7 +202,7 @@ class CFlow(BackboneDetector):
                     for start in range(0, x.shape[0], self.fiber_batch_size):
                         idx = order[start : start + self.fiber_batch_size]
                         z, logdet = self.decoders_[level](x[idx], c[idx])
-                        loss = -(gaussian_log_likelihood(z, logdet) / x.shape[1]).mean()
+                        loss = fiber_loss(gaussian_log_likelihood(z, logdet) / x.shape[1], self.loss)
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()

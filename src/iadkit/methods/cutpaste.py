@@ -156,6 +156,8 @@ class CutPaste(BackboneDetector):
     family = "one-class classification"
     paper = "Li et al., CutPaste: Self-Supervised Learning for Anomaly Detection and Localization, CVPR 2021"
     smoke_params = {"epochs": 1, "batch_size": 8, "patch_size": 32, "patch_stride": 16}
+    paper_params = {"backbone": "resnet18", "epochs": 256, "finetune_from": "layer1", "head_dims": (512, 512, 512, 512, 512, 512, 512, 512, 128)}
+    paper_image_size = 256
     produces_maps = False  # the image-level variant; `patch_size` turns on maps (`draws_maps`)
 
     finetune_from: str = param("blocks.5", "First backbone stage that is fine-tuned (earlier stages stay frozen).")

@@ -38,38 +38,59 @@ Ours and why:
 from __future__ import annotations
 
 
+import numpy as np
 import torch
 from torch import nn
 
+from iadkit.components.feature_cache import train_on_indices
 from iadkit.components.flows import (
+    AllInOneCoupling,
     ChannelStandardizer,
     Flow,
+    SampleLayerNorm,
     conv_subnet,
     coupling_flow,
-    fit_standardized_features,
     flow_nll,
     level_flows,
-    standardized_features,
 )
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import at_least, param, positive
-from iadkit.progress import step_bar
+from iadkit.methods.params import Length, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 
 
-def fastflow_flow(channels: int, steps: int, hidden_ratio: float, conv3x3_only: bool, clamp: float, seed: int) -> Flow:
-    """One level's flow: `steps` x (affine coupling with conv sub-network, channel permutation).
+def fastflow_flow(
+    channels: int, steps: int, hidden_ratio: float, conv3x3_only: bool, clamp: float, seed: int, step: str = "allinone"
+) -> Flow:
+    """One level's flow of `steps` steps; sub-network kernels alternate 3x3 (even steps) and 1x1
+    (odd steps) unless `conv3x3_only`, hidden width = `hidden_ratio` x the sub-network's input.
 
-    Sub-network kernels alternate 3x3 (even steps) and 1x1 (odd steps) unless `conv3x3_only`.
+    ``step="allinone"``: the reference's FrEIA AllInOneBlock (`AllInOneCoupling`: 0.1-scaled
+    tanh-clamped coupling on the first ⌈C/2⌉ channels, learned global affine, permutation).
+    ``step="affine"``: our earlier RealNVP step (`AffineCoupling` with atan clamp on the first
+    ⌊C/2⌋ channels and a zero-initialised sub-network, then a permutation).
     """
 
-    def subnet(step: int, cin: int, cout: int) -> nn.Module:
-        kernel = 3 if conv3x3_only or step % 2 == 0 else 1
-        return conv_subnet(cin, cout, max(1, int(round(cin * hidden_ratio))), kernel)
+    def kernel(k: int) -> int:
+        return 3 if conv3x3_only or k % 2 == 0 else 1
 
-    return coupling_flow(channels, steps, subnet, clamp=clamp, mixing="permutation", seed=seed)
+    if step == "affine":
+
+        def subnet(k: int, cin: int, cout: int) -> nn.Module:
+            return conv_subnet(cin, cout, max(1, int(cin * hidden_ratio)), kernel(k))
+
+        return coupling_flow(channels, steps, subnet, clamp=clamp, mixing="permutation", seed=seed)
+    blocks: list[nn.Module] = [
+        AllInOneCoupling(
+            channels,
+            lambda cin, cout, k=k: conv_subnet(cin, cout, max(1, int(cin * hidden_ratio)), kernel(k), zero_init=False),
+            clamp=clamp,
+            seed=seed * 1000 + k,
+        )
+        for k in range(steps)
+    ]
+    return Flow(blocks)
 
 
 @register
@@ -80,13 +101,28 @@ class FastFlow(BackboneDetector):
     family = "normalizing flow"
     paper = "Yu et al., FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing Flows, arXiv 2021"
     smoke_params = {"epochs": 2, "flow_steps": 2, "batch_size": 8}
+    paper_params = {"backbone": "wide_resnet50_2", "epochs": 500}
+    paper_image_size = 256
     map_sigma = 0.0  # the paper does not smooth its maps
 
-    layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Feature levels (ResNet stages 1-3).")
+    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Feature levels (ResNet stages 1-3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+    )
     flow_steps: int = param(8, "Flow steps per level (paper: 8 for ResNets).", check=at_least(1))
     hidden_ratio: float = param(1.0, "Sub-network hidden channels / input channels (paper: 1.0).", check=positive())
     conv3x3_only: bool = param(False, "Use 3x3 kernels in every step (paper: alternate 3x3 and 1x1 for ResNets).")
-    clamp: float = param(2.0, "Soft clamp of the coupling scales.", check=at_least(0))
+    clamp: float = param(2.0, "Clamp of the coupling scales (reference: 2.0).", check=at_least(0))
+    step: str = param(
+        "allinone", "Flow step: 'allinone' (the reference's FrEIA AllInOneBlock) or 'affine' (RealNVP, atan clamp).",
+        check=OneOf(("allinone", "affine")),
+    )
+    normalization: str = param(
+        "layernorm",
+        "Before each flow: 'layernorm' (the reference's trainable LayerNorm over each map's C, H, W) or "
+        "'standardize' (fixed per-channel mean/std of the training features).",
+        check=OneOf(("layernorm", "standardize")),
+    )
     epochs: int = param(50, "Training epochs (paper: 500; CPU-sized default).", check=at_least(1))
     batch_size: int = param(32, "Images per Adam step (paper: 32).", check=at_least(1))
     lr: float = param(1e-3, "Adam learning rate (paper: 1e-3).", check=positive())
@@ -97,43 +133,52 @@ class FastFlow(BackboneDetector):
         channels = self.layer_channels()
         self.flows_ = level_flows(
             channels,
-            lambda c, seed: fastflow_flow(c, self.flow_steps, self.hidden_ratio, self.conv3x3_only, self.clamp, seed),
+            lambda c, seed: fastflow_flow(
+                c, self.flow_steps, self.hidden_ratio, self.conv3x3_only, self.clamp, seed, self.step
+            ),
             self.seed,
         )
-        self.standardizers_ = nn.ModuleList(ChannelStandardizer(c) for c in channels)
+        norms = [SampleLayerNorm() if self.normalization == "layernorm" else ChannelStandardizer(c) for c in channels]
+        self.norms_ = nn.ModuleList(norms)
+
+    def _normalized(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [norm(f) for norm, f in zip(self.norms_, feats)]
 
     def _latents(self, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [flow(f) for flow, f in zip(self.flows_, feats)]
+        return [flow(f) for flow, f in zip(self.flows_, self._normalized(feats))]
 
     # -- training --------------------------------------------------------------------------
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
-        device = self.device
-        cached = fit_standardized_features(
-            self.backbone_, self.layers, self.standardizers_, train, self.batch_size, device
+        # Frozen backbone, no augmentation: the features are computed once (the flows, and
+        # the reference's layer norms, train on them).
+        cache = self.frozen_features(train, batch_size=self.batch_size, progress=progress)
+        with cache:
+            levels = cache.all(self.device)
+        for norm, f in zip(self.norms_, levels):
+            if isinstance(norm, SampleLayerNorm):
+                norm.initialise(f.shape[1:])
+            else:
+                norm.fit(f)
+        optimizer = torch.optim.Adam(
+            [*self.flows_.parameters(), *self.norms_.parameters()], lr=self.lr, weight_decay=self.weight_decay
         )
-        optimizer = torch.optim.Adam(self.flows_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        n = cached[0].shape[0]
-        n_batches = -(-n // self.batch_size)
-        gen = torch.Generator().manual_seed(self.seed)
         self.flows_.train()
-        with step_bar(self.epochs * n_batches, "fastflow", enabled=progress) as bar:
-            for _ in range(self.epochs):
-                order = torch.randperm(n, generator=gen)
-                for start in range(0, n, self.batch_size):
-                    idx = order[start : start + self.batch_size].to(device)
-                    loss = sum(flow_nll(z, logdet) for z, logdet in self._latents([c[idx] for c in cached]))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    bar.advance(loss=loss.item())
+
+        def step(idx: np.ndarray) -> torch.Tensor:
+            sel = torch.as_tensor(idx, device=self.device)
+            return sum(flow_nll(z, logdet) for z, logdet in self._latents([f[sel] for f in levels]))
+
+        self.loss_history_ = train_on_indices(
+            len(train), step, optimizer, epochs=self.epochs, batch_size=self.batch_size, seed=self.seed,
+            description="fastflow", progress=progress,
+        )
         self.flows_.eval()
 
     # -- inference -------------------------------------------------------------------------
     def _predict(self, images: torch.Tensor) -> Prediction:
         size = tuple(images.shape[-2:])
         prob = None
-        feats = standardized_features(self.backbone_, self.layers, self.standardizers_, images)
-        for z, _ in self._latents(feats):
+        for z, _ in self._latents(self.features(images)):
             p = upsample(torch.exp(-0.5 * (z**2).mean(dim=1)), size)
             prob = p if prob is None else prob + p
-        return Prediction(scores=None, maps=-prob / len(self.layers))
+        return Prediction(scores=None, maps=-prob / len(self.tapped_layers()))

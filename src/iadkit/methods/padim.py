@@ -37,7 +37,7 @@ from iadkit.components.gaussian import PAPER_EPS, GaussianAccumulator, GaussianF
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import OneOf, at_least, param
+from iadkit.methods.params import Length, OneOf, at_least, param
 from iadkit.types import Prediction
 
 
@@ -55,9 +55,12 @@ class PaDiM(BackboneDetector):
     family = "memory bank"
     paper = "Defard et al., PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection and Localization, ICPR 2021"
     smoke_params = {"n_features": 32}
+    paper_params = {"backbone": "wide_resnet50_2", "n_features": 550}
+    paper_image_size = 256
 
-    layers: tuple[str, ...] = param(
-        ("blocks.1", "blocks.2", "blocks.4"), "Backbone layers, concatenated on the finest grid (ResNet layer1-3)."
+    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Backbone layers, concatenated on the finest grid (ResNet layer1-3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
     )
     n_features: int = param(100, "Channels kept by the seeded random reduction (paper: 100 for R18).", check=at_least(1))
     eps: float = param(PAPER_EPS, "Regularisation added to each covariance's diagonal (paper: 0.01).", check=at_least(0))
@@ -71,7 +74,7 @@ class PaDiM(BackboneDetector):
         total = sum(self.layer_channels())
         if self.n_features > total:
             raise InvalidParameterError(
-                f"PaDiM: n_features={self.n_features} exceeds the {total} channels of layers {list(self.layers)}"
+                f"PaDiM: n_features={self.n_features} exceeds the {total} channels of layers {list(self.tapped_layers())}"
             )
 
     def _build(self) -> None:
@@ -84,7 +87,7 @@ class PaDiM(BackboneDetector):
 
     def _params_changed(self, names: list[str]) -> None:
         self.embedding_ = ConcatEmbedding(self.layer_channels(), self.channel_index_, mode="nearest")
-        self._path = FeaturePath(self.backbone_, self.embedding_, list(self.layers), self.feature_runtime)
+        self._path = FeaturePath(self.backbone_, self.embedding_, list(self.tapped_layers()), self.feature_runtime)
 
     def _after_load(self) -> None:
         self._params_changed([])  # the stored channel subset is authoritative

@@ -74,7 +74,7 @@ from iadkit.components.memory_bank import (
 )
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import Interval, OneOf, at_least, param
+from iadkit.methods.params import Interval, Length, OneOf, at_least, param
 from iadkit.types import Prediction
 
 
@@ -119,8 +119,13 @@ class PatchCore(BackboneDetector):
     family = "memory bank"
     paper = "Roth et al., Towards Total Recall in Industrial Anomaly Detection, CVPR 2022"
     smoke_params = {"coreset_ratio": 0.1}
+    paper_params = {"backbone": "wide_resnet50_2", "aggregation": "unfold", "pretrain_dim": 1024, "target_dim": 1024}
+    paper_image_size = 256
 
-    layers: tuple[str, ...] = param(("blocks.2", "blocks.4"), "Backbone layers (strides 8, 16: WRN-50 layer2/3).")
+    layer_presets = {"efficientnet": ('blocks.2', 'blocks.4'), "resnet": ('layer2', 'layer3'), "mobilenet": ('features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Backbone layers (strides 8, 16: WRN-50 layer2/3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+    )
     patch_size: int = param(3, "Neighbourhood p aggregated around each position (paper: 3).", check=at_least(1))
     aggregation: str = param(
         "average", "'average' (paper's local smoothing) or 'unfold' (authors' code).", check=OneOf(("average", "unfold"))
@@ -159,7 +164,7 @@ class PatchCore(BackboneDetector):
         self._params_changed(["feature_runtime"])
 
     def _params_changed(self, names: list[str]) -> None:
-        self._path = FeaturePath(self.backbone_, self.embedding_, list(self.layers), self.feature_runtime)
+        self._path = FeaturePath(self.backbone_, self.embedding_, list(self.tapped_layers()), self.feature_runtime)
         self._index = None
 
     def _after_load(self) -> None:

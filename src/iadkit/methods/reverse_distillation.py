@@ -33,15 +33,18 @@ The bottleneck and decoder are saved in the model file; the encoder is rebuilt o
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from iadkit.components.distillation import OneClassBottleneck, ReverseDecoder, train_epochs
-from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss
+from iadkit.components.distillation import OneClassBottleneck, ReverseDecoder
+from iadkit.components.feature_cache import train_on_indices
+from iadkit.components.losses import cosine_distance_map, flattened_cosine_loss, multilevel_cosine_loss
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import Interval, Length, at_least, param, positive
+from iadkit.errors import InvalidParameterError
+from iadkit.methods.params import Interval, Length, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 
 
@@ -53,13 +56,21 @@ class ReverseDistillation(BackboneDetector):
     family = "teacher-student"
     paper = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
     smoke_params = {"epochs": 2, "batch_size": 8}
+    paper_params = {"backbone": "wide_resnet50_2", "epochs": 200, "embed_channels": 2048, "bottleneck_blocks": 3, "decoder_blocks": (3, 4, 6)}
+    paper_image_size = 256
 
-    layers: tuple[str, ...] = param(
-        ("blocks.1", "blocks.2", "blocks.4"), "Encoder stages, shallow to deep (WRN-50 layer1-3).", check=Length(2)
+    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Encoder stages, shallow to deep (WRN-50 layer1-3); None: the preset for the backbone's family (`layer_presets`).", check=Length(2)
     )
     embed_channels: int | None = param(None, "Width of the one-class embedding (None: twice the deepest stage).", check=at_least(1))
-    bottleneck_blocks: int = param(1, "Residual blocks in the one-class bottleneck stage.", check=at_least(1))
-    decoder_blocks: int = param(1, "Residual blocks per decoder stage.", check=at_least(1))
+    bottleneck_blocks: int = param(1, "Residual blocks in the one-class embedding stage (official: 2 for ResNet-18, 3 for WRN-50).", check=at_least(1))
+    decoder_blocks: int | tuple[int, ...] = param(
+        1, "Residual blocks per decoder stage, or one count per stage from the deepest (official: 2,2,2 / 3,4,6).", check=at_least(1)
+    )
+    loss: str = param(
+        "position", "'position': 1 - cos per position (the paper's equation); 'flat': 1 - cos of the whole flattened map (official code, anomalib).", check=OneOf(("position", "flat"))
+    )
     epochs: int = param(40, "Training epochs (paper: 200; CPU-sized default).", check=at_least(1))
     batch_size: int = param(16, "Images per Adam step (paper: 16).", check=at_least(1))
     lr: float = param(0.005, "Adam learning rate (paper: 0.005).", check=positive())
@@ -81,21 +92,37 @@ class ReverseDistillation(BackboneDetector):
         enc = self.features(images)
         return list(zip(enc, self.decoder_(self.bottleneck_(enc))))
 
+    def _check_params(self) -> None:
+        super()._check_params()
+        if isinstance(self.decoder_blocks, tuple) and len(self.decoder_blocks) != len(self.tapped_layers()):
+            raise InvalidParameterError(
+                f"ReverseDistillation: decoder_blocks {self.decoder_blocks} needs one count per layer ({len(self.tapped_layers())})"
+            )
+
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
+        # The encoder is frozen and the images are not augmented: its features are computed
+        # once and the bottleneck and decoder train on them.
+        encoder = self.frozen_features(train, batch_size=self.batch_size, progress=progress)
         trainable = nn.ModuleList([self.bottleneck_, self.decoder_])
         trainable.train()
         optimizer = torch.optim.Adam(trainable.parameters(), lr=self.lr, betas=tuple(self.betas))
-        self.loss_history_ = train_epochs(
-            train,
-            lambda images: multilevel_cosine_loss(self._pairs(images)),
-            optimizer,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            description="reverse distillation",
-            progress=progress,
-            device=self.device,
-        )
+        loss_fn = multilevel_cosine_loss if self.loss == "position" else flattened_cosine_loss
+
+        def step(idx: np.ndarray) -> torch.Tensor:
+            enc = encoder.take(idx, self.device)
+            return loss_fn(list(zip(enc, self.decoder_(self.bottleneck_(enc)))))
+
+        with encoder:
+            self.loss_history_ = train_on_indices(
+                len(train),
+                step,
+                optimizer,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                description="reverse distillation",
+                progress=progress,
+            )
         trainable.eval()
 
     def _predict(self, images: torch.Tensor) -> Prediction:

@@ -53,7 +53,7 @@ from iadkit.components.adaptor import Discriminator, FeatureAdaptor, gaussian_fe
 from iadkit.components.features import PatchEmbedding
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import at_least, param, positive
+from iadkit.methods.params import Length, at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import Prediction
 
@@ -66,17 +66,23 @@ class SimpleNet(BackboneDetector):
     family = "one-class classification"
     paper = "Liu et al., SimpleNet: A Simple Network for Image Anomaly Detection and Localization, CVPR 2023"
     smoke_params = {"epochs": 2}
+    paper_params = {"backbone": "wide_resnet50_2", "embed_dim": 1536, "epochs": 160}
+    paper_image_size = 288
 
-    layers: tuple[str, ...] = param(("blocks.2", "blocks.4"), "Backbone layers (strides 8, 16: WRN-50 layer2/3).")
+    layer_presets = {"efficientnet": ('blocks.2', 'blocks.4'), "resnet": ('layer2', 'layer3'), "mobilenet": ('features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Backbone layers (strides 8, 16: WRN-50 layer2/3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+    )
     patch_size: int = param(3, "Neighbourhood aggregated around each position (paper: 3).", check=at_least(1))
     embed_dim: int = param(384, "Patch feature dimension (paper: 1536 on WRN-50).", check=at_least(1))
     noise_std: float = param(0.1, "Gaussian noise std, in units of the good features' spread.", check=positive())
     threshold: float = param(0.5, "Truncation th+ = th- of the L1 loss (paper: 0.5).", check=positive())
     epochs: int = param(40, "Training epochs (paper: 160; CPU-sized default).", check=at_least(1))
     batch_size: int = param(8, "Images per step (paper: 8).", check=at_least(1))
-    adaptor_lr: float = param(1e-4, "Adaptor learning rate.", check=positive())
-    discriminator_lr: float = param(2e-4, "Discriminator learning rate (paper: 2e-4).", check=positive())
-    weight_decay: float = param(1e-5, "Weight decay (paper: 1e-5).", check=at_least(0))
+    adaptor_lr: float = param(1e-4, "Adaptor AdamW learning rate (authors' code: 0.1 x 1e-3).", check=positive())
+    adaptor_weight_decay: float = param(0.01, "Adaptor AdamW weight decay (authors' code: AdamW's default 0.01).", check=at_least(0))
+    discriminator_lr: float = param(2e-4, "Discriminator Adam learning rate (paper: 2e-4).", check=positive())
+    weight_decay: float = param(1e-5, "Discriminator Adam weight decay (paper: 1e-5).", check=at_least(0))
 
     def _build(self) -> None:
         super()._build()
@@ -106,20 +112,20 @@ class SimpleNet(BackboneDetector):
     # -- training ----------------------------------------------------------------------------
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
         n = len(train)
-        device = self.device
-        cached = torch.cat([self._patch_features(b.images.to(device)) for b in train.batches(self.batch_size)])
+        # The backbone and the patch embedding are frozen and the images not augmented (the
+        # noise is added in feature space): the patch features are computed once.
+        with self.frozen_features(train, head=self.embedding_, batch_size=self.batch_size, progress=progress) as cache:
+            (cached,) = cache.all(self.device)
         # the noise is isotropic, so it is measured against the typical per-dimension spread
         # of good features: RMS over channels of the per-channel standard deviation
         self.feat_mean_.copy_(cached.mean(dim=(0, 2, 3)))
         self.feat_scale_.copy_(cached.var(dim=(0, 2, 3)).mean().sqrt().clamp_min(1e-6))
         cached = (cached - self.feat_mean_.view(1, -1, 1, 1)) / self.feat_scale_
-        optimizer = torch.optim.Adam(
-            [
-                {"params": self.adaptor_.parameters(), "lr": self.adaptor_lr},
-                {"params": self.discriminator_.parameters(), "lr": self.discriminator_lr},
-            ],
-            weight_decay=self.weight_decay,
+        # The authors' two optimisers: AdamW for the adaptor, Adam for the discriminator.
+        adaptor_opt = torch.optim.AdamW(
+            self.adaptor_.parameters(), lr=self.adaptor_lr, weight_decay=self.adaptor_weight_decay
         )
+        disc_opt = torch.optim.Adam(self.discriminator_.parameters(), lr=self.discriminator_lr, weight_decay=self.weight_decay)
         gen = torch.Generator().manual_seed(self.seed)
         n_batches = -(-n // self.batch_size)
         self.adaptor_.train()
@@ -133,9 +139,11 @@ class SimpleNet(BackboneDetector):
                     scores = self.discriminator_(torch.cat([q, q_neg]))
                     normal, anomalous = scores[: q.shape[0]], scores[q.shape[0] :]
                     loss = truncated_l1_loss(normal, anomalous, self.threshold, self.threshold)
-                    optimizer.zero_grad(set_to_none=True)
+                    adaptor_opt.zero_grad(set_to_none=True)
+                    disc_opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    optimizer.step()
+                    adaptor_opt.step()
+                    disc_opt.step()
                     bar.advance(
                         loss=loss.item(),
                         p_true=(normal >= self.threshold).float().mean().item(),

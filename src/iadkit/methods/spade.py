@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from iadkit.components.memory_bank import MemoryBankError, knn_exact
+from iadkit.errors import InvalidParameterError
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import BackboneDetector, register
-from iadkit.methods.params import at_least, param
+from iadkit.methods.params import Length, at_least, param
 from iadkit.types import Prediction
 
 
@@ -65,15 +66,45 @@ class SPADE(BackboneDetector):
     family = "memory bank"
     paper = "Cohen & Hoshen, Sub-Image Anomaly Detection with Deep Pyramid Correspondences, 2020"
     smoke_params = {"k_images": 3}
+    paper_params = {"backbone": "wide_resnet50_2"}
+    paper_image_size = 256
 
-    layers: tuple[str, ...] = param(("blocks.1", "blocks.2", "blocks.4"), "Pyramid layers for the pixel gallery.")
-    global_layer: str = param("head", "Layer whose pooled output describes a whole image.")
+    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layers: tuple[str, ...] | None = param(
+        None, "Pyramid layers for the pixel gallery; None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+    )
+    global_layer: str | None = param(
+        None,
+        "Layer whose pooled output describes a whole image; None: the backbone's last conv "
+        "(Lite0 'head', ResNet 'layer4', MobileNetV2 'features.18').",
+    )
+
+    global_presets = {"efficientnet": "head", "resnet": "layer4", "mobilenet": "features.18"}
+
+    def _check_params(self) -> None:
+        from iadkit.backbones import backbone_names, layer_names
+
+        if self.global_layer is not None and self.backbone in backbone_names():
+            names = [i.name for i in layer_names(self.backbone)]
+            if self.global_layer not in names:
+                raise InvalidParameterError(
+                    f"SPADE: global_layer {self.global_layer!r} is not a layer of {self.backbone!r}; choose among {', '.join(names)}"
+                )
+        super()._check_params()
+
+    def image_layer(self) -> str:
+        """The layer of the image-level descriptor (`global_layer` or the backbone's last conv)."""
+        if self.global_layer is not None:
+            return self.global_layer
+        from iadkit.backbones import get_spec
+
+        return self.global_presets[get_spec(self.backbone).family]
     k_images: int = param(50, "K nearest training images (paper: 50).", check=at_least(1))
     k_pixels: int = param(1, "kappa nearest gallery features per position (paper: 1).", check=at_least(1))
     batch_size: int = param(16, "Images per feature batch.", check=at_least(1))
 
     def backbone_layers(self) -> list[str]:
-        return list(dict.fromkeys([*self.layers, self.global_layer]))
+        return list(dict.fromkeys([*self.tapped_layers(), self.image_layer()]))
 
     def _build(self) -> None:
         super()._build()
@@ -83,8 +114,8 @@ class SPADE(BackboneDetector):
     def _describe(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """(global features [B, D], pyramid features [B, h*w, C], (h, w))."""
         feats = self.backbone_(images)
-        glob = feats[self.global_layer].mean(dim=(2, 3))
-        pyr = pyramid_features(feats, self.layers)
+        glob = feats[self.image_layer()].mean(dim=(2, 3))
+        pyr = pyramid_features(feats, self.tapped_layers())
         h, w = pyr.shape[-2:]
         return glob, pyr.flatten(2).transpose(1, 2).contiguous(), (int(h), int(w))
 

@@ -8,7 +8,8 @@ Endpoints (all answers JSON except the page):
 - ``GET /models`` and ``GET /models/{name}``: method, versions, threshold, input size.
 - ``POST /predict?model=NAME`` (or ``POST /models/{name}/predict``): one or several images as
   ``multipart/form-data``; per image the file name, score, verdict, threshold and two PNGs as
-  data URLs (the image as the model saw it, and the heat-map overlay).
+  data URLs (the image as the model saw it, and the heat-map overlay); an image the model
+  scores NaN or infinite comes back with ``score``/``verdict`` null and an ``error``.
 - ``PUT /models/{name}/threshold`` with ``{"value": <finite number>}``: moves the operating
   point for this process (the model file is left unchanged).
 
@@ -38,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import iadkit
 from iadkit.data.io import DEFAULT_MAX_PIXELS, read_image_bytes
-from iadkit.errors import ImageReadError
+from iadkit.errors import IadkitError, ImageReadError
 from iadkit.serve.backend import Predictor
 
 ACCEPTED_TYPES = {
@@ -245,7 +246,10 @@ def create_app(predictors: Sequence[Predictor], *, limits: Limits | None = None)
     async def predict_with(predictor: Predictor, request: Request) -> dict[str, Any]:
         uploads = await _read_uploads(request, limits)
         images = await run_in_threadpool(_decode_all, uploads, limits)
-        results = await run_in_threadpool(predictor.predict, images)
+        try:
+            results = await run_in_threadpool(predictor.predict, images, [name for name, _ in uploads])
+        except IadkitError as exc:  # e.g. a grayscale image for a colour model
+            raise HTTPException(422, str(exc)) from None
         return {
             "model": predictor.name,
             "method": predictor.method,
@@ -254,10 +258,12 @@ def create_app(predictors: Sequence[Predictor], *, limits: Limits | None = None)
             "results": [
                 {
                     "filename": filename,
-                    "score": r.score,
+                    # a NaN or infinite score has no verdict: JSON cannot carry it, `error` says why
+                    "score": r.score if r.error is None else None,
                     "anomalous": r.anomalous,
                     "verdict": None if r.anomalous is None else ("anomalous" if r.anomalous else "good"),
                     "threshold": r.threshold,
+                    "error": r.error,
                     "image": _data_url(r.image_png),
                     "overlay": _data_url(r.overlay_png),
                 }

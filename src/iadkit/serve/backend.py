@@ -34,13 +34,15 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 @dataclass(frozen=True)
 class ImageResult:
-    """One image's outcome. `anomalous` is None when the model has no threshold."""
+    """One image's outcome. `anomalous` is None when the model has no threshold, and when
+    the score is not a finite number: then `error` says so (NaN must never read as good)."""
 
     score: float
     anomalous: bool | None
     threshold: float | None
     image_png: bytes  # the image as the model saw it (resized/cropped), RGB
     overlay_png: bytes  # the same with the heat map blended over it
+    error: str | None = None
 
 
 @runtime_checkable
@@ -72,7 +74,8 @@ class Predictor(Protocol):
     @property
     def map_range(self) -> tuple[float, float] | None: ...
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[ImageResult]: ...
+    def predict(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[ImageResult]:
+        """Score decoded images; `names` (e.g. the uploaded file names) name them in errors."""
 
 
 class TorchPredictor:
@@ -141,12 +144,16 @@ class TorchPredictor:
         return None if rng is None else (float(rng[0]), float(rng[1]))
 
     # -- inference ------------------------------------------------------------------------
-    def predict(self, images: Sequence[np.ndarray]) -> list[ImageResult]:
+    def predict(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[ImageResult]:
         if not images:
             return []
+        from iadkit.types import Sample
+
         threshold = self.threshold  # read once: a concurrent PUT cannot split one request
+        labels = list(names) if names is not None else [f"image {i + 1}" for i in range(len(images))]
+        inputs = [Sample(path=name, image=image) for name, image in zip(labels, images)]
         with self._lock:
-            result = self.model.predict(list(images), batch_size=self.batch_size, threshold=threshold, keep_maps=True)
+            result = self.model.predict(inputs, batch_size=self.batch_size, threshold=threshold, keep_maps=True)
         return _image_results(self.model, self.name, self.method, images, result, threshold)
 
 
@@ -207,13 +214,29 @@ class OnnxPredictor:
         rng = self.model.map_range
         return None if rng is None else (float(rng[0]), float(rng[1]))
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[ImageResult]:
+    def predict(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[ImageResult]:
         if not images:
             return []
-        threshold = self.threshold
+        threshold = self.threshold  # read once: a concurrent PUT cannot split one request
+        labels = list(names) if names is not None else [f"image {i + 1}" for i in range(len(images))]
+        # named inputs, so that an error names the uploaded file (the runtime takes anything
+        # with a path and load_image(), without importing torch for iadkit.types.Sample)
+        inputs = [_NamedImage(name, image) for name, image in zip(labels, images)]
         with self._lock:
-            result = self.model.predict(list(images), batch_size=self.batch_size, threshold=threshold, keep_maps=True)
+            result = self.model.predict(inputs, batch_size=self.batch_size, threshold=threshold, keep_maps=True)
         return _image_results(self.model, self.name, self.method, images, result, threshold)
+
+
+@dataclass(frozen=True)
+class _NamedImage:
+    """A decoded upload under its file name (what `iadkit.runtime` accepts as a sample)."""
+
+    path: str
+    image: np.ndarray
+    label: None = None
+
+    def load_image(self) -> np.ndarray:
+        return self.image
 
 
 def _image_results(
@@ -227,11 +250,13 @@ def _image_results(
 
     out = []
     for image, amap, score in zip(images, maps, scores):
+        finite = math.isfinite(float(score))
         out.append(
             ImageResult(
                 score=float(score),
-                anomalous=None if threshold is None else bool(score > threshold),
+                anomalous=None if threshold is None or not finite else bool(score > threshold),
                 threshold=threshold,
+                error=None if finite else f"the model scored this image {float(score)}: not a number it can judge",
                 image_png=_png(_to_uint8(model_view(model, image))),
                 # the model's own colour range (iadkit.viz: one rule everywhere)
                 overlay_png=model_overlay(model, image, amap),

@@ -13,6 +13,17 @@ A method never sees which setting produced its data, and a setting never sees wh
 consumes it; `check_combination` reads the method's declared attributes (`supervision`) to
 refuse what makes no sense, with a one-line message. Python, the CLI
 (``--setting few_shot:k=4``) and benchmark grids use the same registry.
+
+The survey's settings (protocols of the IM-IAD benchmark, one module each):
+
+- ``vanilla``: the good training images; the whole test set.
+- ``few_shot(k, augment=False, n_augment=4, augmentations="rotation")`` (`fewshot`): k good
+  images per category, optionally each expanded into n_augment + 1 variants.
+- ``noisy(ratio)`` (`noise`): ``int(ratio * n_good)`` anomalous test images per category join
+  the training set labelled good (capped at 75 % of the category's test anomalies), and leave
+  the test set. `injected_noise` finds them again.
+- ``semi_supervised(k)`` (`semi`): k labelled anomalies per category move from test to
+  training (same cap).
 """
 
 from __future__ import annotations
@@ -76,12 +87,24 @@ def apply_setting(
 
 
 def check_combination(setting: str, method: Any, train: Sequence[Sample]) -> str | None:
-    """Refuse a (setting, method, training set) that makes no sense; return a note for one that
-    works differently than a user may expect (None when there is nothing to say).
+    """Refuse a (setting, method, training set) that makes no sense; return a one-line note
+    for one that works differently than a user may expect (None when there is nothing to say).
 
-    - a semi-supervised method needs labelled defects in its training set: refused without;
-    - an unsupervised method given labelled defects trains on the good images only (noted);
+    - a semi-supervised method needs labelled defects in its training set: refused without
+      (vanilla, few_shot and noisy give none; semi_supervised does);
+    - an unsupervised method given labelled defects trains on the good images only (noted;
+      callers then drop the defects themselves, so the note is said once, not again by
+      `Model.fit`);
     - a zero-shot method trains on nothing (noted when images were given).
+
+    Parameters
+    ----------
+    setting : str
+        The setting's name (for the message).
+    method : Detector or Model
+        Anything with ``name`` and ``supervision`` attributes.
+    train : sequence of Sample
+        The training set the setting produced.
     """
     supervision = getattr(method, "supervision", "unsupervised")
     name = getattr(method, "name", str(method))
@@ -114,6 +137,48 @@ def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), params
 
 
+def usable_training(method: Any, train: Sequence[Sample]) -> list[Sample]:
+    """The images `method` learns from: everything for a semi-supervised method, the good
+    (and unlabelled) ones otherwise - what `Model.fit` keeps, taken out beforehand by callers
+    that have already said so with `check_combination`'s note."""
+    if getattr(method, "supervision", "unsupervised") == "semi-supervised":
+        return list(train)
+    return [s for s in train if s.label != ANOMALOUS]
+
+
+def injected_noise(train: Sequence[Sample]) -> list[Sample]:
+    """The training samples presented as good that are really defective (the noisy setting's
+    injected images, marked ``true_label = 1``)."""
+    return [s for s in train if s.label == GOOD and s.true_label == ANOMALOUS]
+
+
+def sequence_parameters(name: str) -> set[str]:
+    """Parameters of setting `name` whose value is itself a sequence (few_shot's
+    `augmentations`): in a grid, a list given to one of them is one value, not a sweep."""
+    import collections.abc
+    import inspect
+    import types
+    import typing
+
+    fn = get_setting(name)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # a plugin with unresolvable annotations: every list is a sweep
+        return set()
+
+    def is_sequence(t: Any) -> bool:
+        origin = typing.get_origin(t) or t
+        return isinstance(origin, type) and issubclass(origin, collections.abc.Sequence) and not issubclass(origin, str)
+
+    out = set()
+    for pname in inspect.signature(fn).parameters:
+        hint = hints.get(pname)
+        union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        if any(is_sequence(h) for h in (typing.get_args(hint) if union else (hint,))):
+            out.add(pname)
+    return out - {"train", "test"}
+
+
 @register_setting("vanilla")
 def vanilla(train: Sequence[Sample], test: Sequence[Sample], *, seed: int) -> tuple[list[Sample], list[Sample]]:
     """The standard unsupervised protocol: fit on the good training images, test on the whole test split."""
@@ -127,8 +192,20 @@ __all__ = [
     "apply_setting",
     "available_settings",
     "check_combination",
+    "few_shot",
     "get_setting",
+    "injected_noise",
+    "noisy",
     "parse_setting",
     "register_setting",
+    "semi_supervised",
+    "sequence_parameters",
+    "usable_training",
     "vanilla",
 ]
+
+# The survey's settings register themselves on import (they need the registry above).
+from iadkit.settings.fewshot import few_shot  # noqa: E402
+from iadkit.settings.noise import noisy  # noqa: E402
+from iadkit.settings.semi import semi_supervised  # noqa: E402
+

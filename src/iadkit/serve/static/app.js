@@ -194,7 +194,10 @@ async function send(job) {
   try {
     const body = await getJSON(`models/${encodeURIComponent(state.model.name)}/predict`, { method: "POST", body: form });
     if (job.generation !== state.generation) return;
-    for (const r of body.results) addResult(r);
+    for (const r of body.results) {
+      if (r.error) showError(`${r.filename}: ${r.error}`); // no score, no verdict: never shown as good
+      else addResult(r);
+    }
   } catch (err) {
     if (job.generation === state.generation) showError(err.message.startsWith(job.name) ? err.message : `${job.name}: ${err.message}`);
   }
