@@ -143,3 +143,21 @@ def test_channel_standardizer_fits_per_channel_statistics() -> None:
     assert torch.allclose(norm(x[:2]), y[:2])  # the same fixed map afterwards
     vec = norm(x[:, :, 0, 0])  # also on vectors [N, C]
     assert torch.allclose(vec, y[:, :, 0, 0])
+
+
+def test_sample_layer_norm_exports_with_the_same_numbers():
+    """SampleLayerNorm normalises over its affine's shape (a constant for ONNX export): the
+    same numbers as F.layer_norm over the map's own shape."""
+    import torch.nn.functional as F
+
+    from iadkit.components.flows import SampleLayerNorm
+
+    norm = SampleLayerNorm()
+    norm.initialise((4, 5, 6))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(norm(x), F.layer_norm(x, tuple(x.shape[1:]), norm.weight, norm.bias, norm.eps))
+    traced = torch.jit.trace(norm, (x[:1],), check_trace=False)
+    assert torch.equal(traced(x), norm(x))

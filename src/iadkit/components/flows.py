@@ -271,7 +271,9 @@ class SampleLayerNorm(nn.Module):
                 f"the flow's layer norm was fitted on feature maps {tuple(self.weight.shape)}, got "
                 f"{tuple(x.shape[1:])}: predict at the training image size"
             )
-        return F.layer_norm(x, tuple(x.shape[1:]), self.weight, self.bias, self.eps)
+        # the affine's shape (equal to the map's, checked above) as the normalised shape: a
+        # constant, where the map's own shape would be a traced value ONNX export cannot take
+        return F.layer_norm(x, tuple(self.weight.shape), self.weight, self.bias, self.eps)
 
 
 def level_flows(channels: Sequence[int], build: Callable[[int, int], Flow], seed: int) -> nn.ModuleList:
