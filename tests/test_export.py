@@ -25,6 +25,8 @@ from iadkit.errors import ExportError, NotFittedError
 from iadkit.methods import available_methods
 from iadkit.model import Model
 
+pytestmark = pytest.mark.filterwarnings("ignore::iadkit.errors.CalibrationWarning")  # tiny calibration sets on purpose
+
 SIZE = 64
 FILE_SIZE = 80
 METHODS = sorted(name for name, cls in available_methods().items() if cls.__module__.startswith("iadkit.methods."))

@@ -15,6 +15,8 @@ from iadkit.model import Model
 from iadkit.tiling import Tiling, blend_window, predict_tiled, resolve_tiling, stitch
 from iadkit.types import GOOD, Sample
 
+pytestmark = pytest.mark.filterwarnings("ignore::iadkit.errors.CalibrationWarning")  # tiny calibration sets on purpose
+
 
 # -- geometry and stitching ---------------------------------------------------------------------
 def test_boxes_cover_the_image_and_end_at_its_edges():
