@@ -151,6 +151,18 @@ def test_grayscale_model(split, tmp_path):
     assert_parity(model, exported, tests)
     arrays = [read_image(p)[:, :, 0] for p in tests]  # HxW arrays too
     np.testing.assert_allclose(exported.predict(arrays).scores, model.predict(arrays).scores, rtol=TOL, atol=TOL)
+    # a colour image is refused by both, with the same message naming it
+    colour = np.random.default_rng(0).integers(0, 256, (80, 80, 3), dtype=np.uint8)
+    from iadkit.errors import ImageReadError, InvalidParameterError
+
+    with pytest.raises(ImageReadError) as from_model:
+        model.predict([arrays[0], colour])
+    with pytest.raises(ImageReadError) as from_runtime:
+        exported.predict([arrays[0], colour])
+    assert str(from_runtime.value) == str(from_model.value)
+    assert str(from_runtime.value).startswith("array://1: a colour image, but this model was trained on grayscale")
+    with pytest.raises(InvalidParameterError, match="finite"):
+        exported.predict(arrays[:1], threshold=float("nan"))
 
 
 def test_runtime_does_not_import_torch(fitted, test_files, tmp_path):
