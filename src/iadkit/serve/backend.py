@@ -22,7 +22,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -175,7 +175,7 @@ class OnnxPredictor:
 
     runtime = "onnx"
 
-    def __init__(self, model: object, name: str, *, batch_size: int = 8) -> None:
+    def __init__(self, model: Any, name: str, *, batch_size: int = 8) -> None:
         self.model = model
         self.name = check_name(name)
         self.batch_size = int(batch_size)
@@ -240,7 +240,7 @@ class _NamedImage:
 
 
 def _image_results(
-    model: object, name: str, method: str, images: Sequence[np.ndarray], result: object, threshold: float | None
+    model: Any, name: str, method: str, images: Sequence[np.ndarray], result: Any, threshold: float | None
 ) -> list[ImageResult]:
     scores = np.asarray(result.scores, dtype=np.float64)
     maps = result.maps
@@ -338,7 +338,7 @@ def _is_onnx(path: Path) -> bool | None:
     return None
 
 
-def _check_tiling(model: object) -> None:
+def _check_tiling(model: Any) -> None:
     tiling = getattr(model, "tiling", None)
     if tiling is not None and model.preprocess.crop_size is not None:
         raise IadkitError("--tile needs a model without a centre crop (each tile must be seen whole)")
