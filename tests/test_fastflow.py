@@ -45,7 +45,7 @@ def test_save_load_gives_identical_predictions(fitted, fabric, tmp_path) -> None
 
 
 def test_architecture_follows_the_reference() -> None:
-    det = built(create("fastflow", flow_steps=8))
+    det = built(create("fastflow", flow_steps=8, step="allinone"))
     assert len(det.flows_) == 3 and len(det.norms_) == 3  # one flow (and layer norm) per feature level
     assert all(isinstance(n, SampleLayerNorm) for n in det.norms_)
     for flow, c in zip(det.flows_, det.layer_channels()):
@@ -56,8 +56,9 @@ def test_architecture_follows_the_reference() -> None:
         assert steps[0].subnet[0].out_channels == steps[0].split  # hidden ratio 1.0
         assert steps[0].clamp == 2.0
         assert torch.allclose(steps[0]._gamma(), torch.ones(1))  # global affine starts at 1
-    only3 = built(FastFlow(flow_steps=2, conv3x3_only=True))
+    only3 = built(FastFlow(flow_steps=2, conv3x3_only=True, step="allinone"))
     assert [b.subnet[0].kernel_size[0] for b in only3.flows_[0].blocks] == [3, 3]
+    assert FastFlow().step == "affine"  # the default, chosen by measurement (see the module docstring)
     ours = built(FastFlow(flow_steps=4, step="affine", normalization="standardize"))
     couplings = [b for b in ours.flows_[0].blocks if isinstance(b, AffineCoupling)]
     assert len(couplings) == 4 and sum(isinstance(b, FixedChannelMix) for b in ours.flows_[0].blocks) == 4

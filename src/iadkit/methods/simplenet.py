@@ -15,33 +15,38 @@ position is -D(q); the score map is upsampled bilinearly to the input size and s
 with a Gaussian (sigma = 4); the image score is the maximum of the (feature-resolution)
 score map.
 
-The paper's hyper-parameters (and the authors' run script where the paper is silent):
-    WideResNet-50, layer2 + layer3, 3x3 neighbourhood, features projected to 1536 dims;
-    input resized to 329 px and centre-cropped to 288; adaptor 1536 -> 1536; discriminator
-    Linear-BN-LeakyReLU(0.2)-Linear with 1024 hidden units; sigma 0.015; th = 0.5; Adam
-    with lr 1e-4 (adaptor) and 2e-4 (discriminator), weight decay 1e-5; batch 8;
-    160 epochs (40 meta-epochs x 4).
+Paper → authors' code (DonaldRR/SimpleNet, run.sh + defaults) → ours (anomalib 2.7.0 has no
+SimpleNet):
 
-Ours and why:
-    - backbone: the packaged EfficientNet-Lite0 (the ImageNet backbone every user has
-      offline), blocks.2 + blocks.4 (strides 8 / 16, the strides of WRN-50 layer2 / layer3);
-    - feature dimension `embed_dim` = 384 instead of 1536: Lite0's two levels have 152
-      channels (1368 with the 3x3 neighbourhood) against WRN-50's 1536, and adaptor and
-      discriminator cost grows with its square; the discriminator's hidden width is
-      `embed_dim` too (the authors' 1024 is 2/3 of their 1536);
-    - features are centred per channel and divided by one scalar, the RMS per-channel
-      standard deviation of the good training features, and the noise is drawn in those
-      units: `noise_std` = 0.1 instead of the paper's 0.015. The paper's sigma is an
-      absolute value tied to WRN-50's post-ReLU feature scale; Lite0's block outputs are
-      linear bottlenecks with a spread ~15x larger, and the paper's 0.015 there leaves the
-      noisy features indistinguishable (image AUROC 0.45-0.51 on our synthetic fabric, i.e.
-      chance). 0.1 of the spread was chosen on the synthetic set (0.05-0.3 all work;
-      mean image AUROC 0.87 over its five categories at 64 px, 40 epochs). One global scale keeps the
-      features' geometry, as the paper's isotropic noise in raw feature space does;
-    - epochs: 40 by default (CPU-sized fixed schedule; the paper's 160 is a parameter).
-      The authors' code keeps the epoch with the best *test* AUROC; we use no test data
-      and keep the last epoch;
-    - the Gaussian sigma is the paper's 4 px whatever the input size (a parameter).
+=====================  ========================  =================================  =======================================
+item                   paper                     authors' code                      ours
+=====================  ========================  =================================  =======================================
+features               WRN-50 layer2+3, 3x3      same, 1536-d (PatchCore pipeline)  Lite0 blocks.2+4, 3x3, ``embed_dim``
+                       neighbourhood                                                 384 (Lite0 has 152 channels; cost
+                                                                                     grows with its square);
+                                                                                     ``paper=True``: WRN-50, 1536
+adaptor                linear                    Linear 1536→1536, xavier-normal,   same: xavier-normal, AdamW 1e-4,
+                                                 **AdamW lr·0.1 = 1e-4, wd 0.01**   wd 0.01 (``adaptor_lr``,
+                                                                                     ``adaptor_weight_decay``)
+discriminator          2-layer MLP               Linear→BN→LeakyReLU(.2)→Linear,    same layers, hidden = embed_dim,
+                                                 hidden 1024, xavier-normal,        xavier-normal, Adam 2e-4, wd 1e-5
+                                                 Adam 2e-4, wd 1e-5
+noise                  N(0, σ²), σ = 0.015       σ = 0.015 (absolute, WRN-50        σ = 0.1 in units of the good
+                                                 feature scale)                     features' RMS spread (0.015 of
+                                                                                     Lite0's linear-bottleneck features
+                                                                                     leaves them indistinguishable:
+                                                                                     chance AUROC)
+loss                   truncated L1, th 0.5      same                               same
+schedule               160 epochs, batch 8       40 x 4, batch 8; keeps the         **40** epochs (CPU-sized;
+                                                 meta-epoch with the best *test*    ``paper=True``: 160), the last one
+                                                 AUROC                              (no test data is used)
+input                  288 crop of 329           same                               the model's (``paper=True``: 288)
+map / score            bilinear + Gaussian σ 4;  same, σ 4 px at the input size     Postprocess: σ 4 at a 224-px input,
+                       max of patch scores                                          scaled to the input; score = max of
+                                                                                     the patch scores
+features per epoch     —                         every step                         computed **once** (ONNX Runtime);
+                                                                                     the noise is in feature space
+=====================  ========================  =================================  =======================================
 """
 
 from __future__ import annotations
