@@ -182,6 +182,20 @@ def test_composable_in_one_chunk_is_plain_greedy():
     assert torch.equal(a.result().bank, b.result().bank)
 
 
+@pytest.mark.parametrize("method", ["composable", "greedy", "random", "none"])
+def test_coreset_result_names_the_chosen_patches(method):
+    """`indices` points every bank row back at the patch it copies, counted over all `add` calls
+    (what SoftPatch uses to carry each chosen patch's outlier factor into the bank)."""
+    x = clustered(2500, 8, seed=8)
+    b = StreamingCoreset(0.05, method=method, chunk_size=600, seed=1)
+    for s in range(0, x.shape[0], 170):  # uneven batches across chunk boundaries
+        b.add(x[s : s + 170])
+    r = b.result()
+    assert r.indices is not None and r.indices.dtype == torch.long
+    assert r.indices.shape == (r.bank.shape[0],) and r.indices.unique().numel() == r.bank.shape[0]
+    assert torch.equal(r.bank, x[r.indices])
+
+
 def test_coreset_errors_and_sizes():
     with pytest.raises(MemoryBankError, match="ratio"):
         StreamingCoreset(0.0)

@@ -421,6 +421,9 @@ class CoresetResult:
     n_union: int  # points entering the final pass
     n_chunks: int
     stats: dict[str, float] = field(default_factory=dict)
+    # Row i of `bank` is the indices[i]-th patch given to `add` (counted over all calls), so a
+    # caller can look up what it knows about the chosen patches (SoftPatch: their outlier factor).
+    indices: torch.Tensor | None = None
 
 
 class StreamingCoreset:
@@ -472,13 +475,16 @@ class StreamingCoreset:
         self._proj: torch.Tensor | None = None
         self._dim: int | None = None
         self._buf: list[torch.Tensor] = []
+        self._buf_idx: list[torch.Tensor] = []
         self._buf_n = 0
         self._kept_full: list[torch.Tensor] = []
+        self._kept_idx: list[torch.Tensor] = []
         self._kept_proj: list[torch.Tensor] = []
         self._chunk_radii: list[float] = []
         self._n_seen = 0
         self._rng = np.random.default_rng(self.seed)
         self._random_kept: list[torch.Tensor] = []
+        self._random_idx: list[torch.Tensor] = []
 
     # -- input ---------------------------------------------------------------------------------
     def project(self, feats: torch.Tensor) -> torch.Tensor:
@@ -497,16 +503,20 @@ class StreamingCoreset:
                 self._proj = random_projection(self._dim, self.projection_dim, self.seed)
         elif feats.shape[1] != self._dim:
             raise MemoryBankError(f"patch features changed dimension from {self._dim} to {feats.shape[1]}")
+        index = torch.arange(self._n_seen, self._n_seen + int(feats.shape[0]))
         self._n_seen += int(feats.shape[0])
         if self.method == "random":
             # Reservoir-free: keep each patch with probability ~ oversample * ratio, trim at the end.
-            keep = self._rng.random(feats.shape[0]) < min(1.0, 2.0 * self.ratio)
-            self._random_kept.append(feats[torch.from_numpy(keep)].clone())
+            keep = torch.from_numpy(self._rng.random(feats.shape[0]) < min(1.0, 2.0 * self.ratio))
+            self._random_kept.append(feats[keep].clone())
+            self._random_idx.append(index[keep])
             return
         if self.method in ("none", "greedy"):
             self._kept_full.append(feats.clone())
+            self._kept_idx.append(index)
             return
         self._buf.append(feats.clone())
+        self._buf_idx.append(index)
         self._buf_n += int(feats.shape[0])
         while self._buf_n >= self.chunk_size:
             self._reduce_buffer(self.chunk_size)
@@ -516,15 +526,18 @@ class StreamingCoreset:
         if not self._buf:
             return
         pooled = torch.cat(self._buf)
+        pooled_idx = torch.cat(self._buf_idx)
         size = pooled.shape[0] if size is None else min(size, pooled.shape[0])
         chunk, rest = pooled[:size], pooled[size:]
         self._buf = [rest.clone()] if rest.shape[0] else []
+        self._buf_idx = [pooled_idx[size:]] if rest.shape[0] else []
         self._buf_n = int(rest.shape[0])
         proj = self.project(chunk)
         fraction = min(1.0, max(self.oversample * self.ratio, self.min_keep))
         keep = max(1, math.ceil(fraction * chunk.shape[0]))
         res = greedy_kcenter(proj, keep, seed=self.seed + len(self._chunk_radii), batch=self.batch)
         self._kept_full.append(chunk[res.indices])
+        self._kept_idx.append(pooled_idx[:size][res.indices])
         self._kept_proj.append(proj[res.indices])
         self._chunk_radii.append(res.radius)
 
@@ -543,21 +556,29 @@ class StreamingCoreset:
         k = self.target_size()
         if self.method == "none":
             bank = torch.cat(self._kept_full)
-            return CoresetResult(bank, self._n_seen, "none", 0.0, 0.0, 0.0, bank.shape[0], 0)
+            return CoresetResult(
+                bank, self._n_seen, "none", 0.0, 0.0, 0.0, bank.shape[0], 0, indices=torch.cat(self._kept_idx)
+            )
         if self.method == "random":
             pool = torch.cat(self._random_kept) if self._random_kept else torch.zeros(0, self._dim or 0)
+            pool_idx = torch.cat(self._random_idx) if self._random_idx else torch.zeros(0, dtype=torch.long)
             if pool.shape[0] < k:  # unlucky draw on tiny inputs: fall back to what there is
                 k = max(1, pool.shape[0])
             g = torch.Generator().manual_seed(self.seed)
             sel = torch.randperm(pool.shape[0], generator=g)[:k]
-            return CoresetResult(pool[sel], self._n_seen, "random", float("nan"), float("nan"), float("nan"), pool.shape[0], 0)
+            nan = float("nan")
+            return CoresetResult(pool[sel], self._n_seen, "random", nan, nan, nan, pool.shape[0], 0, indices=pool_idx[sel])
         if self.method == "greedy" or not self._chunk_radii:
             # Plain greedy: everything is in memory (method "greedy", or "composable" whose
             # input fit in one chunk, which makes both the same algorithm).
             full = torch.cat(self._kept_full + self._buf)
-            self._kept_full, self._buf = [], []
+            full_idx = torch.cat(self._kept_idx + self._buf_idx)
+            self._kept_full, self._buf, self._kept_idx, self._buf_idx = [], [], [], []
             res = greedy_kcenter(self.project(full), k, seed=self.seed, batch=self.batch)
-            return CoresetResult(full[res.indices], self._n_seen, "greedy", res.radius, 0.0, res.radius, full.shape[0], 0)
+            return CoresetResult(
+                full[res.indices], self._n_seen, "greedy", res.radius, 0.0, res.radius, full.shape[0], 0,
+                indices=full_idx[res.indices],
+            )
         self._reduce_buffer()
         union_proj = torch.cat(self._kept_proj)
         self._kept_proj = []
@@ -569,12 +590,14 @@ class StreamingCoreset:
         sizes = torch.tensor([0] + [int(t.shape[0]) for t in self._kept_full])
         offsets = torch.cumsum(sizes, 0)
         bank = torch.empty(k, self._kept_full[0].shape[1])
+        indices = torch.empty(k, dtype=torch.long)
         chunk_of = torch.bucketize(res.indices, offsets[1:], right=True)
-        for i, part in enumerate(self._kept_full):
+        for i, (part, part_idx) in enumerate(zip(self._kept_full, self._kept_idx)):
             sel = torch.nonzero(chunk_of == i).flatten()
             if sel.numel():
                 bank[sel] = part[res.indices[sel] - offsets[i]]
-        self._kept_full = []
+                indices[sel] = part_idx[res.indices[sel] - offsets[i]]
+        self._kept_full, self._kept_idx = [], []
         r_chunks = max(self._chunk_radii)
         return CoresetResult(
             bank=bank,
@@ -585,6 +608,7 @@ class StreamingCoreset:
             final_radius=res.radius,
             n_union=n_union,
             n_chunks=len(self._chunk_radii),
+            indices=indices,
         )
 
 
