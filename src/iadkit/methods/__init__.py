@@ -19,6 +19,10 @@ _METHOD_MODULES = [
     "cutpaste",
     "simplenet",
     "cfa",
+    "softpatch",
+    "devnet",
+    "dra",
+    "regad",
 ]
 
 for _name in _METHOD_MODULES:

@@ -181,9 +181,10 @@ class PatchCore(BackboneDetector):
         return self._path(images)
 
     # -- fit ---------------------------------------------------------------------------------------
-    def _fit(self, train: ImageSet, *, progress: bool) -> None:
-        builder = StreamingCoreset(
-            self.coreset_ratio,
+    def coreset_builder(self, ratio: float | None = None) -> StreamingCoreset:
+        """A coreset builder with this detector's settings (`ratio` defaults to `coreset_ratio`)."""
+        return StreamingCoreset(
+            self.coreset_ratio if ratio is None else ratio,
             method=self.coreset_method,
             projection_dim=self.projection_dim,
             chunk_size=self.chunk_size,
@@ -191,12 +192,9 @@ class PatchCore(BackboneDetector):
             min_keep=self.chunk_min_keep,
             seed=self.seed,
         )
-        grid: tuple[int, int] | None = None
-        for images in self.single_pass(train, self.batch_size, "patchcore features", progress=progress):
-            feats = self.embed(images)
-            grid = (int(feats.shape[-2]), int(feats.shape[-1]))
-            builder.add(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).cpu())
-        result: CoresetResult = builder.result()
+
+    def set_bank(self, result: CoresetResult, grid: tuple[int, int] | None) -> None:
+        """Install a coreset as the memory bank and describe it in `fit_info_`."""
         self.memory_bank_ = result.bank.contiguous().to(self.device)
         self.fit_info_ = {
             "n_patches": result.n_seen,
@@ -211,6 +209,15 @@ class PatchCore(BackboneDetector):
         }
         self._index = None
 
+    def _fit(self, train: ImageSet, *, progress: bool) -> None:
+        builder = self.coreset_builder()
+        grid: tuple[int, int] | None = None
+        for images in self.single_pass(train, self.batch_size, f"{self.name} features", progress=progress):
+            feats = self.embed(images)
+            grid = (int(feats.shape[-2]), int(feats.shape[-1]))
+            builder.add(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).cpu())
+        self.set_bank(builder.result(), grid)
+
     # -- predict -----------------------------------------------------------------------------------
     def nn_index(self) -> NearestNeighborIndex:
         """The search index over the current bank (rebuilt when the bank or `search` changes)."""
@@ -221,17 +228,25 @@ class PatchCore(BackboneDetector):
             self._index_key = key
         return self._index
 
-    def _predict(self, images: torch.Tensor) -> Prediction:
+    def nearest_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embed `images` and find each patch's nearest bank feature.
+
+        Returns (distances [B, h, w], bank indices [B, h, w], patch embeddings [B, h*w, D]),
+        on the bank's device.
+        """
         feats = self.embed(images)
         b, d, h, w = feats.shape
         if d != self.memory_bank_.shape[1]:
             raise MemoryBankError(f"patch features have {d} dimensions but the memory bank has {self.memory_bank_.shape[1]}")
         emb = feats.permute(0, 2, 3, 1).reshape(b, h * w, d).to(self.memory_bank_.device)
-        index = self.nn_index()
-        dist, idx = index.search(emb.reshape(-1, d), 1)
-        patch_scores = dist[:, 0].reshape(b, h * w).to(emb.device)
-        nn_idx = idx[:, 0].reshape(b, h * w).to(emb.device)
+        dist, idx = self.nn_index().search(emb.reshape(-1, d), 1)
+        return dist[:, 0].reshape(b, h, w).to(emb.device), idx[:, 0].reshape(b, h, w).to(emb.device), emb
+
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        dist, idx, emb = self.nearest_patches(images)
+        b = dist.shape[0]
         scores = reweighted_image_scores(
-            patch_scores, nn_idx, emb, self.memory_bank_, self.num_neighbors, bank_sq=index.bank_sq
+            dist.reshape(b, -1), idx.reshape(b, -1), emb, self.memory_bank_, self.num_neighbors,
+            bank_sq=self.nn_index().bank_sq,
         )
-        return Prediction(scores=scores.to(images.device), maps=patch_scores.reshape(b, h, w).to(images.device))
+        return Prediction(scores=scores.to(images.device), maps=dist.to(images.device))
