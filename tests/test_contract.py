@@ -8,6 +8,9 @@ reproduces the scores and maps bit for bit; get_params/clone/set_params behave a
 scikit-learn; the same seed gives the same scores; every hyper-parameter refuses a value
 of the wrong kind with InvalidParameterError; and defective images score higher than good
 ones for at least 70 % of (good, defective) pairs (AUROC >= 0.7; the defects are large).
+
+Semi-supervised methods (DevNet, DRA) learn from labelled defects as well: their training set
+is the same 14 good images plus 4 labelled defective ones (different images from the test set).
 """
 
 from __future__ import annotations
@@ -39,31 +42,43 @@ def _texture(rng: np.random.Generator) -> np.ndarray:
     return np.repeat(img[:, :, None], 3, axis=2)
 
 
-def _dataset() -> tuple[list[Sample], list[Sample]]:
-    """14 good training images; test: 8 good, 8 with a dark 14x14 blob (masks given)."""
+def _blob(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A texture with a dark 14x14 blob, and the blob's mask."""
+    img = _texture(rng)
+    mask = np.zeros((SIZE, SIZE), bool)
+    r, c = rng.integers(8, SIZE - 22, 2)
+    img[r : r + 14, c : c + 14] = 20
+    mask[r : r + 14, c : c + 14] = True
+    return img.clip(0, 255).astype(np.uint8), mask
+
+
+def _dataset() -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """14 good training images; test: 8 good, 8 with a dark 14x14 blob (masks given); and 4
+    more blob images, labelled, that semi-supervised methods add to their training set."""
     rng = np.random.default_rng(0)
     train = [Sample(path=f"mem://train/{i}", label=GOOD, image=_texture(rng).clip(0, 255).astype(np.uint8)) for i in range(14)]
     test = []
     for i in range(16):
-        img = _texture(rng)
-        mask = np.zeros((SIZE, SIZE), bool)
-        if i >= 8:
-            r, c = rng.integers(8, SIZE - 22, 2)
-            img[r : r + 14, c : c + 14] = 20
-            mask[r : r + 14, c : c + 14] = True
-        test.append(
-            Sample(
-                path=f"mem://test/{i}",
-                label=ANOMALOUS if i >= 8 else GOOD,
-                defect_type="blob" if i >= 8 else "good",
-                image=img.clip(0, 255).astype(np.uint8),
-                mask=mask if i >= 8 else None,
-            )
-        )
-    return train, test
+        if i < 8:
+            test.append(Sample(path=f"mem://test/{i}", label=GOOD, defect_type="good", image=_texture(rng).clip(0, 255).astype(np.uint8)))
+        else:
+            img, mask = _blob(rng)
+            test.append(Sample(path=f"mem://test/{i}", label=ANOMALOUS, defect_type="blob", image=img, mask=mask))
+    labelled = []
+    for i in range(4):  # drawn after the test set, so the images above stay as they were
+        img, mask = _blob(rng)
+        labelled.append(Sample(path=f"mem://train-defect/{i}", label=ANOMALOUS, defect_type="blob", image=img, mask=mask))
+    return train, test, labelled
 
 
 DATA = _dataset()
+
+
+def _training_set(name: str) -> list[Sample]:
+    """The good training images, plus the labelled defects for a semi-supervised method."""
+    if available_methods()[name].supervision == "semi-supervised":
+        return DATA[0] + DATA[2]
+    return DATA[0]
 
 
 def _model(name: str, **extra) -> Model:
@@ -82,7 +97,7 @@ def _fitted(name: str, cache: dict[str, Model]) -> Model:
         model = _model(name)
         returned = model.detector.fit  # the detector's fit returns the detector itself
         assert returned is not None
-        cache[name] = model.fit(DATA[0], calibration_fraction=0.15, progress=False)
+        cache[name] = model.fit(_training_set(name), calibration_fraction=0.15, progress=False)
     return cache[name]
 
 
@@ -178,7 +193,7 @@ def test_model_file_round_trip_is_exact(name: str, fitted: dict[str, Model], tmp
 def test_same_seed_gives_the_same_scores(name: str, fitted: dict[str, Model]) -> None:
     first = _fitted(name, fitted)
     torch.manual_seed(1234)  # the global generator's state must not matter
-    again = _model(name).fit(DATA[0], calibration_fraction=0.15, progress=False)
+    again = _model(name).fit(_training_set(name), calibration_fraction=0.15, progress=False)
     np.testing.assert_allclose(again.predict(DATA[1]).scores, first.predict(DATA[1]).scores, rtol=1e-5, atol=1e-6)
 
 
