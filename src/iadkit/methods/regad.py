@@ -30,7 +30,7 @@ Algorithm:
    the synthetic generator's five categories except the target's own (train on four, test on
    the fifth), generated in memory; a folder path takes every ``<category>/train/good`` in it
    except the target's. K is the number of support images given to `fit` (the code trains one
-   model per shot count) unless ``meta_shots`` sets it.
+   model per shot count), at most 8, unless ``meta_shots`` sets it.
 3. *Support distribution* (paper §3.3, test.py): each support image is expanded to 22 (the
    original, 8 small rotations, 8 translations, a flip, a greyscale copy, 3 right-angle
    rotations: `support_augmentations`); their registered feature maps of the three stages,
@@ -107,6 +107,9 @@ from iadkit.methods.padim import random_channel_index
 from iadkit.methods.params import Interval, OneOf, at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import GOOD, Prediction, Sample
+
+
+MAX_META_SHOTS = 8
 
 
 @functools.lru_cache(maxsize=4096)
@@ -213,7 +216,9 @@ class RegAD(BackboneDetector):
     meta_images_per_category: int = param(16, "Synthetic images per meta-training category.", check=at_least(2))
     meta_epochs: int = param(2, "Meta-training epochs (paper: 50; CPU-sized default).", check=at_least(1))
     meta_batch_size: int = param(8, "Queries per meta-training step (code: 32).", check=at_least(2))
-    meta_shots: int | None = param(None, "Supports per query in meta-training (None: the k images given to fit).", check=at_least(1))
+    meta_shots: int | None = param(
+        None, "Supports per query in meta-training (None: the k images given to fit, at most 8).", check=at_least(1)
+    )
     lr: float = param(1e-4, "SGD learning rate, cosine decay (code: 1e-4).", check=positive())
     momentum: float = param(0.9, "SGD momentum (code: 0.9).", check=Interval(0, 1, closed="left"))
     augment_support: bool = param(True, "Expand each support image into RegAD's 22 augmented variants.")
@@ -277,7 +282,10 @@ class RegAD(BackboneDetector):
         meta = meta_training_sets(
             self.meta_source, target, train.preprocess, per_category=self.meta_images_per_category, seed=self.seed
         )
-        shots = self.meta_shots if self.meta_shots is not None else k
+        # The code trains one model per shot count (2, 4, 8): K = k. With a full training set
+        # (the vanilla setting) K is capped at 8, the paper's largest shot count of its main
+        # tables: more supports per query only average more feature maps.
+        shots = self.meta_shots if self.meta_shots is not None else min(k, MAX_META_SHOTS)
         usable = {c: s for c, s in meta.items() if len(s) > shots}
         if not usable:
             raise TrainingDataError(
