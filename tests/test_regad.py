@@ -158,6 +158,8 @@ def test_model_file_round_trip_and_errors(categories, fitted, tmp_path):
     assert_round_trip_identical(model, list(categories["washer"].test)[:6], tmp_path / "regad.iad")
     tensors, _ = model.detector.state()
     assert any(k.startswith("registration_.stns.") for k in tensors) and "whitening_" in tensors
+    with pytest.raises(InvalidParameterError, match="meta_source"):
+        Model.create("regad", image_size=SIZE, meta_source=str(tmp_path / "nowhere")).detector.validate()
     with pytest.raises(TrainingDataError, match="meta_shots"):
         Model.create("regad", image_size=SIZE, meta_images_per_category=3, meta_shots=3).fit(
             list(categories["washer"].train)[:2], calibration_fraction=0, progress=False

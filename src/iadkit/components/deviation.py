@@ -20,7 +20,7 @@ balanced batches of normal images and labelled anomalies.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F

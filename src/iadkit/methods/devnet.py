@@ -141,7 +141,7 @@ class DeviationNetwork(BackboneDetector):
     def _build_heads(self, channels: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def train(self, mode: bool = True) -> "DeviationNetwork":
+    def train(self, mode: bool = True) -> DeviationNetwork:
         super().train(mode)
         if hasattr(self, "trunk_"):
             freeze_batchnorm(self.trunk_)

@@ -108,7 +108,6 @@ from iadkit.methods.params import Interval, OneOf, at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import GOOD, Prediction, Sample
 
-
 MAX_META_SHOTS = 8
 
 
@@ -232,6 +231,11 @@ class RegAD(BackboneDetector):
         order = [names.index(layer) for layer in self.layers]
         if order != sorted(order):
             raise InvalidParameterError(f"RegAD: layers {list(self.layers)} must be in network order")
+        if str(self.meta_source) != "synthetic" and not os.path.isdir(self.meta_source):
+            raise InvalidParameterError(
+                f"RegAD: meta_source={os.fspath(self.meta_source)!r} is neither 'synthetic' nor a folder; give a folder "
+                "in MVTec layout (<category>/train/good/) with categories other than the target"
+            )
         total = sum(self.layer_channels())
         if self.n_features is not None and self.n_features > total:
             raise InvalidParameterError(f"RegAD: n_features={self.n_features} exceeds the {total} channels of layers {list(self.layers)}")
@@ -263,7 +267,7 @@ class RegAD(BackboneDetector):
     def _after_load(self) -> None:
         self.embedding_ = ConcatEmbedding(self.layer_channels(), self.channel_index_, mode="nearest")
 
-    def train(self, mode: bool = True) -> "RegAD":
+    def train(self, mode: bool = True) -> RegAD:
         super().train(mode)
         if hasattr(self, "registration_"):
             for segment in self.registration_.segments:
@@ -359,7 +363,7 @@ class RegAD(BackboneDetector):
     # -- predict ---------------------------------------------------------------------------------------
     def _predict(self, images: torch.Tensor) -> Prediction:
         emb = self.embed(images.to(self.device))
-        b, d, h, w = emb.shape
+        b, _, h, w = emb.shape
         if h * w != self.mean_.shape[0]:
             raise GaussianFitError(
                 f"RegAD was fitted on a {self.mean_.shape[0]}-position grid but got {h}x{w}: predict at the training image size"
