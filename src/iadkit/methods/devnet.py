@@ -54,6 +54,10 @@ explanation: anomaly maps    localization.py: |d score / d input|  the MIL map |
 ===========================  ====================================  =====================================
 
 Measured: see tests/test_devnet.py (more labelled defects, higher AUROC on a synthetic category).
+
+The paper's configuration is one switch away: ``Model.create("devnet", paper=True,
+weights_path=<torchvision resnet18 file>)`` — ResNet-18 fine-tuned from its stem, layer4 scored,
+50 epochs, 448 px (the code's img_size); batch-norm statistics stay frozen here too.
 """
 
 from __future__ import annotations
@@ -263,6 +267,8 @@ class DevNet(DeviationNetwork):
     family = "few-shot supervised"
     paper = "Pang et al., Explainable Deep Few-shot Anomaly Detection with Deviation Networks, arXiv 2021 (KDD 2019)"
     smoke_params = {"epochs": 2, "steps_per_epoch": 4, "batch_size": 8, "lr": 1e-3}
+    paper_params = {"backbone": "resnet18", "layer": "layer4", "finetune_from": "stem", "epochs": 50}
+    paper_image_size = 448  # the code's default img_size
 
     def _build_heads(self, channels: int) -> None:
         self.scorer_ = PlainHead(channels, self.topk)

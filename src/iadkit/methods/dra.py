@@ -54,6 +54,10 @@ batch 48, Adam lr 1e-3,        (10, 0.1), grad-norm clip 1            batch 48, 
 weight decay 1e-2                                                      ``weight_decay`` 1e-5, as the code
 score: g_s + g_p + g_r - g_n   same (class_pred[0] negated)            same
 =============================  ======================================  =====================================
+
+The paper's configuration: ``Model.create("dra", paper=True, weights_path=<resnet18 file>)`` —
+ResNet-18 fine-tuned from its stem, 30 epochs, Adam lr 1e-3 and weight decay 1e-2 as the paper
+states, 448 px (the code's img_size).
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ class DRA(DeviationNetwork):
     family = "few-shot supervised"
     paper = "Ding et al., Catching Both Gray and Black Swans: Open-set Supervised Anomaly Detection, CVPR 2022"
     smoke_params = {"epochs": 2, "steps_per_epoch": 4, "batch_size": 8, "lr": 1e-3, "n_reference": 2}
+    paper_params = {"backbone": "resnet18", "layer": "layer4", "finetune_from": "stem", "epochs": 30, "lr": 1e-3, "weight_decay": 1e-2}
+    paper_image_size = 448  # the code's default img_size
 
     n_reference: int = param(5, "Normal reference images whose mean map the residual head compares with (paper: 5).", check=at_least(1))
     pseudo_probability: float = param(

@@ -72,6 +72,9 @@ input 224, ToTensor only        ImageNet normalisation commented out     the bac
                                                                          Lite0 weights expect it)
 ==============================  =======================================  =====================================
 
+``Model.create("regad", paper=True, weights_path=<resnet18 file>)`` gives ResNet-18 layer1-3,
+50 meta-training epochs of 32 queries at 224 px.
+
 Each `fit` meta-trains the registration network (seconds on 64-px synthetic images, minutes
 at 224 px) and stores it in the model file together with the Gaussian.
 """
@@ -104,7 +107,7 @@ from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError, TrainingDataError
 from iadkit.methods.base import BackboneDetector, register
 from iadkit.methods.padim import random_channel_index
-from iadkit.methods.params import Interval, OneOf, at_least, param, positive
+from iadkit.methods.params import Interval, Length, OneOf, at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import GOOD, Prediction, Sample
 
@@ -205,8 +208,19 @@ class RegAD(BackboneDetector):
     frozen_prefixes = ()  # the whole network is trained and saved
     smoke_params = {"meta_epochs": 1, "meta_images_per_category": 4, "meta_batch_size": 4, "meta_shots": 1}
 
-    layers: tuple[str, ...] = param(
-        ("blocks.1", "blocks.2", "blocks.4"), "Stages followed by a spatial transformer (ResNet-18 layer1-3)."
+    paper_params = {"backbone": "resnet18", "meta_epochs": 50, "meta_batch_size": 32}
+    paper_image_size = 224
+
+    layer_presets = {
+        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
+        "resnet": ("layer1", "layer2", "layer3"),
+        "mobilenet": ("features.3", "features.6", "features.13"),
+    }
+    layers: tuple[str, ...] | None = param(
+        None,
+        "Stages followed by a spatial transformer (ResNet-18 layer1-3); None: the preset for the backbone's family "
+        "(`layer_presets`).",
+        check=Length(1),
     )
     stn_mode: str = param("rotation_scale", "Affine parameters the transformers predict (paper: rotation_scale).", check=OneOf(tuple(TRANSFORM_PARAMS)))
     meta_source: str | os.PathLike[str] = param(
@@ -228,9 +242,9 @@ class RegAD(BackboneDetector):
     def _check_params(self) -> None:
         super()._check_params()
         names = self._stage_names()
-        order = [names.index(layer) for layer in self.layers]
+        order = [names.index(layer) for layer in self.tapped_layers()]
         if order != sorted(order):
-            raise InvalidParameterError(f"RegAD: layers {list(self.layers)} must be in network order")
+            raise InvalidParameterError(f"RegAD: layers {self.tapped_layers()} must be in network order")
         if str(self.meta_source) != "synthetic" and not os.path.isdir(self.meta_source):
             raise InvalidParameterError(
                 f"RegAD: meta_source={os.fspath(self.meta_source)!r} is neither 'synthetic' nor a folder; give a folder "
@@ -238,7 +252,9 @@ class RegAD(BackboneDetector):
             )
         total = sum(self.layer_channels())
         if self.n_features is not None and self.n_features > total:
-            raise InvalidParameterError(f"RegAD: n_features={self.n_features} exceeds the {total} channels of layers {list(self.layers)}")
+            raise InvalidParameterError(
+                f"RegAD: n_features={self.n_features} exceeds the {total} channels of layers {self.tapped_layers()}"
+            )
 
     def _stage_names(self) -> list[str]:
         from iadkit.backbones import layer_names
@@ -246,10 +262,11 @@ class RegAD(BackboneDetector):
         return [info.name for info in layer_names(self.backbone)]
 
     def _build(self) -> None:
-        stages = pretrained_stages(self.backbone, self.layers[-1], self.weights_path)
+        layers = self.tapped_layers()
+        stages = pretrained_stages(self.backbone, layers[-1], self.weights_path)
         names = [n for n, _ in stages]
         segments, start = [], 0
-        for layer in self.layers:
+        for layer in layers:
             end = names.index(layer) + 1
             segments.append(nn.Sequential(*[m for _, m in stages[start:end]]))
             start = end
