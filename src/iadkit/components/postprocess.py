@@ -96,6 +96,25 @@ def blur_at_reference_sigma(maps: torch.Tensor, reference_sigma: float, referenc
     return gaussian_blur(maps, sigma_for_size(min(maps.shape[-2:]), reference_size, reference_sigma))
 
 
+def pooled_max_score(maps: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """Image scores [B]: the maximum of the map averaged over `pool_size` x `pool_size`
+    windows (stride 1, no padding) -- UniAD's and DRAEM's image score, which ignores a single
+    hot pixel in favour of a hot region. `pool_size` is clipped to the map size; 1 is the
+    plain maximum.
+
+    Parameters
+    ----------
+    maps
+        [B, H, W] or [B, 1, H, W] anomaly maps.
+    pool_size
+        Side of the averaging window, in map pixels (UniAD: 16 at a 224-px input).
+    """
+    x = maps[:, None] if maps.ndim == 3 else maps
+    k = max(1, min(int(pool_size), int(x.shape[-2]), int(x.shape[-1])))
+    pooled = F.avg_pool2d(x, k, stride=1) if k > 1 else x
+    return pooled.flatten(1).amax(dim=1)
+
+
 @dataclass(frozen=True)
 class Postprocess:
     """How a detector's raw maps become the model's anomaly maps and scores; stored with the model.
@@ -158,6 +177,7 @@ __all__ = [
     "gaussian_blur",
     "gaussian_kernel1d",
     "heatmap_range",
+    "pooled_max_score",
     "sigma_for_size",
     "upsample",
 ]
