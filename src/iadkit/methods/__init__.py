@@ -23,6 +23,7 @@ _METHOD_MODULES = [
     "devnet",
     "dra",
     "regad",
+    "uniad",
 ]
 
 for _name in _METHOD_MODULES:
