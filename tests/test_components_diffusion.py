@@ -136,6 +136,40 @@ def test_ddim_reconstruct_repairs_an_image_with_a_perfect_model() -> None:
     assert torch.equal(pulled, conditioned(0))
 
 
+class ZeroDenoiser(torch.nn.Module):
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x_t)
+
+
+def test_ddim_reconstruct_target_and_shared_noise() -> None:
+    """`target` conditions on another image (DDAD's domain adaptation); `shared_noise` makes a
+    sample's reconstruction independent of the batch it comes in."""
+    schedule = NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(1)
+    good = torch.rand(1, 3, 8, 8, generator=g, dtype=torch.float64)
+    oracle = OracleDenoiser(good, schedule)
+    batch = torch.rand(3, 3, 8, 8, generator=g, dtype=torch.float64)
+
+    def run(x: torch.Tensor, model: torch.nn.Module = oracle, **kw) -> torch.Tensor:
+        return ddim_reconstruct(
+            model, x, schedule, t_start=250, skip=50, weight=2.0, eta=1.0,
+            generator=torch.Generator().manual_seed(7), **kw,
+        )
+
+    assert torch.equal(run(batch), run(batch, target=batch))
+    # conditioned on another image, the result moves towards that image
+    other = torch.zeros_like(batch)
+    assert (run(batch, target=other) - other).abs().mean() < (run(batch) - other).abs().mean()
+    # shared noise: the second image alone gives what it gave inside the batch (a model that
+    # predicts no noise leaves the drawn noise in the result, so any difference would show)
+    blind = ZeroDenoiser()
+    alone, inside = run(batch[1:2], blind, shared_noise=True), run(batch, blind, shared_noise=True)[1:2]
+    torch.testing.assert_close(alone, inside, rtol=0, atol=1e-12)
+    assert not torch.allclose(run(batch[1:2], blind), run(batch, blind)[1:2])  # per-sample draws differ
+    with pytest.raises(ValueError, match="shape"):
+        run(batch, target=batch[:1])
+
+
 def test_sinusoidal_embedding_and_denoising_unet() -> None:
     emb = sinusoidal_embedding(torch.tensor([0, 7]), 8)
     assert torch.equal(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))

@@ -201,6 +201,7 @@ class NoiseSchedule:
         *,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        z: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One DDIM step from step t to an earlier step t_next (Song et al. 2021, eq. 12).
 
@@ -222,6 +223,9 @@ class NoiseSchedule:
             Stochasticity (0: DDIM, 1: DDPM-like; DDAD uses 1).
         generator
             Source of z when eta > 0 (drawn on the CPU, then moved to x_t's device).
+        z
+            The standard normal draw to use when eta > 0, broadcastable to `x_t` (default:
+            drawn from `generator`).
         """
         if bool((torch.as_tensor(t) < 0).any()):
             raise ValueError("ddim_step starts from a noisy step t >= 0")
@@ -233,8 +237,9 @@ class NoiseSchedule:
         sigma = eta * ((1 - a_next) / (1 - a_t) * (1 - a_t / a_next)).sqrt()
         out = a_next.sqrt() * x0 + (1 - a_next - sigma**2).clamp_min(0).sqrt() * noise
         if eta > 0:
-            z = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype).to(x_t.device)
-            out = out + sigma * z
+            if z is None:
+                z = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype).to(x_t.device)
+            out = out + sigma * z.to(device=x_t.device, dtype=x_t.dtype)
         return out
 
 
@@ -349,12 +354,14 @@ def ddim_reconstruct(
     weight: float = 0.0,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    target: torch.Tensor | None = None,
+    shared_noise: bool = False,
 ) -> torch.Tensor:
     """Noise `x` to step `t_start`, then denoise back to step -1 in jumps of `skip`.
 
-    Every step predicts the noise with ``model(x_t, t)``, conditions it on `x` with
-    `ddad_conditioned_noise` (weight w; 0 for plain DDIM) and takes a `NoiseSchedule.ddim_step`.
-    Steps: t_start, t_start - skip, ... (while >= 0), then -1.
+    Every step predicts the noise with ``model(x_t, t)``, conditions it on `target` (default:
+    `x` itself) with `ddad_conditioned_noise` (weight w; 0 for plain DDIM) and takes a
+    `NoiseSchedule.ddim_step`. Steps: t_start, t_start - skip, ... (while >= 0), then -1.
 
     Parameters
     ----------
@@ -374,19 +381,34 @@ def ddim_reconstruct(
         DDIM stochasticity (DDAD: 1).
     generator
         Source of the initial noise and of the per-step noise when eta > 0.
+    target
+        The image each step is conditioned on, shaped like `x` (DDAD's domain adaptation
+        reconstructs one good image conditioned on another); None: `x`.
+    shared_noise
+        Draw every noise tensor for one sample and use it for the whole batch, so that a
+        sample's reconstruction does not depend on which batch it comes in.
     """
     if not 0 <= t_start < schedule.steps or skip < 1:
         raise ValueError(f"need 0 <= t_start < {schedule.steps} and skip >= 1, got t_start={t_start}, skip={skip}")
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    x_t = schedule.q_sample(x, t_start, noise)
+    if target is None:
+        target = x
+    elif target.shape != x.shape:
+        raise ValueError(f"target {tuple(target.shape)} must have the shape of x {tuple(x.shape)}")
+    shape = (1, *x.shape[1:]) if shared_noise else tuple(x.shape)
+
+    def draw() -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=x.dtype).to(x.device).expand_as(x)
+
+    x_t = schedule.q_sample(x, t_start, draw())
     times = list(range(t_start, -1, -skip)) + [-1]
     n = x.shape[0]
     for t, t_next in zip(times[:-1], times[1:]):
         t_batch = torch.full((n,), t, device=x.device, dtype=torch.long)
         eps = model(x_t, t_batch)
         if weight:
-            eps = ddad_conditioned_noise(eps, x_t, x, schedule.alpha_bar_at(t), weight)
-        x_t = schedule.ddim_step(x_t, eps, t, t_next, eta=eta, generator=generator)
+            eps = ddad_conditioned_noise(eps, x_t, target, schedule.alpha_bar_at(t), weight)
+        z = draw() if eta > 0 else None
+        x_t = schedule.ddim_step(x_t, eps, t, t_next, eta=eta, z=z)
     return x_t
 
 
