@@ -24,6 +24,7 @@ _METHOD_MODULES = [
     "dra",
     "regad",
     "uniad",
+    "ddad",
 ]
 
 for _name in _METHOD_MODULES:
