@@ -70,6 +70,12 @@ DEMO_TABLE: dict[str, Row] = {
                                            "finetune_from": "blocks.6"}),
     "dra":                  Row(96,   96, {"epochs": 5, "steps_per_epoch": 20, "batch_size": 16, "lr": 1e-3,
                                            "finetune_from": "blocks.6"}),
+    # the transformer trains on features computed once; its cost is the epochs, not the size
+    # (about 10 s of CPU per cell)
+    "uniad":                Row(64,   64, {"epochs": 20}),
+    # diffusion: a width-8 U-Net for 5 epochs (about 9 s of CPU per cell) shows the pipeline,
+    # not the method: its scores are near chance (DDAD needs minutes of CPU, see methods/ddad.py)
+    "ddad":                 Row(64,   64, {"epochs": 5, "batch_size": 4, "base_width": 8, "adaptation_epochs": 0}),
 }
 DEMO_DEFAULT = Row(96, 96, {"epochs": 3, "batch_size": 8})
 
