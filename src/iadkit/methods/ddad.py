@@ -126,7 +126,13 @@ def epsilon_loss(
 
 
 def pixel_discrepancy(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """DDAD's D_p: mean over channels of |x0 - x|, [B, H, W]."""
+    """DDAD's D_p: mean over channels of |x0 - x|, [B, H, W].
+
+    Parameters
+    ----------
+    x, x0
+        Images and their reconstructions [B, C, H, W] (DDAD: in [-1, 1]).
+    """
     return (x0 - x).abs().mean(dim=1)
 
 
@@ -135,7 +141,15 @@ def feature_discrepancy(
 ) -> torch.Tensor:
     """DDAD's D_f: per level, 1 - cosine (over channels) of the 3 x 3-averaged feature vectors
     of the input and the reconstruction, upsampled (bilinear, corners aligned) to `size` and
-    summed over levels, [B, *size]."""
+    summed over levels, [B, *size].
+
+    Parameters
+    ----------
+    feats, feats_rec
+        Per level, the feature maps [B, C_l, H_l, W_l] of the input and of its reconstruction.
+    size
+        (H, W) of the output map (the image size).
+    """
     total = None
     for a, b in zip(feats, feats_rec):
         a = F.avg_pool2d(a, 3, stride=1, padding=1, count_include_pad=True)
@@ -149,7 +163,13 @@ def feature_discrepancy(
 
 def whole_map_cosine_loss(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """Sum over levels of ``mean_batch(1 - cos(flatten(a_l), flatten(b_l)))`` (DDAD's
-    domain-adaptation terms: one cosine per sample over its whole feature map)."""
+    domain-adaptation terms: one cosine per sample over its whole feature map).
+
+    Parameters
+    ----------
+    a, b
+        Per level, feature maps [B, C_l, H_l, W_l] to compare.
+    """
     return sum(
         (1 - F.cosine_similarity(x.flatten(1), y.flatten(1), dim=1)).mean() for x, y in zip(a, b)
     )  # type: ignore[return-value]

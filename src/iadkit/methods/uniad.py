@@ -101,7 +101,15 @@ SCORE_REFERENCE_SIZE = 224  # `score_pool` is in pixels of a 224-px input, as th
 
 def align_features(feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """Resize every level to `size` (bilinear, corners aligned, as UniAD's MFCN neck) and
-    concatenate along channels: [B, sum C_l, *size]."""
+    concatenate along channels: [B, sum C_l, *size].
+
+    Parameters
+    ----------
+    feats
+        Feature maps [B, C_l, H_l, W_l], shallow to deep.
+    size
+        (H, W) of the token grid.
+    """
     out = [
         f if tuple(f.shape[-2:]) == tuple(size) else F.interpolate(f, size=size, mode="bilinear", align_corners=True)
         for f in feats
