@@ -30,6 +30,12 @@ applies no image augmentation; its only noise is the jitter, in feature space): 
 images cost ``N * C * H * W * 4`` bytes, 150 KB per image at the paper's 14 x 14 grid with
 our 192 channels (about 0.5 GB for MVTec AD's 3,629 training images).
 
+Cost and results at the CPU defaults, 64 px, demo synthetic set (60 training images per
+category): training 17 s of CPU per category on one thread, 5 ms of CPU per test image. One
+model trained on all five categories (87 s of CPU) against five per-category models, mean
+image AUROC / pixel AUROC / pixel AP / AUPRO: 0.777 / 0.882 / 0.108 / 0.694 against 0.758 /
+0.879 / 0.095 / 0.690 -- the unified model loses nothing, as the paper claims.
+
 ==========================  ==========================================  ==========================================
 paper                       reference code                              ours
 ==========================  ==========================================  ==========================================
