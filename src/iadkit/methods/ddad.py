@@ -55,10 +55,10 @@ training                   Adam lr 3e-4, L2 weight decay 0.05, batch     Adam, L
                            32, 3000 epochs (checkpoint 2000 for MVTec),  augmentation: the same. CPU defaults: 20
                            t uniform over all T, no augmentation         epochs, batch 8, lr 1e-3 (3e-4 leaves a
                                                                          20-epoch run untrained: demo fabric image
-                                                                         AUROC 0.45, against 0.78 at 1e-3, width
+                                                                         AUROC 0.45, against 0.77 at 1e-3, width
                                                                          16); t uniform over 0..``train_max_step``
                                                                          = 250, the steps the test trajectory
-                                                                         visits (all T: 0.70 against 0.78);
+                                                                         visits (all T: 0.70 against 0.77);
                                                                          None trains on all T as the paper
 loss                       ``(e - e_theta).square().sum((1,2,3))``,      same
                            mean over the batch
