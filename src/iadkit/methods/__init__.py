@@ -1,37 +1,19 @@
 """One module per method. Importing this package registers every method.
 
 Add a method: write `methods/<name>.py` with a `Detector` subclass decorated by
-`@register`, then import the module below.
+`@register`; every module of the package is imported (and so registered) here.
 """
 
+import pkgutil
 from importlib import import_module
 
 from iadkit.methods.base import Detector, NotFittedError, available_methods, create, get_method, register
 
-_METHOD_MODULES = [
-    "patchcore",
-    "padim",
-    "spade",
-    "stfpm",
-    "reverse_distillation",
-    "fastflow",
-    "cflow",
-    "cutpaste",
-    "simplenet",
-    "cfa",
-    "softpatch",
-    "devnet",
-    "dra",
-    "regad",
-    "uniad",
-    "ddad",
-]
+# Every module of this package except the contract's own defines and registers one method.
+_NOT_METHODS = {"base", "params"}
 
-for _name in _METHOD_MODULES:
-    try:
-        import_module(f"iadkit.methods.{_name}")
-    except ModuleNotFoundError as exc:  # a method not written yet; other import errors surface
-        if exc.name != f"iadkit.methods.{_name}":
-            raise
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name not in _NOT_METHODS and not _info.name.startswith("_"):
+        import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["Detector", "NotFittedError", "available_methods", "create", "get_method", "register"]
