@@ -85,17 +85,63 @@ def affine_from_params(params: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.stack([torch.stack([a00, a01, a02], 1), torch.stack([a10, a11, a12], 1)], 1)
 
 
+def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [B, C, height, width], align_corners=False)`` as a matrix product:
+    pixel centres at (2j + 1) / width - 1, mapped by theta. Written out because ONNX has no
+    affine-grid operator before opset 20 (we export at 18)."""
+    xs = (torch.arange(width, dtype=theta.dtype, device=theta.device) * 2 + 1) / width - 1
+    ys = (torch.arange(height, dtype=theta.dtype, device=theta.device) * 2 + 1) / height - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    base = torch.stack([gx, gy, torch.ones_like(gx)], -1).reshape(1, height * width, 3)
+    return (base @ theta.transpose(1, 2)).reshape(theta.shape[0], height, width, 2)
+
+
 def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Sample [B, C, H, W] at ``theta`` [B, 2, 3] (affine_grid units, align_corners=False), bilinear,
     reflection padding — the code's STN warp."""
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    grid = affine_grid(theta.to(x.dtype), int(x.shape[-2]), int(x.shape[-1]))
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def invert_affine(theta: torch.Tensor) -> torch.Tensor:
-    """Inverses of [B, 2, 3] affine matrices (as 3x3 with last row 0 0 1), [B, 2, 3]."""
-    last = theta.new_tensor([0.0, 0.0, 1.0]).expand(theta.shape[0], 1, 3)
-    return torch.linalg.inv(torch.cat([theta, last], 1))[:, :2]
+    """Inverses of [B, 2, 3] affine matrices (as 3x3 with last row 0 0 1), [B, 2, 3].
+
+    In closed form (A^-1 = adj(A) / det A, t' = -A^-1 t) rather than ``torch.linalg.inv``,
+    which ONNX cannot export."""
+    a, b, tx = theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2]
+    c, d, ty = theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2]
+    det = a * d - b * c
+    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
+    row0 = torch.stack([ia, ib, -(ia * tx + ib * ty)], -1)
+    row1 = torch.stack([ic, id_, -(ic * tx + id_ * ty)], -1)
+    return torch.stack([row0, row1], 1)
+
+
+class BinAveragePool(nn.Module):
+    """``nn.AdaptiveAvgPool2d(size)`` written as two matrix products, with PyTorch's bins
+    (bin i of n over L covers floor(i L / n) .. ceil((i + 1) L / n)).
+
+    Why: the ONNX exporter refuses adaptive pooling when it cannot see the input's size,
+    which it cannot after the grid sampling before this network; the bin matrices are built
+    from the concrete size and become constants of the exported graph.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    @staticmethod
+    def bins(length: int, n: int, like: torch.Tensor) -> torch.Tensor:
+        weights = torch.zeros(n, length, dtype=like.dtype, device=like.device)
+        for i in range(n):
+            start, end = (i * length) // n, -((-(i + 1) * length) // n)
+            weights[i, start:end] = 1.0 / (end - start)
+        return weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.bins(int(x.shape[-2]), self.size, x)
+        cols = self.bins(int(x.shape[-1]), self.size, x)
+        return rows @ x @ cols.T
 
 
 class SpatialTransformer(nn.Module):
@@ -127,7 +173,7 @@ class SpatialTransformer(nn.Module):
             nn.BatchNorm2d(16),
             nn.ReLU(),
             nn.MaxPool2d(3, stride=2, padding=1),
-            nn.AdaptiveAvgPool2d(pool),
+            BinAveragePool(pool),
         )
         self.fc = nn.Sequential(nn.Linear(16 * pool * pool, 1024), nn.ReLU(), nn.Linear(1024, TRANSFORM_PARAMS[mode]))
         nn.init.zeros_(self.fc[2].weight)
