@@ -397,7 +397,12 @@ def ddim_reconstruct(
     shape = (1, *x.shape[1:]) if shared_noise else tuple(x.shape)
 
     def draw() -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=x.dtype).to(x.device).expand_as(x)
+        noise = torch.randn(shape, generator=generator, dtype=x.dtype)
+        if torch.jit.is_tracing():
+            # ONNX cannot hold a random generator: an exported graph keeps the seeded draws
+            # as constants (batch-independent with shared_noise, so the same numbers as here)
+            noise = torch.from_numpy(noise.numpy().copy())
+        return noise.to(x.device).expand_as(x)
 
     x_t = schedule.q_sample(x, t_start, draw())
     times = list(range(t_start, -1, -skip)) + [-1]
