@@ -186,6 +186,7 @@ def test_registry_lists_every_backbone_with_licence_and_sha():
         "resnet18",
         "resnet50",
         "wide_resnet50_2",
+        "wide_resnet101_2",
     }
     lite0 = infos["efficientnet_lite0"]
     assert lite0.available and lite0.licence.startswith("Apache-2.0")

@@ -114,6 +114,7 @@ _SPECS: dict[str, BackboneSpec] = {
         _resnet("resnet18"),
         _resnet("resnet50"),
         _resnet("wide_resnet50_2"),
+        _resnet("wide_resnet101_2"),  # DDAD's
     )
 }
 

@@ -1,4 +1,4 @@
-"""torchvision ResNets (resnet18, resnet50, wide_resnet50_2): the field's default backbones.
+"""torchvision ResNets (resnet18, resnet50, wide_resnet50_2, wide_resnet101_2): the field's default backbones.
 
 Their weights are not redistributable inside a package here, so the user downloads
 torchvision's file once; `weights.py` finds and verifies it. The torchvision naming is used
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-_ARCHS = ("resnet18", "resnet50", "wide_resnet50_2")
+_ARCHS = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
 
 
 def create(arch: str) -> nn.Module:

@@ -202,6 +202,21 @@ class DDAD(BackboneDetector):
         "skip": 250,
         "adaptation_epochs": 1,
     }
+    paper_params = {
+        "backbone": "wide_resnet101_2",
+        "layers": ("layer1", "layer2", "layer3"),
+        "base_width": 64,
+        "channel_mults": (1, 1, 2, 2, 4, 4),
+        "num_res_blocks": 2,
+        "attention_levels": (3, 4, 5),
+        "heads": 4,
+        "epochs": 2000,
+        "batch_size": 32,
+        "lr": 3e-4,
+        "train_max_step": None,
+        "skip": 25,
+    }
+    paper_image_size = 256
 
     layers: tuple[str, ...] = param(
         ("blocks.1", "blocks.2", "blocks.4"),
