@@ -49,7 +49,7 @@ def test_scores_match_brute_force_knn(fabric):
     with torch.no_grad():
         ftr, fte = det.backbone_(x_train), det.backbone_(x_test)
         g_tr, g_te = ftr["head"].mean((2, 3)), fte["head"].mean((2, 3))
-        p_tr, p_te = pyramid_features(ftr, det.layers), pyramid_features(fte, det.layers)
+        p_tr, p_te = pyramid_features(ftr, det.tapped_layers()), pyramid_features(fte, det.tapped_layers())
         pred = model.predict_tensor(x_test)
     d2 = ((g_te[:, None] - g_tr[None]) ** 2).sum(-1)  # squared distances, test x train
     nearest = d2.argsort(1)[:, :3]

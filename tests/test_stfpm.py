@@ -85,7 +85,7 @@ def test_student_is_the_teacher_architecture_randomly_initialised():
     assert weights and all(not torch.equal(teacher[k], student[k]) for k in weights)
     assert all(p.requires_grad for p in det.student_.parameters())
     assert not any(p.requires_grad for p in det.backbone_.parameters())
-    again = StudentNetwork("efficientnet_lite0", det.layers, seed=0)
+    again = StudentNetwork("efficientnet_lite0", det.tapped_layers(), seed=0)
     assert all(torch.equal(v, again.body.state_dict()[k]) for k, v in student.items())
     x = torch.randn(1, 3, SIZE, SIZE)
     out = det.student_(x)

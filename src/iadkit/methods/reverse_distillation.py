@@ -76,7 +76,7 @@ class ReverseDistillation(BackboneDetector):
     name = "reverse_distillation"
     family = "teacher-student"
     paper = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
-    smoke_params = {"epochs": 2, "batch_size": 8}
+    smoke_params = {"epochs": 4, "batch_size": 8}
     paper_params = {"backbone": "wide_resnet50_2", "epochs": 200, "embed_channels": 2048, "bottleneck_blocks": 3, "decoder_blocks": (3, 4, 6)}
     paper_image_size = 256
 

@@ -42,7 +42,7 @@ features                       (1024-d)                                Lite0 blo
 outlier score on features      on the sampler's 128-d projection       on the coreset's 128-d random projection
                                (a randomly initialised nn.Linear)      (Gaussian JL matrix), when D > 128
 LOF per position, k not given  sklearn LocalOutlierFactor, k = 5 (the  LOF in torch, all positions batched,
-                               CLI's --lof_k 6 is passed as ``LOF_k``   equal to scikit-learn's to 1e-6 (tested);
+                               CLI option lof_k 6 is passed as LOF_k    equal to scikit-learn's to 1e-6 (tested);
                                and never reaches the model)            ``lof_k`` = 5
 Gaussian / nearest variants    Mahalanobis + 1 (cov + 0.01 I) /        same formulas (``weight_method``)
                                1-NN distance (incl. ~0 self) + 1
