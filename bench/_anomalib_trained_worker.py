@@ -433,6 +433,8 @@ def main() -> int:
             n += len(idx)
         runner.end_of_epoch()
         history.append(total / max(n, 1))
+        with open(Path(cfg["out_dir"]) / "progress.log", "a") as log:  # tail it to follow a long run
+            log.write(f"epoch {epoch + 1}/{cfg['epochs']} loss {history[-1]:.5g} {time.perf_counter() - t0:.0f} s\n")
         if not math.isfinite(history[-1]):
             raise FloatingPointError(f"loss became {history[-1]} in epoch {epoch + 1}")
     fit_s, fit_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
