@@ -19,6 +19,9 @@ _METHOD_MODULES = [
     "cutpaste",
     "simplenet",
     "cfa",
+    "autoencoder",
+    "draem",
+    "ganomaly",
 ]
 
 for _name in _METHOD_MODULES:
