@@ -36,7 +36,7 @@ loss                    SSIM, window 11 (L2 baseline)    ``loss="ssim"`` (``ssim
                                                          mirror padding at borders) or "l2"
 optimiser               Adam, lr 2e-4, weight decay      the same (`lr`, `weight_decay`)
                         1e-5 (MindSpore config), batch
-                        128, 200 epochs                  batch 16, 40 epochs (CPU-sized
+                        128, 200 epochs                  batch 8, 40 epochs (CPU-sized
                                                          defaults; the paper's are parameters)
 residual map            1 - SSIM (or squared error) per  the same, per channel then averaged;
                         pixel, overlapping patches       patches every `patch_stride` px
@@ -111,7 +111,7 @@ class SSIMAutoencoderDetector(Detector):
     patch_stride: int = param(32, "Stride between overlapping patches at test time.", check=at_least(1))
     ssim_window: int = param(11, "SSIM window side, odd (paper: 11).", check=at_least(3))
     epochs: int = param(40, "Training epochs (paper: 200 over 10,000 crops; CPU-sized default).", check=at_least(1))
-    batch_size: int = param(16, "Patches per Adam step (paper: 128).", check=at_least(1))
+    batch_size: int = param(8, "Patches per Adam step (paper: 128; 8 gives a few dozen images several steps per epoch).", check=at_least(1))
     lr: float = param(2e-4, "Adam learning rate (paper: 2e-4).", check=positive())
     weight_decay: float = param(1e-5, "Adam weight decay (paper: 1e-5).", check=at_least(0))
 

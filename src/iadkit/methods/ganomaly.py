@@ -35,7 +35,7 @@ discriminator loss      (BCE(D(x), 1) + BCE(D(x_hat), 0))/2  the same; D re-init
                         ; D re-initialised when it drops     loss drops below 1e-5 (seeded)
                         below 1e-5
 update order            G step, then D step, every batch     the same
-optimiser               Adam lr 2e-4, betas (0.5, 0.999),    the same; batch 32; ``epochs`` 15
+optimiser               Adam lr 2e-4, betas (0.5, 0.999),    the same; batch 8; ``epochs`` 15
                         batch 64, 15 epochs                  (the reference's niter)
 model selection         keeps the epoch with the best        the last epoch (no test data
                         *test* AUROC                         during training)
@@ -133,7 +133,9 @@ class GANomaly(Detector):
     base_width: int = param(32, "Width of the first conv, doubling per level (paper: 64).", check=at_least(1))
     extra_layers: int = param(0, "Extra conv layers in every encoder/decoder (reference: 0).", check=at_least(0))
     epochs: int = param(15, "Training epochs (reference: 15).", check=at_least(1))
-    batch_size: int = param(32, "Images per step (reference: 64).", check=at_least(2))
+    batch_size: int = param(
+        8, "Images per step (reference: 64, which gives a few dozen images one step per epoch).", check=at_least(2)
+    )
     lr: float = param(2e-4, "Adam learning rate of G and D (paper: 2e-4).", check=positive())
     beta1: float = param(0.5, "Adam beta1 (paper: 0.5).", check=Interval(0, 1, closed="left"))
     w_adv: float = param(1.0, "Weight of the adversarial (feature matching) loss (paper: 1).", check=at_least(0))
