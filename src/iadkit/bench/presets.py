@@ -76,6 +76,12 @@ DEMO_TABLE: dict[str, Row] = {
     # diffusion: a width-8 U-Net for 5 epochs (about 9 s of CPU per cell) shows the pipeline,
     # not the method: its scores are near chance (DDAD needs minutes of CPU, see methods/ddad.py)
     "ddad":                 Row(64,   64, {"epochs": 5, "batch_size": 4, "base_width": 8, "adaptation_epochs": 0}),
+    # No backbone: networks trained from scratch on [0, 1] pixels, at 64 px (GANomaly needs a
+    # power of two). A few CPU seconds cannot train them far: these rows show the pipeline,
+    # not the methods' quality (see each module's docstring for longer schedules).
+    "autoencoder":          Row(64,   64, {"patch_size": 64, "epochs": 20, "batch_size": 8}),
+    "draem":                Row(64,   64, {"epochs": 6, "batch_size": 8, "lr": 1e-3, "recon_width": 8, "disc_width": 8}),
+    "ganomaly":             Row(64,   64, {"epochs": 15, "batch_size": 8, "base_width": 16}),
 }
 DEMO_DEFAULT = Row(96, 96, {"epochs": 3, "batch_size": 8})
 
