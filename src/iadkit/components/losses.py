@@ -156,7 +156,7 @@ def _gaussian_filter(x: torch.Tensor, window: torch.Tensor, padding: SsimPadding
         x = _pad_symmetric(x, r)
     elif padding == "zeros":
         x = F.pad(x, (r, r, r, r))
-    c, k = x.shape[1], window.numel()
+    c, k = int(x.shape[1]), window.numel()  # int: a concrete kernel shape for the ONNX exporter
     x = F.conv2d(x, window.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
     return F.conv2d(x, window.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
 

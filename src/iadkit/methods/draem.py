@@ -91,7 +91,7 @@ _LOADING = contextvars.ContextVar("draem_loading", default=False)
 
 def score_window_for(side: int) -> int:
     """The reference's 21 px mean filter (at 256 px) scaled to an image side: odd, >= 1."""
-    k = max(1, round(REFERENCE_SCORE_WINDOW * side / REFERENCE_SIZE))
+    k = max(1, round(REFERENCE_SCORE_WINDOW * int(side) / REFERENCE_SIZE))  # int(): a traced size too
     return k if k % 2 else k + 1
 
 
@@ -116,6 +116,8 @@ class DRAEM(Detector):
     # 60 Adam steps at 10x the paper's rate: fewer steps pass the contract's ranking bar for some
     # seeds only (DRAEM learns slowly: the paper trains 700 epochs).
     smoke_params = {"epochs": 20, "batch_size": 4, "lr": 1e-3, "recon_width": 8, "disc_width": 8}
+    paper_params = {"epochs": 700, "batch_size": 8, "lr": 1e-4, "recon_width": 128, "disc_width": 64}
+    paper_image_size = 256
 
     epochs: int = param(20, "Training epochs (paper: 700; CPU-sized default).", check=at_least(1))
     batch_size: int = param(8, "Images per Adam step (paper: 8).", check=at_least(1))
