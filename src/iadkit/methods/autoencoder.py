@@ -102,6 +102,7 @@ class SSIMAutoencoderDetector(Detector):
     # 240 Adam steps: the contract set's noisy texture needs that many before 1 - SSIM separates
     # its dark blobs (fewer steps pass for some seeds only).
     smoke_params = {"epochs": 40, "batch_size": 2, "lr": 2e-3, "patch_size": 64, "base_width": 8, "latent_dim": 32}
+    paper_params = {"epochs": 200, "batch_size": 128, "patch_size": 128, "latent_dim": 100, "base_width": 32}
 
     loss: str = param("ssim", "Training loss and residual map: 'ssim' (the paper's) or 'l2'.", check=OneOf(LOSSES))
     latent_dim: int = param(100, "Size of the code (paper: 100).", check=at_least(1))

@@ -127,6 +127,8 @@ class GANomaly(Detector):
     produces_maps = False
     map_sigma = 0.0
     smoke_params = {"epochs": 30, "batch_size": 4, "base_width": 8, "input_size": 64, "latent_dim": 32}
+    paper_params = {"epochs": 15, "batch_size": 64, "base_width": 64, "latent_dim": 100, "input_size": 32}
+    paper_image_size = 32
 
     input_size: int = param(64, "Side the networks work at, a power of two >= 16 (reference isize: 32).", check=at_least(16))
     latent_dim: int = param(100, "Size of the code z (paper: 100).", check=at_least(1))
