@@ -71,3 +71,20 @@ def test_map_to_native_undoes_resize_and_crop() -> None:
     assert (out[:4] == 0).all() and (out[12:] == 0).all() and (out[:, :4] == 0).all()  # the minimum outside
     window = torch.nn.functional.interpolate(torch.from_numpy(amap)[None, None], size=(8, 8), mode="bilinear", align_corners=False)
     np.testing.assert_allclose(out[4:12, 4:12], window[0, 0].numpy())
+
+
+def test_report_tables_show_the_loco_columns_when_runs_have_them() -> None:
+    from iadkit.bench.summary import metric_tables
+
+    def run(method: str, logical: float) -> dict:
+        metrics = {"image_auroc": 0.9, "image_auroc_structural": 0.95, "image_auroc_logical": logical}
+        metrics |= {"image_auroc_loco_mean": (0.95 + logical) / 2, "auc_spro_0.05": 0.5, "auc_spro_0.05_logical": 0.4}
+        return {"status": "done", "setting": "vanilla", "setting_params": {}, "method": method, "params": {},
+                "image_size": [64, 64], "dataset": "synthetic:/x", "category": "tray", "metrics": metrics}
+
+    tables = {t.metric: t for t in metric_tables([run("patchcore", 0.6), run("efficientad", 0.8)])}
+    assert {"image_auroc_structural", "image_auroc_logical", "image_auroc_loco_mean", "auc_spro_0.05"} <= set(tables)
+    assert "auc_spro_0.05_logical" not in tables  # kept in the database, not tabulated
+    logical = tables["image_auroc_logical"]
+    assert logical.title == "I-AUROC logical" and logical.best(logical.mean) == "efficientad"
+    assert "image_auroc_logical" not in {t.metric for t in metric_tables([{**run("a", 0.5), "metrics": {"image_auroc": 0.5}}])}
