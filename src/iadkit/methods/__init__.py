@@ -19,6 +19,8 @@ _METHOD_MODULES = [
     "cutpaste",
     "simplenet",
     "cfa",
+    "efficientad",
+    "btf",
 ]
 
 for _name in _METHOD_MODULES:
