@@ -8,6 +8,10 @@ reproduces the scores and maps bit for bit; get_params/clone/set_params behave a
 scikit-learn; the same seed gives the same scores; every hyper-parameter refuses a value
 of the wrong kind with InvalidParameterError; and defective images score higher than good
 ones for at least 70 % of (good, defective) pairs (AUROC >= 0.7; the defects are large).
+
+A method that uses depth (``uses_depth``) gets the same images as `PointMapSample`s with a
+point map: a slightly tilted, noisy plane 0.3 m away on which each dark blob is also a 3 mm
+bump, so that colour-only, depth-only and fused methods all have a defect to find.
 """
 
 from __future__ import annotations
@@ -39,10 +43,33 @@ def _texture(rng: np.random.Generator) -> np.ndarray:
     return np.repeat(img[:, :, None], 3, axis=2)
 
 
-def _dataset() -> tuple[list[Sample], list[Sample]]:
-    """14 good training images; test: 8 good, 8 with a dark 14x14 blob (masks given)."""
+def _plane(rng: np.random.Generator, mask: np.ndarray | None) -> np.ndarray:
+    """A point map (metres) of a tilted plane 0.3 m away, 0.05 mm noise; `mask` raised 3 mm."""
+    v, u = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
+    z = 0.3 + 0.0002 * (u - SIZE / 2) / SIZE + rng.normal(0, 5e-5, (SIZE, SIZE))
+    if mask is not None:
+        z = z - 0.003 * mask
+    pitch = 0.05 / SIZE
+    xyz = np.stack([(u - SIZE / 2) * pitch * z / 0.3, (v - SIZE / 2) * pitch * z / 0.3, z], -1)
+    return xyz.astype(np.float32)
+
+
+def _dataset(depth: bool = False) -> tuple[list[Sample], list[Sample]]:
+    """14 good training images; test: 8 good, 8 with a dark 14x14 blob (masks given); with
+    `depth`, `PointMapSample`s whose blob is also a bump in the point map."""
+    from iadkit.data.point_maps import PointMapSample
+
+    kind = PointMapSample if depth else Sample
     rng = np.random.default_rng(0)
-    train = [Sample(path=f"mem://train/{i}", label=GOOD, image=_texture(rng).clip(0, 255).astype(np.uint8)) for i in range(14)]
+    xyz_rng = np.random.default_rng(1)
+
+    def extra(mask: np.ndarray | None) -> dict:
+        return {"xyz": _plane(xyz_rng, mask)} if depth else {}
+
+    train = [
+        kind(path=f"mem://train/{i}", label=GOOD, image=_texture(rng).clip(0, 255).astype(np.uint8), **extra(None))
+        for i in range(14)
+    ]
     test = []
     for i in range(16):
         img = _texture(rng)
@@ -52,18 +79,27 @@ def _dataset() -> tuple[list[Sample], list[Sample]]:
             img[r : r + 14, c : c + 14] = 20
             mask[r : r + 14, c : c + 14] = True
         test.append(
-            Sample(
+            kind(
                 path=f"mem://test/{i}",
                 label=ANOMALOUS if i >= 8 else GOOD,
                 defect_type="blob" if i >= 8 else "good",
                 image=img.clip(0, 255).astype(np.uint8),
                 mask=mask if i >= 8 else None,
+                **extra(mask),
             )
         )
     return train, test
 
 
-DATA = _dataset()
+_DATA = {False: _dataset(False)}
+
+
+def data_for(name: str) -> tuple[list[Sample], list[Sample]]:
+    """The contract data set for method `name`: with point maps when it uses depth."""
+    depth = bool(available_methods()[name].uses_depth)
+    if depth not in _DATA:
+        _DATA[depth] = _dataset(depth)
+    return _DATA[depth]
 
 
 def _model(name: str, **extra) -> Model:
@@ -82,7 +118,7 @@ def _fitted(name: str, cache: dict[str, Model]) -> Model:
         model = _model(name)
         returned = model.detector.fit  # the detector's fit returns the detector itself
         assert returned is not None
-        cache[name] = model.fit(DATA[0], calibration_fraction=0.15, progress=False)
+        cache[name] = model.fit(data_for(name)[0], calibration_fraction=0.15, progress=False)
     return cache[name]
 
 
@@ -134,9 +170,9 @@ def test_every_hyper_parameter_refuses_a_wrong_value(name: str) -> None:
 def test_predict_before_fit_raises(name: str) -> None:
     model = _model(name)
     with pytest.raises(NotFittedError):
-        model.detector.predict(torch.zeros(1, 3, SIZE, SIZE))
+        model.detector.predict(torch.zeros(1, model.preprocess.tensor_channels, SIZE, SIZE))
     with pytest.raises(NotFittedError):
-        model.predict(DATA[1][:1])
+        model.predict(data_for(name)[1][:1])
     assert isinstance(NotFittedError("x"), IadkitError)
 
 
@@ -145,8 +181,9 @@ def test_fit_predict_shapes_scores_and_ranking(name: str, fitted: dict[str, Mode
     model = _fitted(name, fitted)
     det = model.detector
     assert det.is_fitted and model.threshold is not None
-    result = model.predict(DATA[1])
-    n = len(DATA[1])
+    test = data_for(name)[1]
+    result = model.predict(test)
+    n = len(test)
     assert result.scores.shape == (n,) and np.issubdtype(result.scores.dtype, np.floating)
     assert np.isfinite(result.scores).all()
     if det.draws_maps():
@@ -166,7 +203,8 @@ def test_fit_predict_shapes_scores_and_ranking(name: str, fitted: dict[str, Mode
 def test_model_file_round_trip_is_exact(name: str, fitted: dict[str, Model], tmp_path) -> None:
     model = _fitted(name, fitted)
     loaded = Model.load(model.save(tmp_path / f"{name}.iad"))
-    a, b = model.predict(DATA[1][:6]), loaded.predict(DATA[1][:6])
+    test = data_for(name)[1][:6]
+    a, b = model.predict(test), loaded.predict(test)
     np.testing.assert_array_equal(a.scores, b.scores)
     if a.maps is not None:
         np.testing.assert_array_equal(a.maps, b.maps)
@@ -178,8 +216,9 @@ def test_model_file_round_trip_is_exact(name: str, fitted: dict[str, Model], tmp
 def test_same_seed_gives_the_same_scores(name: str, fitted: dict[str, Model]) -> None:
     first = _fitted(name, fitted)
     torch.manual_seed(1234)  # the global generator's state must not matter
-    again = _model(name).fit(DATA[0], calibration_fraction=0.15, progress=False)
-    np.testing.assert_allclose(again.predict(DATA[1]).scores, first.predict(DATA[1]).scores, rtol=1e-5, atol=1e-6)
+    train, test = data_for(name)
+    again = _model(name).fit(train, calibration_fraction=0.15, progress=False)
+    np.testing.assert_allclose(again.predict(test).scores, first.predict(test).scores, rtol=1e-5, atol=1e-6)
 
 
 def test_every_method_module_is_checked() -> None:

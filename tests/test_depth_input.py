@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from _dummy import PixelZScore
 from iadkit.data.point_maps import PointMapSample, point_map_of
 from iadkit.data.transforms import ImageSet, Preprocess
 from iadkit.errors import DatasetLayoutError, InvalidParameterError
 from iadkit.methods.base import register, split_depth
 from iadkit.model import Model
 from iadkit.types import GOOD, Prediction, Sample
-
-from _dummy import PixelZScore
 
 
 def _xyz(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import _dummy  # noqa: F401  (registers test_pixel_zscore)
 import numpy as np
 import pytest
 import torch
 
+import _dummy  # noqa: F401  (registers test_pixel_zscore)
 from iadkit.data.transforms import Preprocess
 from iadkit.evaluation import evaluate, loco_metrics, map_to_native
 from iadkit.metrics.image import image_auroc
