@@ -51,16 +51,16 @@ distillation images         ImageNet, 512 px for the     same, grayscale p 0.1  
                                                                                       synthetic fabric/metal/wood
                                                                                       textures; grayscale p 0.1;
                                                                                       extractor at 2x the PDN size
-distillation size           60 000 it. x 16 images at    same                         ``distill_steps`` (1500) x
+distillation size           60 000 it. x 16 images at    same                         ``distill_steps`` (300) x
                             256 px (PDN)                                              ``distill_batch_size`` (8) at
-                                                                                      ``distill_size`` (128 px):
+                                                                                      ``distill_size`` (64 px):
                                                                                       fully convolutional, so the
                                                                                       weights serve any input size;
                                                                                       ``paper=True``: 60 000 x 16
                                                                                       at 256 px. Done once and
                                                                                       cached on disk (see below)
-channel standardisation     mean/std of the features     10 000 images                256 images
-of the distillation target
+channel standardisation     mean/std of the features     10 000 images                256 images (fewer when the
+of the distillation target                                                            distillation sees fewer)
 PDN padding                 table 6: padded convs        training and test without    as the references; maps
                                                          padding (56 x 56 at 256 px), padded by 4 with zeros
                                                          maps padded by 4 (nelson:    before the normalisation
@@ -298,7 +298,7 @@ def distillation_config(
     backbone: str = "efficientnet_lite0",
     weights_path: str | os.PathLike[str] | None = None,
     layers: tuple[str, ...] | None = None,
-    steps: int = 1000,
+    steps: int = 300,
     batch_size: int = 8,
     crop: int = 64,
     seed: int = 0,
@@ -555,7 +555,7 @@ class EfficientAD(Detector):
     )
     distill_backbone: str = param("efficientnet_lite0", "Pretrained network the teacher is distilled from (paper: WideResNet-101).")
     distill_weights_path: str | os.PathLike[str] | None = param(None, "Weight file of `distill_backbone` (torchvision backbones).")
-    distill_steps: int = param(1000, "Teacher distillation iterations (paper: 60000).", check=at_least(1))
+    distill_steps: int = param(300, "Teacher distillation iterations (paper: 60000; CPU-sized default).", check=at_least(1))
     distill_batch_size: int = param(8, "Images per distillation iteration (paper: 16).", check=at_least(1))
     distill_size: int = param(64, "PDN crop size of the distillation in pixels, a multiple of 16 (paper: 256).", check=at_least(16))
 
