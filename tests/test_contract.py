@@ -11,6 +11,10 @@ ones for at least 70 % of (good, defective) pairs (AUROC >= 0.7; the defects are
 
 Semi-supervised methods (DevNet, DRA) learn from labelled defects as well: their training set
 is the same 14 good images plus 4 labelled defective ones (different images from the test set).
+
+A method that uses depth (``uses_depth``) gets the same images as `PointMapSample`s with a
+point map: a slightly tilted, noisy plane 0.3 m away on which each dark blob is also a 3 mm
+bump, so that colour-only, depth-only and fused methods all have a defect to find.
 """
 
 from __future__ import annotations
@@ -52,33 +56,70 @@ def _blob(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return img.clip(0, 255).astype(np.uint8), mask
 
 
-def _dataset() -> tuple[list[Sample], list[Sample], list[Sample]]:
+def _plane(rng: np.random.Generator, mask: np.ndarray | None) -> np.ndarray:
+    """A point map (metres) of a tilted plane 0.3 m away, 0.05 mm noise; `mask` raised 3 mm."""
+    v, u = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
+    z = 0.3 + 0.0002 * (u - SIZE / 2) / SIZE + rng.normal(0, 5e-5, (SIZE, SIZE))
+    if mask is not None:
+        z = z - 0.003 * mask
+    pitch = 0.05 / SIZE
+    xyz = np.stack([(u - SIZE / 2) * pitch * z / 0.3, (v - SIZE / 2) * pitch * z / 0.3, z], -1)
+    return xyz.astype(np.float32)
+
+
+def _dataset(depth: bool = False) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """14 good training images; test: 8 good, 8 with a dark 14x14 blob (masks given); and 4
-    more blob images, labelled, that semi-supervised methods add to their training set."""
+    more blob images, labelled, that semi-supervised methods add to their training set. With
+    `depth`, `PointMapSample`s whose blob is also a bump in the point map."""
+    from iadkit.data.point_maps import PointMapSample
+
+    kind = PointMapSample if depth else Sample
     rng = np.random.default_rng(0)
-    train = [Sample(path=f"mem://train/{i}", label=GOOD, image=_texture(rng).clip(0, 255).astype(np.uint8)) for i in range(14)]
+    xyz_rng = np.random.default_rng(1)
+
+    def extra(mask: np.ndarray | None) -> dict:
+        return {"xyz": _plane(xyz_rng, mask)} if depth else {}
+
+    train = [
+        kind(path=f"mem://train/{i}", label=GOOD, image=_texture(rng).clip(0, 255).astype(np.uint8), **extra(None))
+        for i in range(14)
+    ]
     test = []
     for i in range(16):
         if i < 8:
-            test.append(Sample(path=f"mem://test/{i}", label=GOOD, defect_type="good", image=_texture(rng).clip(0, 255).astype(np.uint8)))
+            img = _texture(rng).clip(0, 255).astype(np.uint8)
+            test.append(kind(path=f"mem://test/{i}", label=GOOD, defect_type="good", image=img, **extra(None)))
         else:
             img, mask = _blob(rng)
-            test.append(Sample(path=f"mem://test/{i}", label=ANOMALOUS, defect_type="blob", image=img, mask=mask))
+            test.append(
+                kind(path=f"mem://test/{i}", label=ANOMALOUS, defect_type="blob", image=img, mask=mask, **extra(mask))
+            )
     labelled = []
     for i in range(4):  # drawn after the test set, so the images above stay as they were
         img, mask = _blob(rng)
-        labelled.append(Sample(path=f"mem://train-defect/{i}", label=ANOMALOUS, defect_type="blob", image=img, mask=mask))
+        labelled.append(
+            kind(path=f"mem://train-defect/{i}", label=ANOMALOUS, defect_type="blob", image=img, mask=mask, **extra(mask))
+        )
     return train, test, labelled
 
 
-DATA = _dataset()
+_DATA = {False: _dataset(False)}
+
+
+def data_for(name: str) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """The contract data set for method `name`: with point maps when it uses depth."""
+    depth = bool(available_methods()[name].uses_depth)
+    if depth not in _DATA:
+        _DATA[depth] = _dataset(depth)
+    return _DATA[depth]
 
 
 def _training_set(name: str) -> list[Sample]:
     """The good training images, plus the labelled defects for a semi-supervised method."""
+    train, _, labelled = data_for(name)
     if available_methods()[name].supervision == "semi-supervised":
-        return DATA[0] + DATA[2]
-    return DATA[0]
+        return train + labelled
+    return train
 
 
 def _model(name: str, **extra) -> Model:
@@ -149,9 +190,9 @@ def test_every_hyper_parameter_refuses_a_wrong_value(name: str) -> None:
 def test_predict_before_fit_raises(name: str) -> None:
     model = _model(name)
     with pytest.raises(NotFittedError):
-        model.detector.predict(torch.zeros(1, 3, SIZE, SIZE))
+        model.detector.predict(torch.zeros(1, model.preprocess.tensor_channels, SIZE, SIZE))
     with pytest.raises(NotFittedError):
-        model.predict(DATA[1][:1])
+        model.predict(data_for(name)[1][:1])
     assert isinstance(NotFittedError("x"), IadkitError)
 
 
@@ -160,8 +201,9 @@ def test_fit_predict_shapes_scores_and_ranking(name: str, fitted: dict[str, Mode
     model = _fitted(name, fitted)
     det = model.detector
     assert det.is_fitted and model.threshold is not None
-    result = model.predict(DATA[1])
-    n = len(DATA[1])
+    test = data_for(name)[1]
+    result = model.predict(test)
+    n = len(test)
     assert result.scores.shape == (n,) and np.issubdtype(result.scores.dtype, np.floating)
     assert np.isfinite(result.scores).all()
     if det.draws_maps():
@@ -181,7 +223,8 @@ def test_fit_predict_shapes_scores_and_ranking(name: str, fitted: dict[str, Mode
 def test_model_file_round_trip_is_exact(name: str, fitted: dict[str, Model], tmp_path) -> None:
     model = _fitted(name, fitted)
     loaded = Model.load(model.save(tmp_path / f"{name}.iad"))
-    a, b = model.predict(DATA[1][:6]), loaded.predict(DATA[1][:6])
+    test = data_for(name)[1][:6]
+    a, b = model.predict(test), loaded.predict(test)
     np.testing.assert_array_equal(a.scores, b.scores)
     if a.maps is not None:
         np.testing.assert_array_equal(a.maps, b.maps)
@@ -193,8 +236,9 @@ def test_model_file_round_trip_is_exact(name: str, fitted: dict[str, Model], tmp
 def test_same_seed_gives_the_same_scores(name: str, fitted: dict[str, Model]) -> None:
     first = _fitted(name, fitted)
     torch.manual_seed(1234)  # the global generator's state must not matter
+    test = data_for(name)[1]
     again = _model(name).fit(_training_set(name), calibration_fraction=0.15, progress=False)
-    np.testing.assert_allclose(again.predict(DATA[1]).scores, first.predict(DATA[1]).scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(again.predict(test).scores, first.predict(test).scores, rtol=1e-5, atol=1e-6)
 
 
 def test_every_method_module_is_checked() -> None:

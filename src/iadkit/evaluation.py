@@ -3,10 +3,23 @@
 Time per image follows the IM-IAD definition: wall time of the whole prediction loop over
 the test set (decoding, preprocessing, the model and its post-processing) divided by the
 number of images. The model-only share is reported beside it.
+
+MVTec LOCO (test samples are `LocoSample`s, e.g. from ``load_dataset`` on a LOCO folder or
+the synthetic generator's ``layout="loco"``): `loco_metrics` adds the image AUROC of each
+anomaly kind against the good images (``image_auroc_logical``, ``image_auroc_structural``
+and their mean ``image_auroc_loco_mean``) and AUC-sPRO at LOCO's integration limits
+(``auc_spro_0.05`` etc.: the mean over the kinds, as LOCO reports it; ``auc_spro_0.05_logical``
+etc. per kind). As the official evaluation does, the maps are resized (bilinear) to each
+image's native size, where the absolute saturation thresholds of ``defects_config.json`` are
+defined; a centre crop's maps are placed back in their window of the image (the rest scores
+the map's minimum). When the native pixels of the whole test set exceed `SPRO_MAX_PIXELS`,
+maps and regions are scaled down together by one factor (regions by "any pixel", absolute
+saturation areas by the area ratio) and ``spro_scale`` (1 = native) says by how much.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -14,12 +27,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from iadkit.data.transforms import ImageSet
+from iadkit.data.transforms import ImageSet, Preprocess
 from iadkit.errors import InvalidParameterError
 from iadkit.metrics import compute_all
 from iadkit.metrics.efficiency import PeakMemory
 from iadkit.model import Model
 from iadkit.types import Sample
+
+# sPRO sorts every test pixel at native resolution (MVTec LOCO's test set: ~3e9 pixels); above
+# this many (~0.5 GB per float32 copy) maps and masks are scaled down together.
+SPRO_MAX_PIXELS = 2**27
 
 
 @dataclass
@@ -94,6 +111,8 @@ def evaluate(
         masks=mask_arr if with_pixels else None,
         maps=map_arr if with_pixels else None,
     )
+    if _is_loco(samples):
+        metrics.update(loco_metrics(samples, labels, score_arr, map_arr if with_pixels else None, model.preprocess))
     timings = {
         "seconds_per_image": total_seconds / n,
         "model_seconds_per_image": model_seconds / n,
@@ -112,3 +131,103 @@ def evaluate(
         masks=mask_arr if keep_maps else None,
         timings=timings,
     )
+
+
+def _is_loco(samples: Sequence[Sample]) -> bool:
+    from iadkit.data.loco import LocoSample
+
+    return bool(samples) and all(isinstance(s, LocoSample) for s in samples) and len({s.label for s in samples}) == 2
+
+
+def _kind_key(kind: str) -> str:
+    """'logical_anomalies' -> 'logical' (LOCO's folder names, shortened for metric keys)."""
+    return kind.removesuffix("_anomalies")
+
+
+def _native_shape(sample: Sample) -> tuple[int, int]:
+    if sample.image is not None:
+        return int(sample.image.shape[0]), int(sample.image.shape[1])
+    from iadkit.data.io import image_shape
+
+    return image_shape(sample.path)
+
+
+def map_to_native(amap: np.ndarray, shape: tuple[int, int], preprocess: Preprocess) -> np.ndarray:
+    """An input-size anomaly map [h, w] -> the image's native `shape` (bilinear); with a centre
+    crop the map fills the crop's window and the rest gets the map's minimum."""
+    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
+    h, w = shape
+    if preprocess.crop_size is None:
+        return torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    (ih, iw), (ch, cw) = preprocess.image_size, preprocess.crop_size
+    top, left = (ih - ch) // 2, (iw - cw) // 2
+    y0, y1 = round(top * h / ih), round((top + ch) * h / ih)
+    x0, x1 = round(left * w / iw), round((left + cw) * w / iw)
+    out = np.full((h, w), float(amap.min()), dtype=np.float32)
+    if y1 > y0 and x1 > x0:
+        window = torch.nn.functional.interpolate(t, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+        out[y0:y1, x0:x1] = window[0, 0].numpy()
+    return out
+
+
+def _shrink_region(region: Any, shape: tuple[int, int]) -> Any:
+    """A region at a lower resolution: a pixel is in it when any pixel it covers was (never
+    empties a region); the saturation area scales with the area."""
+    from iadkit.metrics.spro import SaturatedRegion
+
+    m = torch.from_numpy(np.ascontiguousarray(region.mask, dtype=np.float32))[None, None]
+    small = torch.nn.functional.adaptive_max_pool2d(m, shape)[0, 0].numpy() > 0
+    ratio = (shape[0] * shape[1]) / float(region.mask.size)
+    sat = min(int(small.sum()), max(1, int(round(region.saturation_area * ratio))))
+    return SaturatedRegion(small, sat, region.name)
+
+
+def loco_metrics(
+    samples: Sequence[Sample],
+    labels: np.ndarray,
+    scores: np.ndarray,
+    maps: np.ndarray | None,
+    preprocess: Preprocess,
+    *,
+    max_pixels: int = SPRO_MAX_PIXELS,
+) -> dict[str, float]:
+    """MVTec LOCO's numbers for a test set of `LocoSample`s (see the module docstring).
+
+    Parameters
+    ----------
+    samples, labels, scores
+        The test images, their labels and image scores.
+    maps
+        Anomaly maps at the model's input size [N, h, w]; None: image AUROC per kind only.
+    preprocess
+        The model's preprocessing (its crop places the maps in the native image).
+    max_pixels
+        Native pixels of the whole test set above which maps and regions are scaled down.
+    """
+    from iadkit.metrics.image import image_auroc_by_type
+    from iadkit.metrics.spro import LOCO_FPR_LIMITS, auc_spro_by_type
+
+    types = [s.defect_type for s in samples]
+    out: dict[str, float] = {}
+    for kind, value in image_auroc_by_type(labels, scores, types).items():
+        out["image_auroc_loco_mean" if kind == "mean" else f"image_auroc_{_kind_key(kind)}"] = float(value)
+    if maps is None:
+        return out
+    shapes = [_native_shape(s) for s in samples]
+    total = sum(h * w for h, w in shapes)
+    scale = min(1.0, math.sqrt(max_pixels / total)) if total else 1.0
+    native_maps, regions = [], []
+    for s, amap, (h, w) in zip(samples, maps, shapes):
+        target = (max(1, round(h * scale)), max(1, round(w * scale))) if scale < 1 else (h, w)
+        regs = s.load_regions((h, w))  # type: ignore[attr-defined]
+        if scale < 1:
+            regs = [_shrink_region(r, target) for r in regs]
+        regions.append(regs)
+        native_maps.append(map_to_native(amap, target, preprocess))
+    per_kind = auc_spro_by_type(native_maps, regions, types, fpr_limits=LOCO_FPR_LIMITS)
+    for kind, values in per_kind.items():
+        suffix = "" if kind == "mean" else f"_{_kind_key(kind)}"
+        for limit, value in values.items():
+            out[f"auc_spro_{limit:g}{suffix}"] = float(value)
+    out["spro_scale"] = float(scale)
+    return out

@@ -137,7 +137,13 @@ class Model:
                 image_size = method_cls.paper_image_size
         detector = method_cls(**params)
         mean, std = detector.input_normalization()
-        preprocess = Preprocess(image_size=224 if image_size is None else image_size, crop_size=crop_size, mean=mean, std=std)
+        preprocess = Preprocess(
+            image_size=224 if image_size is None else image_size,
+            crop_size=crop_size,
+            mean=mean,
+            std=std,
+            depth=bool(method_cls.uses_depth),  # 3D methods get the point map as channels 3-5
+        )
         post = Postprocess(sigma=detector.map_sigma if sigma is None else _check_sigma(sigma))
         return cls(detector, preprocess, postprocess=post)
 
@@ -304,7 +310,8 @@ class Model:
     # -- inference -----------------------------------------------------------------------
     @torch.inference_mode()
     def predict_tensor(self, images: torch.Tensor) -> Prediction:
-        """Preprocessed images [B, 3, H, W] -> scores and input-size maps on the CPU."""
+        """Preprocessed images [B, 3, H, W] ([B, 6, H, W] for a method that uses depth: see
+        `Preprocess`) -> scores and input-size maps on the CPU."""
         self.detector.check_fitted()
         self.detector.eval()
         raw = self.detector.predict(images.to(self.detector.device))

@@ -26,6 +26,12 @@ METRICS: dict[str, str] = {
     "pixel_f1_max": "P-F1max",
     "aupro": "AUPRO@0.3",
     "aupro_100": "AUPRO@0.3 (100 thr.)",
+    # MVTec LOCO test sets (iadkit.evaluation.loco_metrics): the survey's three columns and
+    # the headline AUC-sPRO (mean over the two kinds)
+    "image_auroc_structural": "I-AUROC structural",
+    "image_auroc_logical": "I-AUROC logical",
+    "image_auroc_loco_mean": "I-AUROC LOCO mean",
+    "auc_spro_0.05": "AUC-sPRO@0.05",
 }
 
 # What the calibrated threshold does on the test set (the runs' `operating_point`); lower is

@@ -30,7 +30,7 @@ largest DBSCAN cluster  eps 0.006, 30 points            not done (see the docstr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -249,14 +249,17 @@ class PointMapSample(Sample):
         The ``xyz/<stem>.tiff`` file; None when the dataset copy has no point maps.
     remove_plane
         Whether :meth:`load_xyz` removes the background plane (BTF's preprocessing).
+    xyz
+        An in-memory H x W x 3 point map (arrays, tests), used instead of `xyz_path`.
     """
 
     xyz_path: str | None = None
     remove_plane: bool = False
+    xyz: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def has_xyz(self) -> bool:
-        return self.xyz_path is not None
+        return self.xyz_path is not None or self.xyz is not None
 
     def _rgb_shape(self) -> tuple[int, int]:
         if self.image is not None:
@@ -267,6 +270,9 @@ class PointMapSample(Sample):
 
     def load_xyz(self) -> np.ndarray:
         """H x W x 3 float32 point map aligned with the image; (0, 0, 0) = no point."""
+        if self.xyz is not None:
+            xyz = _checked_array(self.xyz, self.path, self._rgb_shape())
+            return remove_background_plane(xyz) if self.remove_plane else xyz
         if self.xyz_path is None:
             raise DatasetLayoutError(
                 f"{self.path}: this sample has no point map (no xyz/ folder beside its rgb/ folder); "
@@ -280,11 +286,60 @@ class PointMapSample(Sample):
         return np.ascontiguousarray(self.load_xyz()[..., 2])
 
 
+def _checked_array(xyz: np.ndarray, where: str, shape: tuple[int, int] | None) -> np.ndarray:
+    arr = np.asarray(xyz)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype.kind != "f":
+        raise ImageReadError(f"{where}: a point map is an H x W x 3 float array of (x, y, z), got {arr.dtype} {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ImageReadError(f"{where}: the point map holds NaN or infinite coordinates; mark missing points (0, 0, 0)")
+    if shape is not None and tuple(arr.shape[:2]) != tuple(shape):
+        raise ImageReadError(
+            f"{where}: point map is {arr.shape[1]}x{arr.shape[0]} (WxH) but its image is {shape[1]}x{shape[0]}; "
+            "the two must be pixel-aligned"
+        )
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def point_map_of(sample: Sample, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The point map of any sample, for a method that uses depth.
+
+    Parameters
+    ----------
+    sample
+        A `PointMapSample` (its `load_xyz`), or a plain sample whose image lies in an MVTec
+        3D-AD ``rgb/`` folder with ``xyz/<stem>.tiff`` beside it (an image file given by
+        path, e.g. to ``iadkit predict``).
+    shape
+        (H, W) of the decoded image, checked against the map.
+
+    Raises DatasetLayoutError, naming the image, when no point map can be found.
+    """
+    if isinstance(sample, PointMapSample) and sample.has_xyz:
+        xyz = sample.load_xyz()
+        if shape is not None and tuple(xyz.shape[:2]) != tuple(shape):
+            raise ImageReadError(
+                f"{sample.path}: point map is {xyz.shape[1]}x{xyz.shape[0]} (WxH) but its image is "
+                f"{shape[1]}x{shape[0]}; the two must be pixel-aligned"
+            )
+        return xyz
+    p = Path(sample.path)
+    if p.parent.name == "rgb":
+        for ext in XYZ_EXTENSIONS:
+            candidate = p.parent.parent / "xyz" / f"{p.stem}{ext}"
+            if candidate.is_file():
+                return read_xyz(candidate, expected_shape=shape)
+    raise DatasetLayoutError(
+        f"{sample.path}: this model uses depth, but the image has no point map; give MVTec 3D-AD samples "
+        "(load_dataset on an MVTec 3D-AD folder), or image files in an rgb/ folder with xyz/<stem>.tiff beside it"
+    )
+
+
 __all__ = [
     "PointMapSample",
     "border_points",
     "fit_background_plane",
     "fit_plane_ransac",
+    "point_map_of",
     "read_xyz",
     "remove_background_plane",
     "valid_points",

@@ -80,6 +80,9 @@ class Preprocess:
         The kind of image the model was trained on: 1 grayscale, 3 colour (set by
         `Model.fit`). An image of the other kind is refused (see the module docstring).
         None: not known, nothing checked.
+    depth : bool
+        Append each sample's point map as channels 3-5 (for methods that use depth; see the
+        module docstring).
     """
 
     image_size: tuple[int, int] = (256, 256)
@@ -87,6 +90,7 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     channels: int | None = None
+    depth: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", _pair(self.image_size, "image_size"))
@@ -99,10 +103,17 @@ class Preprocess:
         object.__setattr__(self, "std", _triple(self.std, "std", positive=True))
         if self.channels not in (None, 1, 3) or isinstance(self.channels, bool):
             raise InvalidParameterError(f"channels must be 1 (grayscale), 3 (colour) or None, got {self.channels!r}")
+        if not isinstance(self.depth, bool):
+            raise InvalidParameterError(f"depth must be True or False, got {self.depth!r}")
 
     @property
     def output_size(self) -> tuple[int, int]:
         return self.crop_size or self.image_size
+
+    @property
+    def tensor_channels(self) -> int:
+        """Channels of the tensors this preprocessing makes: 3, or 6 with depth."""
+        return 6 if self.depth else 3
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -113,13 +124,15 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
-        """The inverse of `to_dict`; a manifest without ``channels`` (older files) checks nothing."""
+        """The inverse of `to_dict`; a manifest without ``channels`` (older files) checks nothing,
+        one without ``depth`` has none."""
         return cls(
             image_size=tuple(d["image_size"]),
             crop_size=tuple(d["crop_size"]) if d.get("crop_size") else None,
             mean=tuple(d["mean"]),
             std=tuple(d["std"]),
             channels=d.get("channels"),
+            depth=bool(d.get("depth", False)),
         )
 
     def check_channels(self, image: np.ndarray, where: str) -> int:
@@ -181,6 +194,14 @@ class Preprocess:
         normalisation (the torch-free `iadkit.data.pixels.PixelPreprocess.view` gives the same)."""
         return self.geometry(self.to_unit_float(image)).permute(1, 2, 0).numpy()
 
+    def point_map(self, xyz: np.ndarray) -> torch.Tensor:
+        """One HxWx3 point map -> 3xHxW float32 in the model's input geometry (nearest)."""
+        arr = np.asarray(xyz)
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise ImageReadError(f"a point map must be an H x W x 3 array of (x, y, z), got shape {arr.shape}")
+        t = torch.from_numpy(np.array(arr, dtype=np.float32)).permute(2, 0, 1)
+        return self.geometry(t, is_mask=True).contiguous()
+
     def mask(self, mask: np.ndarray) -> torch.Tensor:
         """One HxW bool mask -> HxW bool tensor in the model's input geometry."""
         m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
@@ -192,7 +213,7 @@ class Preprocess:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # [B, 3, H, W] normalised
+    images: torch.Tensor  # [B, 3, H, W] normalised ([B, 6, H, W] with depth: + x, y, z)
     labels: torch.Tensor  # [B] int64 (0 good, 1 anomalous, -1 unknown)
     masks: torch.Tensor | None  # [B, H, W] bool, or None when not requested
     indices: torch.Tensor  # [B] positions in the ImageSet
@@ -203,16 +224,18 @@ class ImageSet(torch.utils.data.Dataset):
 
     Decoded, preprocessed images are cached in memory as float16 when `cache` is on (the
     default for sets under ~1 GB), because multi-epoch methods would otherwise decode every
-    file on every epoch.
+    file on every epoch. With ``preprocess.depth`` an image is [6, H, W] (colour, then the
+    point map) and its point map is cached in float32: float16 would round a depth of 0.3 m
+    to 0.24 mm steps, the size of the dents a 3D method looks for.
     """
 
     def __init__(self, samples: Sequence[Sample], preprocess: Preprocess, *, cache: bool | None = None):
         self.samples = list(samples)
         self.preprocess = preprocess
         h, w = preprocess.output_size
-        est_bytes = len(self.samples) * 3 * h * w * 2
+        est_bytes = len(self.samples) * (3 * 2 + (3 * 4 if preprocess.depth else 0)) * h * w
         self.cache_enabled = cache if cache is not None else est_bytes < 1_000_000_000
-        self._cache: dict[int, torch.Tensor] = {}
+        self._cache: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         self.channel_kinds: set[int] = set()  # kinds of the images read so far (1 gray, 3 colour)
 
     def __len__(self) -> int:
@@ -224,15 +247,24 @@ class ImageSet(torch.utils.data.Dataset):
 
     def image(self, index: int) -> torch.Tensor:
         if index in self._cache:
-            return self._cache[index].float()
+            cached = self._cache[index]
+            return cached.float() if isinstance(cached, torch.Tensor) else torch.cat([cached[0].float(), cached[1]])
         sample = self.samples[index]
         image = sample.load_image()
         try:
             self.channel_kinds.add(self.preprocess.check_channels(image, sample.path))
             x = self.preprocess(image)
+            if self.preprocess.depth:
+                from iadkit.data.point_maps import point_map_of
+
+                xyz = self.preprocess.point_map(point_map_of(sample, shape=image.shape[:2]))
         except ImageReadError as exc:
             text = str(exc)
             raise ImageReadError(text if text.startswith(f"{sample.path}:") else f"{sample.path}: {text}") from None
+        if self.preprocess.depth:
+            if self.cache_enabled:
+                self._cache[index] = (x.half(), xyz)
+            return torch.cat([x, xyz])
         if self.cache_enabled:
             self._cache[index] = x.half()
         return x

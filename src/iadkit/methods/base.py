@@ -23,6 +23,15 @@ combination that makes no sense), by ``iadkit methods`` and by the report: `fami
 `paper`, `supervision` (unsupervised | semi-supervised | zero-shot), `continual`,
 `multi_class`, `produces_maps`, `uses_depth`, and `map_sigma` (the paper's map smoothing, a
 Gaussian sigma at a 224-px input).
+
+Depth travels inside the image tensor. A method with ``uses_depth = True`` gets a model whose
+`Preprocess` has ``depth=True`` (`Model.create` sets it), so every tensor it is given, in
+`fit` (``ImageSet.image``) and in `predict`, is [B, 6, H, W]: channels 0-2 the normalised
+colour image, channels 3-5 the sample's organised point map (x, y, z in the file's units,
+nearest-resampled to the same geometry, (0, 0, 0) where the sensor saw no point); `split_depth`
+separates them. Samples carry the point map (`iadkit.data.PointMapSample`, from MVTec 3D-AD
+folders); nothing else changes, so settings, the benchmark, model files and the server pass
+depth along without any other method knowing about it.
 """
 
 from __future__ import annotations
@@ -46,6 +55,19 @@ if typing.TYPE_CHECKING:
     from iadkit.components.feature_cache import FeatureCache
 
 SUPERVISION_KINDS = ("unsupervised", "semi-supervised", "zero-shot")
+
+
+def split_depth(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A depth method's input [B, 6, H, W] -> (colour [B, 3, H, W], point map [B, 3, H, W]).
+
+    Raises InvalidParameterError for a tensor without the three point-map channels (a model
+    whose preprocessing was built without ``depth``)."""
+    if images.ndim != 4 or images.shape[1] != 6:
+        raise InvalidParameterError(
+            f"a method that uses depth takes [B, 6, H, W] tensors (colour + x, y, z), got {tuple(images.shape)}; "
+            "create the model with Model.create so that its preprocessing appends the point maps"
+        )
+    return images[:, :3], images[:, 3:]
 
 
 def jsonable(value: Any) -> Any:
@@ -76,7 +98,8 @@ class Detector(nn.Module):
     multi_class: ClassVar[bool] = False
     # Whether `predict` draws anomaly maps (False: image scores only).
     produces_maps: ClassVar[bool] = True
-    # Whether samples must carry depth / point maps (3D methods).
+    # Whether samples must carry depth / point maps (3D methods): inputs are then [B, 6, H, W]
+    # (colour + x, y, z; see the module docstring and `split_depth`).
     uses_depth: ClassVar[bool] = False
     # The paper's map smoothing: Gaussian sigma in pixels of a 224-px input (0: none).
     map_sigma: ClassVar[float] = 4.0
@@ -531,4 +554,5 @@ __all__ = [
     "jsonable",
     "param",
     "register",
+    "split_depth",
 ]
