@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iadkit.components.tracing import adaptive_avg_pool
+
 TRANSFORM_PARAMS: dict[str, int] = {
     "affine": 6,
     "translation": 2,
@@ -118,30 +120,16 @@ def invert_affine(theta: torch.Tensor) -> torch.Tensor:
 
 
 class BinAveragePool(nn.Module):
-    """``nn.AdaptiveAvgPool2d(size)`` written as two matrix products, with PyTorch's bins
-    (bin i of n over L covers floor(i L / n) .. ceil((i + 1) L / n)).
-
-    Why: the ONNX exporter refuses adaptive pooling when it cannot see the input's size,
-    which it cannot after the grid sampling before this network; the bin matrices are built
-    from the concrete size and become constants of the exported graph.
-    """
+    """``nn.AdaptiveAvgPool2d(size)`` that exports to ONNX (`tracing.adaptive_avg_pool`): the
+    localisation features follow a grid sampling, after which the exporter cannot see their
+    size."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
 
-    @staticmethod
-    def bins(length: int, n: int, like: torch.Tensor) -> torch.Tensor:
-        weights = torch.zeros(n, length, dtype=like.dtype, device=like.device)
-        for i in range(n):
-            start, end = (i * length) // n, -((-(i + 1) * length) // n)
-            weights[i, start:end] = 1.0 / (end - start)
-        return weights
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.bins(int(x.shape[-2]), self.size, x)
-        cols = self.bins(int(x.shape[-1]), self.size, x)
-        return rows @ x @ cols.T
+        return adaptive_avg_pool(x, self.size)
 
 
 class SpatialTransformer(nn.Module):

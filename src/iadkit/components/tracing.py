@@ -16,4 +16,26 @@ def is_tracing() -> bool:
     return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
 
 
-__all__ = ["is_tracing"]
+def _bins(length: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """[n, length] averaging weights of PyTorch's adaptive bins: bin i of n over `length`
+    covers floor(i L / n) .. ceil((i + 1) L / n)."""
+    weights = torch.zeros(n, length, dtype=like.dtype, device=like.device)
+    for i in range(n):
+        start, end = (i * length) // n, -((-(i + 1) * length) // n)
+        weights[i, start:end] = 1.0 / (end - start)
+    return weights
+
+
+def adaptive_avg_pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` for [..., H, W] as two matrix products.
+
+    The ONNX exporter refuses adaptive pooling when the output does not divide the input or
+    when it cannot see the input's size; here the bin matrices are built from the concrete
+    size and become constants of the exported graph (equal to torch's to float rounding).
+    """
+    rows = _bins(int(x.shape[-2]), size, x)
+    cols = _bins(int(x.shape[-1]), size, x)
+    return rows @ x @ cols.T
+
+
+__all__ = ["adaptive_avg_pool", "is_tracing"]

@@ -122,6 +122,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iadkit.components.distillation import TrainingDivergedError
+from iadkit.components.tracing import adaptive_avg_pool
 from iadkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSet
 from iadkit.errors import InvalidParameterError, ModelFileError
 from iadkit.methods.base import Detector, register
@@ -226,7 +227,7 @@ class AutoEncoder(nn.Module):
         for conv in self.encoder:
             x = F.relu(conv(x))
         if tuple(x.shape[-2:]) != (AE_BOTTLENECK_GRID, AE_BOTTLENECK_GRID):
-            x = F.adaptive_avg_pool2d(x, AE_BOTTLENECK_GRID)
+            x = adaptive_avg_pool(x, AE_BOTTLENECK_GRID)  # exportable to ONNX for any size
         x = self.bottleneck(x)
         # The reference's stages: H/64-1, H/32, H/16-1, H/8, H/4-1, H/2-1 (each conv adds 1).
         stages = [(64, -1), (32, 0), (16, -1), (8, 0), (4, -1), (2, -1)]
