@@ -19,6 +19,9 @@ _METHOD_MODULES = [
     "cutpaste",
     "simplenet",
     "cfa",
+    "dne",
+    "continual_bank",
+    "musc",
 ]
 
 for _name in _METHOD_MODULES:
