@@ -98,3 +98,17 @@ def test_the_bank_with_a_fixed_size_per_task(tasks):
     # the key is a subset of its task's bank (a coreset of the coreset)
     bank0 = det.task_bank(0)
     assert torch.cdist(det.task_key(0), bank0, compute_mode="donot_use_mm_for_euclid_dist").amin(1).max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["dne", "continual_bank"])
+def test_a_saved_model_learns_the_next_task_later(name, tasks, tmp_path):
+    """A line keeps its model file and teaches it the next product months later: the loaded
+    model continues exactly as the one that never left memory."""
+    torch.set_num_threads(1)
+    model = Model.create(name, image_size=SIZE).fit(tasks["fabric"].train, calibration_fraction=0.0, progress=False)
+    loaded = Model.load(model.save(tmp_path / f"{name}.iad"))
+    for m in (model, loaded):
+        m.partial_fit(tasks["metal"].train, calibration_fraction=0.0, progress=False)
+    test = list(tasks["fabric"].test) + list(tasks["metal"].test)
+    np.testing.assert_allclose(loaded.predict(test).scores, model.predict(test).scores, rtol=1e-5)
+    assert loaded.info["n_tasks"] == model.info["n_tasks"] == 2
