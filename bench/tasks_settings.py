@@ -31,6 +31,7 @@ GRIDS = {
             "dne",
             "continual_bank",
             {"name": "stfpm", "params": {"epochs": 30}},
+            {"name": "stfpm", "params": {"epochs": 80}},
             {"name": "reverse_distillation", "params": {"epochs": 30}},
         ],
         "datasets": [{"source": f"synthetic:{SYNTH}", "categories": CATEGORIES}],
