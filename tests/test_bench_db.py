@@ -22,6 +22,7 @@ COLUMNS = {
     "scores": ["cell_id", "idx", "path", "label", "defect_type", "score"],
     "overlays": ["cell_id", "kind", "rank", "path", "label", "defect_type", "score", "png"],
     "meta": ["key", "value"],
+    "task_metrics": ["cell_id", "step", "task", "task_name", "metric", "value"],
 }
 
 
@@ -132,7 +133,7 @@ def test_schema_1_database_migrates_in_place_and_reads_read_only(tmp_path):
         assert run["operating_point"] is None and run["metrics"]["image_auroc"] == 0.5
     assert path.read_bytes() == before
     with ResultsDB(path) as db:
-        assert db.meta()["schema_version"] == str(SCHEMA_VERSION) == "3"
+        assert db.meta()["schema_version"] == str(SCHEMA_VERSION) == "4"
         assert "operating_point" in {r[1] for r in db.conn.execute("PRAGMA table_info(runs)")}
         assert db.runs()[0]["cell_id"] == "c1"
 

@@ -15,6 +15,13 @@ is the same 14 good images plus 4 labelled defective ones (different images from
 A method that uses depth (``uses_depth``) gets the same images as `PointMapSample`s with a
 point map: a slightly tilted, noisy plane 0.3 m away on which each dark blob is also a 3 mm
 bump, so that colour-only, depth-only and fused methods all have a defect to find.
+
+Declared kinds get their own checks: a zero-shot method is fitted on no images (it learns
+nothing, so it may have no tensors and, when transductive, no threshold); a transductive
+one scores a set the same whatever batch size the caller asks for (the set is one batch);
+a continual method learns a second, different-looking task with `partial_fit` and still
+ranks the first task's defects (AUROC >= 0.7), and round-trips exactly through a model
+file afterwards; any other method refuses `partial_fit` with `NotContinualError`.
 """
 
 from __future__ import annotations
@@ -132,13 +139,21 @@ def fitted() -> dict[str, Model]:
     return {}
 
 
+def _fit(model: Model) -> Model:
+    """Fit as the settings layer does: a zero-shot method gets no training images, a
+    semi-supervised one the labelled defects as well."""
+    name = model.detector.name
+    train = [] if model.detector.supervision == "zero-shot" else _training_set(name)
+    return model.fit(train, calibration_fraction=0.15, progress=False)
+
+
 def _fitted(name: str, cache: dict[str, Model]) -> Model:
     if name not in cache:
         torch.set_num_threads(1)
         model = _model(name)
         returned = model.detector.fit  # the detector's fit returns the detector itself
         assert returned is not None
-        cache[name] = model.fit(_training_set(name), calibration_fraction=0.15, progress=False)
+        cache[name] = _fit(model)
     return cache[name]
 
 
@@ -200,7 +215,8 @@ def test_predict_before_fit_raises(name: str) -> None:
 def test_fit_predict_shapes_scores_and_ranking(name: str, fitted: dict[str, Model]) -> None:
     model = _fitted(name, fitted)
     det = model.detector
-    assert det.is_fitted and model.threshold is not None
+    # a method that learns from images calibrates a threshold on held-out ones
+    assert det.is_fitted and (model.threshold is not None or det.supervision == "zero-shot")
     test = data_for(name)[1]
     result = model.predict(test)
     n = len(test)
@@ -215,7 +231,8 @@ def test_fit_predict_shapes_scores_and_ranking(name: str, fitted: dict[str, Mode
     assert auroc >= 0.7, f"{name}: image AUROC {auroc:.3f} on large dark blobs"
     # learned state is named with a trailing underscore; the frozen backbone is not saved
     tensors, _ = det.state()
-    assert tensors and all(k.split(".")[0].endswith("_") for k in tensors), sorted(tensors)[:5]
+    assert tensors or det.supervision == "zero-shot", "a method that learns must have learned tensors"
+    assert all(k.split(".")[0].endswith("_") for k in tensors), sorted(tensors)[:5]
     assert not any(k.startswith(det.frozen_prefixes) for k in tensors) if det.frozen_prefixes else True
 
 
@@ -237,8 +254,55 @@ def test_same_seed_gives_the_same_scores(name: str, fitted: dict[str, Model]) ->
     first = _fitted(name, fitted)
     torch.manual_seed(1234)  # the global generator's state must not matter
     test = data_for(name)[1]
-    again = _model(name).fit(_training_set(name), calibration_fraction=0.15, progress=False)
+    again = _fit(_model(name))
     np.testing.assert_allclose(again.predict(test).scores, first.predict(test).scores, rtol=1e-5, atol=1e-6)
+
+
+def _other_task() -> list[Sample]:
+    """A second task that looks different from the first: the training textures inverted."""
+    return [Sample(path=f"mem://task2/{i}", label=GOOD, image=255 - s.image) for i, s in enumerate(_DATA[False][0])]
+
+
+CONTINUAL = [n for n in METHODS if available_methods()[n].continual]
+TRANSDUCTIVE = [n for n in METHODS if available_methods()[n].transductive]
+
+
+@pytest.mark.parametrize("name", CONTINUAL)
+def test_continual_method_keeps_the_first_task(name: str, tmp_path) -> None:
+    torch.set_num_threads(1)
+    model = _model(name).fit(_DATA[False][0], calibration_fraction=0.15, progress=False)
+    first = model.predict(_DATA[False][1]).scores
+    assert model.partial_fit(_other_task(), calibration_fraction=0.15, progress=False) is model
+    assert model.info["n_tasks"] == 2
+    result = model.predict(_DATA[False][1])
+    auroc = image_auroc(result.labels, result.scores)
+    assert auroc >= 0.7, f"{name}: image AUROC {auroc:.3f} on the first task after learning a second"
+    alone = _model(name).fit(_other_task(), calibration_fraction=0.15, progress=False)
+    assert not np.allclose(alone.predict(_DATA[False][1]).scores, result.scores), "partial_fit rebuilt the detector from scratch"
+    assert np.isfinite(first).all()
+    loaded = Model.load(model.save(tmp_path / f"{name}.iad"))
+    np.testing.assert_array_equal(loaded.predict(_DATA[False][1][:6]).scores, model.predict(_DATA[False][1][:6]).scores)
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if not available_methods()[n].continual])
+def test_non_continual_method_refuses_partial_fit(name: str) -> None:
+    from iadkit.methods.base import NotContinualError
+
+    model = _model(name)
+    with pytest.raises(NotContinualError, match="warm_start=True"):
+        model.detector.partial_fit(None)  # type: ignore[arg-type]  (refused before the data is read)
+    with pytest.raises(NotContinualError):
+        model.partial_fit(_DATA[False][0], progress=False)
+
+
+@pytest.mark.parametrize("name", TRANSDUCTIVE)
+def test_transductive_method_scores_the_set_as_one_batch(name: str, fitted: dict[str, Model]) -> None:
+    from iadkit.evaluation import evaluate
+
+    model = _fitted(name, fitted)
+    whole = model.predict(_DATA[False][1], batch_size=16).scores
+    np.testing.assert_array_equal(model.predict(_DATA[False][1], batch_size=3).scores, whole)
+    np.testing.assert_array_equal(evaluate(model, _DATA[False][1], batch_size=2).scores, whole)
 
 
 def test_every_method_module_is_checked() -> None:

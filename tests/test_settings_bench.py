@@ -164,7 +164,7 @@ def test_an_old_results_database_is_migrated(tmp_path, old_version):
     with ResultsDB(path) as db:
         cols = [r[1] for r in db.conn.execute("PRAGMA table_info(runs)")]
         assert "setting_info" in cols and "operating_point" in cols
-        assert db.meta()["schema_version"] == str(SCHEMA_VERSION) == "3"
+        assert db.meta()["schema_version"] == str(SCHEMA_VERSION) == "4"
         (run,) = db.runs()
         assert run["status"] == "done" and run["setting_info"] is None
     run_benchmark(grid(["test_pixel_zscore"], [{"noisy": {"ratio": 0.25}}], categories=["flat"]), path, progress=False)

@@ -52,8 +52,11 @@ def score_files(
     model: Any, files: Sequence[str], *, batch_size: int = 16, threshold: float | None = None, keep_maps: bool = False
 ) -> Iterator[tuple[list[dict[str, Any]], list[np.ndarray | None]]]:
     """Score `files` batch by batch: yields (rows, maps) per batch. A batch that fails is
-    rescored file by file, so one unreadable image costs only its own row."""
+    rescored file by file, so one unreadable image costs only its own row. A transductive
+    model (scores relative to the other images: MuSc) scores all `files` as one batch."""
     thr = threshold if threshold is not None else (model.threshold.value if model.threshold else None)
+    if getattr(model.detector, "transductive", False):
+        batch_size = max(1, len(files))
     for start in range(0, len(files), batch_size):
         chunk = list(files[start : start + batch_size])
         try:
@@ -174,6 +177,15 @@ def predict_folder(
     if executor == "ray":
         if isinstance(model, Model):
             raise ExecutorError("the Ray executor ships the model file to its workers: pass the model's path")
+        from iadkit.methods import get_method
+        from iadkit.store import read_manifest
+
+        method = read_manifest(Path(model)).get("method", "")
+        if getattr(get_method(method), "transductive", False):
+            raise ExecutorError(
+                f"{method} scores each image against the other images scored with it, so the files cannot be split "
+                "into shards: use --executor local"
+            )
         new_rows = _predict_ray(Path(model), todo, batch_size, threshold, address, shards)
         loaded = None
     else:

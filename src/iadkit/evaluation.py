@@ -65,7 +65,9 @@ def evaluate(
 ) -> EvaluationResult:
     """Score every test image and compute image metrics, plus pixel metrics where masks exist.
 
-    `pixel_metrics=None` means: when every anomalous image has a ground-truth mask.
+    `pixel_metrics=None` means: when every anomalous image has a ground-truth mask. A
+    transductive method (``detector.transductive``) is given the whole set as one batch,
+    whatever `batch_size` says.
     """
     if getattr(model, "tiling", None) is not None:
         raise InvalidParameterError(
@@ -77,6 +79,10 @@ def evaluate(
     samples = dataset.samples
     if pixel_metrics is None:
         pixel_metrics = dataset.has_all_masks() and any(s.label == 1 for s in samples)
+    if model.detector.transductive:
+        # Scores relative to the other images (MuSc): the whole test set is one batch, and
+        # the time per image then grows with the size of the set.
+        batch_size = max(1, len(samples))
     need_maps = pixel_metrics or keep_maps
     scores, maps, masks = [], [], []
     model_seconds = 0.0

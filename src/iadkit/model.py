@@ -172,6 +172,7 @@ class Model:
         progress: bool = True,
         tile: int | None = None,
         overlap: float | None = None,
+        warm_start: bool = False,
     ) -> "Model":
         """Fit the detector on good images, then calibrate the threshold.
 
@@ -197,16 +198,67 @@ class Model:
             tiles (`overlap`: share of a tile, default 0.25) that the detector learns from as
             images of their own; the model keeps the `Tiling` and predicts and calibrates with
             it (see `iadkit.tiling`). Use the input size as the tile to avoid any resize.
+        warm_start : bool
+            Keep a fitted detector's networks and learned state and train it again on
+            `train` only (naive sequential fine-tuning: `Detector.fit`). A continual method
+            learns a new task without forgetting with `partial_fit` instead.
+
+        A zero-shot method trains on nothing: `train` may be empty. A transductive one
+        (scores relative to the batch: MuSc) gets no threshold from calibration, since a
+        batch of good images alone sets none that holds for a mixed batch (`set_threshold`).
         """
+        tiling = resolve_tiling(None, tile, overlap) if tile else None
+        return self._train(train, calibration, calibration_fraction, target_fpr, seed, progress, warm_start, False, tiling)
+
+    def partial_fit(
+        self,
+        train: Sequence[Sample] | ImageSet,
+        *,
+        calibration: Sequence[Sample] | None = None,
+        calibration_fraction: float | None = None,
+        target_fpr: float = 0.01,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> "Model":
+        """Learn one more task (a new product) and keep the ones learned before, then
+        calibrate the threshold on the new task's held-out good images.
+
+        Only for continual methods (``detector.continual``: dne, continual_bank); another
+        method raises `NotContinualError` (``fit(..., warm_start=True)`` trains it on the new
+        task, forgetting the old ones). Parameters as in `fit`; `info["n_tasks"]` counts the
+        tasks learned. A model fitted on tiles learns the new task on the same tiles.
+        """
+        return self._train(train, calibration, calibration_fraction, target_fpr, seed, progress, False, True, self.tiling)
+
+    def _train(
+        self,
+        train: Sequence[Sample] | ImageSet,
+        calibration: Sequence[Sample] | None,
+        calibration_fraction: float | None,
+        target_fpr: float,
+        seed: int,
+        progress: bool,
+        warm_start: bool,
+        new_task: bool,
+        tiling: "Tiling | None",
+    ) -> "Model":
+        from iadkit.methods.base import NotContinualError
+
+        if new_task and not self.detector.continual:
+            raise NotContinualError(
+                f"{self.detector.name} is not a continual method: it cannot learn a new task and keep the old ones. "
+                "Use fit(train, warm_start=True) for naive sequential fine-tuning (it forgets), "
+                "or a continual method such as dne or continual_bank"
+            )
         samples = list(train.samples) if isinstance(train, ImageSet) else list(train)
-        if not samples:
+        zero_shot = self.detector.supervision == "zero-shot"
+        if not samples and not zero_shot:
             raise TrainingDataError("no training images")
         if calibration_fraction is not None and not 0.0 <= calibration_fraction < 1.0:
             raise InvalidParameterError(f"calibration_fraction must be in [0, 1), got {calibration_fraction}")
         if isinstance(target_fpr, bool) or not isinstance(target_fpr, (int, float)) or not 0.0 <= target_fpr < 1.0:
             # checked before training, not after it
             raise InvalidParameterError(f"target_fpr must be a number in [0, 1), got {target_fpr!r}")
-        tiling = resolve_tiling(None, tile, overlap) if tile else None
         if tiling is not None:
             self._check_tiling(tiling)
             if self.detector.supervision == "semi-supervised":
@@ -214,38 +266,56 @@ class Model:
                     f"{self.detector.name} learns from labelled defects, and a defective image's tiles are mostly "
                     "good: fit it without tiles"
                 )
-        samples = self._usable_training(samples)
-        if calibration is None:
+        samples = self._usable_training(samples) if samples else []
+        if calibration is None and samples:
             if calibration_fraction is None:
                 samples, calibration = split_calibration(samples, DEFAULT_CALIBRATION_FRACTION, seed, MIN_TRAIN_FOR_HOLDOUT)
             elif calibration_fraction > 0:
                 samples, calibration = split_calibration(samples, calibration_fraction, seed, 1)
+        if self.detector.transductive:
+            calibration = None  # its scores are relative to a batch: see fit()
         n_images = len(samples)
         if tiling is not None:
             samples = tile_samples(samples, tiling)
         self.tiling = tiling
         start = time.perf_counter()
         train_set = ImageSet(samples, dataclasses.replace(self.preprocess, channels=None))
-        self.detector.fit(train_set, progress=progress)
-        self.preprocess = dataclasses.replace(self.preprocess, channels=self._training_channels(train_set))
+        continuing = (new_task or warm_start) and self.detector.is_fitted
+        if new_task:
+            self.detector.partial_fit(train_set, progress=progress)
+        else:
+            self.detector.fit(train_set, warm_start=warm_start, progress=progress)
+        if samples:
+            channels = self._training_channels(train_set)
+            if continuing and channels != self.preprocess.channels:
+                channels = None  # tasks of both kinds (gray and colour): accept both
+            self.preprocess = dataclasses.replace(self.preprocess, channels=channels)
         self.info.update(
             n_train=n_images,
             n_train_anomalous=sum(1 for s in samples if s.label == ANOMALOUS),
             fit_seconds=time.perf_counter() - start,
+            n_tasks=int(self.info.get("n_tasks", 0)) + 1 if continuing else 1,
         )
         if tiling is not None:
             self.info.update(n_train_tiles=len(samples))
         if calibration:
             start = time.perf_counter()
-            self._calibrate(calibration, target_fpr, 16)
+            self._calibrate(calibration, target_fpr, 16, stacklevel=4)  # the user's fit()/partial_fit()
             self.info.update(n_calibration=len(calibration), calibration_seconds=time.perf_counter() - start)
         else:
             self.threshold = None
-            log.warning(
-                "no calibration images (%d good training images): the model has no threshold yet; "
-                "give calibration= good images or call calibrate()",
-                sum(1 for s in samples if s.label == GOOD),
-            )
+            if self.detector.transductive or (zero_shot and not samples):
+                log.info(
+                    "%s is %s: the model has no threshold (set one with set_threshold())",
+                    self.detector.name,
+                    "transductive (scores relative to the batch)" if self.detector.transductive else "zero-shot",
+                )
+            else:
+                log.warning(
+                    "no calibration images (%d good training images): the model has no threshold yet; "
+                    "give calibration= good images or call calibrate()",
+                    sum(1 for s in samples if s.label == GOOD),
+                )
         return self
 
     @staticmethod
@@ -292,13 +362,13 @@ class Model:
         """
         return self._calibrate(good, target_fpr, batch_size)
 
-    def _calibrate(self, good: Sequence[ImageInput], target_fpr: float, batch_size: int) -> Threshold:
+    def _calibrate(self, good: Sequence[ImageInput], target_fpr: float, batch_size: int, stacklevel: int = 3) -> Threshold:
         """`calibrate`, called from `calibrate` or `fit` (the warning points at their caller)."""
         result = self.predict(good, batch_size=batch_size)
         self.threshold = false_alarm_threshold(result.scores, target_fpr)
         note = resolution_note(self.threshold)
         if note:
-            warnings.warn(note, CalibrationWarning, stacklevel=3)
+            warnings.warn(note, CalibrationWarning, stacklevel=stacklevel)
         if result.maps is not None:
             maps = result.maps if isinstance(result.maps, np.ndarray) else np.concatenate([m.ravel() for m in result.maps])
             self.postprocess = self.postprocess.with_range(heatmap_range(maps))
@@ -362,6 +432,8 @@ class Model:
             samples = list(inputs.samples) if isinstance(inputs, ImageSet) else as_samples(inputs)
             return self._predict_tiled(samples, tiling, batch_size, threshold, keep_maps, progress)
         dataset = inputs if isinstance(inputs, ImageSet) else ImageSet(as_samples(inputs), self.preprocess, cache=False)
+        if self.detector.transductive:  # scores relative to the other images: one batch
+            batch_size = max(1, len(dataset))
         scores, maps = [], []
         batches = dataset.batches(batch_size)
         if progress:

@@ -22,6 +22,9 @@ A config file (YAML shown; TOML has the same keys)::
       - {few_shot: {k: [1, 2, 4, 8]}}
       - {noisy: {ratio: [0.05, 0.1]}}
       - {name: semi_supervised, params: {k: 4}}
+      - continual                  # tasks settings: one cell per dataset, over its categories
+      - {continual: {split: "3+1+1"}}   # in the order listed (class-incremental groups)
+      - multi_class                # one model on the union of the categories
     seeds: [0]
     image_size: 224
     device: auto                   # cpu | cuda | auto
@@ -30,7 +33,9 @@ A config file (YAML shown; TOML has the same keys)::
 
 A cell is one (method + hyper-parameters, dataset, category, setting, seed, image size).
 Its identity is a hash of exactly these, so a rerun recognises finished cells, and
-changing any of them makes a new cell instead of silently reusing an old result.
+changing any of them makes a new cell instead of silently reusing an old result. A setting
+of kind "tasks" (continual, multi_class) spans the dataset's categories: its cell's
+`category` is the categories in order, joined by ","  (`Cell.categories`).
 """
 
 from __future__ import annotations
@@ -195,6 +200,10 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
 
 
+TASKS_SEPARATOR = ","
+"""Joins the categories of a tasks cell (continual, multi_class) into its `category`."""
+
+
 @dataclass(frozen=True)
 class Cell:
     """One fit-and-evaluate job. Everything a worker needs, and nothing that is not data."""
@@ -249,6 +258,11 @@ class Cell:
             return self.setting
         return self.setting + "(" + ",".join(f"{k}={v}" for k, v in sorted(self.setting_params.items())) + ")"
 
+    @property
+    def categories(self) -> list[str]:
+        """The categories the cell uses: one, or several in order for a tasks setting."""
+        return self.category.split(TASKS_SEPARATOR)
+
     def describe(self) -> str:
         return f"{self.method} · {self.dataset_label}/{self.category} · {self.setting_label} · seed {self.seed}"
 
@@ -263,10 +277,12 @@ def expand(config: BenchConfig) -> list[Cell]:
     """Every cell of the grid, ordered dataset -> category -> setting -> seed -> method.
 
     That order keeps one category's data hot while every method runs on it, and fills the
-    leaderboard row by row.
+    leaderboard row by row. Settings of kind "tasks" (continual, multi_class) come after
+    a dataset's per-category cells: one cell per (setting, seed, method) over all the
+    dataset's categories, in the order listed.
     """
     from iadkit.bench.datasets import list_source_categories
-    from iadkit.settings import get_setting
+    from iadkit.settings import get_setting, setting_kind
 
     import_modules(config.imports)
     settings: list[tuple[str, dict[str, Any]]] = []
@@ -275,13 +291,24 @@ def expand(config: BenchConfig) -> list[Cell]:
         for params in s.variants():
             _check_setting_params(s.name, params)
             settings.append((s.name, params))
+    per_category = [(n, p) for n, p in settings if setting_kind(n) == "split"]
+    spanning = [(n, p) for n, p in settings if setting_kind(n) == "tasks"]
     cells: list[Cell] = []
     for ds in config.datasets:
         categories = ds.categories if ds.categories is not None else list_source_categories(ds.source)
         if not categories:
             raise BenchConfigError(f"dataset {ds.source!r} has no categories")
-        for category in categories:
-            for setting, setting_params in settings:
+        groups = [(c, per_category) for c in categories]
+        if spanning:
+            bad = [c for c in categories if TASKS_SEPARATOR in c]
+            if bad:
+                raise BenchConfigError(
+                    f"dataset {ds.source!r}: category {bad[0]!r} contains {TASKS_SEPARATOR!r}, which the tasks "
+                    "settings (continual, multi_class) use to join categories; rename it"
+                )
+            groups.append((TASKS_SEPARATOR.join(categories), spanning))
+        for category, group_settings in groups:
+            for setting, setting_params in group_settings:
                 for seed in config.seeds:
                     for m in config.methods:
                         size = m.image_size_for.get(ds.scheme, m.image_size if m.image_size is not None else config.image_size)
@@ -313,10 +340,13 @@ def _check_setting_params(name: str, params: dict[str, Any]) -> None:
     """Run the setting on an empty split, so that a wrong parameter (a typo, k=0) fails
     before any cell runs. Only the setting's own refusals count: a plugin that cannot take
     an empty split is left to fail in its cells."""
-    from iadkit.settings import SettingError, apply_setting
+    from iadkit.settings import SettingError, apply_setting, apply_task_setting, setting_kind
 
     try:
-        apply_setting(name, [], [], seed=0, params=params)
+        if setting_kind(name) == "tasks":
+            apply_task_setting(name, [], [], seed=0, params=params)
+        else:
+            apply_setting(name, [], [], seed=0, params=params)
     except SettingError as exc:
         raise BenchConfigError(f"settings: {exc}") from None
     except Exception:

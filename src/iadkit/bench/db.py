@@ -1,8 +1,8 @@
 """The results database: one SQLite file per benchmark, written only by the driver.
 
-Schema (version 3)::
+Schema (version 4)::
 
-    meta(key TEXT PRIMARY KEY, value TEXT)          -- 'schema_version' = '3', 'created'
+    meta(key TEXT PRIMARY KEY, value TEXT)          -- 'schema_version' = '4', 'created'
     runs(                                           -- one row per cell
         cell_id        TEXT PRIMARY KEY,            -- sha256(identity)[:16], see bench.config.Cell
         method         TEXT NOT NULL,
@@ -53,6 +53,22 @@ Schema (version 3)::
         png BLOB NOT NULL,                          -- [photo + outline | heatmap + outline]
         PRIMARY KEY (cell_id, kind, rank))
 
+    task_metrics(                                   -- the accuracy matrix of a tasks cell (schema 4):
+        cell_id   TEXT NOT NULL REFERENCES runs(cell_id) ON DELETE CASCADE,
+        step      INTEGER NOT NULL,                 -- row l: after training step l (0-based)
+        task      INTEGER NOT NULL,                 -- column j: the task tested (plan order)
+        task_name TEXT NOT NULL,                    -- 'fabric', or 'fabric+metal' for a group
+        metric    TEXT NOT NULL,                    -- every metric of evaluate(): image_auroc ...
+        value     REAL,                             -- NULL when undefined
+        PRIMARY KEY (cell_id, step, task, metric))
+                                                    -- continual: every task j <= l after each step
+                                                    -- (the lower triangle of a[l][j], from which the
+                                                    -- report derives the forgetting measure);
+                                                    -- multi_class: one step, one task per category;
+                                                    -- such a run's `metrics` are the last row's
+                                                    -- means over tasks, its scores those of the
+                                                    -- final model on every task's test images
+
     claims(                                         -- which run is working on a 'running' cell
         cell_id    TEXT PRIMARY KEY,
         claimed_by TEXT NOT NULL,                   -- 'host|pid|token' of the claiming run
@@ -71,7 +87,9 @@ Per-image scores with labels let any image metric be recomputed later without re
 overlays together), so a killed benchmark leaves either the whole cell or none of it. The
 default rollback journal keeps the database a single file. An older database is migrated
 when it is opened for writing: schema 1 gains the `operating_point` column, schema 2 the
-`setting_info` column (NULL for the cells run before). Opened for reading only
+`setting_info` column (NULL for the cells run before), schema 3 the `task_metrics` table
+(empty for the cells run before; `task_matrix` reads an older file opened read-only as
+having none). Opened for reading only
 (``writable=False``, what the report does), the file is never modified, and a file that is
 not an iadkit results database is refused.
 """
@@ -95,7 +113,7 @@ import iadkit
 from iadkit.bench.config import Cell, canonical_json
 from iadkit.errors import IadkitError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -144,6 +162,15 @@ CREATE TABLE IF NOT EXISTS overlays (
     score REAL NOT NULL,
     png BLOB NOT NULL,
     PRIMARY KEY (cell_id, kind, rank)
+);
+CREATE TABLE IF NOT EXISTS task_metrics (
+    cell_id TEXT NOT NULL REFERENCES runs(cell_id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    task INTEGER NOT NULL,
+    task_name TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    value REAL,
+    PRIMARY KEY (cell_id, step, task, metric)
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 CREATE TABLE IF NOT EXISTS claims (
@@ -235,6 +262,30 @@ class Overlay:
 
 
 @dataclass
+class TaskEvaluation:
+    """One entry of a tasks cell's accuracy matrix: every metric of task `task` (column)
+    after training step `step` (row)."""
+
+    step: int
+    task: int
+    task_name: str
+    metrics: dict[str, float]
+
+
+@dataclass
+class TaskMatrix:
+    """A tasks cell's accuracy matrix, read back: `values[metric]` is [steps, tasks] with NaN
+    where a task was not tested (not yet learned) or the metric is undefined."""
+
+    tasks: list[str]
+    n_steps: int
+    values: dict[str, np.ndarray]
+
+    def metric(self, name: str) -> np.ndarray:
+        return self.values.get(name, np.full((self.n_steps, len(self.tasks)), np.nan))
+
+
+@dataclass
 class CellResult:
     """What a worker sends back to the driver: everything the database stores for a cell."""
 
@@ -251,6 +302,7 @@ class CellResult:
     defect_types: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     overlays: list[Overlay] = field(default_factory=list)
+    task_matrix: list[TaskEvaluation] = field(default_factory=list)  # tasks cells only
     error: str | None = None
     traceback: str | None = None
     started: str | None = None
@@ -319,6 +371,7 @@ class ResultsDB:
                     self.conn.execute("ALTER TABLE runs ADD COLUMN operating_point TEXT")
                 if "setting_info" not in columns:  # schema 2 -> 3: what the setting gave each cell
                     self.conn.execute("ALTER TABLE runs ADD COLUMN setting_info TEXT")
+                # schema 3 -> 4: the task_metrics table, created above with the other tables
                 self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
@@ -445,6 +498,14 @@ class ResultsDB:
                 ],
             )
             self.conn.executemany(
+                "INSERT INTO task_metrics (cell_id, step, task, task_name, metric, value) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (cell.cell_id, int(e.step), int(e.task), e.task_name, k, None if v is None or not np.isfinite(v) else float(v))
+                    for e in result.task_matrix
+                    for k, v in sorted(e.metrics.items())
+                ],
+            )
+            self.conn.executemany(
                 "INSERT INTO overlays (cell_id, kind, rank, path, label, defect_type, score, png) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (cell.cell_id, o.kind, o.rank, o.path, int(o.label), o.defect_type or "", float(o.score), sqlite3.Binary(o.png))
@@ -499,6 +560,30 @@ class ResultsDB:
             "defect_types": [r["defect_type"] for r in rows],
             "scores": np.array([r["score"] for r in rows], dtype=np.float64),
         }
+
+    def task_matrix(self, cell_id: str) -> TaskMatrix | None:
+        """The accuracy matrix of a tasks cell (continual, multi_class); None for any other
+        cell, and for every cell of a database older than schema 4."""
+        has_table = self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'task_metrics'"
+        ).fetchone()
+        if has_table is None:
+            return None
+        rows = self.conn.execute(
+            "SELECT step, task, task_name, metric, value FROM task_metrics WHERE cell_id = ? ORDER BY step, task, metric",
+            (cell_id,),
+        ).fetchall()
+        if not rows:
+            return None
+        n_tasks = 1 + max(r["task"] for r in rows)
+        n_steps = 1 + max(r["step"] for r in rows)
+        names = [""] * n_tasks
+        values: dict[str, np.ndarray] = {}
+        for r in rows:
+            names[r["task"]] = r["task_name"]
+            grid = values.setdefault(r["metric"], np.full((n_steps, n_tasks), np.nan))
+            grid[r["step"], r["task"]] = np.nan if r["value"] is None else float(r["value"])
+        return TaskMatrix(tasks=names, n_steps=n_steps, values=values)
 
     def overlays(self, cell_id: str) -> list[Overlay]:
         rows = self.conn.execute(

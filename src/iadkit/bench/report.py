@@ -9,6 +9,10 @@ Sections, in the order a reader needs them:
    a line per method with its vanilla value dashed, mean and per category, as inline SVG;
    the numbers under each curve; the noisy setting's injected images and how each method
    scored them.
+2c. Continual and multi-class (the tasks settings): per continual grid, each method's final
+   metrics and forgetting measure, and its task x task accuracy matrix as a heat map (inline
+   SVG); per multi-class cell, the unified model beside the method trained per category,
+   per category, mean and ADer's mAD.
 3. Per-metric tables: categories as rows, methods as columns, a mean row; cells coloured
    from worst to best within the row so the winner of each category stands out.
 4. Image ROC curves per category (recomputed from the per-image scores in the database).
@@ -42,8 +46,10 @@ from iadkit.bench.summary import (
     METRICS,
     TIMINGS,
     REFERENCE_SETTING,
+    TASK_METRICS,
     MetricTable,
     SettingCurve,
+    TaskCellSummary,
     cost_table,
     operating_tables,
     fmt_metric,
@@ -55,6 +61,8 @@ from iadkit.bench.summary import (
     setting_curves,
     setting_label,
     settings_overview,
+    task_summaries,
+    unified_comparisons,
 )
 
 MAIN_METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -440,6 +448,8 @@ def build_report_html(db_path: str | Path) -> str:
         body.append("</section>")
         settings_section = _settings_html(db, runs)
         body.append(settings_section)
+        tasks_section = _tasks_html(db, runs)
+        body.append(tasks_section)
         body.append('<section id="tables"><h2>Every metric, per category</h2>')
         for t in tables:
             body.append(f"<h3>{_esc(t.title)} · {_esc(t.setting)}</h3>{_metric_table_html(t)}")
@@ -466,6 +476,7 @@ def build_report_html(db_path: str | Path) -> str:
         f'<a href="#{a}">{n}</a>'
         for a, n in [("overview", "Overview"), ("charts", "Charts")]
         + ([("settings", "Settings")] if settings_section else [])
+        + ([("tasks", "Continual & multi-class")] if tasks_section else [])
         + [("tables", "Tables"), ("roc", "ROC"), ("operating", "Threshold"), ("cost", "Time & memory"), ("gallery", "Gallery"), ("failed", "Failures")]
     )
     return (
@@ -730,3 +741,112 @@ def _settings_overview_html(runs: list[dict[str, Any]]) -> str:
         out.append(f'<tr><td class="l">{_esc(s)}</td>{"".join(cells)}</tr>')
     out.append("</table>")
     return f"<h3>{_esc(ov.title)} by setting (mean over categories)</h3>" + "".join(out)
+
+
+# -- tasks settings: continual (accuracy matrices, forgetting) and multi-class ----------------
+def _heatmap_svg(summaries: list[TaskCellSummary], metric: str, salt: str) -> str:
+    """The task x task matrix a[l][j] of `metric` of each cell as a heat map (rows: after
+    training step l, columns: tested on task j; blank where the task was not yet learned),
+    one panel per cell, the values written in the squares."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = len(summaries)
+    size = max(len(s.tasks) for s in summaries)
+    width = max(2.6, 0.55 * size + 1.4)
+    fig, axes = plt.subplots(1, n, figsize=(width * n, width * 0.9 + 0.4), squeeze=False)
+    for ax, s in zip(axes[0], summaries):
+        grid = s.matrix.metric(metric)
+        ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="equal")
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7 if size <= 6 else 5)
+        ax.set_xticks(range(len(s.tasks)), s.tasks, rotation=45, ha="right", fontsize=7)
+        square = s.matrix.n_steps == len(s.tasks)
+        ax.set_yticks(
+            range(s.matrix.n_steps),
+            [f"after {s.tasks[i] if square else i + 1}" for i in range(s.matrix.n_steps)],
+            fontsize=7,
+        )
+        ax.set_ylabel("trained up to", fontsize=7)
+        fm = s.forgetting.get(metric, float("nan"))
+        ax.set_title(f"{s.method}\nFM {fmt_metric(fm)}", fontsize=8)
+        ax.set_xlabel("tested on task", fontsize=7)
+    fig.tight_layout()
+    return _fig_svg(fig, salt=salt)
+
+
+def _tasks_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
+    """The continual and multi-class section (empty when the grid has neither)."""
+    summaries = task_summaries(db, runs)
+    comparisons = unified_comparisons(db, runs)
+    if not summaries:
+        return ""
+    out = ['<section id="tasks"><h2>Continual and multi-class</h2>']
+    continual = [s for s in summaries if s.setting != "multi_class"]
+    if continual:
+        out.append(
+            "<h3>Continual: learning products one after the other</h3>"
+            '<p class="note">The tasks (categories, or groups joined by +) are learned in the order shown; after each '
+            "training step every task learned so far is tested, which fills the lower triangle of the accuracy matrix "
+            "a[l][j] (row: after step l, column: task j). Final = the last row; FM = forgetting measure "
+            "1/(T-1) &Sigma;<sub>j&lt;T</sub> max<sub>l&lt;T</sub>(a<sub>l,j</sub> - a<sub>T,j</sub>), how much the "
+            "final model lost on the earlier tasks (lower is better). A continual method learns each task with "
+            "partial_fit; any other method is trained task after task from its previous state (naive sequential "
+            "fine-tuning: the forgetting baseline).</p>"
+        )
+        by_setting: dict[tuple[str, str], list[TaskCellSummary]] = defaultdict(list)
+        for s in continual:
+            by_setting[(s.row, s.setting_label)].append(s)
+        for (row, label), group in by_setting.items():
+            out.append(f"<h4>{_esc(row)} · {_esc(label)} · tasks: {_esc(' → '.join(group[0].tasks))}</h4>")
+            out.append('<table class="forgetting"><tr><th class="l">method</th><th class="l">training</th>')
+            for k in TASK_METRICS:
+                out.append(f"<th>final {_esc(METRICS.get(k, k))}</th><th>FM {_esc(METRICS.get(k, k))}</th>")
+            out.append("</tr>")
+            for s in group:
+                seed = f" (seed {s.seed})" if len({x.seed for x in group}) > 1 else ""
+                cells = "".join(
+                    f"<td>{fmt_metric(s.final_mean.get(k, float('nan')))}</td><td>{fmt_metric(s.forgetting.get(k, float('nan')))}</td>"
+                    for k in TASK_METRICS
+                )
+                out.append(f'<tr><td class="l">{_esc(s.method + seed)}</td><td class="l">{_esc(s.training)}</td>{cells}</tr>')
+            out.append("</table>")
+            for k in ("image_auroc", "pixel_auroc"):
+                if any(k in s.matrix.values for s in group):
+                    salt = f"heat-{row}-{label}-{k}"
+                    out.append(f'<p class="note">{_esc(METRICS.get(k, k))} matrix</p>')
+                    out.append(f'<div class="curves">{_heatmap_svg(group, k, salt)}</div>')
+    if comparisons:
+        out.append(
+            "<h3>Multi-class: one model for every product, beside one model per product</h3>"
+            '<p class="note">Unified: the method trained once on the union of the categories\' good images and tested '
+            "on each category. Per class: the same method and parameters trained on each category alone (the vanilla "
+            "cells of this grid; – when the grid has none). mAD: ADer's mean of seven metrics (I-AUROC, I-AP, "
+            "I-F1max, P-AUROC, P-AP, P-F1max, AUPRO), each averaged over the categories.</p>"
+        )
+        shown = [k for k in TASK_METRICS if any(k in c.unified for c in comparisons)]
+        for c in comparisons:
+            out.append(f"<h4>{_esc(c.row)} · {_esc(c.method)}</h4>")
+            head = "".join(f"<th>{_esc(METRICS.get(k, k))} per class</th><th>{_esc(METRICS.get(k, k))} unified</th>" for k in shown)
+            out.append(f'<table class="unified"><tr><th class="l">category</th>{head}</tr>')
+            for cat in c.categories:
+                cells = "".join(
+                    f"<td>{fmt_metric(c.per_class.get(k, {}).get(cat, float('nan')))}</td>"
+                    f"<td>{fmt_metric(c.unified.get(k, {}).get(cat, float('nan')))}</td>"
+                    for k in shown
+                )
+                out.append(f'<tr><td class="l">{_esc(cat)}</td>{cells}</tr>')
+            cells = "".join(
+                f"<td>{fmt_metric(c.per_class_mean.get(k, float('nan')))}</td><td>{fmt_metric(c.unified_mean.get(k, float('nan')))}</td>"
+                for k in shown
+            )
+            out.append(f'<tr class="mean"><td class="l">mean</td>{cells}</tr>')
+            out.append(
+                f'<tr class="mean"><td class="l">mAD</td><td colspan="{len(shown)}">per class {fmt_metric(c.per_class_mad)}</td>'
+                f'<td colspan="{len(shown)}">unified {fmt_metric(c.unified_mad)}</td></tr></table>'
+            )
+    out.append("</section>")
+    return "\n".join(out)

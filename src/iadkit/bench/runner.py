@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from iadkit.bench.config import BenchConfig, Cell, expand, import_modules
-from iadkit.bench.db import CellResult, Overlay, ResultsDB, now_iso
+from iadkit.bench.db import CellResult, Overlay, ResultsDB, TaskEvaluation, now_iso
 from iadkit.errors import CalibrationWarning, IadkitError
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _load_split_cached(cell: Cell) -> tuple[list[Any], list[Any]]:
-    """The cell's (train, test) before the setting; kept for the next cell of the category."""
+def _load_split_cached(cell: Cell, category: str | None = None) -> tuple[list[Any], list[Any]]:
+    """The (train, test) of the cell's category (or of `category`, one of a tasks cell's)
+    before the setting. The splits of one dataset stay cached for the next cells (the grid
+    runs every method on one category, then a tasks cell over all of them)."""
     from iadkit.bench.config import canonical_json
     from iadkit.bench.datasets import load_split
 
-    key = (cell.dataset, cell.category, canonical_json([cell.subsample, cell.dataset_options]))
+    category = cell.category if category is None else category
+    key = (cell.dataset, category, canonical_json([cell.subsample, cell.dataset_options]))
     if key not in _split_cache:
-        _split_cache.clear()
-        _split_cache[key] = load_split(cell.dataset, cell.category, cell.subsample, cell.dataset_options)
+        if any(k[0] != key[0] or k[2] != key[2] for k in _split_cache):
+            _split_cache.clear()  # another dataset: let the previous one go
+        _split_cache[key] = load_split(cell.dataset, category, cell.subsample, cell.dataset_options)
     train, test = _split_cache[key]
     return list(train), list(test)
 
@@ -84,11 +88,21 @@ TARGET_FPR = 0.01
 
 def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult:
     """Fit (as users do: `Model.fit`, with a calibration hold-out that sets the threshold),
-    evaluate and render one cell. Never raises for an ordinary error: returns 'failed'."""
+    evaluate and render one cell. Never raises for an ordinary error: returns 'failed'.
+    A cell of a tasks setting (continual, multi_class) runs its task plan (`run_task_cell`)."""
     from iadkit.evaluation import evaluate
     from iadkit.metrics.efficiency import PeakMemory, Timer
     from iadkit.model import Model
-    from iadkit.settings import apply_setting, check_combination
+    from iadkit.methods import get_method
+    from iadkit.settings import apply_setting, check_combination, setting_kind
+
+    try:
+        import_modules(cell.imports)
+        spans_categories = setting_kind(cell.setting) == "tasks"
+    except Exception:  # reported as the cell's failure below
+        spans_categories = False
+    if spans_categories:
+        return run_task_cell(cell, on_stage=on_stage)
 
     def stage(name: str) -> None:
         if on_stage is not None:
@@ -102,7 +116,8 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
         stage("load data")
         train, test = _load_split_cached(cell)
         train, test = apply_setting(cell.setting, train, test, seed=cell.seed, params=cell.setting_params)
-        if not train:
+        zero_shot = getattr(get_method(cell.method), "supervision", "") == "zero-shot"
+        if not train and not zero_shot:
             raise CellError(f"{cell.describe()}: the setting left no training images")
         if not test:
             raise CellError(f"{cell.describe()}: the setting left no test images")
@@ -161,13 +176,168 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
     return result
 
 
+def run_task_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult:
+    """Run a tasks cell: load every category of the cell, make the setting's task plan, and
+    for each training step fit the model (step 0: `Model.fit`; later steps: `partial_fit`
+    for a continual method, warm-started `fit` - naive sequential fine-tuning - otherwise),
+    then evaluate every task learned so far. Stores the whole accuracy matrix (every metric),
+    the last row's means over tasks as the cell's metrics, and the final model's scores and
+    gallery over every task's test images. Never raises for an ordinary error."""
+    from iadkit.evaluation import EvaluationResult, evaluate
+    from iadkit.metrics.efficiency import PeakMemory
+    from iadkit.model import Model
+    from iadkit.settings import apply_task_setting, check_combination
+    from iadkit.settings.tasks import n_steps, step_training, tested_after
+
+    def stage(name: str) -> None:
+        if on_stage is not None:
+            on_stage(name)
+
+    result = CellResult(cell=cell, status="failed", started=now_iso(), host=socket.gethostname())
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    try:
+        import_modules(cell.imports)
+        seed_everything(cell.seed)
+        stage("load data")
+        train: list[Any] = []
+        test: list[Any] = []
+        for category in cell.categories:
+            tr, te = _load_split_cached(cell, category)
+            # a sample's category names the task it belongs to, whatever the reader wrote
+            train += [s if s.category == category else _with_category(s, category) for s in tr]
+            test += [s if s.category == category else _with_category(s, category) for s in te]
+        tasks = apply_task_setting(cell.setting, train, test, seed=cell.seed, params=cell.setting_params)
+        empty = [t.name for t in tasks if not t.train or not t.test]
+        if empty:
+            raise CellError(f"{cell.describe()}: task(s) {', '.join(empty)} have no good training or no test images")
+        model = Model.create(cell.method, image_size=cell.image_size, **method_params(cell))
+        detector = model.detector
+        note = check_combination(cell.setting, detector, train)
+        steps = n_steps(tasks)
+        if steps == 1:
+            training = "one model on the union of the tasks"
+        elif detector.continual:
+            training = "continual (partial_fit per task)"
+        else:
+            training = "sequential fine-tuning (fit with warm_start per task: the forgetting baseline)"
+        model.to(resolve_device(cell.device))
+        fit_seconds, calibration_seconds, peak_fit = 0.0, 0.0, 0.0
+        n_calibration = 0
+        final: dict[int, EvaluationResult] = {}
+        for step in range(steps):
+            stage(f"fit step {step + 1}/{steps}")
+            fit_train, calibration = training_and_calibration(model, step_training(tasks, step), cell.seed)
+            with PeakMemory() as fit_memory, warnings.catch_warnings():
+                warnings.simplefilter("ignore", CalibrationWarning)
+                kwargs = dict(
+                    calibration=calibration,
+                    calibration_fraction=None if calibration else 0.0,
+                    target_fpr=TARGET_FPR,
+                    seed=cell.seed,
+                    progress=False,
+                )
+                if step > 0 and detector.continual:
+                    model.partial_fit(fit_train, **kwargs)
+                else:
+                    model.fit(fit_train, warm_start=step > 0, **kwargs)
+            fit_seconds += float(model.info.get("fit_seconds", 0.0))
+            calibration_seconds += float(model.info.get("calibration_seconds", 0.0)) if calibration else 0.0
+            n_calibration = len(calibration or [])
+            peak_fit = max(peak_fit, fit_memory.peak_rss_mb)
+            last = step == steps - 1
+            for j in tested_after(tasks, step):
+                stage(f"evaluate {tasks[j].name} after step {step + 1}/{steps}")
+                ev = evaluate(model, list(tasks[j].test), batch_size=cell.batch_size, keep_maps=last and cell.gallery_size > 0)
+                result.task_matrix.append(TaskEvaluation(step=step, task=j, task_name=tasks[j].name, metrics=dict(ev.metrics)))
+                if last:
+                    final[j] = ev
+        order = sorted(final)
+        combined = _concatenate(model, [final[j] for j in order])
+        finals = [final[j].metrics for j in order]
+        keys = list(dict.fromkeys(k for m in finals for k in m))
+        # the cell's metrics: the final model's mean over tasks (tasks missing a metric - e.g.
+        # no masks - leave it out rather than bias the mean)
+        result.metrics = {k: float(np.mean([m[k] for m in finals if k in m])) for k in keys}
+        result.n_train, result.n_test = sum(len(t.train) for t in tasks), sum(len(t.test) for t in tasks)
+        result.setting_info = {
+            "training": training,
+            "tasks": [
+                {"name": t.name, "categories": list(t.categories), "step": t.step, "n_train": len(t.train), "n_test": len(t.test)}
+                for t in tasks
+            ],
+            "n_good": sum(len(t.train) for t in tasks),
+            "n_labelled_anomalous": 0,
+            "n_calibration": n_calibration,
+            "method_multi_class": bool(detector.multi_class),
+            "method_continual": bool(detector.continual),
+        }
+        if note:
+            result.setting_info["note"] = note
+        model.info.update(dataset=cell.dataset, category=cell.category)
+        stage("overlays")
+        all_test = [s for j in order for s in tasks[j].test]
+        result.overlays = render_gallery(model, all_test, combined, cell.gallery_size)
+        result.operating_point = operating_point(model, combined.labels, combined.scores)
+        n_eval = max(1, len(combined.scores))
+        result.timings = {
+            "fit_seconds": fit_seconds,
+            "calibration_seconds": calibration_seconds,
+            "fit_peak_rss_mb": peak_fit,
+            "seconds_per_image": sum(final[j].timings["seconds_per_image"] * len(final[j].scores) for j in order) / n_eval,
+            "model_seconds_per_image": sum(final[j].timings["model_seconds_per_image"] * len(final[j].scores) for j in order)
+            / n_eval,
+            "peak_rss_mb": max(final[j].timings["peak_rss_mb"] for j in order),
+        }
+        result.paths = list(combined.paths)
+        result.labels = [int(v) for v in combined.labels]
+        result.defect_types = list(combined.defect_types)
+        result.scores = [float(v) for v in combined.scores]
+        result.timings["cell_seconds"] = time.perf_counter() - wall0
+        result.timings["cell_cpu_seconds"] = time.process_time() - cpu0
+        result.status = "done"
+    except Exception as exc:  # a failed cell is recorded; the grid goes on
+        result.status = "failed"
+        result.task_matrix = []
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.traceback = traceback.format_exc()
+        log.debug("cell %s failed", cell.describe(), exc_info=True)
+    result.finished = now_iso()
+    return result
+
+
+def _with_category(sample: Any, category: str) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(sample, category=category)
+
+
+def _concatenate(model: Any, parts: list[Any]) -> Any:
+    """One evaluation result over several tasks' test sets (for the scores and the gallery)."""
+    from iadkit.evaluation import EvaluationResult
+
+    maps = [p.maps for p in parts]
+    masks = [p.masks for p in parts]
+    return EvaluationResult(
+        metrics={},
+        paths=[x for p in parts for x in p.paths],
+        labels=np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, np.int64),
+        scores=np.concatenate([p.scores for p in parts]) if parts else np.zeros(0),
+        defect_types=[x for p in parts for x in p.defect_types],
+        maps=np.concatenate(maps) if parts and all(m is not None for m in maps) else None,
+        masks=np.concatenate(masks) if parts and all(m is not None for m in masks) else None,
+    )
+
+
 def training_and_calibration(model: Any, train: list[Any], seed: int) -> tuple[list[Any], list[Any] | None]:
     """What `Model.fit` would train and calibrate on by default (the method's usable images;
     10 % of the good ones held out when >= 10 remain), made explicit so that the cell knows
-    where each training image went (an injected noisy image may land in the hold-out)."""
+    where each training image went (an injected noisy image may land in the hold-out). A
+    zero-shot method gets nothing."""
     from iadkit.model import DEFAULT_CALIBRATION_FRACTION, MIN_TRAIN_FOR_HOLDOUT, split_calibration
     from iadkit.settings import usable_training
 
+    if model.detector.supervision == "zero-shot":
+        return [], None
     usable = usable_training(model.detector, train)
     if not usable:
         raise CellError(f"{model.detector.name} needs good training images; the setting left labelled defects only")
@@ -402,6 +572,7 @@ def validate_grid(config: BenchConfig) -> list[Cell]:
                 close = difflib.get_close_matches(category, known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 problems.append(f"dataset {ds.source!r}: no category {category!r}{hint}; it has: {', '.join(known)}")
+    problems.extend(_task_setting_problems(config))
     if config.device != "auto":
         try:
             check_device(config.device)
@@ -411,6 +582,48 @@ def validate_grid(config: BenchConfig) -> list[Cell]:
         unique = list(dict.fromkeys(problems))
         raise BenchConfigError(f"the benchmark grid has {len(unique)} problem(s); nothing was run:\n  " + "\n  ".join(unique))
     return expand(config)
+
+
+def _task_setting_problems(config: BenchConfig) -> list[str]:
+    """What the tasks settings (continual, multi_class) refuse, found before any cell runs:
+    a task plan the listed categories cannot make (one category, a split that does not add
+    up), and a zero-shot method (it learns nothing from tasks)."""
+    from iadkit.bench.datasets import list_source_categories
+    from iadkit.methods import available_methods
+    from iadkit.settings import SettingError, apply_task_setting, get_setting, setting_kind
+    from iadkit.types import GOOD, Sample
+
+    problems: list[str] = []
+    try:
+        spanning = [s for s in config.settings if setting_kind(s.name) == "tasks"]
+    except IadkitError:
+        return problems  # an unknown setting is reported by validate_grid already
+    if not spanning:
+        return problems
+    methods = available_methods()
+    for m in config.methods:
+        cls = methods.get(m.name)
+        if cls is not None and cls.supervision == "zero-shot":
+            names = ", ".join(dict.fromkeys(s.name for s in spanning))
+            problems.append(f"method {m.name} is zero-shot: it learns nothing from the tasks of setting(s) {names}; run it in vanilla")
+    for ds in config.datasets:
+        try:
+            categories = ds.categories if ds.categories is not None else list_source_categories(ds.source)
+        except IadkitError:
+            continue  # reported with the dataset
+        stand_ins = [Sample(path=f"grid-check://{c}", label=GOOD, category=c) for c in categories]
+        for st in spanning:
+            get_setting(st.name)
+            try:
+                variants = st.variants()
+            except IadkitError:
+                continue  # an empty sweep: reported by expand
+            for params in variants:
+                try:
+                    apply_task_setting(st.name, stand_ins, [], seed=0, params=params)
+                except SettingError as exc:
+                    problems.append(f"dataset {ds.source!r}: {exc}")
+    return problems
 
 
 def _size_or_raw(size: Any) -> Any:

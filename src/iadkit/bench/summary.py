@@ -465,3 +465,149 @@ def settings_leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("
             table.caption_justify = "left"
         out.append(table)
     return out
+
+
+# -- tasks settings: continual (accuracy matrix, forgetting) and multi-class (unified vs per class)
+TASK_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+@dataclass
+class TaskCellSummary:
+    """One finished tasks cell (continual or multi_class), read back from the database.
+
+    `matrix` holds every metric as [steps, tasks] (NaN where untested); `final` the last row
+    per task; `final_mean` its mean over tasks; `forgetting` the forgetting measure of each
+    metric (continual with >= 2 steps and a square matrix, computed by
+    `iadkit.metrics.continual.forgetting_measure` from the stored matrix; NaN when a
+    needed entry is undefined)."""
+
+    cell_id: str
+    setting: str  # the registered name: continual | multi_class
+    setting_label: str
+    row: str  # dataset label
+    method: str
+    seed: int
+    training: str
+    tasks: list[str]
+    matrix: Any  # bench.db.TaskMatrix
+    final: dict[str, dict[str, float]]  # metric -> task -> value
+    final_mean: dict[str, float]
+    forgetting: dict[str, float]
+    mad: float
+
+
+def task_summaries(db: Any, runs: list[dict[str, Any]]) -> list[TaskCellSummary]:
+    """Every finished tasks cell with its matrix, final metrics, forgetting and mAD."""
+    from iadkit.errors import MetricUndefinedError
+    from iadkit.metrics.continual import forgetting_measure
+    from iadkit.metrics.unified import mad
+
+    out = []
+    for r in runs:
+        if r["status"] != "done":
+            continue
+        m = db.task_matrix(r["cell_id"])
+        if m is None:
+            continue
+        last = m.n_steps - 1
+        final = {k: {t: float(v[last, j]) for j, t in enumerate(m.tasks)} for k, v in m.values.items()}
+        final_mean = {k: _mean(per.values()) for k, per in final.items()}
+        forgetting: dict[str, float] = {}
+        if m.n_steps >= 2 and m.n_steps == len(m.tasks):
+            for k, v in m.values.items():
+                try:
+                    forgetting[k] = forgetting_measure(v)
+                except MetricUndefinedError:
+                    forgetting[k] = float("nan")
+        try:
+            mad_value = mad(final_mean)
+        except MetricUndefinedError:
+            mad_value = float("nan")
+        out.append(
+            TaskCellSummary(
+                cell_id=r["cell_id"],
+                setting=r["setting"],
+                setting_label=setting_label(r),
+                row=short_dataset(r),
+                method=method_label(r, runs),
+                seed=int(r["seed"]),
+                training=(r.get("setting_info") or {}).get("training", ""),
+                tasks=list(m.tasks),
+                matrix=m,
+                final=final,
+                final_mean=final_mean,
+                forgetting=forgetting,
+                mad=mad_value,
+            )
+        )
+    return out
+
+
+@dataclass
+class UnifiedComparison:
+    """A method trained once on the union of a dataset's categories (multi_class) beside the
+    same method (same parameters and size) trained per category (vanilla cells), per category
+    and as means, with ADer's mAD of each. Seeds averaged."""
+
+    row: str  # dataset label
+    method: str
+    categories: list[str]
+    unified: dict[str, dict[str, float]]  # metric -> category -> value
+    per_class: dict[str, dict[str, float]]  # metric -> category -> value (NaN: no vanilla cell)
+    unified_mean: dict[str, float]
+    per_class_mean: dict[str, float]
+    unified_mad: float
+    per_class_mad: float
+
+
+def unified_comparisons(db: Any, runs: list[dict[str, Any]]) -> list[UnifiedComparison]:
+    from iadkit.errors import MetricUndefinedError
+    from iadkit.metrics.unified import mad
+
+    done = [r for r in runs if r["status"] == "done"]
+
+    def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return all(a.get(k) == b.get(k) for k in ("method", "params", "dataset", "subsample", "image_size"))
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in done:
+        if r["setting"] == "multi_class":
+            groups[(short_dataset(r) + "|" + _params_key(r) + "|" + r["dataset"], r["method"])].append(r)
+    out = []
+    for rs in groups.values():
+        first = rs[0]
+        matrices = [db.task_matrix(r["cell_id"]) for r in rs]
+        matrices = [m for m in matrices if m is not None]
+        if not matrices:
+            continue
+        categories = list(matrices[0].tasks)
+        unified: dict[str, dict[str, float]] = {}
+        for k in matrices[0].values:
+            unified[k] = {c: _mean(float(m.metric(k)[0, j]) for m in matrices) for j, c in enumerate(categories)}
+        vanilla = [r for r in done if r["setting"] == REFERENCE_SETTING and same_model(r, first) and r["category"] in categories]
+        per_class: dict[str, dict[str, float]] = {}
+        for k in unified:
+            per_class[k] = {c: _mean(r["metrics"].get(k, float("nan")) for r in vanilla if r["category"] == c) for c in categories}
+        unified_mean = {k: _mean(v.values()) for k, v in unified.items()}
+        per_class_mean = {k: _mean(v.values()) if all(not is_nan(x) for x in v.values()) else float("nan") for k, v in per_class.items()}
+
+        def mad_or_nan(values: dict[str, float]) -> float:
+            try:
+                return mad(values)
+            except MetricUndefinedError:
+                return float("nan")
+
+        out.append(
+            UnifiedComparison(
+                row=short_dataset(first),
+                method=method_label(first, runs),
+                categories=categories,
+                unified=unified,
+                per_class=per_class,
+                unified_mean=unified_mean,
+                per_class_mean=per_class_mean,
+                unified_mad=mad_or_nan(unified_mean),
+                per_class_mad=mad_or_nan(per_class_mean),
+            )
+        )
+    return out

@@ -9,7 +9,8 @@ Conventions borrowed from scikit-learn and PyOD, which our users already know:
   loaded, and raises `InvalidParameterError`;
 - `fit(train)` builds the networks (`_build`), learns (`_fit`) and returns `self`; everything
   learned is named with a trailing underscore (``memory_bank_``, ``student_``) and registered
-  on the module, so it is saved as safetensors;
+  on the module, so it is saved as safetensors. `fit` always starts from scratch, as in
+  scikit-learn, except with ``warm_start=True`` (below);
 - higher score = more anomalous; `predict` before `fit` raises `NotFittedError`.
 
 A method implements `_fit(train, progress)` and `_predict(images)`. `_predict` returns raw
@@ -21,8 +22,8 @@ throughout, so the same graph serves evaluation, the server and ONNX export.
 Class attributes say what a method is, and are read by the settings layer (to refuse a
 combination that makes no sense), by ``iadkit methods`` and by the report: `family`,
 `paper`, `supervision` (unsupervised | semi-supervised | zero-shot), `continual`,
-`multi_class`, `produces_maps`, `uses_depth`, and `map_sigma` (the paper's map smoothing, a
-Gaussian sigma at a 224-px input).
+`multi_class`, `transductive`, `produces_maps`, `uses_depth`, and `map_sigma` (the paper's
+map smoothing, a Gaussian sigma at a 224-px input).
 
 Depth travels inside the image tensor. A method with ``uses_depth = True`` gets a model whose
 `Preprocess` has ``depth=True`` (`Model.create` sets it), so every tensor it is given, in
@@ -32,6 +33,26 @@ nearest-resampled to the same geometry, (0, 0, 0) where the sensor saw no point)
 separates them. Samples carry the point map (`iadkit.data.PointMapSample`, from MVTec 3D-AD
 folders); nothing else changes, so settings, the benchmark, model files and the server pass
 depth along without any other method knowing about it.
+
+Learning several tasks (products) one after the other — the continual setting:
+
+- a *continual* method (``continual = True``: DNE, the continual memory bank) learns a new
+  task with `partial_fit(train)`, which never rebuilds: it adds the task to what the detector
+  already holds (the scikit-learn name for incremental learning). A continual method
+  implements `_fit_task(train, progress)` (learn one more task on the current state), and
+  its `_fit` is `_fit_task` on a freshly built detector, so `fit` = the first task;
+- any other method can be trained task after task with ``fit(train, warm_start=True)``:
+  its networks and learned state are kept and `_fit` runs again on the new task's images
+  only. For a trained method (STFPM, Reverse Distillation ...) that is naive sequential
+  fine-tuning, the forgetting baseline of the continual literature; for a statistics
+  method (PatchCore, PaDiM) `_fit` replaces the statistics, i.e. it keeps only the last
+  task. `partial_fit` on such a method raises `NotContinualError` saying so.
+
+Zero-shot methods (``supervision = "zero-shot"``, MuSc) learn nothing: `fit` accepts an
+empty training set and only builds the feature extractor. A *transductive* method
+(``transductive = True``) scores each image against the other images predicted with it, so
+its scores depend on the batch: `Model.predict` and `iadkit.evaluate` give it the whole set
+as one batch (never cut into mini-batches), and its time per image grows with the set.
 """
 
 from __future__ import annotations
@@ -47,7 +68,14 @@ import torch
 from torch import nn
 
 from iadkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSet
-from iadkit.errors import InvalidParameterError, ModelFileError, NotFittedError, TrainingDataError, UnknownNameError
+from iadkit.errors import (
+    IadkitError,
+    InvalidParameterError,
+    ModelFileError,
+    NotFittedError,
+    TrainingDataError,
+    UnknownNameError,
+)
 from iadkit.methods.params import Check, Param, check_value, describe_param, param, unknown_parameter
 from iadkit.types import GOOD, Prediction
 
@@ -68,6 +96,10 @@ def split_depth(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             "create the model with Model.create so that its preprocessing appends the point maps"
         )
     return images[:, :3], images[:, 3:]
+
+
+class NotContinualError(IadkitError, TypeError):
+    """`partial_fit` was called on a method that cannot learn a task without forgetting."""
 
 
 def jsonable(value: Any) -> Any:
@@ -92,10 +124,16 @@ class Detector(nn.Module):
     family: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     supervision: ClassVar[str] = "unsupervised"
-    # Whether `fit` may be called again on a new task and keep what it learned (continual).
+    # Whether `partial_fit` learns one more task and keeps what was learned (continual): see
+    # the module docstring. Other methods are trained task after task by warm-started `fit`.
     continual: ClassVar[bool] = False
-    # Whether the method is designed to learn several categories in one model (UniAD).
+    # Whether the method is designed to learn several categories in one model (UniAD). Any
+    # method can be trained on a union of categories (the multi_class setting) without
+    # knowing; this says that the method was built for it.
     multi_class: ClassVar[bool] = False
+    # Whether a prediction depends on the other images predicted with it (MuSc's mutual
+    # scoring): `Model.predict` and `evaluate` then predict the whole set as one batch.
+    transductive: ClassVar[bool] = False
     # Whether `predict` draws anomaly maps (False: image scores only).
     produces_maps: ClassVar[bool] = True
     # Whether samples must carry depth / point maps (3D methods): inputs are then [B, 6, H, W]
@@ -186,21 +224,64 @@ class Detector(nn.Module):
         self._check_params()
 
     # -- the contract --------------------------------------------------------------------------------
-    def fit(self, train: ImageSet, *, progress: bool = True) -> Self:
+    def fit(self, train: ImageSet, *, warm_start: bool = False, progress: bool = True) -> Self:
         """Learn from `train` (good images; labelled defects too for semi-supervised methods).
 
         Validates the hyper-parameters, builds the networks afresh, runs `_fit` with the
         global random generator seeded by `seed` (and restored afterwards), returns `self`.
+
+        Parameters
+        ----------
+        train : ImageSet
+            The training images. May be empty for a zero-shot method (it learns nothing).
+        warm_start : bool
+            On a fitted detector, keep its networks and learned state and run the method's
+            training again on `train` alone (naive sequential fine-tuning; see the module
+            docstring). Ignored on an unfitted detector.
+        progress : bool
+            Show progress bars.
         """
         self.validate()
-        if len(train) == 0:
+        if len(train) == 0 and self.supervision != "zero-shot":
             raise TrainingDataError(f"{type(self).__name__}: the training set is empty")
+        keep = warm_start and self._is_fitted
         self._is_fitted = False
         with torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(self.seed)
-            self._build()
+            if not keep:
+                self._build()
             super().to(self._target_device)
             self._fit(train, progress=progress)
+        self._is_fitted = True
+        self.eval()
+        return self
+
+    def partial_fit(self, train: ImageSet, *, progress: bool = True) -> Self:
+        """Learn one more task from `train` and keep every task learned before (continual
+        methods only); on an unfitted detector the same as `fit`.
+
+        Raises
+        ------
+        NotContinualError
+            The method is not continual (``continual = False``): it would forget. Use
+            ``fit(train, warm_start=True)`` for naive sequential training, knowing that.
+        """
+        if not self.continual:
+            raise NotContinualError(
+                f"{self.name} is not a continual method: it cannot learn a new task and keep the old ones. "
+                "Use fit(train, warm_start=True) for naive sequential fine-tuning (it forgets), "
+                "or a continual method such as dne or continual_bank"
+            )
+        if not self._is_fitted:
+            return self.fit(train, progress=progress)
+        self.validate()
+        if len(train) == 0:
+            raise TrainingDataError(f"{type(self).__name__}: the new task's training set is empty")
+        self._is_fitted = False
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            torch.manual_seed(self.seed)
+            super().to(self._target_device)
+            self._fit_task(train, progress=progress)
         self._is_fitted = True
         self.eval()
         return self
@@ -225,6 +306,10 @@ class Detector(nn.Module):
         raise NotImplementedError
 
     def _predict(self, images: torch.Tensor) -> Prediction:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fit_task(self, train: ImageSet, *, progress: bool) -> None:  # pragma: no cover - abstract
+        """Continual methods: learn one more task on top of the current (built) state."""
         raise NotImplementedError
 
     def _params_changed(self, names: list[str]) -> None:
@@ -547,6 +632,7 @@ __all__ = [
     "BackboneDetector",
     "Check",
     "Detector",
+    "NotContinualError",
     "NotFittedError",
     "available_methods",
     "create",

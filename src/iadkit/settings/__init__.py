@@ -24,6 +24,18 @@ The survey's settings (protocols of the IM-IAD benchmark, one module each):
   the test set. `injected_noise` finds them again.
 - ``semi_supervised(k)`` (`semi`): k labelled anomalies per category move from test to
   training (same cap).
+
+Settings of the second kind, ``kind="tasks"``, span several categories of a dataset in one
+experiment and return a task plan (`iadkit.settings.tasks.Task`) instead of one split:
+
+- ``continual(split=None)`` (`continual`): the categories in the given order become a
+  sequence of tasks (one per category, or class-incremental groups such as "3+1+1"); the
+  model learns them one after the other and is tested on every task seen so far after each;
+- ``multi_class`` (`multi_class`): one model learns the union of the categories' good
+  images and is tested on each category.
+
+`apply_task_setting` runs one; `setting_kind` tells the kinds apart (the benchmark makes one
+cell per category for a split setting and one per dataset for a tasks setting).
 """
 
 from __future__ import annotations
@@ -49,18 +61,33 @@ class SettingError(IadkitError, ValueError):
 UnknownSettingError = UnknownNameError
 
 _SETTINGS: dict[str, Setting] = {}
+_KINDS: dict[str, str] = {}
+SETTING_KINDS = ("split", "tasks")
 
 
-def register_setting(name: str) -> Callable[[Setting], Setting]:
-    """Decorator: ``@register_setting("few_shot") def few_shot(train, test, *, seed, k): ...``."""
+def register_setting(name: str, *, kind: str = "split") -> Callable[[Setting], Setting]:
+    """Decorator: ``@register_setting("few_shot") def few_shot(train, test, *, seed, k): ...``.
+
+    `kind` "split" (the default): the function returns one (train, test) split and runs per
+    category; "tasks": it returns a list of `iadkit.settings.tasks.Task` over several
+    categories (continual, multi-class)."""
+    if kind not in SETTING_KINDS:
+        raise ValueError(f"setting kind must be one of {SETTING_KINDS}, got {kind!r}")
 
     def deco(fn: Setting) -> Setting:
         if name in _SETTINGS and _SETTINGS[name] is not fn:
             raise ValueError(f"setting {name!r} is registered twice")
         _SETTINGS[name] = fn
+        _KINDS[name] = kind
         return fn
 
     return deco
+
+
+def setting_kind(name: str) -> str:
+    """"split" (one (train, test) per category) or "tasks" (a task plan over several categories)."""
+    get_setting(name)
+    return _KINDS.get(name, "split")
 
 
 def available_settings() -> list[str]:
@@ -80,8 +107,27 @@ def apply_setting(
 ) -> tuple[list[Sample], list[Sample]]:
     """Run setting `name` on a split; a wrong parameter is a `SettingError` naming it."""
     fn = get_setting(name)
+    if setting_kind(name) != "split":
+        raise SettingError(
+            f"setting {name!r} spans several categories (a task plan, not one split): run it in a benchmark grid "
+            f"(settings: [{name}]) or with iadkit.settings.apply_task_setting"
+        )
     try:
         return fn(train, test, seed=seed, **(params or {}))
+    except TypeError as exc:
+        raise SettingError(f"setting {name!r}: {exc}") from None
+
+
+def apply_task_setting(
+    name: str, train: Sequence[Sample], test: Sequence[Sample], *, seed: int, params: dict[str, Any] | None = None
+) -> list[Any]:
+    """Run a tasks setting (continual, multi_class) on the samples of several categories
+    (each sample's `category` says which, in order of first appearance) -> list of `Task`."""
+    fn = get_setting(name)
+    if setting_kind(name) != "tasks":
+        raise SettingError(f"setting {name!r} gives one split per category, not a task plan: use apply_setting")
+    try:
+        return fn(train, test, seed=seed, **(params or {}))  # type: ignore[return-value]
     except TypeError as exc:
         raise SettingError(f"setting {name!r}: {exc}") from None
 
@@ -108,6 +154,11 @@ def check_combination(setting: str, method: Any, train: Sequence[Sample]) -> str
     """
     supervision = getattr(method, "supervision", "unsupervised")
     name = getattr(method, "name", str(method))
+    if setting in _KINDS and _KINDS[setting] == "tasks" and supervision == "zero-shot":
+        raise SettingError(
+            f"{name} is zero-shot: it learns nothing from the tasks of setting {setting!r}; "
+            "run it in the vanilla setting (it is tested on each category's test set alone)"
+        )
     n_bad = sum(1 for s in train if s.label == ANOMALOUS)
     if supervision == "semi-supervised" and n_bad == 0:
         raise SettingError(
@@ -140,8 +191,12 @@ def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
 def usable_training(method: Any, train: Sequence[Sample]) -> list[Sample]:
     """The images `method` learns from: everything for a semi-supervised method, the good
     (and unlabelled) ones otherwise - what `Model.fit` keeps, taken out beforehand by callers
-    that have already said so with `check_combination`'s note."""
-    if getattr(method, "supervision", "unsupervised") == "semi-supervised":
+    that have already said so with `check_combination`'s note. A zero-shot method learns
+    from nothing: the settings layer gives it an empty training set."""
+    supervision = getattr(method, "supervision", "unsupervised")
+    if supervision == "zero-shot":
+        return []
+    if supervision == "semi-supervised":
         return list(train)
     return [s for s in train if s.label != ANOMALOUS]
 
@@ -186,20 +241,25 @@ def vanilla(train: Sequence[Sample], test: Sequence[Sample], *, seed: int) -> tu
 
 
 __all__ = [
+    "SETTING_KINDS",
     "Setting",
     "SettingError",
     "UnknownSettingError",
     "apply_setting",
+    "apply_task_setting",
     "available_settings",
     "check_combination",
+    "continual",
     "few_shot",
     "get_setting",
     "injected_noise",
+    "multi_class",
     "noisy",
     "parse_setting",
     "register_setting",
     "semi_supervised",
     "sequence_parameters",
+    "setting_kind",
     "usable_training",
     "vanilla",
 ]
@@ -208,4 +268,6 @@ __all__ = [
 from iadkit.settings.fewshot import few_shot  # noqa: E402
 from iadkit.settings.noise import noisy  # noqa: E402
 from iadkit.settings.semi import semi_supervised  # noqa: E402
+from iadkit.settings.continual import continual  # noqa: E402
+from iadkit.settings.multi_class import multi_class  # noqa: E402
 
