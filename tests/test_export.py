@@ -34,7 +34,34 @@ METHODS = sorted(name for name, cls in available_methods().items() if cls.__modu
 # METHODS minus these.
 NOT_EXPORTING: dict[str, str] = {
     "btf": "uses depth: the runtime reads image files only (export_onnx refuses it with ExportError)",
+    "musc": "transductive: an image's score depends on the whole set (export_onnx refuses it with ExportError)",
 }
+
+
+def test_methods_that_cannot_export_say_why(tmp_path):
+    from iadkit.export.onnx import check_exportable
+
+    model = Model.create("musc", image_size=SIZE, **available_methods()["musc"].smoke_params).fit([], progress=False)
+    with pytest.raises(ExportError, match="transductive"):
+        check_exportable(model)
+
+
+def test_continual_bank_exports_its_routing(synthetic, tmp_path):
+    """Two tasks learned one after the other: the exported graph routes each image to its
+    own task's bank as the torch model does (a traced Python branch would route every image
+    to the task of the image the tracer saw)."""
+    metal = synthetic("metal", image_size=FILE_SIZE, n_train=8, n_test_good=2, n_test_per_defect=1)
+    wood = synthetic("wood", image_size=FILE_SIZE, n_train=8, n_test_good=2, n_test_per_defect=1)
+    model = Model.create("continual_bank", image_size=SIZE, **available_methods()["continual_bank"].smoke_params)
+    model.fit(metal.train, calibration_fraction=0.2, progress=False)
+    model.partial_fit(wood.train, calibration_fraction=0.2, progress=False)
+    files = [s.path for s in metal.test[:3]] + [s.path for s in wood.test[:3]]
+    routes = model.detector.route(torch.stack([model.preprocess(np.asarray(Image.open(f).convert("RGB"))) for f in files]))
+    assert set(routes.tolist()) == {0, 1}
+    exported = runtime.load(model.export_onnx(tmp_path / "bank.onnx"), threads=1, batch_size=4)
+    ref, got = model.predict(files), exported.predict(files)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(got.maps, ref.maps, rtol=TOL, atol=TOL)
 TOL = 1e-4
 
 

@@ -109,6 +109,11 @@ def check_exportable(model: "Model") -> None:
         )
     if det.uses_depth:
         raise ExportError(f"{det.name} reads depth / point maps besides the image; the exported graph takes images only")
+    if det.transductive:
+        raise ExportError(
+            f"{det.name} is transductive: each image is scored against the other images of its set, which a "
+            "graph run batch by batch cannot see; predict with the torch model (Model.predict / iadkit predict)"
+        )
 
 
 def export_onnx(model: "Model", path: str | Path, *, check: bool = True, opset: int = ONNX_OPSET) -> Path:

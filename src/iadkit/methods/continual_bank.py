@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from iadkit.components.memory_bank import MemoryBankError, NearestNeighborIndex, greedy_kcenter, knn_exact
+from iadkit.components.tracing import is_tracing
 from iadkit.data.transforms import ImageSet
 from iadkit.methods.base import register
 from iadkit.methods.params import OneOf, at_least, param
@@ -164,6 +165,8 @@ class ContinualBank(PatchCore):
         patches, (h, w) = self._patches(images)
         b, n, d = patches.shape
         task = self.routing_scores(patches).argmin(1)
+        if is_tracing():
+            return self._predict_every_task(patches, task, (h, w))
         scores = torch.empty(b, device=patches.device)
         maps = torch.empty(b, n, device=patches.device)
         for t in task.unique().tolist():
@@ -178,3 +181,23 @@ class ContinualBank(PatchCore):
             ).to(scores)
             maps[sel] = patch_scores.to(maps)
         return Prediction(scores=scores.to(images.device), maps=maps.reshape(b, h, w).to(images.device))
+
+    def _predict_every_task(self, patches: torch.Tensor, task: torch.Tensor, grid: tuple[int, int]) -> Prediction:
+        """The traced (exported) form of `_predict`: every image is scored against every task's
+        bank and its routed task's result is gathered, so the graph holds no Python branch on
+        the routing (a traced loop over the tasks present would fix the tracer's routing).
+        Same numbers, T times the search."""
+        b, n, d = patches.shape
+        all_scores, all_maps = [], []
+        for t in range(self.n_tasks):
+            index = self.task_index(t)
+            dist, idx = index.search(patches.reshape(-1, d), 1)
+            patch_scores = dist[:, 0].reshape(b, n)
+            nn_idx = idx[:, 0].reshape(b, n)
+            all_scores.append(
+                reweighted_image_scores(patch_scores, nn_idx, patches, self.task_bank(t), self.num_neighbors, bank_sq=index.bank_sq)
+            )
+            all_maps.append(patch_scores)
+        scores = torch.stack(all_scores, 0).gather(0, task[None])[0]
+        maps = torch.stack(all_maps, 0).gather(0, task[None, :, None].expand(1, b, n))[0]
+        return Prediction(scores=scores, maps=maps.reshape(b, *grid))
