@@ -73,6 +73,9 @@ class DNE(BackboneDetector):
     produces_maps = False
     map_sigma = 0.0
     smoke_params = {"batch_size": 8}
+    # the paper's batch and scoring; its ImageNet ViT-B/16 has no offline weights here, so the
+    # backbone stays a parameter (any registered CNN's pooled features stand in for the class token)
+    paper_params = {"batch_size": 32, "scoring": "joint"}
 
     layer_presets = {"efficientnet": ("head",), "resnet": ("layer4",), "mobilenet": ("features.18",)}
     layers: tuple[str, ...] | None = param(
