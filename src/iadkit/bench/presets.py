@@ -102,7 +102,9 @@ def _methods_for(table: dict[str, Row], default: Row, only: list[str] | None) ->
     registry = {
         name: cls
         for name, cls in available_methods().items()
-        if not name.startswith("test_") and getattr(cls, "supervision", "unsupervised") == "unsupervised"
+        if not name.startswith("test_")
+        and getattr(cls, "supervision", "unsupervised") == "unsupervised"
+        and not getattr(cls, "uses_depth", False)  # the presets' data have no point maps
     }
     if only:
         unknown = [m for m in only if m not in registry]
