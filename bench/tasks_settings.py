@@ -2,7 +2,7 @@
 
     python bench/tasks_settings.py continual-synth     # DNE, continual_bank, STFPM / RD baselines
     python bench/tasks_settings.py continual-elpv      # ELPV mono -> poly
-    python bench/tasks_settings.py multiclass-synth    # PatchCore, PaDiM: per class vs unified
+    python bench/tasks_settings.py multiclass-synth    # PatchCore, PaDiM, UniAD: per class vs unified
     python bench/tasks_settings.py report              # one HTML report over the databases
 
 Each grid is an ordinary benchmark (resumable: rerun to finish it) writing
@@ -45,7 +45,7 @@ GRIDS = {
     },
     "multiclass-synth": {
         "name": "multiclass-synth",
-        "methods": ["patchcore", "padim"],
+        "methods": ["patchcore", "padim", "uniad"],
         "datasets": [{"source": f"synthetic:{SYNTH}", "categories": CATEGORIES}],
         "settings": ["vanilla", "multi_class"],
     },
