@@ -345,7 +345,7 @@ def test_tonylins_mobilenet_names_map_to_torchvision():
         "features.17.conv.6.weight",  # project conv
         "features.18.1.weight",
     )
-    src = {k: t for k in keys}
+    src = dict.fromkeys(keys, t)
     out = mobilenet.convert_state_dict(src, None)
     assert set(out) == {
         "features.0.0.weight",

@@ -11,15 +11,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.covariance import ledoit_wolf
 
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 from iadkit.components import synthesis as S
 from iadkit.components.synthesis import color_jitter, cutpaste, cutpaste_scar
 from iadkit.data.transforms import ImageSet, Preprocess
+from iadkit.errors import InvalidParameterError
 from iadkit.methods.base import NotFittedError
 from iadkit.methods.cutpaste import CutPaste, receptive_field_upsample
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built, predict_and_auroc
-from iadkit.errors import InvalidParameterError
 
 SIZE = 64
 
@@ -43,9 +42,9 @@ def test_cutpaste_patch_area_aspect_and_content() -> None:
         aspects.append((r - l) / (b - t))
         assert torch.equal(out[:, ~mask], image[:, ~mask])  # nothing else changed
     # paper: area 2%-15% of the image, aspect ratio in (0.3, 3.3) (up to pixel rounding)
-    assert 0.018 <= min(areas) and max(areas) <= 0.16
+    assert min(areas) >= 0.018 and max(areas) <= 0.16
     assert min(aspects) < 0.6 and max(aspects) > 1.8  # both orientations occur
-    assert 0.25 <= min(aspects) and max(aspects) <= 3.7
+    assert min(aspects) >= 0.25 and max(aspects) <= 3.7
 
 
 def test_cutpaste_without_jitter_pastes_a_copy_of_the_image() -> None:

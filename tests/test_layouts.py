@@ -208,7 +208,7 @@ def test_mvtec3d_rgb(tmp_path: Path) -> None:
 
 
 # -- visa -------------------------------------------------------------------------------
-def _visa(root: Path, rows: list[tuple[str, str, str, str, str]], name: str = "1cls.csv", header=None) -> None:  # noqa: ANN001
+def _visa(root: Path, rows: list[tuple[str, str, str, str, str]], name: str = "1cls.csv", header=None) -> None:
     (root / "split_csv").mkdir(parents=True, exist_ok=True)
     with open(root / "split_csv" / name, "w", newline="") as fh:
         w = csv.writer(fh)

@@ -34,7 +34,7 @@ def defect(path: Path, box: tuple[int, int, int, int], value: int) -> Path:
     return png(path, m)
 
 
-def make_loco(root: Path, config=CONFIG) -> Path:  # noqa: ANN001
+def make_loco(root: Path, config=CONFIG) -> Path:
     cat = root / "tray"
     image = np.full(SIZE + (3,), 120, np.uint8)
     for i in range(3):
@@ -121,7 +121,7 @@ def test_missing_config_loads_but_regions_say_what_is_missing(tmp_path: Path) ->
         (CONFIG + [dict(CONFIG[0], defect_name="dup")], "listed more than once"),
     ],
 )
-def test_malformed_config_is_a_clear_error_at_load_time(tmp_path: Path, config, match: str) -> None:  # noqa: ANN001
+def test_malformed_config_is_a_clear_error_at_load_time(tmp_path: Path, config, match: str) -> None:
     cat = make_loco(tmp_path, config=config)
     with pytest.raises(DatasetLayoutError, match=match) as info:
         load_dataset(tmp_path)

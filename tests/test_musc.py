@@ -13,7 +13,6 @@ from scipy.spatial.distance import cdist
 
 from iadkit.errors import InvalidInputError, InvalidParameterError, WeightsNotFoundError
 from iadkit.methods.musc import interval_bounds, lnamd, mutual_scores, rscin
-from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
 
 

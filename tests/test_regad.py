@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _helpers import assert_round_trip_identical, built
 from iadkit.components.registration import (
     AUGMENTATIONS_PER_SHOT,
     SpatialTransformer,
@@ -22,11 +23,9 @@ from iadkit.components.registration import (
 )
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError, TrainingDataError
-from iadkit.metrics.image import image_auroc
 from iadkit.methods.regad import meta_training_sets
+from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built
 
 SIZE = 64
 # CPU-sized meta-training for the tests: one epoch over 8 images of each of the 4 other

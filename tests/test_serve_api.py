@@ -13,11 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from _serve_helpers import SIZE, copy_named, fit_tiny_patchcore
 from iadkit.data.io import read_image
 from iadkit.serve.app import Limits, create_app
 from iadkit.serve.backend import TorchPredictor, load_predictor
-
-from _serve_helpers import SIZE, copy_named, fit_tiny_patchcore
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -112,7 +113,7 @@ def read_scored(csv_path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
             continue
         if not math.isfinite(score):
             continue
-        anomalous = {"True": True, "False": False}.get(r.get("anomalous") or "", None)
+        anomalous = {"True": True, "False": False}.get(r.get("anomalous") or "")
         rows[r["path"]] = _row(r["path"], score=score, anomalous=anomalous) | {"overlay": r.get("overlay") or None}
     return rows
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,7 +109,7 @@ class Model:
         sigma: float | None = None,
         paper: bool = False,
         **params: Any,
-    ) -> "Model":
+    ) -> Model:
         """A new, unfitted model.
 
         Parameters
@@ -156,7 +156,7 @@ class Model:
         """The heat-map colour range (``postprocess.map_range``)."""
         return self.postprocess.map_range
 
-    def to(self, device: str | torch.device) -> "Model":
+    def to(self, device: str | torch.device) -> Model:
         self.detector.to(device)
         return self
 
@@ -173,7 +173,7 @@ class Model:
         tile: int | None = None,
         overlap: float | None = None,
         warm_start: bool = False,
-    ) -> "Model":
+    ) -> Model:
         """Fit the detector on good images, then calibrate the threshold.
 
         Parameters
@@ -219,7 +219,7 @@ class Model:
         target_fpr: float = 0.01,
         seed: int = 0,
         progress: bool = True,
-    ) -> "Model":
+    ) -> Model:
         """Learn one more task (a new product) and keep the ones learned before, then
         calibrate the threshold on the new task's held-out good images.
 
@@ -240,8 +240,8 @@ class Model:
         progress: bool,
         warm_start: bool,
         new_task: bool,
-        tiling: "Tiling | None",
-    ) -> "Model":
+        tiling: Tiling | None,
+    ) -> Model:
         from iadkit.methods.base import NotContinualError
 
         if new_task and not self.detector.continual:
@@ -526,7 +526,7 @@ class Model:
         return export_onnx(self, path, check=check)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "Model":
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Model:
         from iadkit.store import load_model
 
         return load_model(path, device=device)

@@ -29,7 +29,7 @@ class Threshold:
         return {"value": self.value, "rule": self.rule, "details": self.details}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Threshold":
+    def from_dict(cls, d: dict[str, Any]) -> Threshold:
         return cls(value=float(d["value"]), rule=str(d["rule"]), details=dict(d.get("details", {})))
 
 

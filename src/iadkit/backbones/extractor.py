@@ -10,7 +10,8 @@ PatchCore on Lite0 that skips the last two stages and the 1280-channel head.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -126,7 +127,7 @@ class FeatureExtractor(nn.Module):
             self.body.to(memory_format=torch.channels_last)
 
     # -- frozen --------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "FeatureExtractor":
+    def train(self, mode: bool = True) -> FeatureExtractor:
         """Always eval: a frozen backbone's batch-norm must keep its ImageNet statistics."""
         return super().train(False)
 
@@ -189,7 +190,7 @@ class FeatureExtractor(nn.Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], *, channels_last: bool | None = None) -> "FeatureExtractor":
+    def from_config(cls, config: dict[str, Any], *, channels_last: bool | None = None) -> FeatureExtractor:
         """Rebuild from `config()`; raises WeightsMismatchError when the weights found differ."""
         fx = cls(config["backbone"], config.get("layers"), config.get("weights_path"), channels_last=channels_last)
         fx.verify(config.get("sha256"))

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from iadkit.bench.config import Cell
 from iadkit.bench.db import CellResult, now_iso

@@ -34,7 +34,7 @@ import io
 import math
 import re
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +44,19 @@ import iadkit
 from iadkit.bench.db import ResultsDB
 from iadkit.bench.summary import (
     METRICS,
-    TIMINGS,
     REFERENCE_SETTING,
     TASK_METRICS,
+    TIMINGS,
     MetricTable,
     SettingCurve,
     TaskCellSummary,
     cost_table,
-    operating_tables,
     fmt_metric,
     fmt_timing,
     is_nan,
     method_label,
     metric_tables,
+    operating_tables,
     row_label,
     setting_curves,
     setting_label,
@@ -123,7 +123,7 @@ def _shade(v: float, lo: float, hi: float) -> str:
 
     t = (v - lo) / (hi - lo)
     r, g, b, _ = colormaps["RdYlGn"](0.15 + 0.7 * t)
-    mix = lambda c: int(round(255 * (0.55 * c + 0.45)))  # noqa: E731  (pastel: readable text)
+    mix = lambda c: int(round(255 * (0.55 * c + 0.45)))
     return f"background:rgb({mix(r)},{mix(g)},{mix(b)})"
 
 
@@ -470,7 +470,7 @@ def build_report_html(db_path: str | Path) -> str:
         gallery = _gallery_html(db, [r for r in runs if len(settings) <= 1 or setting_label(r) in charted])
         body.append(f'<section id="gallery"><h2>Gallery</h2>{gallery_note}{gallery}</section>')
         body.append(f'<section id="failed"><h2>Failed or interrupted cells</h2>{_failed_html(runs)}</section>')
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     title = "iadkit benchmark report"
     nav = "".join(
         f'<a href="#{a}">{n}</a>'

@@ -23,9 +23,10 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,9 +92,9 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
     evaluate and render one cell. Never raises for an ordinary error: returns 'failed'.
     A cell of a tasks setting (continual, multi_class) runs its task plan (`run_task_cell`)."""
     from iadkit.evaluation import evaluate
+    from iadkit.methods import get_method
     from iadkit.metrics.efficiency import PeakMemory, Timer
     from iadkit.model import Model
-    from iadkit.methods import get_method
     from iadkit.settings import apply_setting, check_combination, setting_kind
 
     try:
@@ -704,7 +705,7 @@ class CellProgress:
         self.task = self.progress.add_task("benchmark", total=total, completed=done, current="")
         self._current = ""
 
-    def __enter__(self) -> "CellProgress":
+    def __enter__(self) -> CellProgress:
         self.progress.__enter__()
         return self
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 # Display order and short names; threshold values are not comparable across methods, so
 # they are not tabulated.

@@ -23,12 +23,11 @@ Sub-networks end in a zero-initialised layer so that every coupling starts as th
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 SubnetFactory = Callable[[int, int], nn.Module]
 """`factory(in_channels, out_channels) -> module` building a coupling's sub-network."""
@@ -384,17 +383,17 @@ def flow_nll(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "LOG_2PI",
     "AffineCoupling",
     "AllInOneCoupling",
-    "SampleLayerNorm",
     "ChannelStandardizer",
+    "FeatureFn",
     "FixedChannelMix",
     "Flow",
-    "LOG_2PI",
+    "SampleLayerNorm",
     "SubnetFactory",
     "conv_subnet",
     "coupling_flow",
-    "FeatureFn",
     "flow_nll",
     "gaussian_log_likelihood",
     "level_flows",

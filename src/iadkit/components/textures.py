@@ -26,11 +26,10 @@ torch; where imgaug/PIL semantics are approximated, the function's docstring say
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -41,7 +41,7 @@ depth and attention are parameters so that the same code runs at the paper's siz
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -43,14 +43,14 @@ import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from iadkit.files import atomic_target
 from iadkit.errors import ImageReadError
+from iadkit.files import atomic_target
 
 DEFAULT_MAX_PIXELS = 80_000_000
 """Largest image (height x width) read by default: 80 megapixels, about a 9000 x 9000 frame.
@@ -282,27 +282,26 @@ def _decode_pillow(path: Path, max_pixels: int | None, data: bytes | None = None
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with _strict_pillow():
-            with Image.open(path if data is None else io.BytesIO(data)) as im:
-                _check_pixels(path, im.height, im.width, max_pixels)
-                im.load()  # full decode now: truncation raises here, not later
-                im = ImageOps.exif_transpose(im)
-                mode = im.mode
-                gray_alpha = False
-                if mode == "1":
-                    im = im.convert("L")
-                elif mode in ("P", "PA"):
-                    im = im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
-                elif mode in ("LA", "La"):
-                    gray_alpha = True
-                elif mode in ("RGBa",):
-                    im = im.convert("RGBA")
-                elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                    im = im.convert("RGB")
-                arr = np.asarray(im)
-                if mode.startswith("I;16"):
-                    arr = arr.astype(np.uint16)  # big-endian variants -> native byte order
-                return arr, gray_alpha
+        with _strict_pillow(), Image.open(path if data is None else io.BytesIO(data)) as im:
+            _check_pixels(path, im.height, im.width, max_pixels)
+            im.load()  # full decode now: truncation raises here, not later
+            im = ImageOps.exif_transpose(im)
+            mode = im.mode
+            gray_alpha = False
+            if mode == "1":
+                im = im.convert("L")
+            elif mode in ("P", "PA"):
+                im = im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
+            elif mode in ("LA", "La"):
+                gray_alpha = True
+            elif mode in ("RGBa",):
+                im = im.convert("RGBA")
+            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+            if mode.startswith("I;16"):
+                arr = arr.astype(np.uint16)  # big-endian variants -> native byte order
+            return arr, gray_alpha
     except ImageReadError:
         raise
     except UnidentifiedImageError:

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -124,7 +125,7 @@ class DefectsConfig:
         ]
 
     @classmethod
-    def from_list(cls, items: Any, path: str = "") -> "DefectsConfig":
+    def from_list(cls, items: Any, path: str = "") -> DefectsConfig:
         """Validate the parsed JSON (a list of objects); errors name `path` and the entry."""
         where = path or "defects config"
         if not isinstance(items, list) or not items:

@@ -34,9 +34,10 @@ of the largest change), before noise; enclosed gaps of blob-like defects are fil
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from scipy import ndimage

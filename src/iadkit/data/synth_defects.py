@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from iadkit.data.synth_scenes import (
     LABEL_ICONS,
     TRAY_SLOTS,
-    tray_part_pose,
     Params,
     Rendered,
     Scene,
@@ -31,6 +30,7 @@ from iadkit.data.synth_scenes import (
     pixel_grid,
     polyline_coverage,
     smoothstep,
+    tray_part_pose,
 )
 
 

@@ -41,10 +41,11 @@ import tempfile
 import time
 import uuid
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -163,11 +164,9 @@ LAYOUTS: dict[str, str] = {"mvtec": "mvtec_ad", "loco": "mvtec_loco_ad", "mvtec3
 __all__ = [
     "CATEGORIES",
     "CATEGORIES_3D",
+    "DEFECT_AREA_RANGE",
     "LAYOUTS",
     "LOGICAL_CATEGORIES",
-    "loco_defects_config",
-    "synthesize_3d",
-    "DEFECT_AREA_RANGE",
     "PRESETS",
     "CategoryCounts",
     "CategorySpec",
@@ -175,7 +174,9 @@ __all__ = [
     "SynthImage",
     "SynthSummary",
     "generate",
+    "loco_defects_config",
     "synthesize",
+    "synthesize_3d",
 ]
 
 
@@ -407,7 +408,7 @@ class SynthSummary:
             "categories": {k: v.to_dict() for k, v in self.categories.items()},
         }
 
-    def table(self) -> "Any":
+    def table(self) -> Any:
         """A rich Table with one row per category (for the CLI)."""
         from rich.table import Table
 
@@ -779,7 +780,7 @@ def generate(
             spec.channels,
             counts[0],
             counts[1],
-            {d: counts[2] for d in spec.defect_types},
+            dict.fromkeys(spec.defect_types, counts[2]),
             written=not keep,
             validation_good=int(n_validation),
         )
@@ -857,7 +858,7 @@ def _default_categories(layout: str) -> list[str]:
     if layout == "mvtec3d":
         return list(CATEGORIES_3D)
     if layout == "loco":
-        both = lambda spec: {loco_kind(spec, d) for d in spec.defect_types} == {  # noqa: E731
+        both = lambda spec: {loco_kind(spec, d) for d in spec.defect_types} == {
             "logical_anomalies",
             "structural_anomalies",
         }

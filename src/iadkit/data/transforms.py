@@ -20,8 +20,9 @@ that mix both kinds leave ``channels`` None (with a warning) and nothing is chec
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,7 +124,7 @@ class Preprocess:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
         """The inverse of `to_dict`; a manifest without ``channels`` (older files) checks nothing,
         one without ``depth`` has none."""
         return cls(

@@ -61,8 +61,9 @@ import copy
 import os
 import sys
 import typing
+from collections.abc import Iterator
 from inspect import Parameter, Signature
-from typing import Any, ClassVar, Iterator, Self
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
@@ -433,7 +434,7 @@ def _annotation(klass: type, attr: str) -> Any:
     if not isinstance(raw, str):
         return raw
     namespace = {**vars(typing), **vars(sys.modules[klass.__module__])}
-    return eval(raw, namespace)  # noqa: S307 - our own source's annotations, not user input
+    return eval(raw, namespace)
 
 
 # -- methods on a frozen pretrained backbone --------------------------------------------------------

@@ -57,7 +57,7 @@ of a method that learns local irregularities.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ class CutPasteNet(nn.Module):
         self.head = nn.Sequential(*layers)
         self.classifier = nn.Linear(d, n_classes)
 
-    def train(self, mode: bool = True) -> "CutPasteNet":
+    def train(self, mode: bool = True) -> CutPasteNet:
         super().train(mode)
         _keep_bn_eval(self.trunk)
         return self

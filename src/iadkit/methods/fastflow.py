@@ -52,7 +52,6 @@ makes no measurable difference, so we keep the reference's.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from torch import nn

@@ -24,8 +24,9 @@ import math
 import numbers
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from iadkit.errors import InvalidParameterError
 

@@ -63,8 +63,8 @@ from iadkit.components.feature_cache import train_on_indices
 from iadkit.components.losses import cosine_distance_map, flattened_cosine_loss, multilevel_cosine_loss
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import BackboneDetector, register
 from iadkit.errors import InvalidParameterError
+from iadkit.methods.base import BackboneDetector, register
 from iadkit.methods.params import Interval, Length, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 

@@ -52,7 +52,6 @@ features per epoch     —                         every step                   
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from iadkit.components.adaptor import Discriminator, FeatureAdaptor, gaussian_feature_noise, truncated_l1_loss
 from iadkit.components.features import PatchEmbedding

@@ -29,14 +29,14 @@ per training image with the default layers).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from iadkit.components.memory_bank import MemoryBankError, knn_exact
-from iadkit.errors import InvalidParameterError
 from iadkit.data.transforms import ImageSet
+from iadkit.errors import InvalidParameterError
 from iadkit.methods.base import BackboneDetector, register
 from iadkit.methods.params import Length, at_least, param
 from iadkit.types import Prediction

@@ -50,7 +50,7 @@ The student is saved in the model file; the teacher is the frozen backbone, rebu
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

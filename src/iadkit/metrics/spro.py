@@ -53,8 +53,8 @@ must have the same shape here, so upsample the maps to the mask size first.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -124,13 +124,13 @@ class SaturatedRegion:
     @classmethod
     def with_rule(
         cls, mask: np.ndarray, saturation_threshold: float, relative: bool, name: str = ""
-    ) -> "SaturatedRegion":
+    ) -> SaturatedRegion:
         """A region whose saturation area follows LOCO's rule (:func:`saturation_area`)."""
         mask = np.asarray(mask, dtype=bool)
         return cls(mask, saturation_area(int(np.count_nonzero(mask)), saturation_threshold, relative), name)
 
     @classmethod
-    def unsaturated(cls, mask: np.ndarray, name: str = "") -> "SaturatedRegion":
+    def unsaturated(cls, mask: np.ndarray, name: str = "") -> SaturatedRegion:
         """A region that saturates only when all its pixels are found: plain PRO overlap."""
         mask = np.asarray(mask, dtype=bool)
         return cls(mask, int(np.count_nonzero(mask)), name)

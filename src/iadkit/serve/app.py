@@ -25,9 +25,10 @@ from __future__ import annotations
 import base64
 import json
 import mimetypes
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool

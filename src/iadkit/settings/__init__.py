@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from iadkit.errors import IadkitError, UnknownNameError
 from iadkit.types import ANOMALOUS, GOOD, Sample
@@ -265,9 +266,9 @@ __all__ = [
 ]
 
 # The survey's settings register themselves on import (they need the registry above).
+from iadkit.settings.continual import continual  # noqa: E402
 from iadkit.settings.fewshot import few_shot  # noqa: E402
+from iadkit.settings.multi_class import multi_class  # noqa: E402
 from iadkit.settings.noise import noisy  # noqa: E402
 from iadkit.settings.semi import semi_supervised  # noqa: E402
-from iadkit.settings.continual import continual  # noqa: E402
-from iadkit.settings.multi_class import multi_class  # noqa: E402
 
