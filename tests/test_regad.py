@@ -4,6 +4,7 @@ rising with the number of shots on synthetic categories, exact model-file round 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -127,7 +128,7 @@ def test_auroc_rises_with_the_number_of_shots(categories, fitted):
             r = fitted[(c, k)].predict(ds.test)
             scores.append(image_auroc(r.labels, r.scores))
         mean.append(float(np.mean(scores)))
-    assert all(b >= a - 0.01 for a, b in zip(mean, mean[1:])), mean
+    assert all(b >= a - 0.01 for a, b in itertools.pairwise(mean)), mean
     assert mean[-1] >= mean[0] + 0.1 and mean[-1] >= 0.85, mean
 
 

@@ -119,7 +119,7 @@ def test_missing_hole_mask_is_one_bolt_hole() -> None:
     size = 128
     for index in range(3):
         out = synthesize("washer", "missing_hole", seed=0, index=index, image_size=size)
-        labels, n = ndimage.label(out.mask)
+        _, n = ndimage.label(out.mask)
         assert n == 1
         r_min, r_max = 0.045 * size * 0.97, 0.045 * size * 1.03
         assert math.pi * (r_min - 1) ** 2 <= out.mask.sum() <= math.pi * (r_max + 1) ** 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -71,7 +72,7 @@ def test_tray_defects_change_the_count_or_the_places(seed):
     layout = tray_layout(params["nut_row"])
     good = params["parts"]
     assert _kinds(good) == list(layout)  # one part per slot, one kind per row
-    assert all(_turn(pose["angle"], params["heading"]) < 0.5 for kind, pose in sum(good.values(), []) if kind == "bolt")
+    assert all(_turn(pose["angle"], params["heading"]) < 0.5 for kind, pose in itertools.chain.from_iterable(good.values()) if kind == "bolt")
     _, missing = _tray_after("missing_part", seed)
     assert sum(len(v) for v in missing.values()) == 5 and sum(not v for v in missing.values()) == 1
     _, extra = _tray_after("extra_part", seed)
@@ -84,11 +85,11 @@ def test_tray_defects_change_the_count_or_the_places(seed):
     nut_row = params["nut_row"]
     assert kinds[3 * nut_row : 3 * nut_row + 3].count("bolt") == 1  # ...one of each in the wrong row
     assert kinds[3 * (1 - nut_row) : 3 * (1 - nut_row) + 3].count("nut") == 1
-    bolts = [pose for kind, pose in sum(swapped.values(), []) if kind == "bolt"]
+    bolts = [pose for kind, pose in itertools.chain.from_iterable(swapped.values()) if kind == "bolt"]
     assert all(_turn(pose["angle"], params["heading"]) < 0.5 for pose in bolts)  # pointing like the others
     _, reversed_ = _tray_after("reversed_part", seed)
     assert _kinds(reversed_) == list(layout)
-    turns = [_turn(pose["angle"], params["heading"]) for kind, pose in sum(reversed_.values(), []) if kind == "bolt"]
+    turns = [_turn(pose["angle"], params["heading"]) for kind, pose in itertools.chain.from_iterable(reversed_.values()) if kind == "bolt"]
     assert sum(t > math.pi - 0.5 for t in turns) == 1 and sum(t < 0.5 for t in turns) == 2
 
 

@@ -243,7 +243,8 @@ class _IncrementalCSV:
 
     def __init__(self, path: Path, kept: list[dict[str, Any]]) -> None:
         atomic_write_text(path, _csv_text(kept))
-        self.f = open(path, "a", newline="", encoding="utf-8")
+        # open across calls (rows arrive per batch); `close` ends it
+        self.f = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         self.writer = csv.DictWriter(self.f, fieldnames=FIELDS)
 
     def write(self, rows: list[dict[str, Any]]) -> None:

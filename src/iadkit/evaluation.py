@@ -185,7 +185,7 @@ def _shrink_region(region: Any, shape: tuple[int, int]) -> Any:
     m = torch.from_numpy(np.ascontiguousarray(region.mask, dtype=np.float32))[None, None]
     small = torch.nn.functional.adaptive_max_pool2d(m, shape)[0, 0].numpy() > 0
     ratio = (shape[0] * shape[1]) / float(region.mask.size)
-    sat = min(int(small.sum()), max(1, int(round(region.saturation_area * ratio))))
+    sat = min(int(small.sum()), max(1, round(region.saturation_area * ratio)))
     return SaturatedRegion(small, sat, region.name)
 
 

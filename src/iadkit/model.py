@@ -565,7 +565,7 @@ def split_calibration(
     `fraction` of the good images, at least one, only when at least `min_train` good images
     remain to train on; otherwise nothing is held out."""
     good_idx = [i for i, s in enumerate(samples) if s.label != ANOMALOUS]
-    n_cal = max(1, int(round(fraction * len(good_idx))))
+    n_cal = max(1, round(float(fraction) * len(good_idx)))
     if len(good_idx) - n_cal < max(1, min_train):
         return samples, None
     order = np.random.default_rng(seed).permutation(len(good_idx))

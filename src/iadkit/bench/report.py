@@ -123,14 +123,14 @@ def _shade(v: float, lo: float, hi: float) -> str:
 
     t = (v - lo) / (hi - lo)
     r, g, b, _ = colormaps["RdYlGn"](0.15 + 0.7 * t)
-    mix = lambda c: int(round(255 * (0.55 * c + 0.45)))
+    mix = lambda c: round(255 * (0.55 * float(c) + 0.45))  # float(): colormaps give numpy scalars
     return f"background:rgb({mix(r)},{mix(g)},{mix(b)})"
 
 
 def _metric_table_html(t: MetricTable) -> str:
     out = [f'<table class="metric" data-metric="{_esc(t.metric)}" data-setting="{_esc(t.setting)}">']
     out.append('<tr><th class="l">dataset / category</th>' + "".join(f"<th>{_esc(m)}</th>" for m in t.methods) + "</tr>")
-    for label, values in t.rows + [("mean", t.mean)]:
+    for label, values in [*t.rows, ("mean", t.mean)]:
         vals = [v for v in values.values() if not is_nan(v)]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 0.0)
         if t.lower_is_better:  # colour and outline the lowest value as the best
@@ -513,7 +513,7 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
     import matplotlib.pyplot as plt
 
     first = curves[0]
-    columns = ["mean"] + first.rows
+    columns = ["mean", *first.rows]
     fig, axes = plt.subplots(len(curves), len(columns), figsize=(2.9 * len(columns), 2.5 * len(curves) + 0.5), squeeze=False)
     series = list(dict.fromkeys(s for c in curves for s in c.series))
     method_of = {s: m for c in curves for s, m in c.method_of.items()}
@@ -533,7 +533,7 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
                 ref = curve.mean_reference.get(m, float("nan")) if col == "mean" else curve.reference.get((m, col), float("nan"))
                 pts = [(x, per_x[x]) for x in curve.xs if x in per_x and not is_nan(per_x[x])]
                 if curve.setting == "noisy" and pts and not is_nan(ref):
-                    pts = [(0.0, ref)] + pts  # noise ratio 0 is vanilla
+                    pts = [(0.0, ref), *pts]  # noise ratio 0 is vanilla
                 if pts:
                     xs, ys = zip(*pts)
                     ls, marker = styles[variant[s] % len(styles)]
@@ -563,7 +563,7 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
         ref_handle = plt.Line2D([], [], color="#555", ls="--", lw=0.9)
         fig.legend(
             [handles[s] for s in labels] + [ref_handle],
-            labels + ["vanilla (the method's colour)"],
+            [*labels, "vanilla (the method's colour)"],
             loc="upper center",
             ncol=min(5, len(labels) + 1),
             fontsize=8,

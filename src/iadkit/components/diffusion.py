@@ -38,6 +38,7 @@ ADM U-Net, base 64, mults        guided-diffusion ``UNetModel``        `Denoisin
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -405,9 +406,9 @@ def ddim_reconstruct(
         return noise.to(x.device).expand_as(x)
 
     x_t = schedule.q_sample(x, t_start, draw())
-    times = list(range(t_start, -1, -skip)) + [-1]
+    times = [*range(t_start, -1, -skip), -1]
     n = x.shape[0]
-    for t, t_next in zip(times[:-1], times[1:]):
+    for t, t_next in itertools.pairwise(times):
         t_batch = torch.full((n,), t, device=x.device, dtype=torch.long)
         eps = model(x_t, t_batch)
         if weight:

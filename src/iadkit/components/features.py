@@ -375,9 +375,7 @@ class FeaturePath:
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return False
         compiler = getattr(torch, "compiler", None)
-        if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
-            return False
-        return True
+        return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
     # -- ONNX Runtime ----------------------------------------------------------------------------
     def cache_key(self, size: tuple[int, int]) -> str:

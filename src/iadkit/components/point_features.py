@@ -336,7 +336,7 @@ def fpfh_map(
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"xyz must be an H x W x 3 point map, got shape {arr.shape}")
     valid = np.any(arr != 0, axis=2)
-    out = np.zeros(arr.shape[:2] + (FPFH_DIM,), dtype=np.float32)
+    out = np.zeros((*arr.shape[:2], FPFH_DIM), dtype=np.float32)
     pts = arr[valid].astype(np.float64)
     if len(pts) == 0:
         return out

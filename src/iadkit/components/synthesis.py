@@ -145,8 +145,8 @@ def cutpaste(
     _, h, w = image.shape
     area = _uniform(*area_ratio, generator) * h * w
     aspect = math.exp(_uniform(math.log(aspect_ratio[0]), math.log(aspect_ratio[1]), generator))
-    ph = max(1, min(h, int(round(math.sqrt(area / aspect)))))
-    pw = max(1, min(w, int(round(math.sqrt(area * aspect)))))
+    ph = max(1, min(h, round(math.sqrt(area / aspect))))
+    pw = max(1, min(w, round(math.sqrt(area * aspect))))
     sy, sx = _randint(0, h - ph, generator), _randint(0, w - pw, generator)
     dy, dx = _randint(0, h - ph, generator), _randint(0, w - pw, generator)
     patch = color_jitter(

@@ -209,9 +209,10 @@ def read_defect_mask(path: str | Path, expected_shape: tuple[int, int] | None = 
     if p.suffix.lower() in (".jpg", ".jpeg"):
         raise ImageReadError(f"{p}: masks must be lossless (PNG); a JPEG blurs the defect's pixel value")
     arr = read_image(p)
-    if arr.shape[2] != 1:
-        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise ImageReadError(f"{p}: colour mask with differing channels; a LOCO mask is a grayscale PNG")
+    if arr.shape[2] != 1 and not (
+        np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
+    ):
+        raise ImageReadError(f"{p}: colour mask with differing channels; a LOCO mask is a grayscale PNG")
     values = arr[..., 0]
     found = np.unique(values)
     positive = found[found != 0]

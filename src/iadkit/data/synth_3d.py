@@ -161,7 +161,7 @@ def render_puck(p: dict[str, Any], size: int) -> Shot3D:
 
 # -- defects -------------------------------------------------------------------------------------
 def _pick(rng: np.random.Generator, surface: np.ndarray, margin_px: float) -> tuple[float, float]:
-    allowed = ndimage.binary_erosion(surface, iterations=max(1, int(math.ceil(margin_px))))
+    allowed = ndimage.binary_erosion(surface, iterations=max(1, math.ceil(margin_px)))
     if not allowed.any():
         allowed = surface
     ys, xs = np.nonzero(allowed)

@@ -53,7 +53,7 @@ DefectFn = Callable[[DefectContext, np.random.Generator], np.ndarray]
 # -- placement helpers --------------------------------------------------------------------------
 def pick_point(rng: np.random.Generator, surface: np.ndarray, margin: float) -> tuple[float, float]:
     """A random (x, y) on the surface at least `margin` px from its edge and the image border."""
-    m = max(1, int(math.ceil(margin)))
+    m = max(1, math.ceil(margin))
     allowed = erode(surface, m).copy()
     allowed[:m], allowed[-m:], allowed[:, :m], allowed[:, -m:] = False, False, False, False
     if not allowed.any():

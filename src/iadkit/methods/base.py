@@ -182,7 +182,7 @@ class Detector(nn.Module):
             if key not in known:
                 raise unknown_parameter(type(self).__name__, key, list(known))
         for key, (spec, _) in known.items():
-            setattr(self, key, params[key] if key in params else spec.default)
+            setattr(self, key, params.get(key, spec.default))
         self._is_fitted = False
         self._target_device = torch.device("cpu")
 

@@ -136,7 +136,7 @@ def receptive_field_upsample(scores: torch.Tensor, size: tuple[int, int], patch:
     The sum over covering patches is separable (a patch covers a band of rows times a band of
     columns), so it is two products with 0/1 coverage matrices — what ``F.fold`` computes,
     but in ops an ONNX graph holds (the exporter cannot export this fold)."""
-    b, nh, nw = scores.shape
+    _, nh, nw = scores.shape
     ah = _coverage_matrix(nh, patch, stride).to(scores)  # [Hc, nh]
     aw = _coverage_matrix(nw, patch, stride).to(scores)  # [Wc, nw]
     summed = torch.matmul(torch.matmul(ah, scores), aw.T)  # [B, Hc, Wc]
@@ -289,7 +289,7 @@ class CutPaste(BackboneDetector):
                         p = self.patch_size
                         tops = torch.randint(0, h - p + 1, (len(idx),), generator=gen)
                         lefts = torch.randint(0, w - p + 1, (len(idx),), generator=gen)
-                        x = torch.stack([im[:, t : t + p, l : l + p] for im, t, l in zip(x, tops, lefts)])
+                        x = torch.stack([im[:, t : t + p, left : left + p] for im, t, left in zip(x, tops, lefts)])
                     unit = (x * std + mean).clamp(0, 1)
                     aug, labels = self._augment(unit, min(h, w), gen)
                     _, _, logits = self.net_(self._frozen_features(((aug - mean) / std).to(device)))

@@ -109,7 +109,7 @@ class PaDiM(BackboneDetector):
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         emb = self.embed(images).to(self.mean_.device)
-        b, d, h, w = emb.shape
+        b, _, h, w = emb.shape
         if h * w != self.mean_.shape[0]:
             raise GaussianFitError(
                 f"PaDiM was fitted on a {self.mean_.shape[0]}-position grid but got {h}x{w}: "

@@ -30,6 +30,7 @@ per training image with the default layers).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,7 @@ class SPADE(BackboneDetector):
         "(Lite0 'head', ResNet 'layer4', MobileNetV2 'features.18').",
     )
 
-    global_presets = {"efficientnet": "head", "resnet": "layer4", "mobilenet": "features.18"}
+    global_presets: ClassVar[dict[str, str]] = {"efficientnet": "head", "resnet": "layer4", "mobilenet": "features.18"}
 
     def _check_params(self) -> None:
         from iadkit.backbones import backbone_names, layer_names

@@ -283,7 +283,7 @@ class UniAD(BackboneDetector):
         optimizer = torch.optim.AdamW(
             self.reconstructor_.parameters(), lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay
         )
-        drop_epoch = int(round(self.lr_drop_at * self.epochs))
+        drop_epoch = round(self.lr_drop_at * self.epochs)
         n_batches = -(-n // self.batch_size)
         losses = []
         self.reconstructor_.train()
