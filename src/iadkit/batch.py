@@ -70,7 +70,8 @@ def score_files(
                     parts.append((model.predict([f], batch_size=1, keep_maps=keep_maps, threshold=thr), 0))
                 except (IadkitError, ValueError, OSError) as exc:
                     parts.append((exc, 0))
-        rows, maps = [], []
+        rows: list[dict[str, Any]] = []
+        maps: list[np.ndarray | None] = []
         for f, (res, i) in zip(chunk, parts):
             if isinstance(res, Exception):
                 rows.append(_row(f, error=str(res)))

@@ -98,6 +98,7 @@ def evaluate(
             t0 = time.perf_counter()
             pred = model.predict_tensor(batch.images)
             model_seconds += time.perf_counter() - t0
+            assert pred.scores is not None  # predict_tensor always sets them
             scores.append(pred.scores.numpy())
             if need_maps and pred.maps is not None:
                 maps.append(pred.maps.numpy().astype(np.float32))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from iadkit.components.postprocess import Postprocess, heatmap_range
-from iadkit.data.transforms import ImageSet, Preprocess
+from iadkit.data.transforms import ImageSet, Preprocess, _pair, _triple
 from iadkit.errors import (
     CalibrationWarning,
     ImageReadError,
@@ -138,10 +138,10 @@ class Model:
         detector = method_cls(**params)
         mean, std = detector.input_normalization()
         preprocess = Preprocess(
-            image_size=224 if image_size is None else image_size,
-            crop_size=crop_size,
-            mean=mean,
-            std=std,
+            image_size=_pair(224 if image_size is None else image_size, "image_size"),
+            crop_size=None if crop_size is None else _pair(crop_size, "crop_size"),
+            mean=_triple(mean, "mean"),
+            std=_triple(std, "std", positive=True),
             depth=bool(method_cls.uses_depth),  # 3D methods get the point map as channels 3-5
         )
         post = Postprocess(sigma=detector.map_sigma if sigma is None else _check_sigma(sigma))

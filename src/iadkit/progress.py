@@ -130,7 +130,7 @@ class StepBar:
         self._progress = progress
         self._task = task_id
 
-    def advance(self, n: int = 1, **status: float | str) -> None:
+    def advance(self, n: int = 1, /, **status: float | str) -> None:
         text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in status.items())
         self._progress.update(self._task, advance=n, status=text)
 

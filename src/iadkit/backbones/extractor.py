@@ -19,7 +19,7 @@ from torch import nn
 from iadkit.backbones import weights as W
 from iadkit.backbones.registry import BackboneSpec, LayerInfo, get_spec, probe_layers
 from iadkit.backbones.weights import BackboneError, WeightsMismatchError
-from iadkit.data.transforms import Preprocess
+from iadkit.data.transforms import Preprocess, _pair
 
 
 def _load_model(spec: BackboneSpec, weights_path: str | os.PathLike[str] | None) -> tuple[nn.Module, W.WeightsFile]:
@@ -178,7 +178,8 @@ class FeatureExtractor(nn.Module):
         self, image_size: int | tuple[int, int] = 256, crop_size: int | tuple[int, int] | None = None
     ) -> Preprocess:
         """A `Preprocess` with this backbone's normalisation, to store with a model."""
-        return Preprocess(image_size=image_size, crop_size=crop_size, mean=self.mean, std=self.std)
+        crop = None if crop_size is None else _pair(crop_size, "crop_size")
+        return Preprocess(image_size=_pair(image_size, "image_size"), crop_size=crop, mean=self.mean, std=self.std)
 
     def config(self) -> dict[str, Any]:
         """The JSON-able values that rebuild this extractor (plus the sha256 to verify it)."""

@@ -318,7 +318,7 @@ def _json_or_none(v: Any) -> str | None:
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:
     """JSON has no NaN: an undefined metric is stored as null."""
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, (float, np.floating)) and not np.isfinite(v):
             out[k] = None

@@ -230,7 +230,7 @@ def run_task_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellR
             fit_train, calibration = training_and_calibration(model, step_training(tasks, step), cell.seed)
             with PeakMemory() as fit_memory, warnings.catch_warnings():
                 warnings.simplefilter("ignore", CalibrationWarning)
-                kwargs = dict(
+                kwargs: dict[str, Any] = dict(
                     calibration=calibration,
                     calibration_fraction=None if calibration else 0.0,
                     target_fpr=TARGET_FPR,

@@ -170,7 +170,7 @@ def cutpaste_scar(
     width: tuple[float, float] = SCAR_WIDTH,
     length: tuple[float, float] = SCAR_LENGTH,
     angle: tuple[float, float] = SCAR_ANGLE,
-    reference_size: int = 256,
+    reference_size: float = 256,
     jitter: float = JITTER,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -237,7 +238,7 @@ def _decode_tiff(path: Path, max_pixels: int | None, data: bytes | None = None) 
         with tifffile.TiffFile(path if data is None else io.BytesIO(data)) as tif:
             if not tif.pages:
                 raise _fail(path, "TIFF file has no pages.")
-            page = tif.pages[0]
+            page = cast("tifffile.TiffPage", tif.pages[0])  # the first page is always a full TiffPage
             _check_pixels(path, int(page.imagelength), int(page.imagewidth), max_pixels)
             photometric = int(page.photometric)
             # 0 MINISWHITE, 1 MINISBLACK, 2 RGB, 3 PALETTE; others (CMYK, YCbCr, Lab): Pillow
@@ -285,20 +286,20 @@ def _decode_pillow(path: Path, max_pixels: int | None, data: bytes | None = None
         with _strict_pillow(), Image.open(path if data is None else io.BytesIO(data)) as im:
             _check_pixels(path, im.height, im.width, max_pixels)
             im.load()  # full decode now: truncation raises here, not later
-            im = ImageOps.exif_transpose(im)
-            mode = im.mode
+            img = ImageOps.exif_transpose(im)
+            mode = img.mode
             gray_alpha = False
             if mode == "1":
-                im = im.convert("L")
+                img = img.convert("L")
             elif mode in ("P", "PA"):
-                im = im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
+                img = img.convert("RGBA" if ("transparency" in img.info or mode == "PA") else "RGB")
             elif mode in ("LA", "La"):
                 gray_alpha = True
             elif mode in ("RGBa",):
-                im = im.convert("RGBA")
+                img = img.convert("RGBA")
             elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("RGB")
-            arr = np.asarray(im)
+                img = img.convert("RGB")
+            arr = np.asarray(img)
             if mode.startswith("I;16"):
                 arr = arr.astype(np.uint16)  # big-endian variants -> native byte order
             return arr, gray_alpha
@@ -463,7 +464,7 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
 
         try:
             with tifffile.TiffFile(p) as tif:
-                page = tif.pages[0]
+                page = cast("tifffile.TiffPage", tif.pages[0])  # the first page is always a full TiffPage
                 h, w = int(page.imagelength), int(page.imagewidth)
                 spp = int(page.samplesperpixel)
                 photometric = int(page.photometric)
@@ -501,8 +502,8 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
         channels = 1 if ihdr[3] in (0, 4) else 3
         return ImageInfo(h, w, channels, "uint16", "PNG")
     channels = 1 if mode in ("1", "L", "LA", "La", "I", "F") or mode.startswith("I;16") else 3
-    dtype = "uint16" if (mode in ("I", "F") or mode.startswith("I;16")) else "uint8"
-    return ImageInfo(h, w, channels, dtype, fmt)
+    out_dtype = "uint16" if (mode in ("I", "F") or mode.startswith("I;16")) else "uint8"
+    return ImageInfo(h, w, channels, out_dtype, fmt)
 
 
 def image_shape(path: str | os.PathLike[str]) -> tuple[int, int]:

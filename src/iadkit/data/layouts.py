@@ -402,12 +402,13 @@ def _reader(layout: str) -> tuple[Callable[..., list[str]], Callable[..., Datase
 def layout_options(layout: str) -> list[str]:
     from iadkit.data import elpv, folder, kolektor, mvtec, visa
 
-    fn = {
+    loaders: dict[str, Callable[..., Any]] = {
         "visa": visa.load_visa,
         "kolektor2": kolektor.load_kolektor2,
         "folder": folder.load_folder,
         "elpv": elpv.load_elpv,
-    }.get(layout, mvtec.load_mvtec)
+    }
+    fn = loaders.get(layout, mvtec.load_mvtec)
     skip = {"root", "category", "variant"}
     return [n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY and n not in skip]
 

@@ -33,6 +33,7 @@ source, so a re-run with the same parameters keeps the files and anything else r
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -44,7 +45,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 import numpy as np
@@ -610,7 +611,7 @@ def _write_loco_files(
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_png(out.image, path)
         advance()
-    _write_json(config, tmp / "defects_config.json")  # type: ignore[arg-type]
+    _write_json(config, tmp / "defects_config.json")
     return {"defects_config": config, "defect_of_image": files}
 
 
@@ -823,7 +824,7 @@ def _source_fingerprint() -> str:
 
     h = hashlib.sha256()
     for mod in (synth_scenes, synth_defects, synth_3d):
-        h.update(Path(mod.__file__).read_bytes())
+        h.update(Path(inspect.getfile(mod)).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
 
@@ -920,8 +921,10 @@ class _RichBar:
             lambda name: self._progress.update(task, description=f"synthetic {name}"),
         )
 
-    def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(*exc)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.__exit__(exc_type, exc, tb)
 
 
 def _progress_bar(enabled: bool, total: int) -> Any:

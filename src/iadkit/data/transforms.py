@@ -287,7 +287,9 @@ class ImageSet(torch.utils.data.Dataset):
         from iadkit.data.io import image_shape
 
         shape = s.image.shape[:2] if s.image is not None else image_shape(s.path)
-        return self.preprocess.mask(s.load_mask(shape=shape))
+        mask = s.load_mask(shape=shape)
+        assert mask is not None  # the sample has a mask (checked above)
+        return self.preprocess.mask(mask)
 
     def has_all_masks(self) -> bool:
         return all(s.label == 0 or s.has_mask for s in self.samples)

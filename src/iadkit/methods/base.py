@@ -380,8 +380,8 @@ class Detector(nn.Module):
         for key, value in tensors.items():
             module_path, _, leaf = key.rpartition(".")
             module = self.get_submodule(module_path) if module_path else self
-            if leaf in module._parameters and module._parameters[leaf] is not None:
-                old_param = module._parameters[leaf]
+            old_param = module._parameters.get(leaf)
+            if old_param is not None:
                 module._parameters[leaf] = nn.Parameter(
                     value.to(old_param.device), requires_grad=old_param.requires_grad
                 )
@@ -449,7 +449,7 @@ class BackboneDetector(Detector):
     the training images that feature-statistics methods (PatchCore, PaDiM, SPADE ...) make.
     """
 
-    frozen_prefixes = ("backbone_.",)
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ("backbone_.",)
 
     backbone: str = param(
         "efficientnet_lite0",

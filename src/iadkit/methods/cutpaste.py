@@ -198,6 +198,10 @@ class CutPaste(BackboneDetector):
             )
         super()._check_params()
 
+    # learned buffers, registered in _build (declared for type checkers)
+    gde_mean_: torch.Tensor
+    gde_whitening_: torch.Tensor
+
     def _build(self) -> None:
         # The full pretrained network, split: frozen stages up to `finetune_from` (excluded)
         # become `backbone_`; copies of the later ones are the trainable trunk.
@@ -318,7 +322,7 @@ class CutPaste(BackboneDetector):
         if self.patch_size is None:
             return Prediction(scores=dist, maps=None)
         b = images.shape[0]
-        size = tuple(images.shape[-2:])
+        size = (images.shape[-2], images.shape[-1])
         nh = (size[0] - self.patch_size) // self.patch_stride + 1
         nw = (size[1] - self.patch_size) // self.patch_stride + 1
         maps = receptive_field_upsample(dist.reshape(b, nh, nw), size, self.patch_size, self.patch_stride)

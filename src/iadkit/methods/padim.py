@@ -79,6 +79,11 @@ class PaDiM(BackboneDetector):
                 f"PaDiM: n_features={self.n_features} exceeds the {total} channels of layers {list(self.tapped_layers())}"
             )
 
+    # learned buffers, registered in _build (declared for type checkers)
+    channel_index_: torch.Tensor
+    mean_: torch.Tensor
+    whitening_: torch.Tensor
+
     def _build(self) -> None:
         super()._build()
         channels = self.layer_channels()

@@ -88,6 +88,10 @@ class SimpleNet(BackboneDetector):
     discriminator_lr: float = param(2e-4, "Discriminator Adam learning rate (paper: 2e-4).", check=positive())
     weight_decay: float = param(1e-5, "Discriminator Adam weight decay (paper: 1e-5).", check=at_least(0))
 
+    # learned buffers, registered in _build (declared for type checkers)
+    feat_mean_: torch.Tensor
+    feat_scale_: torch.Tensor
+
     def _build(self) -> None:
         super()._build()
         self.embedding_ = PatchEmbedding(

@@ -279,6 +279,7 @@ def spro_curve_at(maps: ArrayLike, regions: Regions, thresholds: ArrayLike) -> t
         raise MetricUndefinedError("the FPR is undefined: every pixel lies in a ground-truth region")
     t = np.asarray(thresholds, dtype=np.float64).ravel()
     fpr = (px.neg.size - np.searchsorted(px.neg, t, side="right")) / px.neg.size
+    assert px.pos_weight is not None  # spro_scores always weighs its pixels
     suffix = np.concatenate([np.cumsum(px.pos_weight[::-1])[::-1], [0.0]]) / px.n_regions
     spro = suffix[np.searchsorted(px.pos, t, side="right")]
     return fpr, spro

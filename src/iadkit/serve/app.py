@@ -322,7 +322,7 @@ async def _read_uploads(request: Request, limits: Limits) -> list[tuple[str, byt
             raise HTTPException(413, f"more than {limits.max_files} files in one request; send them in batches") from None
         raise HTTPException(400, f"malformed multipart body: {exc.detail}") from None
     try:
-        uploads = []
+        uploads: list[tuple[str, bytes]] = []
         for _, value in form.multi_items():
             if isinstance(value, str):  # a plain form field: not an image
                 continue

@@ -43,16 +43,15 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from iadkit.errors import IadkitError, UnknownNameError
 from iadkit.types import ANOMALOUS, GOOD, Sample
 
-
-class Setting(Protocol):
-    def __call__(
-        self, train: Sequence[Sample], test: Sequence[Sample], *, seed: int, **params: Any
-    ) -> tuple[list[Sample], list[Sample]]: ...
+Setting = Callable[..., Any]
+"""``fn(train, test, *, seed, **its own keyword parameters)`` -> ``(train, test)`` lists of
+samples for a "split" setting, or a list of `Task` for a "tasks" setting. (Each setting declares
+its own parameters, so no signature narrower than ``...`` fits them all.)"""
 
 
 class SettingError(IadkitError, ValueError):
@@ -128,7 +127,7 @@ def apply_task_setting(
     if setting_kind(name) != "tasks":
         raise SettingError(f"setting {name!r} gives one split per category, not a task plan: use apply_setting")
     try:
-        return fn(train, test, seed=seed, **(params or {}))  # type: ignore[return-value]
+        return fn(train, test, seed=seed, **(params or {}))
     except TypeError as exc:
         raise SettingError(f"setting {name!r}: {exc}") from None
 
