@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.iadkit-installed
 # Tests use at most two threads: the CI machine has two cores.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

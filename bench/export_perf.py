@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -215,10 +215,10 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="iadkit-export-perf-"))
     work.mkdir(parents=True, exist_ok=True)
     files = prepare(work, args.methods, args.n_test, args.threads)
-    out = args.out or HERE / "results" / f"export_perf_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}.json"
+    out = args.out or HERE / "results" / f"export_perf_{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads},
         "data": f"ELPV mono test files (300 px grayscale PNG), model input {SIZE} px",
         "config": {m: BENCH_CONFIG.get(m) for m in args.methods},

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +249,6 @@ print("RESULT " + json.dumps(res))
 def prepare_anomalib_inputs(category: str, workdir: Path, limit: int | None) -> dict[str, Any]:
     """Write the split's pixels and the Lite0 weights (timm naming) for the anomalib subprocess."""
     import numpy as np
-    import torch
     from safetensors.torch import save_file
 
     from iadkit.backbones import backbone_info, classifier
@@ -402,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     record = {
         "benchmark": "patchcore_perf",
         "created": stamp,

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no {ANOMALIB_PY}: run bash bench/anomalib_env.sh first (or --impl iadkit)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = args.out / f"trained_perf_{stamp}.json"
     rows: list[dict[str, Any]] = []
     loads = [os.getloadavg()]

@@ -6,8 +6,8 @@ hold the steps that every such test repeats.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

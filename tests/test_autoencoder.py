@@ -8,13 +8,12 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
+from _helpers import assert_round_trip_identical, built
 from iadkit.components.autoencoders import SSIMAutoencoder
 from iadkit.components.unet import InputSizeError
 from iadkit.errors import InvalidParameterError
 from iadkit.methods.autoencoder import SSIMAutoencoderDetector, residual_map, tile_starts, to_luma
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built
 
 SIZE = 64
 

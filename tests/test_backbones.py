@@ -169,7 +169,7 @@ def test_layer_names_and_bad_names():
     assert names["blocks.2"] == (8, 40) and names["blocks.4"] == (16, 112) and names["head"] == (32, 1280)
     res = {info.name: (info.stride, info.channels) for info in layer_names("wide_resnet50_2")}
     assert res == {"stem": (4, 64), "layer1": (4, 256), "layer2": (8, 512), "layer3": (16, 1024), "layer4": (32, 2048)}
-    with pytest.raises(BackboneError, match="blocks.2"):
+    with pytest.raises(BackboneError, match=r"blocks.2"):
         FeatureExtractor(layers=["layer2"])
     with pytest.raises(BackboneError, match="unknown backbone 'vgg16'"):
         FeatureExtractor("vgg16")
@@ -235,7 +235,7 @@ def test_missing_user_weights_names_the_file(isolated_weight_dirs, tmp_path):
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in msg
     assert str(isolated_weight_dirs) in msg
     missing = tmp_path / "nowhere" / "wrn.pth"
-    with pytest.raises(WeightsNotFoundError, match="nowhere/wrn.pth"):
+    with pytest.raises(WeightsNotFoundError, match=r"nowhere/wrn.pth"):
         FeatureExtractor("wide_resnet50_2", weights_path=missing)
     assert not backbone_info("resnet18").available
 
@@ -345,7 +345,7 @@ def test_tonylins_mobilenet_names_map_to_torchvision():
         "features.17.conv.6.weight",  # project conv
         "features.18.1.weight",
     )
-    src = {k: t for k in keys}
+    src = dict.fromkeys(keys, t)
     out = mobilenet.convert_state_dict(src, None)
     assert set(out) == {
         "features.0.0.weight",

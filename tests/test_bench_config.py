@@ -126,7 +126,7 @@ def test_config_file_errors(tmp_path):
 
 
 def test_unknown_setting_and_duplicate_cells_are_refused():
-    with pytest.raises(Exception, match="unknown setting 'fewshot'.*vanilla"):
+    with pytest.raises(Exception, match=r"unknown setting 'fewshot'.*vanilla"):
         expand(BenchConfig.parse({**support.grid(["test_pixel_zscore"]), "settings": ["fewshot"]}))
     with pytest.raises(BenchConfigError, match="same cell twice"):
         expand(BenchConfig.parse(support.grid(["test_pixel_zscore", "test_pixel_zscore"])))

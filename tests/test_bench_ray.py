@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import test_bench_support as support
-from iadkit.bench import BenchConfig, ResultsDB, run_benchmark
 from iadkit.batch import predict_folder, shard
+from iadkit.bench import BenchConfig, ResultsDB, run_benchmark
 from iadkit.bench.executors import ExecutorError, make_executor
 
 ray = pytest.importorskip("ray")
@@ -74,7 +74,7 @@ def test_predict_folder_sharded_on_ray_equals_local(local_ray, tmp_path, monkeyp
     local = predict_folder(model_path, files, tmp_path / "local", overlays=False).rows
     remote = predict_folder(model_path, files, tmp_path / "ray", executor="ray", shards=3).rows  # 3 tasks on 1 worker
     assert [r["path"] for r in local] == [r["path"] for r in remote] == files
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "error"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "error"} for r in rows]
     assert strip(local) == strip(remote)
     bad = [r for r in remote if r["error"]]
     assert [r["path"] for r in bad] == [files[3]] and bad[0]["score"] is None

@@ -93,7 +93,7 @@ def test_metric_tables_hold_the_database_numbers_with_mean_rows(bench):
 
 
 def test_overview_ranks_methods_and_shows_costs(bench):
-    _, page, runs = bench
+    _, page, _ = bench
     (overview,) = [t for t in page.tables if "overview" in t["attrs"].get("class", "")]
     header, *rows = overview["rows"]
     assert header[:2] == ["method", "I-AUROC"] and "time / image" in header and "peak RSS (fit)" in header
@@ -152,7 +152,7 @@ def test_operating_point_tables_hold_the_test_rates_lowest_best(tmp_path):
     page.feed(write_report(db_path, tmp_path / "out").read_text(encoding="utf-8"))
     assert db_path.read_bytes() == before  # reading never modifies the input
     tables = {t["attrs"]["data-metric"]: t["rows"] for t in page.tables if "data-metric" in t["attrs"]}
-    header, flat, dark, mean = tables["test_false_alarm_rate"]
+    header, flat, _dark, mean = tables["test_false_alarm_rate"]
     assert header == ["dataset / category", "a", "b"]
     assert flat == ["tinybench / flat", "0.000", "0.200"] and mean == ["mean", "0.050", "0.250"]
     assert tables["test_miss_rate"][-1] == ["mean", "0.375", "0.050"]

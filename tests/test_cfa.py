@@ -9,13 +9,12 @@ import math
 import pytest
 import torch
 
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 from iadkit.components.losses import coupled_hypersphere_loss
 from iadkit.data.transforms import ImageSet, Preprocess
 from iadkit.methods import NotFittedError
 from iadkit.methods.cfa import CFA, CoordConv1x1, softmin_nearest_score
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 PARAMS = dict(epochs=10)  # paper: 30 epochs (the authors keep the best on the test set)

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 from iadkit.components.flows import AffineCoupling, FixedChannelMix, gaussian_log_likelihood
 from iadkit.methods.base import NotFittedError
 from iadkit.methods.cflow import CFlow, fiber_loss, positional_encoding_2d
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 

@@ -96,7 +96,7 @@ def test_info_on_a_missing_folder_raises_the_clear_error(tmp_path: Path) -> None
 def test_synth_calls_generate_then_prints_info(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[Path, dict]] = []
 
-    def generate(out_dir, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    def generate(out_dir, **kwargs):
         calls.append((Path(out_dir), kwargs))
         for name in kwargs.get("categories") or ["alpha"]:
             _mvtec(Path(out_dir), name)

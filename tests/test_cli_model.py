@@ -9,9 +9,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from iadkit.cli import app
-
 import _dummy  # noqa: F401  (registers test_pixel_zscore)
+from iadkit.cli import app
 
 runner = CliRunner()
 
@@ -72,8 +71,9 @@ def test_fit_predict_evaluate(tmp_path):
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):
-    from iadkit.cli import main
     import pytest
+
+    from iadkit.cli import main
 
     with pytest.raises(SystemExit) as exc:
         import sys

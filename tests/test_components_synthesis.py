@@ -108,7 +108,7 @@ def test_skimage_textures_are_bundled_and_load_offline() -> None:
     for index in range(len(source)):  # every default image decodes from the wheel
         image = source.image(index)
         assert image.shape[0] == 3 and image.dtype == torch.float32
-        assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.02
+        assert image.min() >= 0.0 and image.max() <= 1.0 and image.std() > 0.02
     tex = source.sample((40, 56), _gen(0))
     assert tex.shape == (3, 40, 56)
     assert torch.equal(tex, source.sample((40, 56), _gen(0)))
@@ -122,7 +122,7 @@ def test_skimage_textures_are_bundled_and_load_offline() -> None:
 def test_procedural_textures_render_the_synthetic_scenes() -> None:
     source = ProceduralTextures()
     tex = source.sample((24, 40), _gen(1))
-    assert tex.shape == (3, 24, 40) and 0 <= tex.min() and tex.max() <= 1 and tex.std() > 0.01
+    assert tex.shape == (3, 24, 40) and tex.min() >= 0 and tex.max() <= 1 and tex.std() > 0.01
     assert torch.equal(tex, source.sample((24, 40), _gen(1)))
     metal = ProceduralTextures(["metal"]).sample((16, 16), _gen(0))
     assert torch.equal(metal[0], metal[1]) and torch.equal(metal[0], metal[2])  # grayscale kind
@@ -188,7 +188,7 @@ def test_gamma_brightness_hue_autocontrast_and_rotation_behave_as_documented() -
     bright = T.multiply_and_add_brightness(torch.full((3, 4, 4), 0.5), _gen(0))
     assert torch.allclose(bright[0], bright[1]) and 0.5 * 0.8 - 30 / 255 <= bright.min() <= 0.5 * 1.2 + 30 / 255
     hue = T.add_hue_and_saturation(x, _gen(0))
-    assert hue.shape == x.shape and not torch.allclose(hue, x) and 0 <= hue.min() and hue.max() <= 1
+    assert hue.shape == x.shape and not torch.allclose(hue, x) and hue.min() >= 0 and hue.max() <= 1
     low_contrast = 0.4 + 0.2 * x
     stretched = T.autocontrast(low_contrast, _gen(0), cutoff=(0, 0))
     assert torch.allclose(stretched.amin(dim=(1, 2)), torch.zeros(3)) and torch.allclose(
@@ -203,7 +203,7 @@ def test_augment_texture_draws_distinct_augmentations_deterministically() -> Non
     x = SkimageTextures(["coffee.png"]).sample((32, 32), _gen(0))
     a = augment_texture(x, generator=_gen(9))
     assert torch.equal(a, augment_texture(x, generator=_gen(9)))
-    assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
     assert torch.equal(augment_texture(x, count=0, generator=_gen(9)), x)
     # three distinct functions, in the drawn order
     order = torch.randperm(10, generator=_gen(9))[:3].tolist()

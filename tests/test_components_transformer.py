@@ -129,7 +129,7 @@ def test_learned_position_embedding_layout() -> None:
     table = emb()
     assert table.shape == (15, 8)
     assert torch.equal(table[1 * 5 + 4], torch.cat([emb.col_embed.weight[4], emb.row_embed.weight[1]]))
-    assert 0 <= emb.row_embed.weight.min() and emb.row_embed.weight.max() < 1
+    assert emb.row_embed.weight.min() >= 0 and emb.row_embed.weight.max() < 1
     table.sum().backward()
     assert emb.row_embed.weight.grad is not None
 

@@ -199,10 +199,10 @@ def test_forgetting_from_the_stored_matrix_equals_the_metric_on_a_hand_made_matr
     assert forgetting_measure(acc) == pytest.approx(0.20)
     cell = Cell("hand", {}, "taskbench", "flat,dark,light", "continual", 0, (16, 16))
     entries = [
-        TaskEvaluation(step=l, task=j, task_name=name, metrics={"image_auroc": float(acc[l, j]), "pixel_auroc": float("nan")})
-        for l in range(3)
+        TaskEvaluation(step=i, task=j, task_name=name, metrics={"image_auroc": float(acc[i, j]), "pixel_auroc": float("nan")})
+        for i in range(3)
         for j, name in enumerate(["flat", "dark", "light"])
-        if j <= l
+        if j <= i
     ]
     with ResultsDB(tmp_path / "r.db") as db:
         db.record(CellResult(cell=cell, status="done", metrics={"image_auroc": 0.8133}, task_matrix=entries))

@@ -9,6 +9,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
+import _dummy  # noqa: F401  (registers test_pixel_zscore)
 from iadkit.components.postprocess import gaussian_blur, upsample
 from iadkit.data.transforms import ImageSet, Preprocess
 from iadkit.errors import MetricUndefinedError, ModelFileError
@@ -17,8 +18,6 @@ from iadkit.model import Model
 from iadkit.store import read_manifest
 from iadkit.thresholds import f1_optimal_threshold, false_alarm_threshold
 from iadkit.types import ANOMALOUS, GOOD, Prediction, Sample
-
-import _dummy  # noqa: F401  (registers test_pixel_zscore)
 
 
 def flat_images(n: int, size: int = 16, seed: int = 0, spot: bool = False) -> list[Sample]:

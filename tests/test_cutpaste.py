@@ -11,15 +11,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.covariance import ledoit_wolf
 
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 from iadkit.components import synthesis as S
 from iadkit.components.synthesis import color_jitter, cutpaste, cutpaste_scar
 from iadkit.data.transforms import ImageSet, Preprocess
+from iadkit.errors import InvalidParameterError
 from iadkit.methods.base import NotFittedError
 from iadkit.methods.cutpaste import CutPaste, receptive_field_upsample
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built, predict_and_auroc
-from iadkit.errors import InvalidParameterError
 
 SIZE = 64
 
@@ -37,24 +36,24 @@ def test_cutpaste_patch_area_aspect_and_content() -> None:
     areas, aspects = [], []
     for _ in range(200):
         out, mask = cutpaste(image, jitter=0.0, generator=g)
-        t, b, l, r = _box(mask)
-        assert int(mask.sum()) == (b - t) * (r - l)  # a rectangle
+        top, bottom, left, right = _box(mask)
+        assert int(mask.sum()) == (bottom - top) * (right - left)  # a rectangle
         areas.append(mask.float().mean().item())
-        aspects.append((r - l) / (b - t))
+        aspects.append((right - left) / (bottom - top))
         assert torch.equal(out[:, ~mask], image[:, ~mask])  # nothing else changed
     # paper: area 2%-15% of the image, aspect ratio in (0.3, 3.3) (up to pixel rounding)
-    assert 0.018 <= min(areas) and max(areas) <= 0.16
+    assert min(areas) >= 0.018 and max(areas) <= 0.16
     assert min(aspects) < 0.6 and max(aspects) > 1.8  # both orientations occur
-    assert 0.25 <= min(aspects) and max(aspects) <= 3.7
+    assert min(aspects) >= 0.25 and max(aspects) <= 3.7
 
 
 def test_cutpaste_without_jitter_pastes_a_copy_of_the_image() -> None:
     g = torch.Generator().manual_seed(3)
     image = torch.rand(3, 40, 40)
     out, mask = cutpaste(image, jitter=0.0, generator=g)
-    t, b, l, r = _box(mask)
-    patch = out[:, t:b, l:r]
-    h, w = b - t, r - l
+    top, bottom, left, right = _box(mask)
+    patch = out[:, top:bottom, left:right]
+    h, w = bottom - top, right - left
     found = any(
         torch.equal(image[:, y : y + h, x : x + w], patch) for y in range(40 - h + 1) for x in range(40 - w + 1)
     )
@@ -71,12 +70,12 @@ def test_scar_is_a_thin_rotated_strip_of_the_paper_size() -> None:
         assert torch.equal(out[:, ~mask], image[:, ~mask])
     # axis-aligned, no jitter: an exact width x length rectangle copied from the image
     out, mask = cutpaste_scar(image, angle=(0.0, 0.0), width=(4.0, 4.0), length=(20.0, 20.0), jitter=0.0, generator=g)
-    t, b, l, r = _box(mask)
-    assert (b - t, r - l) == (20, 4) and int(mask.sum()) == 80
+    top, bottom, left, right = _box(mask)
+    assert (bottom - top, right - left) == (20, 4) and int(mask.sum()) == 80
     # scar sizes scale with the image: at 64 px the same strip is 1 x 5 px
     _, small = cutpaste_scar(torch.rand(3, 64, 64), angle=(0.0, 0.0), width=(4.0, 4.0), length=(20.0, 20.0), generator=g)
-    t, b, l, r = _box(small)
-    assert (b - t, r - l) == (5, 1)
+    top, bottom, left, right = _box(small)
+    assert (bottom - top, right - left) == (5, 1)
 
 
 def test_color_jitter_definitions() -> None:

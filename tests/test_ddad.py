@@ -8,14 +8,13 @@ import pytest
 import torch
 from scipy import ndimage
 
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 from iadkit.backbones import FeatureExtractor
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError
 from iadkit.methods import NotFittedError
 from iadkit.methods.ddad import DDAD, epsilon_loss, feature_discrepancy, pixel_discrepancy, whole_map_cosine_loss
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 # A narrower U-Net and a shorter run than the defaults (width 32, 20 epochs), for a unit test.

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from iadkit.data.transforms import ImageSet
+from _helpers import assert_round_trip_identical, built
 from iadkit.components.deviation import PlainHead, balanced_batches, topk_mil_score
+from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError, TrainingDataError
 from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
 from iadkit.types import ANOMALOUS
-
-from _helpers import assert_round_trip_identical, built
 
 SIZE = 64
 # CPU-sized training for the tests: only the last stage is trained and images are not rotated

@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _helpers import assert_round_trip_identical, built
 from iadkit.components.deviation import CompositeHead, HolisticHead, topk_mil_score
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import TrainingDataError
 from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
 from iadkit.types import ANOMALOUS
-
-from _helpers import assert_round_trip_identical, built
 
 SIZE = 64
 # CPU-sized training (as tests/test_devnet.py): last stage trained, no rotation, 5 x 20 x 12.

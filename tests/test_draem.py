@@ -8,13 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _helpers import assert_round_trip_identical, built
 from iadkit.components.textures import ProceduralTextures
 from iadkit.components.unet import InputSizeError
 from iadkit.errors import IadkitError, InvalidParameterError
 from iadkit.methods.draem import DRAEM, pooled_max, score_window_for
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built
 
 SIZE = 64
 

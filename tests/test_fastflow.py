@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 from iadkit.components.flows import AffineCoupling, AllInOneCoupling, FixedChannelMix, SampleLayerNorm
 from iadkit.methods.base import NotFittedError, create
 from iadkit.methods.fastflow import FastFlow
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 

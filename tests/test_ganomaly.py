@@ -8,14 +8,13 @@ import pytest
 import torch
 
 import iadkit.methods.ganomaly as ganomaly_module
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 from iadkit.components.autoencoders import DCGANDecoder, DCGANEncoder, dcgan_init
 from iadkit.components.unet import InputSizeError
 from iadkit.data.transforms import ImageSet, Preprocess
 from iadkit.errors import InvalidParameterError
 from iadkit.methods.ganomaly import GANomaly, generator_loss
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 

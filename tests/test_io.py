@@ -298,7 +298,7 @@ def test_write_image_atomic_keeps_old_file_on_failure(tmp_path: Path, monkeypatc
     write_image_atomic(tmp_path / "mask.png", np.eye(3, dtype=bool))
     np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), np.eye(3, dtype=bool))
 
-    def boom(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+    def boom(self, *a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", boom)

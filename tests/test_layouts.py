@@ -95,9 +95,9 @@ def test_single_category_root_schemes_and_unpacking(tmp_path: Path) -> None:
 def test_category_errors(tmp_path: Path) -> None:
     make_mvtec(tmp_path, "bottle")
     make_mvtec(tmp_path, "wood")
-    with pytest.raises(DatasetLayoutError, match="2 categories.*category="):
+    with pytest.raises(DatasetLayoutError, match=r"2 categories.*category="):
         load_dataset(tmp_path)
-    with pytest.raises(DatasetLayoutError, match="'cable' not found.*bottle, wood"):
+    with pytest.raises(DatasetLayoutError, match=r"'cable' not found.*bottle, wood"):
         load_dataset(tmp_path, "cable")
 
 
@@ -134,11 +134,11 @@ def test_empty_train_and_bad_sources(tmp_path: Path) -> None:
         load_dataset(tmp_path / "missing")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "readme.txt").write_text("x")
-    with pytest.raises(DatasetLayoutError, match="(?s)layout not recognised.*mvtec:"):
+    with pytest.raises(DatasetLayoutError, match=r"(?s)layout not recognised.*mvtec:"):
         detect_layout(tmp_path / "other")
     with pytest.raises(DatasetLayoutError, match="unknown layout"):
         load_dataset(tmp_path, layout="imagenet")
-    with pytest.raises(TypeError, match="'trian_fraction'.*accepts: allow_missing_masks"):
+    with pytest.raises(TypeError, match=r"'trian_fraction'.*accepts: allow_missing_masks"):
         load_dataset(tmp_path, trian_fraction=0.5)
 
 
@@ -208,7 +208,7 @@ def test_mvtec3d_rgb(tmp_path: Path) -> None:
 
 
 # -- visa -------------------------------------------------------------------------------
-def _visa(root: Path, rows: list[tuple[str, str, str, str, str]], name: str = "1cls.csv", header=None) -> None:  # noqa: ANN001
+def _visa(root: Path, rows: list[tuple[str, str, str, str, str]], name: str = "1cls.csv", header=None) -> None:
     (root / "split_csv").mkdir(parents=True, exist_ok=True)
     with open(root / "split_csv" / name, "w", newline="") as fh:
         w = csv.writer(fh)
@@ -246,7 +246,7 @@ def test_visa_split_csv_and_instance_masks(tmp_path: Path) -> None:
     assert split.license == "CC BY 4.0"
 
     # 2-class split: anomalous training rows become train_anomalous
-    _visa(tmp_path, rows[:2] + [("candle", "train", "anomaly", rows[3][3], rows[3][4])] + rows[2:3], name="2cls_fewshot.csv")
+    _visa(tmp_path, [*rows[:2], ("candle", "train", "anomaly", rows[3][3], rows[3][4]), *rows[2:3]], name="2cls_fewshot.csv")
     split2 = load_dataset(tmp_path, "candle", split_file="2cls_fewshot")
     assert len(split2.train_anomalous) == 1 and len(split2.train) == 2
 
@@ -254,7 +254,7 @@ def test_visa_split_csv_and_instance_masks(tmp_path: Path) -> None:
 def test_visa_errors(tmp_path: Path) -> None:
     img(tmp_path / "c" / "a.JPG")
     _visa(tmp_path, [("c", "train", "normal", "c/a.JPG", ""), ("c", "test", "normal", "c/missing.JPG", "")])
-    with pytest.raises(DatasetLayoutError, match="(?s)1 image.*do not exist.*missing.JPG"):
+    with pytest.raises(DatasetLayoutError, match=r"(?s)1 image.*do not exist.*missing.JPG"):
         load_dataset(tmp_path, "c")
     _visa(tmp_path, [("c", "train", "normal", "c/a.JPG")], header=["object", "split", "label", "image"])
     with pytest.raises(DatasetLayoutError, match="column 'mask' missing"):
@@ -322,7 +322,7 @@ def test_folder_typed_defects_test_good_and_no_masks(tmp_path: Path) -> None:
     assert split.defect_types == ["dent", "scratch"]
     assert not split.has_masks  # no mask folder: a classification-only set, not an error
     mask(root / "masks" / "scratch" / "s_mask.png")
-    with pytest.raises(DatasetLayoutError, match="dent/d.png"):
+    with pytest.raises(DatasetLayoutError, match=r"dent/d.png"):
         load_dataset(root)
     mask(root / "masks" / "d.png")
     split = load_dataset(root)

@@ -34,9 +34,9 @@ def defect(path: Path, box: tuple[int, int, int, int], value: int) -> Path:
     return png(path, m)
 
 
-def make_loco(root: Path, config=CONFIG) -> Path:  # noqa: ANN001
+def make_loco(root: Path, config=CONFIG) -> Path:
     cat = root / "tray"
-    image = np.full(SIZE + (3,), 120, np.uint8)
+    image = np.full((*SIZE, 3), 120, np.uint8)
     for i in range(3):
         png(cat / "train" / "good" / f"{i:03d}.png", image)
     png(cat / "validation" / "good" / "000.png", image)
@@ -104,7 +104,7 @@ def test_missing_config_loads_but_regions_say_what_is_missing(tmp_path: Path) ->
     make_loco(tmp_path, config=None)
     split = load_dataset(tmp_path)
     assert split.test[0].load_regions() == []
-    with pytest.raises(DatasetLayoutError, match="no defects_config.json was found"):
+    with pytest.raises(DatasetLayoutError, match=r"no defects_config.json was found"):
         split.test[2].load_regions()
 
 
@@ -118,10 +118,10 @@ def test_missing_config_loads_but_regions_say_what_is_missing(tmp_path: Path) ->
         ([{"defect_name": "a", "pixel_value": 9, "saturation_threshold": 1.5, "relative_saturation": True}], r"\(0, 1\]"),
         ([{"defect_name": "a", "pixel_value": 9, "saturation_threshold": 2.5, "relative_saturation": False}], "whole number"),
         ([{"defect_name": "a", "pixel_value": 9, "saturation_threshold": 2, "relative_saturation": "yes"}], "true or false"),
-        (CONFIG + [dict(CONFIG[0], defect_name="dup")], "listed more than once"),
+        ([*CONFIG, dict(CONFIG[0], defect_name="dup")], "listed more than once"),
     ],
 )
-def test_malformed_config_is_a_clear_error_at_load_time(tmp_path: Path, config, match: str) -> None:  # noqa: ANN001
+def test_malformed_config_is_a_clear_error_at_load_time(tmp_path: Path, config, match: str) -> None:
     cat = make_loco(tmp_path, config=config)
     with pytest.raises(DatasetLayoutError, match=match) as info:
         load_dataset(tmp_path)

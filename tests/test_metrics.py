@@ -13,9 +13,6 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 import iadkit.metrics._curves as curves_mod
 from iadkit.errors import MetricUndefinedError
-
-# The package re-exports the function `aupro`, which shadows the submodule as an attribute.
-aupro_mod = importlib.import_module("iadkit.metrics.aupro")
 from iadkit.metrics import (
     IMAGE_KEYS,
     PIXEL_KEYS,
@@ -43,6 +40,9 @@ from iadkit.metrics import (
     time_per_image,
     trapezoid_to,
 )
+
+# The package re-exports the function `aupro`, which shadows the submodule as an attribute.
+aupro_mod = importlib.import_module("iadkit.metrics.aupro")
 
 # ----------------------------------------------------------------------------------------------
 # Independent references (straightforward, slow) used to check the fast exact implementations.
@@ -230,7 +230,7 @@ def test_pixel_metrics_exact_across_chunk_boundaries(monkeypatch):
     monkeypatch.setattr(curves_mod, "CHUNK", 3)
     monkeypatch.setattr(aupro_mod, "_CHUNK", 4)
     rng = np.random.default_rng(7)
-    for trial in range(8):
+    for _ in range(8):
         maps, masks = random_pixel_case(rng, ties=True)
         y, s = masks.ravel(), maps.ravel()
         out = pixel_metrics(maps, masks, aupro_variant="both")
@@ -385,7 +385,7 @@ def test_aupro_exact_and_100_thresholds_agree_on_smooth_maps():
     masks = np.zeros((n, h, w), bool)
     for i in range(4):
         for _ in range(2):
-            cy, cx, r = rng.integers(8, 40, 2).tolist() + [int(rng.integers(2, 7))]
+            cy, cx, r = [*rng.integers(8, 40, 2).tolist(), int(rng.integers(2, 7))]
             masks[i] |= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
     maps = ndimage.gaussian_filter(rng.random((n, h, w)), (0, 2, 2)) + 0.15 * ndimage.gaussian_filter(
         masks.astype(float), (0, 1, 1)
@@ -428,8 +428,8 @@ def test_trapezoid_to_interpolates_at_the_limit():
 def test_compute_all_keys_and_consistency():
     rng = np.random.default_rng(11)
     maps, masks = random_pixel_case(rng, ties=False)
-    maps = np.concatenate([maps, rng.random((2,) + maps.shape[1:]).astype(np.float32)])
-    masks = np.concatenate([masks, np.zeros((2,) + masks.shape[1:], bool)])
+    maps = np.concatenate([maps, rng.random((2, *maps.shape[1:])).astype(np.float32)])
+    masks = np.concatenate([masks, np.zeros((2, *masks.shape[1:]), bool)])
     labels = masks.reshape(len(masks), -1).any(1).astype(int)
     scores = maps.reshape(len(maps), -1).max(1)
 

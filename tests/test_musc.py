@@ -13,7 +13,6 @@ from scipy.spatial.distance import cdist
 
 from iadkit.errors import InvalidInputError, InvalidParameterError, WeightsNotFoundError
 from iadkit.methods.musc import interval_bounds, lnamd, mutual_scores, rscin
-from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
 
 
@@ -118,7 +117,7 @@ def _set(n_good: int = 10, n_bad: int = 2):
     rng = np.random.default_rng(0)
     out = []
     for i in range(n_good + n_bad):
-        yy, xx = np.mgrid[0:64, 0:64]
+        _, xx = np.mgrid[0:64, 0:64]
         img = 128 + 40 * np.sin(xx / 3.0 + rng.uniform(0, 6)) + rng.normal(0, 4, (64, 64))
         mask = np.zeros((64, 64), bool)
         if i >= n_good:

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from iadkit.errors import InvalidParameterError
-
 from iadkit.components.gaussian import (
     GaussianAccumulator,
     GaussianFitError,
@@ -17,6 +15,7 @@ from iadkit.components.gaussian import (
     torch_threads,
     whitening_matrices,
 )
+from iadkit.errors import InvalidParameterError
 
 
 # -- Gaussian components against numpy --------------------------------------------------------------
@@ -86,9 +85,8 @@ def test_thread_guard_restores_and_runs_batched_factorisation():
             with torch_threads(1):  # re-entrant
                 assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError, match="boom"):
-            with torch_threads(1):
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"), torch_threads(1):
+            raise RuntimeError("boom")
         assert torch.get_num_threads() == 2
         # The case that stalls unguarded: many batched factorisations with 2 threads requested.
         g = torch.Generator().manual_seed(0)

@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers import built
 from iadkit.methods import available_methods
 from iadkit.model import Model
-
-from _helpers import built
 
 
 @pytest.fixture(scope="module")

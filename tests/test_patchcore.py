@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import assert_round_trip_identical, predict_and_auroc
 from iadkit.components.memory_bank import StreamingCoreset, coverage_radius
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError, NotFittedError
 from iadkit.methods.patchcore import PatchCore, reweighted_image_scores
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, predict_and_auroc
 
 SIZE = 96
 

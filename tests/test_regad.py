@@ -4,6 +4,7 @@ rising with the number of shots on synthetic categories, exact model-file round 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _helpers import assert_round_trip_identical, built
 from iadkit.components.registration import (
     AUGMENTATIONS_PER_SHOT,
     SpatialTransformer,
@@ -22,11 +24,9 @@ from iadkit.components.registration import (
 )
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError, TrainingDataError
-from iadkit.metrics.image import image_auroc
 from iadkit.methods.regad import meta_training_sets
+from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built
 
 SIZE = 64
 # CPU-sized meta-training for the tests: one epoch over 8 images of each of the 4 other
@@ -128,7 +128,7 @@ def test_auroc_rises_with_the_number_of_shots(categories, fitted):
             r = fitted[(c, k)].predict(ds.test)
             scores.append(image_auroc(r.labels, r.scores))
         mean.append(float(np.mean(scores)))
-    assert all(b >= a - 0.01 for a, b in zip(mean, mean[1:])), mean
+    assert all(b >= a - 0.01 for a, b in itertools.pairwise(mean)), mean
     assert mean[-1] >= mean[0] + 0.1 and mean[-1] >= 0.85, mean
 
 

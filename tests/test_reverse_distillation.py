@@ -8,14 +8,13 @@ import json
 import pytest
 import torch
 
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 from iadkit.components.distillation import OneClassBottleneck, ReverseDecoder
 from iadkit.components.losses import cosine_distance_map, flattened_cosine_loss, multilevel_cosine_loss
 from iadkit.components.postprocess import upsample
 from iadkit.methods import NotFittedError
 from iadkit.methods.reverse_distillation import ReverseDistillation
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 PARAMS = dict(epochs=20, batch_size=4)  # paper: 200 epochs, batch 16 (too slow for a unit test)

@@ -13,11 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from _serve_helpers import SIZE, copy_named, fit_tiny_patchcore
 from iadkit.data.io import read_image
 from iadkit.serve.app import Limits, create_app
 from iadkit.serve.backend import TorchPredictor, load_predictor
-
-from _serve_helpers import SIZE, copy_named, fit_tiny_patchcore
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +228,7 @@ def test_content_type_415(client, images, tmp_path):
 
 def test_undecodable_and_empty_422(client, images):
     data = images[0].read_bytes()
-    truncated = client.post("/predict", files=files_field(images[1:2]) + [("files", ("broken-07.png", data[: len(data) // 2], "image/png"))])
+    truncated = client.post("/predict", files=[*files_field(images[1:2]), ("files", ("broken-07.png", data[:len(data) // 2], "image/png"))])
     assert truncated.status_code == 422
     assert truncated.json()["detail"].startswith("broken-07.png: ") and "truncated" in truncated.json()["detail"]
     fake = client.post("/predict", files=[("files", ("fake.jpg", b"this is not a jpeg", "image/jpeg"))])
@@ -275,7 +274,7 @@ def test_load_predictor_errors(model_file, tmp_path):
         load_predictor(tmp_path / "missing.iad")
     with pytest.raises(IadkitError, match="not usable in a URL"):
         load_predictor(model_file, "bad name/..")
-    with pytest.raises(ModelFileError, match="not an exported model.*iadkit export"):
+    with pytest.raises(ModelFileError, match=r"not an exported model.*iadkit export"):
         load_predictor(model_file, runtime="onnx")
     with pytest.raises(IadkitError, match="unknown runtime 'tf'"):
         load_predictor(model_file, runtime="tf")

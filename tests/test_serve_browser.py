@@ -23,10 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from _serve_helpers import SIZE, copy_named, fit_tiny_patchcore, running_server
 from iadkit.serve.app import create_app
 from iadkit.serve.backend import load_predictor
-
-from _serve_helpers import SIZE, copy_named, fit_tiny_patchcore, running_server
 
 CHROMIUM = os.environ.get("IADKIT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

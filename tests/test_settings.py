@@ -3,6 +3,7 @@ int() truncation, no overlap), determinism per seed, few-shot augmentation, refu
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -200,7 +201,7 @@ def test_noisy_counts_caps_and_no_overlap(ratio, n_a, n_b):
     assert not set(paths(tr)) & set(paths(te))  # no overlap
     assert sorted(paths(te) + paths(injected)) == sorted(paths(test))  # nothing lost
     assert set(paths(injected)) <= set(paths(test, label=ANOMALOUS))
-    assert [s for s in te] == [s for s in test if s.path not in set(paths(injected))]  # order kept
+    assert list(te) == [s for s in test if s.path not in set(paths(injected))]  # order kept
 
 
 def test_noisy_is_deterministic_per_seed_and_nested_in_the_ratio():
@@ -237,7 +238,7 @@ def test_semi_supervised_is_deterministic_per_seed_nested_and_warns_at_the_cap(c
     assert semi_supervised(train, test, seed=4, k=2) == semi_supervised(train, test, seed=4, k=2)
     assert len({tuple(paths(semi_supervised(train, test, seed=s, k=2)[0], label=ANOMALOUS)) for s in range(6)}) > 1
     sets = [set(paths(semi_supervised(train, test, seed=4, k=k)[0], label=ANOMALOUS)) for k in (1, 2, 4, 5, 8, 10)]
-    assert all(a <= b for a, b in zip(sets, sets[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(sets))
     with caplog.at_level(logging.WARNING, logger="iadkit.settings.semi"):
         semi_supervised(train, test, seed=0, k=4)
     assert "'b' has 4 test anomalies; at most 3 (75 %) may move: using 3, not k=4" in caplog.text

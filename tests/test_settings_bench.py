@@ -270,16 +270,16 @@ def test_fit_with_a_setting_on_the_command_line(tmp_path):
     runner = CliRunner()
     out = tmp_path / "m.iad"
     args = ["fit", "-m", "test_pixel_zscore", "-d", str(data), "-c", "plate", "--image-size", "24", "-o", str(out)]
-    r = runner.invoke(app, args + ["--setting", "few_shot:k=4"])
+    r = runner.invoke(app, [*args, "--setting", "few_shot:k=4"])
     assert r.exit_code == 0, r.output
     assert "on 4 training images" in r.output
     assert Model.load(out).info["n_train"] == 4 and Model.load(out).info["setting"] == "few_shot:k=4"
-    r = runner.invoke(app, args + ["--force", "--setting", "few_shot:k=2,augment=true,n_augment=3"])
+    r = runner.invoke(app, [*args, "--force", "--setting", "few_shot:k=2,augment=true,n_augment=3"])
     assert r.exit_code == 0, r.output
     assert Model.load(out).info["n_train"] == 8  # 2 shots x (1 + 3 variants)
-    r = runner.invoke(app, args + ["--force", "--setting", "semi_supervised:k=2"])
+    r = runner.invoke(app, [*args, "--force", "--setting", "semi_supervised:k=2"])
     assert r.exit_code == 0, r.output
     said = " ".join(r.output.split())  # the console wraps long lines
     assert said.count("test_pixel_zscore is unsupervised: it trains on the good images only (2 labelled defects unused)") == 1
-    r = runner.invoke(app, args + ["--force", "--setting", "few_shot:k=0"])
+    r = runner.invoke(app, [*args, "--force", "--setting", "few_shot:k=0"])
     assert r.exit_code != 0 and "setting 'few_shot': k must be an integer >= 1, got 0" in str(r.exception)

@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 from iadkit.components.adaptor import Discriminator, FeatureAdaptor, gaussian_feature_noise, truncated_l1_loss
 from iadkit.components.features import PatchEmbedding
 from iadkit.components.postprocess import gaussian_blur, upsample
 from iadkit.methods.base import NotFittedError
 from iadkit.methods.simplenet import SimpleNet
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import assert_round_trip_identical
 from iadkit.components.outliers import (
     gaussian_outlier_scores,
     local_outlier_factor,
@@ -20,8 +21,6 @@ from iadkit.errors import InvalidParameterError
 from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
 from iadkit.types import ANOMALOUS, GOOD, Sample
-
-from _helpers import assert_round_trip_identical
 
 SIZE = 64
 N_TRAIN = 20

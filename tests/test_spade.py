@@ -9,13 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _helpers import assert_round_trip_identical, predict_and_auroc
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import IadkitError
 from iadkit.methods import NotFittedError
 from iadkit.methods.spade import SPADE, pyramid_features
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, predict_and_auroc
 
 SIZE = 64
 

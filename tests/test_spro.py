@@ -156,7 +156,7 @@ def test_unsaturated_components_equal_aupro_and_reference(seed):
         assert auc_spro(maps, regions, fpr_limit=limit) == pytest.approx(aupro_exact(maps, masks, fpr_limit=limit), abs=1e-9)
     # Saturated, overlapping regions (a second region covering part of the first): the reference.
     sat = []
-    for g, regs in zip(masks, regions):
+    for regs in regions:
         more = [SaturatedRegion(r.mask, int(rng.integers(1, r.mask.sum() + 1))) for r in regs]
         if regs:
             overlap = regs[0].mask | np.roll(regs[0].mask, 1, axis=1)
@@ -179,8 +179,8 @@ def test_overlapping_regions_hand_computed():
 def test_by_type_adds_the_good_images_to_each_type():
     maps, regions = two_region_case(p5=0.2)
     logical = row([0.0, 0.0, 0.8, 0.8])
-    maps = maps + [logical]
-    regions = regions + [[region([0, 0, 1, 1], 2)]]
+    maps = [*maps, logical]
+    regions = [*regions, [region([0, 0, 1, 1], 2)]]
     types = ["structural_anomalies", "good", "logical_anomalies"]
     out = auc_spro_by_type(maps, regions, types, fpr_limits=(0.05, 1.0))
     assert set(out) == {"structural_anomalies", "logical_anomalies", "mean"}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 from iadkit.components.distillation import StudentNetwork, TrainingDivergedError, train_epochs
 from iadkit.components.losses import cosine_distance_map, multilevel_cosine_loss, pyramid_matching_loss
 from iadkit.data.transforms import ImageSet, Preprocess
@@ -17,8 +18,6 @@ from iadkit.methods import NotFittedError
 from iadkit.methods.stfpm import STFPM, combine_level_maps
 from iadkit.model import Model
 from iadkit.types import Sample
-
-from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 PARAMS = dict(epochs=20, batch_size=4)  # paper: 100 epochs, batch 32 (too slow for a unit test)
@@ -107,7 +106,7 @@ def test_epoch_loop_trains_skips_single_image_batches_and_stops_on_divergence():
     assert float(w.detach()) == pytest.approx(3.0, abs=0.1)
     assert set(sizes) == {2}  # 5 images in batches of 2: the lone fifth is dropped each epoch
     with pytest.raises(TrainingDivergedError, match="lower the learning rate") as err:
-        nan_step = lambda x: w * float("nan")  # noqa: E731
+        nan_step = lambda x: w * float("nan")
         train_epochs(train, nan_step, torch.optim.SGD([w], lr=0.1), epochs=1, batch_size=2, progress=False)
     assert isinstance(err.value, IadkitError)
 

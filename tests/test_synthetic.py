@@ -79,7 +79,7 @@ def test_layout_counts_and_masks(tiny: tuple[Path, SynthSummary]) -> None:
                 assert lo <= (mask == 255).mean() <= hi, (mp, (mask == 255).mean())
         counts = summary.categories[name]
         assert (counts.train_good, counts.test_good) == (4, 3)
-        assert counts.test_defects == {d: 2 for d in spec.defect_types}
+        assert counts.test_defects == dict.fromkeys(spec.defect_types, 2)
         n_masks = 2 * len(spec.defect_types)
         assert counts.total == 4 + 3 + 2 * len(spec.defect_types) == len(list(cat.rglob("*.png"))) - n_masks
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp folders or files left
@@ -119,7 +119,7 @@ def test_missing_hole_mask_is_one_bolt_hole() -> None:
     size = 128
     for index in range(3):
         out = synthesize("washer", "missing_hole", seed=0, index=index, image_size=size)
-        labels, n = ndimage.label(out.mask)
+        _, n = ndimage.label(out.mask)
         assert n == 1
         r_min, r_max = 0.045 * size * 0.97, 0.045 * size * 1.03
         assert math.pi * (r_min - 1) ** 2 <= out.mask.sum() <= math.pi * (r_max + 1) ** 2
@@ -359,7 +359,7 @@ def test_summary_table_dict_and_record(tiny: tuple[Path, SynthSummary]) -> None:
     d = summary.to_dict()
     json.dumps(d)
     assert d["seed"] == 3 and d["image_size"] == SIZE and d["root"] == str(root)
-    assert d["categories"]["label"]["test_defects"] == {t: 2 for t in CATEGORIES["label"].defect_types}
+    assert d["categories"]["label"]["test_defects"] == dict.fromkeys(CATEGORIES["label"].defect_types, 2)
     record = json.loads((root / MANIFEST).read_text())
     assert record["layout"] == "mvtec_ad"
     params = record["categories"]["fabric"]["parameters"]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _helpers import assert_round_trip_identical, built, predict_and_auroc
 from iadkit.components.postprocess import pooled_max_score
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError
@@ -16,8 +17,6 @@ from iadkit.methods import NotFittedError
 from iadkit.methods.uniad import UniAD, align_features
 from iadkit.metrics.image import image_auroc
 from iadkit.model import Model
-
-from _helpers import assert_round_trip_identical, built, predict_and_auroc
 
 SIZE = 64
 # A shorter, faster schedule than the defaults (40 epochs, lr 1e-3), for a unit test; it scores

@@ -35,7 +35,7 @@ _LAZY = {
     "load_model": "iadkit.store",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [*sorted(_LAZY), "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -20,9 +20,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,8 @@ def score_files(
                     parts.append((model.predict([f], batch_size=1, keep_maps=keep_maps, threshold=thr), 0))
                 except (IadkitError, ValueError, OSError) as exc:
                     parts.append((exc, 0))
-        rows, maps = [], []
+        rows: list[dict[str, Any]] = []
+        maps: list[np.ndarray | None] = []
         for f, (res, i) in zip(chunk, parts):
             if isinstance(res, Exception):
                 rows.append(_row(f, error=str(res)))
@@ -112,7 +114,7 @@ def read_scored(csv_path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
             continue
         if not math.isfinite(score):
             continue
-        anomalous = {"True": True, "False": False}.get(r.get("anomalous") or "", None)
+        anomalous = {"True": True, "False": False}.get(r.get("anomalous") or "")
         rows[r["path"]] = _row(r["path"], score=score, anomalous=anomalous) | {"overlay": r.get("overlay") or None}
     return rows
 
@@ -242,7 +244,8 @@ class _IncrementalCSV:
 
     def __init__(self, path: Path, kept: list[dict[str, Any]]) -> None:
         atomic_write_text(path, _csv_text(kept))
-        self.f = open(path, "a", newline="", encoding="utf-8")
+        # open across calls (rows arrive per batch); `close` ends it
+        self.f = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         self.writer = csv.DictWriter(self.f, fieldnames=FIELDS)
 
     def write(self, rows: list[dict[str, Any]]) -> None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,6 +98,7 @@ def evaluate(
             t0 = time.perf_counter()
             pred = model.predict_tensor(batch.images)
             model_seconds += time.perf_counter() - t0
+            assert pred.scores is not None  # predict_tensor always sets them
             scores.append(pred.scores.numpy())
             if need_maps and pred.maps is not None:
                 maps.append(pred.maps.numpy().astype(np.float32))
@@ -184,7 +186,7 @@ def _shrink_region(region: Any, shape: tuple[int, int]) -> Any:
     m = torch.from_numpy(np.ascontiguousarray(region.mask, dtype=np.float32))[None, None]
     small = torch.nn.functional.adaptive_max_pool2d(m, shape)[0, 0].numpy() > 0
     ratio = (shape[0] * shape[1]) / float(region.mask.size)
-    sat = min(int(small.sum()), max(1, int(round(region.saturation_area * ratio))))
+    sat = min(int(small.sum()), max(1, round(region.saturation_area * ratio)))
     return SaturatedRegion(small, sat, region.name)
 
 

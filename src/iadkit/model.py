@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from iadkit.components.postprocess import Postprocess, heatmap_range
-from iadkit.data.transforms import ImageSet, Preprocess
+from iadkit.data.transforms import ImageSet, Preprocess, _pair, _triple
 from iadkit.errors import (
     CalibrationWarning,
     ImageReadError,
@@ -109,7 +109,7 @@ class Model:
         sigma: float | None = None,
         paper: bool = False,
         **params: Any,
-    ) -> "Model":
+    ) -> Model:
         """A new, unfitted model.
 
         Parameters
@@ -138,10 +138,10 @@ class Model:
         detector = method_cls(**params)
         mean, std = detector.input_normalization()
         preprocess = Preprocess(
-            image_size=224 if image_size is None else image_size,
-            crop_size=crop_size,
-            mean=mean,
-            std=std,
+            image_size=_pair(224 if image_size is None else image_size, "image_size"),
+            crop_size=None if crop_size is None else _pair(crop_size, "crop_size"),
+            mean=_triple(mean, "mean"),
+            std=_triple(std, "std", positive=True),
             depth=bool(method_cls.uses_depth),  # 3D methods get the point map as channels 3-5
         )
         post = Postprocess(sigma=detector.map_sigma if sigma is None else _check_sigma(sigma))
@@ -156,7 +156,7 @@ class Model:
         """The heat-map colour range (``postprocess.map_range``)."""
         return self.postprocess.map_range
 
-    def to(self, device: str | torch.device) -> "Model":
+    def to(self, device: str | torch.device) -> Model:
         self.detector.to(device)
         return self
 
@@ -173,7 +173,7 @@ class Model:
         tile: int | None = None,
         overlap: float | None = None,
         warm_start: bool = False,
-    ) -> "Model":
+    ) -> Model:
         """Fit the detector on good images, then calibrate the threshold.
 
         Parameters
@@ -219,7 +219,7 @@ class Model:
         target_fpr: float = 0.01,
         seed: int = 0,
         progress: bool = True,
-    ) -> "Model":
+    ) -> Model:
         """Learn one more task (a new product) and keep the ones learned before, then
         calibrate the threshold on the new task's held-out good images.
 
@@ -240,8 +240,8 @@ class Model:
         progress: bool,
         warm_start: bool,
         new_task: bool,
-        tiling: "Tiling | None",
-    ) -> "Model":
+        tiling: Tiling | None,
+    ) -> Model:
         from iadkit.methods.base import NotContinualError
 
         if new_task and not self.detector.continual:
@@ -526,7 +526,7 @@ class Model:
         return export_onnx(self, path, check=check)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "Model":
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Model:
         from iadkit.store import load_model
 
         return load_model(path, device=device)
@@ -565,7 +565,7 @@ def split_calibration(
     `fraction` of the good images, at least one, only when at least `min_train` good images
     remain to train on; otherwise nothing is held out."""
     good_idx = [i for i, s in enumerate(samples) if s.label != ANOMALOUS]
-    n_cal = max(1, int(round(fraction * len(good_idx))))
+    n_cal = max(1, round(float(fraction) * len(good_idx)))
     if len(good_idx) - n_cal < max(1, min_train):
         return samples, None
     order = np.random.default_rng(seed).permutation(len(good_idx))

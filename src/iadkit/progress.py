@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -41,7 +42,7 @@ class PlainProgress:
         self._step = step
         self._tasks: dict[int, dict[str, Any]] = {}
 
-    def __enter__(self) -> "PlainProgress":
+    def __enter__(self) -> PlainProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -129,7 +130,7 @@ class StepBar:
         self._progress = progress
         self._task = task_id
 
-    def advance(self, n: int = 1, **status: float | str) -> None:
+    def advance(self, n: int = 1, /, **status: float | str) -> None:
         text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in status.items())
         self._progress.update(self._task, advance=n, status=text)
 

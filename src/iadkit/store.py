@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def manifest_of(model: "iadkit.model.Model", tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def manifest_of(model: iadkit.model.Model, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     _, config = model.detector.state()
     return {
         "format": FORMAT,
@@ -81,11 +81,11 @@ def manifest_of(model: "iadkit.model.Model", tensors: dict[str, torch.Tensor]) -
         "tiling": model.tiling.to_dict() if model.tiling is not None else None,
         "backbone": backbone_record(model.detector),
         "tensors_sha256": tensors_digest(tensors),
-        "info": {**model.info, "saved": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "info": {**model.info, "saved": datetime.now(UTC).isoformat(timespec="seconds")},
     }
 
 
-def save_model(model: "iadkit.model.Model", path: str | Path) -> Path:
+def save_model(model: iadkit.model.Model, path: str | Path) -> Path:
     model.detector.check_fitted()
     tensors, _ = model.detector.state()
     manifest = manifest_of(model, tensors)
@@ -120,7 +120,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> "iadkit.model.Model":
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> iadkit.model.Model:
     from iadkit.methods.base import get_method
     from iadkit.model import Model
 

@@ -29,7 +29,7 @@ class Threshold:
         return {"value": self.value, "rule": self.rule, "details": self.details}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Threshold":
+    def from_dict(cls, d: dict[str, Any]) -> Threshold:
         return cls(value=float(d["value"]), rule=str(d["rule"]), details=dict(d.get("details", {})))
 
 
@@ -49,7 +49,7 @@ def false_alarm_threshold(good_scores: np.ndarray, target_fpr: float = 0.01) -> 
     if not 0.0 <= target_fpr < 1.0:
         raise InvalidParameterError(f"target_fpr must be in [0, 1), got {target_fpr}")
     n = s.size
-    allowed = int(math.floor(target_fpr * n + 1e-9))
+    allowed = math.floor(target_fpr * n + 1e-9)
     t = float(s[n - 1 - allowed])
     achieved = float((s > t).mean())
     return Threshold(

@@ -26,8 +26,9 @@ shared by `iadkit.Model` and the torch-free `iadkit.runtime`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class Tiling:
         return {"tile": self.tile, "overlap": self.overlap}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Tiling":
+    def from_dict(cls, d: dict[str, Any]) -> Tiling:
         return cls(tile=int(d["tile"]), overlap=float(d.get("overlap", DEFAULT_OVERLAP)))
 
 

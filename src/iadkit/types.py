@@ -7,7 +7,6 @@ unlabelled image to be scored). Higher anomaly scores always mean "more anomalou
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,7 +85,7 @@ class Sample:
             return np.zeros(shape, dtype=bool)
         return None
 
-    def with_label(self, label: int) -> "Sample":
+    def with_label(self, label: int) -> Sample:
         return replace(self, label=label)
 
 

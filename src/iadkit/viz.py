@@ -74,7 +74,7 @@ def overlay(
     if a.ndim != 2:
         raise ValueError(f"overlay: anomaly map must be HxW, got shape {a.shape}")
     if a.shape != (h, w):
-        a = cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR)
+        a = np.asarray(cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
     norm = normalize_map(a, map_range)
     colour = colormaps[cmap](norm)[..., :3].astype(np.float32)
     weight = (float(alpha) * norm)[..., None]
@@ -85,7 +85,7 @@ def overlay(
         if m.ndim != 2:
             raise ValueError(f"overlay: mask must be HxW, got shape {m.shape}")
         if m.shape != (h, w):
-            m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
+            m = np.asarray(cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST), dtype=np.uint8)
         contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         if contours:
             thick = max(1, round(max(h, w) / 200))

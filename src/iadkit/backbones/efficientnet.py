@@ -45,7 +45,8 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[st
     """
     if not any(k.startswith("_conv_stem.") for k in sd):
         return sd
-    flat = [(s, j) for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    blocks = model.get_submodule("blocks")  # nn.Sequential of stages, each an nn.Sequential
+    flat = [(s, j) for s, stage in enumerate(blocks.children()) for j in range(len(list(stage.children())))]
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if key.startswith("_blocks."):
@@ -67,7 +68,8 @@ def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Names are the timm module names users see in the state dict ("blocks.2"); "stem" is
     conv_stem + bn1 (with its activation), "head" is conv_head + bn2 (1280 channels).
     """
-    steps: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(model.conv_stem, model.bn1))]
-    steps += [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
-    steps.append(("head", nn.Sequential(model.conv_head, model.bn2)))
+    part = model.get_submodule
+    steps: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(part("conv_stem"), part("bn1")))]
+    steps += [(f"blocks.{i}", block) for i, block in enumerate(part("blocks").children())]
+    steps.append(("head", nn.Sequential(part("conv_head"), part("bn2"))))
     return steps

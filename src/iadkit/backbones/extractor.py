@@ -10,7 +10,8 @@ PatchCore on Lite0 that skips the last two stages and the 1280-channel head.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from iadkit.backbones import weights as W
 from iadkit.backbones.registry import BackboneSpec, LayerInfo, get_spec, probe_layers
 from iadkit.backbones.weights import BackboneError, WeightsMismatchError
-from iadkit.data.transforms import Preprocess
+from iadkit.data.transforms import Preprocess, _pair
 
 
 def _load_model(spec: BackboneSpec, weights_path: str | os.PathLike[str] | None) -> tuple[nn.Module, W.WeightsFile]:
@@ -126,7 +127,7 @@ class FeatureExtractor(nn.Module):
             self.body.to(memory_format=torch.channels_last)
 
     # -- frozen --------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "FeatureExtractor":
+    def train(self, mode: bool = True) -> FeatureExtractor:
         """Always eval: a frozen backbone's batch-norm must keep its ImageNet statistics."""
         return super().train(False)
 
@@ -177,7 +178,8 @@ class FeatureExtractor(nn.Module):
         self, image_size: int | tuple[int, int] = 256, crop_size: int | tuple[int, int] | None = None
     ) -> Preprocess:
         """A `Preprocess` with this backbone's normalisation, to store with a model."""
-        return Preprocess(image_size=image_size, crop_size=crop_size, mean=self.mean, std=self.std)
+        crop = None if crop_size is None else _pair(crop_size, "crop_size")
+        return Preprocess(image_size=_pair(image_size, "image_size"), crop_size=crop, mean=self.mean, std=self.std)
 
     def config(self) -> dict[str, Any]:
         """The JSON-able values that rebuild this extractor (plus the sha256 to verify it)."""
@@ -189,7 +191,7 @@ class FeatureExtractor(nn.Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], *, channels_last: bool | None = None) -> "FeatureExtractor":
+    def from_config(cls, config: dict[str, Any], *, channels_last: bool | None = None) -> FeatureExtractor:
         """Rebuild from `config()`; raises WeightsMismatchError when the weights found differ."""
         fx = cls(config["backbone"], config.get("layers"), config.get("weights_path"), channels_last=channels_last)
         fx.verify(config.get("sha256"))

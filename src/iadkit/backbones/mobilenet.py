@@ -47,4 +47,4 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 
 def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """`features.0` ... `features.18` (18 is the 1x1 conv to 1280 channels)."""
-    return [(f"features.{i}", layer) for i, layer in enumerate(model.features)]
+    return [(f"features.{i}", layer) for i, layer in enumerate(model.get_submodule("features").children())]

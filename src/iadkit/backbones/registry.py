@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import import_module
 from types import ModuleType
 
@@ -229,7 +229,7 @@ def probe_layers(steps: list[tuple[str, torch.nn.Module]], size: int = DRY_RUN_S
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _layer_geometry(name: str) -> tuple[LayerInfo, ...]:
     spec = get_spec(name)
     model = spec.builder.create(spec.arch)

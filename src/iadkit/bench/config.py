@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no type hints (stubs: types-PyYAML)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from iadkit.errors import IadkitError
@@ -160,7 +160,7 @@ class BenchConfig(BaseModel):
     description: str = ""
 
     @classmethod
-    def load(cls, path: str | Path) -> "BenchConfig":
+    def load(cls, path: str | Path) -> BenchConfig:
         path = Path(path)
         if not path.is_file():
             raise BenchConfigError(f"{path}: no such benchmark config file")
@@ -177,7 +177,7 @@ class BenchConfig(BaseModel):
         return cls.parse(data, origin=str(path))
 
     @classmethod
-    def parse(cls, data: Any, origin: str = "config") -> "BenchConfig":
+    def parse(cls, data: Any, origin: str = "config") -> BenchConfig:
         if not isinstance(data, dict):
             raise BenchConfigError(f"{origin}: expected a table of keys (methods, datasets, ...), got {type(data).__name__}")
         try:

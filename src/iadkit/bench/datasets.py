@@ -64,7 +64,7 @@ def subsample_test(samples: list[Sample], n: int | None, seed: int = 0) -> list[
     rng = np.random.default_rng(seed)
     labels = np.array([s.label for s in samples])
     groups = {lab: np.flatnonzero(labels == lab) for lab in np.unique(labels)}
-    quota = {lab: max(1, int(round(n * len(idx) / len(samples)))) for lab, idx in groups.items()}
+    quota = {lab: max(1, round(n * len(idx) / len(samples))) for lab, idx in groups.items()}
     while sum(quota.values()) > n:  # rounding overshoot: trim the largest group
         big = max(quota, key=lambda k: quota[k])
         quota[big] -= 1

@@ -101,11 +101,12 @@ import os
 import secrets
 import socket
 import sqlite3
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -192,7 +193,7 @@ class ResultsDBError(IadkitError, ValueError):
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class Claimant:
     token: str
 
     @classmethod
-    def here(cls) -> "Claimant":
+    def here(cls) -> Claimant:
         return cls(socket.gethostname(), os.getpid(), secrets.token_hex(6))
 
     @property
@@ -213,7 +214,7 @@ class Claimant:
         return f"{self.host}|{self.pid}|{self.token}"
 
     @classmethod
-    def parse(cls, text: str) -> "Claimant | None":
+    def parse(cls, text: str) -> Claimant | None:
         parts = str(text).rsplit("|", 2)
         if len(parts) != 3 or not parts[1].isdigit():
             return None
@@ -238,7 +239,7 @@ def claim_is_live(claimed_by: str, heartbeat: str, *, me: Claimant | None = None
     if owner is None:
         return False
     try:
-        age = ((now or datetime.now(timezone.utc)) - datetime.fromisoformat(heartbeat)).total_seconds()
+        age = ((now or datetime.now(UTC)) - datetime.fromisoformat(heartbeat)).total_seconds()
     except (TypeError, ValueError):
         return False
     if age > STALE_SECONDS:
@@ -317,7 +318,7 @@ def _json_or_none(v: Any) -> str | None:
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:
     """JSON has no NaN: an undefined metric is stored as null."""
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, (float, np.floating)) and not np.isfinite(v):
             out[k] = None
@@ -344,7 +345,7 @@ class ResultsDB:
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA foreign_keys = ON")
             tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables and not {"meta", "runs"} <= tables or (not writable and not tables):
+            if (tables and not {"meta", "runs"} <= tables) or (not writable and not tables):
                 raise ResultsDBError(
                     f"{self.path}: not an iadkit results database (it holds tables: {', '.join(sorted(tables)) or 'none'})"
                 )
@@ -377,7 +378,7 @@ class ResultsDB:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "ResultsDB":
+    def __enter__(self) -> ResultsDB:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,10 +14,12 @@ Batch prediction over many files (local or Ray) lives in `iadkit.batch`.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from iadkit.bench.config import Cell
 from iadkit.bench.db import CellResult, now_iso
@@ -52,7 +54,7 @@ class LocalExecutor:
 
         for cell in cells:
             on_start(cell)
-            yield run_cell(cell, on_stage=lambda stage, _c=cell: on_stage(_c, stage))
+            yield run_cell(cell, on_stage=functools.partial(on_stage, cell))
 
 
 def _init_process_worker(threads: int, sys_path: list[str]) -> None:

@@ -13,9 +13,10 @@ the method's own default, i.e. its paper's setting.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from iadkit.bench.config import BenchConfig, BenchConfigError
 

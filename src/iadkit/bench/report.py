@@ -34,7 +34,7 @@ import io
 import math
 import re
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +44,19 @@ import iadkit
 from iadkit.bench.db import ResultsDB
 from iadkit.bench.summary import (
     METRICS,
-    TIMINGS,
     REFERENCE_SETTING,
     TASK_METRICS,
+    TIMINGS,
     MetricTable,
     SettingCurve,
     TaskCellSummary,
     cost_table,
-    operating_tables,
     fmt_metric,
     fmt_timing,
     is_nan,
     method_label,
     metric_tables,
+    operating_tables,
     row_label,
     setting_curves,
     setting_label,
@@ -123,14 +123,14 @@ def _shade(v: float, lo: float, hi: float) -> str:
 
     t = (v - lo) / (hi - lo)
     r, g, b, _ = colormaps["RdYlGn"](0.15 + 0.7 * t)
-    mix = lambda c: int(round(255 * (0.55 * c + 0.45)))  # noqa: E731  (pastel: readable text)
+    mix = lambda c: round(255 * (0.55 * float(c) + 0.45))  # float(): colormaps give numpy scalars
     return f"background:rgb({mix(r)},{mix(g)},{mix(b)})"
 
 
 def _metric_table_html(t: MetricTable) -> str:
     out = [f'<table class="metric" data-metric="{_esc(t.metric)}" data-setting="{_esc(t.setting)}">']
     out.append('<tr><th class="l">dataset / category</th>' + "".join(f"<th>{_esc(m)}</th>" for m in t.methods) + "</tr>")
-    for label, values in t.rows + [("mean", t.mean)]:
+    for label, values in [*t.rows, ("mean", t.mean)]:
         vals = [v for v in values.values() if not is_nan(v)]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 0.0)
         if t.lower_is_better:  # colour and outline the lowest value as the best
@@ -470,7 +470,7 @@ def build_report_html(db_path: str | Path) -> str:
         gallery = _gallery_html(db, [r for r in runs if len(settings) <= 1 or setting_label(r) in charted])
         body.append(f'<section id="gallery"><h2>Gallery</h2>{gallery_note}{gallery}</section>')
         body.append(f'<section id="failed"><h2>Failed or interrupted cells</h2>{_failed_html(runs)}</section>')
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     title = "iadkit benchmark report"
     nav = "".join(
         f'<a href="#{a}">{n}</a>'
@@ -513,7 +513,7 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
     import matplotlib.pyplot as plt
 
     first = curves[0]
-    columns = ["mean"] + first.rows
+    columns = ["mean", *first.rows]
     fig, axes = plt.subplots(len(curves), len(columns), figsize=(2.9 * len(columns), 2.5 * len(curves) + 0.5), squeeze=False)
     series = list(dict.fromkeys(s for c in curves for s in c.series))
     method_of = {s: m for c in curves for s, m in c.method_of.items()}
@@ -533,7 +533,7 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
                 ref = curve.mean_reference.get(m, float("nan")) if col == "mean" else curve.reference.get((m, col), float("nan"))
                 pts = [(x, per_x[x]) for x in curve.xs if x in per_x and not is_nan(per_x[x])]
                 if curve.setting == "noisy" and pts and not is_nan(ref):
-                    pts = [(0.0, ref)] + pts  # noise ratio 0 is vanilla
+                    pts = [(0.0, ref), *pts]  # noise ratio 0 is vanilla
                 if pts:
                     xs, ys = zip(*pts)
                     ls, marker = styles[variant[s] % len(styles)]
@@ -563,7 +563,7 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
         ref_handle = plt.Line2D([], [], color="#555", ls="--", lw=0.9)
         fig.legend(
             [handles[s] for s in labels] + [ref_handle],
-            labels + ["vanilla (the method's colour)"],
+            [*labels, "vanilla (the method's colour)"],
             loc="upper center",
             ncol=min(5, len(labels) + 1),
             fontsize=8,

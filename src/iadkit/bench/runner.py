@@ -23,9 +23,10 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,9 +92,9 @@ def run_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellResult
     evaluate and render one cell. Never raises for an ordinary error: returns 'failed'.
     A cell of a tasks setting (continual, multi_class) runs its task plan (`run_task_cell`)."""
     from iadkit.evaluation import evaluate
+    from iadkit.methods import get_method
     from iadkit.metrics.efficiency import PeakMemory, Timer
     from iadkit.model import Model
-    from iadkit.methods import get_method
     from iadkit.settings import apply_setting, check_combination, setting_kind
 
     try:
@@ -229,7 +230,7 @@ def run_task_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellR
             fit_train, calibration = training_and_calibration(model, step_training(tasks, step), cell.seed)
             with PeakMemory() as fit_memory, warnings.catch_warnings():
                 warnings.simplefilter("ignore", CalibrationWarning)
-                kwargs = dict(
+                kwargs: dict[str, Any] = dict(
                     calibration=calibration,
                     calibration_fraction=None if calibration else 0.0,
                     target_fpr=TARGET_FPR,
@@ -704,7 +705,7 @@ class CellProgress:
         self.task = self.progress.add_task("benchmark", total=total, completed=done, current="")
         self._current = ""
 
-    def __enter__(self) -> "CellProgress":
+    def __enter__(self) -> CellProgress:
         self.progress.__enter__()
         return self
 

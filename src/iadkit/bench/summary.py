@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 # Display order and short names; threshold values are not comparable across methods, so
 # they are not tabulated.
@@ -316,6 +317,22 @@ class SettingCurve:
         return METRICS.get(self.metric, self.metric)
 
 
+def _param_json(run: dict[str, Any], key: str, defaults: dict[str, Any]) -> str:
+    """The run's value of setting parameter `key` (its default when unset), as comparable JSON."""
+    return json.dumps(run["setting_params"].get(key, defaults.get(key)), sort_keys=True)
+
+
+def _series_label(run: dict[str, Any], runs: list[dict[str, Any]], defaults: dict[str, Any], varying: list[str]) -> str:
+    """A line per method and per value of the setting's other varying parameters; the default
+    value goes unnamed (few_shot vs few_shot [augment=true])."""
+    extra = ",".join(
+        f"{k}={run['setting_params'].get(k, defaults.get(k))}"  # as setting_label writes it
+        for k in varying
+        if k not in defaults or _param_json(run, k, defaults) != json.dumps(defaults[k], sort_keys=True)
+    )
+    return method_label(run, runs) + (f" [{extra}]" if extra else "")
+
+
 def setting_curves(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_auroc",)) -> list[SettingCurve]:
     """The curves of every setting in `CURVE_AXES` present among the finished runs."""
     done = [r for r in runs if r["status"] == "done"]
@@ -325,31 +342,17 @@ def setting_curves(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_
         if not in_setting:
             continue
         defaults = _setting_defaults(setting)
-
-        def value(r: dict[str, Any], k: str) -> str:
-            return json.dumps(r["setting_params"].get(k, defaults.get(k)), sort_keys=True)
-
         others = {k for r in in_setting for k in r["setting_params"] if k != axis}
-        varying = sorted(k for k in others if len({value(r, k) for r in in_setting}) > 1)
-
-        def series_of(r: dict[str, Any]) -> str:
-            # a line per method and per value of the setting's other varying parameters;
-            # the default value goes unnamed (few_shot vs few_shot [augment=true])
-            extra = ",".join(
-                f"{k}={r['setting_params'].get(k, defaults.get(k))}"  # as setting_label writes it
-                for k in varying
-                if k not in defaults or value(r, k) != json.dumps(defaults[k], sort_keys=True)
-            )
-            return method_label(r, runs) + (f" [{extra}]" if extra else "")
-
+        varying = sorted(k for k in others if len({_param_json(r, k, defaults) for r in in_setting}) > 1)
+        # (run, its series label): a line per method and per value of the other varying parameters
+        labelled = [(r, _series_label(r, runs, defaults, varying)) for r in in_setting]
         for metric in metrics:
             acc: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
             method_of: dict[str, str] = {}
-            for r in in_setting:
+            for r, s in labelled:
                 v = r["metrics"].get(metric)
                 if is_nan(v):
                     continue
-                s = series_of(r)
                 method_of[s] = method_label(r, runs)
                 acc[(s, row_label(r))][float(r["setting_params"][axis])].append(float(v))
             if not acc:
@@ -360,7 +363,7 @@ def setting_curves(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_
                 if r["setting"] == REFERENCE_SETTING and not is_nan(v):
                     ref_acc[(method_label(r, runs), row_label(r))].append(float(v))
             rows = list(dict.fromkeys(row_label(r) for r in in_setting))
-            series = list(dict.fromkeys(series_of(r) for r in in_setting if (series_of(r), row_label(r)) in acc))
+            series = list(dict.fromkeys(s for r, s in labelled if (s, row_label(r)) in acc))
             curve = SettingCurve(
                 setting=setting,
                 axis=axis,

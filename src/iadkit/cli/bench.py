@@ -6,7 +6,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -28,12 +27,12 @@ def _log_to_console() -> None:
 
 
 def _run_and_report(
-    config: "object",
+    config: object,
     out: Path,
     *,
-    db: Optional[Path],
+    db: Path | None,
     executor: str,
-    address: Optional[str],
+    address: str | None,
     retry_failed: bool,
     report: bool,
     workers: int = 1,
@@ -92,15 +91,15 @@ def _run_and_report(
 
 @app.command()
 def benchmark(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Grid file (YAML or TOML): methods, datasets, settings, seeds."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="A named grid instead of a file: demo or full."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.db and report/ (default bench-out/<name>)."),
-    db: Optional[Path] = typer.Option(None, "--db", help="Results database (default OUT/results.db). Reruns resume it."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Grid file (YAML or TOML): methods, datasets, settings, seeds."),
+    preset: str | None = typer.Option(None, "--preset", help="A named grid instead of a file: demo or full."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for results.db and report/ (default bench-out/<name>)."),
+    db: Path | None = typer.Option(None, "--db", help="Results database (default OUT/results.db). Reruns resume it."),
     executor: str = typer.Option("local", help="local (this process) or ray (one Ray task per cell)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address, e.g. auto or ray://head:10001 (default: start a local Ray)."),
+    address: str | None = typer.Option(None, help="Ray cluster address, e.g. auto or ray://head:10001 (default: start a local Ray)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run cells that failed before again."),
     workers: int = typer.Option(1, "--workers", "-j", min=1, help="With --executor local: cells run at once in separate processes."),
-    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="With --preset: only these methods (repeatable)."),
+    method: list[str] | None = typer.Option(None, "--method", "-m", help="With --preset: only these methods (repeatable)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
 ) -> None:
     """Fit and evaluate every cell of a grid, resumably, into one SQLite database.
@@ -157,10 +156,10 @@ def report_cmd(
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the synthetic data, results.db and report/."),
     executor: str = typer.Option("local", help="local or ray."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (with --executor ray)."),
-    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Only these methods (default: every installed one)."),
+    address: str | None = typer.Option(None, help="Ray cluster address (with --executor ray)."),
+    method: list[str] | None = typer.Option(None, "--method", "-m", help="Only these methods (default: every installed one)."),
     elpv: bool = typer.Option(True, "--elpv/--no-elpv", help="Include the real ELPV solar-cell images (subsampled)."),
-    workers: Optional[int] = typer.Option(
+    workers: int | None = typer.Option(
         None, "--workers", "-j", help="Cells at once in separate processes (default: 2 on a multi-core machine)."
     ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run cells that failed before again."),
@@ -186,4 +185,4 @@ def demo(
     )
 
 
-__all__ = ["benchmark", "demo", "report_cmd", "IadkitError"]
+__all__ = ["IadkitError", "benchmark", "demo", "report_cmd"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -38,7 +37,7 @@ def _console() -> Console:
     return Console(width=120)
 
 
-def _image_desc(sample) -> str:  # noqa: ANN001 - a Sample
+def _image_desc(sample) -> str:
     """'256x256 RGB uint8 PNG' from the header (or the in-memory array)."""
     if sample.image is not None:
         h, w = sample.image.shape[:2]
@@ -54,7 +53,7 @@ def _image_desc(sample) -> str:  # noqa: ANN001 - a Sample
     return f"{info.width}x{info.height} {'gray' if info.channels == 1 else 'RGB'} {info.dtype} {info.format}"
 
 
-def _sampled(samples: list, n: int) -> list:  # noqa: ANN001
+def _sampled(samples: list, n: int) -> list:
     if n <= 0 or not samples:
         return []
     if len(samples) <= n:
@@ -63,7 +62,7 @@ def _sampled(samples: list, n: int) -> list:  # noqa: ANN001
     return [samples[round(i * step)] for i in range(n)]
 
 
-def _mask_cell(samples: list) -> str:  # noqa: ANN001
+def _mask_cell(samples: list) -> str:
     anomalous = [s for s in samples if s.label == 1]
     if not anomalous:
         return "-"
@@ -75,7 +74,7 @@ def _mask_cell(samples: list) -> str:  # noqa: ANN001
     return f"[yellow]{found}/{len(anomalous)} ({len(anomalous) - found} missing)[/yellow]"
 
 
-def _load_for_info(source: str, category: str, layout: str):  # noqa: ANN202
+def _load_for_info(source: str, category: str, layout: str):
     """Load tolerating missing masks (info reports them instead of failing)."""
     from iadkit.data.layouts import layout_options, load_dataset, parse_source
 
@@ -131,7 +130,7 @@ def print_info(source: str, category: str | None = None, layout: str = "auto", s
 
 @data_app.command("list")
 def list_cmd(
-    path: Optional[str] = typer.Argument(
+    path: str | None = typer.Argument(
         None, help="A dataset folder (or 'elpv'). Leave out to list the built-in sources and readable layouts."
     ),
     layout: str = typer.Option("auto", "--layout", help="Force a layout instead of detecting it: mvtec, btad, loco, mvtec3d, visa, kolektor2, folder."),
@@ -194,7 +193,7 @@ def list_cmd(
 @data_app.command("info")
 def info_cmd(
     path: str = typer.Argument(..., help="A dataset folder, 'synthetic:DIR', or 'elpv'."),
-    category: Optional[str] = typer.Option(None, "--category", "-c", help="Only this category (default: all)."),
+    category: str | None = typer.Option(None, "--category", "-c", help="Only this category (default: all)."),
     layout: str = typer.Option("auto", "--layout", help="Force a layout instead of detecting it."),
     sample: int = typer.Option(3, "--sample", min=0, help="Images per split whose size/mode is read (headers only)."),
 ) -> None:
@@ -217,9 +216,9 @@ def info_cmd(
 def synth_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (MVTec layout); created if missing."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
-    size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels (default: the preset's)."),
+    size: int | None = typer.Option(None, "--size", help="Image side in pixels (default: the preset's)."),
     preset: str = typer.Option("small", "--preset", help="small (tests: tiny, fast) or demo (more and larger images)."),
-    categories: Optional[list[str]] = typer.Option(
+    categories: list[str] | None = typer.Option(
         None, "--categories", help="Categories to generate (repeat the option or separate with commas; default: all)."
     ),
 ) -> None:

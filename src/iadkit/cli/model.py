@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -70,7 +70,7 @@ def load_split(data: str, category: str | None, layout: str, *, allow_missing_ma
 @app.command("methods")
 def methods_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON (for scripts)."),
-    method: Optional[str] = typer.Argument(None, help="Show one method's hyper-parameters in full."),
+    method: str | None = typer.Argument(None, help="Show one method's hyper-parameters in full."),
 ) -> None:
     """List every method: family, supervision, what it outputs, its paper.
 
@@ -127,12 +127,12 @@ def fit(
     method: str = typer.Option(..., "--method", "-m", help="Method name, e.g. patchcore, padim (see `iadkit methods`)."),
     data: str = typer.Option(..., "--data", "-d", help="Dataset folder (MVTec/VisA/... layout, auto-detected) or 'elpv'."),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (safetensors + JSON manifest)."),
-    category: Optional[str] = typer.Option(None, "--category", "-c", help="Category (product) to train on."),
+    category: str | None = typer.Option(None, "--category", "-c", help="Category (product) to train on."),
     layout: str = typer.Option("auto", "--layout", help="Dataset layout instead of detecting it (see `iadkit data list`)."),
     image_size: int = typer.Option(224, help="Input size in pixels (square)."),
-    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Hyper-parameter key=value (repeatable)."),
+    param: list[str] | None = typer.Option(None, "--param", "-p", help="Hyper-parameter key=value (repeatable)."),
     setting: str = typer.Option("vanilla", help="Data setting, e.g. vanilla, few_shot:k=4 (see the README)."),
-    calibration_fraction: Optional[float] = typer.Option(
+    calibration_fraction: float | None = typer.Option(
         None,
         help="Share of the good training images held out to set the threshold "
         "(default 0.1, when at least 10 images remain to train on).",
@@ -141,12 +141,12 @@ def fit(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
     seed: int = typer.Option(0, help="Seed for the calibration split, the setting and the method's randomness."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing model file."),
-    tile: Optional[int] = typer.Option(
+    tile: int | None = typer.Option(
         None,
         help="High-resolution parts: train on tiles of TILE pixels cut from each good image (e.g. the image size); "
         "the model then predicts tile by tile.",
     ),
-    overlap: Optional[float] = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
+    overlap: float | None = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
 ) -> None:
     """Train a model on the good images of a dataset and save it.
 
@@ -226,18 +226,18 @@ def predict(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file from `iadkit fit`."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.csv/.json and overlays/."),
-    threshold: Optional[float] = typer.Option(None, help="Override the model's stored threshold."),
+    threshold: float | None = typer.Option(None, help="Override the model's stored threshold."),
     overlays: bool = typer.Option(True, help="Write heatmap overlay PNGs."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows of an earlier run in OUT; score only the rest."),
     force: bool = typer.Option(False, "--force", help="Start over in an OUT that holds an earlier run's predictions.csv."),
     executor: str = typer.Option("local", help="local, or ray to shard the files across Ray workers."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (with --executor ray)."),
+    address: str | None = typer.Option(None, help="Ray cluster address (with --executor ray)."),
     device: str = typer.Option("cpu"),
-    tile: Optional[int] = typer.Option(
+    tile: int | None = typer.Option(
         None, help="Cut images larger than TILE pixels into tiles at the model's resolution (0: off; default: the model's own)."
     ),
-    overlap: Optional[float] = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
+    overlap: float | None = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
 ) -> None:
     """Score images: a CSV/JSON of scores and verdicts, and heatmap overlays.
 
@@ -314,7 +314,7 @@ def predict(
 def evaluate(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file from `iadkit fit`."),
     data: str = typer.Option(..., "--data", "-d", help="Dataset folder or 'elpv' (its test split is used)."),
-    category: Optional[str] = typer.Option(None, "--category", "-c"),
+    category: str | None = typer.Option(None, "--category", "-c"),
     layout: str = typer.Option("auto", "--layout", help="Dataset layout instead of detecting it (see `iadkit data list`)."),
     allow_missing_masks: bool = typer.Option(
         False, "--allow-missing-masks", help="Keep defective test images that have no mask (pixel metrics then unavailable)."

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -34,11 +33,11 @@ def serve(
     max_file_mb: float = typer.Option(20.0, help="Largest accepted image file, in MB."),
     max_request_mb: float = typer.Option(64.0, help="Largest request (all its files together), in MB."),
     max_files: int = typer.Option(32, help="Most images in one request."),
-    tile: Optional[int] = typer.Option(
+    tile: int | None = typer.Option(
         None, help="Cut images larger than TILE pixels into tiles at the model's resolution (0: off; default: the model's own)."
     ),
-    overlap: Optional[float] = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
-    max_pixels: Optional[int] = typer.Option(
+    overlap: float | None = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
+    max_pixels: int | None = typer.Option(
         None, help="Largest decoded image, height x width (default 80 million, or IADKIT_MAX_PIXELS)."
     ),
 ) -> None:

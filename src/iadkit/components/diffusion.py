@@ -38,9 +38,10 @@ ADM U-Net, base 64, mults        guided-diffusion ``UNetModel``        `Denoisin
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -82,7 +83,7 @@ class NoiseSchedule:
     @classmethod
     def linear(
         cls, steps: int = DDPM_STEPS, beta_start: float = DDPM_BETA_RANGE[0], beta_end: float = DDPM_BETA_RANGE[1]
-    ) -> "NoiseSchedule":
+    ) -> NoiseSchedule:
         """DDPM's schedule (Ho et al. 2020): betas evenly spaced from `beta_start` to `beta_end`.
 
         Parameters
@@ -97,7 +98,7 @@ class NoiseSchedule:
     @classmethod
     def cosine(
         cls, steps: int = DDPM_STEPS, offset: float = COSINE_OFFSET, max_beta: float = COSINE_MAX_BETA
-    ) -> "NoiseSchedule":
+    ) -> NoiseSchedule:
         """Improved DDPM's cosine schedule (Nichol & Dhariwal 2021): with
         ``f(u) = cos^2((u + s) / (1 + s) * pi / 2)``, ``beta_t = min(1 - f((t+1)/T) / f(t/T), max_beta)``,
         so alpha_bar[t] = f((t+1)/T) / f(0) wherever no beta is clipped.
@@ -405,9 +406,9 @@ def ddim_reconstruct(
         return noise.to(x.device).expand_as(x)
 
     x_t = schedule.q_sample(x, t_start, draw())
-    times = list(range(t_start, -1, -skip)) + [-1]
+    times = [*range(t_start, -1, -skip), -1]
     n = x.shape[0]
-    for t, t_next in zip(times[:-1], times[1:]):
+    for t, t_next in itertools.pairwise(times):
         t_batch = torch.full((n,), t, device=x.device, dtype=torch.long)
         eps = model(x_t, t_batch)
         if weight:

@@ -19,7 +19,7 @@ projection conv), and a non-negative prediction could not align with them in cos
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ class FeatureCache:
             self._tmpdir.cleanup()
             self._tmpdir = None
 
-    def __enter__(self) -> "FeatureCache":
+    def __enter__(self) -> FeatureCache:
         return self
 
     def __exit__(self, *exc: object) -> None:

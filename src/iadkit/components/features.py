@@ -28,8 +28,9 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,8 +66,9 @@ def adaptive_pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
     return m
 
 
-def _finest(shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    return max(shapes, key=lambda s: s[0] * s[1])
+def _finest(shapes: Sequence[tuple[int, ...]]) -> tuple[int, int]:
+    h, w = max(shapes, key=lambda s: s[0] * s[1])
+    return h, w
 
 
 class PatchEmbedding(nn.Module):
@@ -147,7 +149,7 @@ class PatchEmbedding(nn.Module):
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(feats) != len(self.channels):
             raise ValueError(f"PatchEmbedding expects {len(self.channels)} feature maps, got {len(feats)}")
-        size = _finest([tuple(f.shape[-2:]) for f in feats])
+        size = _finest([f.shape[-2:] for f in feats])
         pad = self.patch_size // 2
         out: torch.Tensor | None = None
         for i, f in enumerate(feats):
@@ -197,7 +199,7 @@ def reference_patch_embedding(
     patches, ``adaptive_avg_pool1d`` per layer and over the stack); with ``"average"`` the
     neighbourhood is ``avg_pool2d`` per channel. Slow and memory-hungry. Returns [B, D, H, W].
     """
-    size = _finest([tuple(f.shape[-2:]) for f in feats])
+    size = _finest([f.shape[-2:] for f in feats])
     b = feats[0].shape[0]
     pad = patch_size // 2
     per_layer = []
@@ -224,6 +226,8 @@ class ConcatEmbedding(nn.Module):
     same result).
     """
 
+    order: torch.Tensor  # buffer: the selected channels, sorted
+
     def __init__(self, channels: Sequence[int], index: torch.Tensor | None = None, *, mode: str = "nearest") -> None:
         super().__init__()
         self.channels = tuple(int(c) for c in channels)
@@ -246,7 +250,7 @@ class ConcatEmbedding(nn.Module):
         return int(self.order.numel())
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        size = _finest([tuple(f.shape[-2:]) for f in feats])
+        size = _finest([f.shape[-2:] for f in feats])
         parts = []
         for i, count in self._parts:
             if count == 0:
@@ -374,13 +378,12 @@ class FeaturePath:
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return False
         compiler = getattr(torch, "compiler", None)
-        if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
-            return False
-        return True
+        return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
     # -- ONNX Runtime ----------------------------------------------------------------------------
     def cache_key(self, size: tuple[int, int]) -> str:
-        head_sig = self.head.signature() if hasattr(self.head, "signature") else {"repr": repr(self.head)}
+        signature = getattr(self.head, "signature", None)
+        head_sig = signature() if signature is not None else {"repr": repr(self.head)}
         record = {
             "backbone": getattr(self.backbone, "name", type(self.backbone).__name__),
             "sha256": getattr(self.backbone, "weights_sha256", None),
@@ -411,7 +414,7 @@ class FeaturePath:
             torch.onnx.export(
                 graph,
                 (dummy,),
-                buf,
+                buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects too
                 input_names=["images"],
                 output_names=outputs,
                 dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},

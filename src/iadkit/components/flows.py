@@ -22,13 +22,14 @@ Sub-networks end in a zero-initialised layer so that every coupling starts as th
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 SubnetFactory = Callable[[int, int], nn.Module]
 """`factory(in_channels, out_channels) -> module` building a coupling's sub-network."""
@@ -113,6 +114,11 @@ class FixedChannelMix(nn.Module):
     reloads exactly.
     """
 
+    # buffers: `perm`/`inv_perm` for a permutation, `weight` for a rotation
+    perm: torch.Tensor
+    inv_perm: torch.Tensor
+    weight: torch.Tensor
+
     def __init__(self, channels: int, *, kind: str = "permutation", seed: int = 0) -> None:
         super().__init__()
         if kind not in ("permutation", "orthogonal"):
@@ -161,7 +167,8 @@ class Flow(nn.Module):
 
     def inverse(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         for block in reversed(self.blocks):
-            z = block.inverse(z, cond)
+            inverse = cast(Callable[..., torch.Tensor], block.inverse)  # every block of a flow has one
+            z = inverse(z, cond)
         return z
 
 
@@ -185,7 +192,7 @@ def coupling_flow(
         blocks.append(
             AffineCoupling(
                 channels,
-                lambda cin, cout, k=k: subnet_factory(k, cin, cout),
+                functools.partial(subnet_factory, k),  # (cin, cout) -> subnet_factory(k, cin, cout)
                 cond_channels=cond_channels,
                 clamp=clamp,
             )
@@ -209,6 +216,8 @@ class AllInOneCoupling(nn.Module):
     Unlike `AffineCoupling`, the sub-network keeps its default initialisation (the 0.1 factor
     makes the step start near the identity).
     """
+
+    perm: torch.Tensor  # buffer: the fixed channel permutation
 
     def __init__(self, channels: int, subnet_factory: SubnetFactory, *, clamp: float = 2.0, seed: int = 0) -> None:
         super().__init__()
@@ -335,6 +344,9 @@ class ChannelStandardizer(nn.Module):
     the unit scale the identity-initialised flow starts from, so short schedules converge.
     """
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(channels))
@@ -359,7 +371,7 @@ FeatureFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 @torch.no_grad()
 def standardized_features(
-    backbone: FeatureFn, layers: Sequence[str], standardizers: Sequence[ChannelStandardizer], images: torch.Tensor
+    backbone: FeatureFn, layers: Sequence[str], standardizers: Iterable[nn.Module], images: torch.Tensor
 ) -> list[torch.Tensor]:
     """The backbone's maps at `layers`, each through its level's fitted `ChannelStandardizer`:
     what the flows of FastFlow and CFLOW-AD see at test time."""
@@ -384,17 +396,17 @@ def flow_nll(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "LOG_2PI",
     "AffineCoupling",
     "AllInOneCoupling",
-    "SampleLayerNorm",
     "ChannelStandardizer",
+    "FeatureFn",
     "FixedChannelMix",
     "Flow",
-    "LOG_2PI",
+    "SampleLayerNorm",
     "SubnetFactory",
     "conv_subnet",
     "coupling_flow",
-    "FeatureFn",
     "flow_nll",
     "gaussian_log_likelihood",
     "level_flows",

@@ -31,7 +31,8 @@ Losses of the reconstruction and supervised families (FIELD.md §2):
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

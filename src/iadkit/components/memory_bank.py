@@ -135,7 +135,7 @@ def knn_exact(
             if k == 1:
                 dmin, imin = d.min(1, keepdim=True)
                 imin += bs
-                if best_d is None:
+                if best_d is None or best_i is None:  # (set together)
                     best_d, best_i = dmin, imin
                 else:
                     better = dmin < best_d
@@ -145,7 +145,7 @@ def knn_exact(
                 kk = min(k, d.shape[1])
                 dk, ik = torch.topk(d, kk, dim=1, largest=False, sorted=False)
                 ik += bs
-                if best_d is not None:
+                if best_d is not None and best_i is not None:
                     dk = torch.cat([best_d, dk], 1)
                     ik = torch.cat([best_i, ik], 1)
                 kk = min(k, dk.shape[1])
@@ -252,19 +252,22 @@ class NearestNeighborIndex:
         faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
         m, d = self.bank.shape
         xb = np.ascontiguousarray(self.bank.numpy(), dtype=np.float32)
+        index: faiss.Index
         if self.method == "faiss_flat":
             index = faiss.IndexFlatL2(d)
         elif self.method == "ivf":
             nlist = self.nlist or max(1, min(int(4 * math.sqrt(m)), m // 39 if m >= 39 else 1))
             quantizer = faiss.IndexFlatL2(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
-            index.cp.seed = self.seed
-            index.train(xb)
-            index.nprobe = min(self.nprobe, nlist)
+            ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+            ivf.cp.seed = self.seed
+            ivf.train(xb)
+            ivf.nprobe = min(self.nprobe, nlist)
             self._quantizer = quantizer  # keep it alive: faiss does not own it from Python
+            index = ivf
         else:
-            index = faiss.IndexHNSWFlat(d, self.hnsw_m)
-            index.hnsw.efSearch = self.ef_search
+            hnsw = faiss.IndexHNSWFlat(d, self.hnsw_m)
+            hnsw.hnsw.efSearch = self.ef_search
+            index = hnsw
         index.add(xb)
         return index
 

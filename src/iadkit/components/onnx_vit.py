@@ -21,8 +21,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ def locate(path: str | os.PathLike[str] | None = None) -> Path:
     )
     if spec is None or not spec.submodule_search_locations:
         raise WeightsNotFoundError(f"package {PACKAGE!r} is not installed: {hint}")
-    p = Path(list(spec.submodule_search_locations)[0]) / RESOURCE
+    p = Path(next(iter(spec.submodule_search_locations))) / RESOURCE
     if not p.is_file():
         raise WeightsNotFoundError(f"package {PACKAGE!r} is installed but holds no {RESOURCE}: {hint}")
     return p

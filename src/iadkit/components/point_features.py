@@ -301,8 +301,8 @@ def fpfh(
         block_sum = acc.reshape(-1, 3, FPFH_BINS).sum(axis=2)
         scale = np.where(block_sum != 0, 100.0 / np.where(block_sum != 0, block_sum, 1.0), 0.0)
         acc = (acc.reshape(-1, 3, FPFH_BINS) * scale[:, :, None]).reshape(-1, FPFH_DIM)
-        has_neighbours = (nb < n).any(axis=1)
-        out[sl] = np.where(has_neighbours[:, None], acc + hist[sl], 0.0)
+        has_neighbours = (nb < n).any(axis=1, keepdims=True)  # chunk x 1
+        out[sl] = np.where(has_neighbours, acc + hist[sl], 0.0)
     return out
 
 
@@ -336,7 +336,7 @@ def fpfh_map(
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"xyz must be an H x W x 3 point map, got shape {arr.shape}")
     valid = np.any(arr != 0, axis=2)
-    out = np.zeros(arr.shape[:2] + (FPFH_DIM,), dtype=np.float32)
+    out = np.zeros((*arr.shape[:2], FPFH_DIM), dtype=np.float32)
     pts = arr[valid].astype(np.float64)
     if len(pts) == 0:
         return out

@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 
@@ -138,7 +137,7 @@ class Postprocess:
         scores = raw.scores if raw.scores is not None else maps.flatten(1).amax(1)
         return Prediction(scores=scores, maps=maps)
 
-    def with_range(self, map_range: tuple[float, float] | None) -> "Postprocess":
+    def with_range(self, map_range: tuple[float, float] | None) -> Postprocess:
         return replace(self, map_range=map_range)
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,7 +148,7 @@ class Postprocess:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Postprocess":
+    def from_dict(cls, d: dict[str, Any]) -> Postprocess:
         rng = d.get("map_range")
         return cls(
             sigma=float(d["sigma"]),

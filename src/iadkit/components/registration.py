@@ -163,10 +163,11 @@ class SpatialTransformer(nn.Module):
             nn.MaxPool2d(3, stride=2, padding=1),
             BinAveragePool(pool),
         )
-        self.fc = nn.Sequential(nn.Linear(16 * pool * pool, 1024), nn.ReLU(), nn.Linear(1024, TRANSFORM_PARAMS[mode]))
-        nn.init.zeros_(self.fc[2].weight)
+        last = nn.Linear(1024, TRANSFORM_PARAMS[mode])
+        self.fc = nn.Sequential(nn.Linear(16 * pool * pool, 1024), nn.ReLU(), last)
+        nn.init.zeros_(last.weight)
         with torch.no_grad():
-            self.fc[2].bias.copy_(torch.tensor(_IDENTITY[mode], dtype=torch.float32))
+            last.bias.copy_(torch.tensor(_IDENTITY[mode], dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         theta = affine_from_params(self.fc(self.localization(x).flatten(1)), self.mode)

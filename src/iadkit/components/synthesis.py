@@ -145,8 +145,8 @@ def cutpaste(
     _, h, w = image.shape
     area = _uniform(*area_ratio, generator) * h * w
     aspect = math.exp(_uniform(math.log(aspect_ratio[0]), math.log(aspect_ratio[1]), generator))
-    ph = max(1, min(h, int(round(math.sqrt(area / aspect)))))
-    pw = max(1, min(w, int(round(math.sqrt(area * aspect)))))
+    ph = max(1, min(h, round(math.sqrt(area / aspect))))
+    pw = max(1, min(w, round(math.sqrt(area * aspect))))
     sy, sx = _randint(0, h - ph, generator), _randint(0, w - pw, generator)
     dy, dx = _randint(0, h - ph, generator), _randint(0, w - pw, generator)
     patch = color_jitter(
@@ -170,7 +170,7 @@ def cutpaste_scar(
     width: tuple[float, float] = SCAR_WIDTH,
     length: tuple[float, float] = SCAR_LENGTH,
     angle: tuple[float, float] = SCAR_ANGLE,
-    reference_size: int = 256,
+    reference_size: float = 256,
     jitter: float = JITTER,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,11 +26,11 @@ torch; where imgaug/PIL semantics are approximated, the function's docstring say
 
 from __future__ import annotations
 
-import math
+import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -196,7 +196,7 @@ class FolderTextures(_ImageListTextures):
         5640 images at 256 x 256 take 4.4 GB).
     """
 
-    def __init__(self, root: str | Path, *, cache: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, cache: bool = False) -> None:
         from iadkit.data.io import IMAGE_EXTENSIONS, read_image
 
         self.root = Path(root)

@@ -136,6 +136,8 @@ class SinePositionEmbedding(nn.Module):
         T (10000).
     """
 
+    table: torch.Tensor  # buffer: the [H*W, dim] embedding
+
     def __init__(self, feature_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> None:
         super().__init__()
         if dim % 4:
@@ -174,7 +176,7 @@ class LearnedPositionEmbedding(nn.Module):
         super().__init__()
         if dim % 2:
             raise ValueError(f"the learned position embedding needs an even size, got {dim}")
-        self.feature_size = tuple(feature_size)
+        self.feature_size = (feature_size[0], feature_size[1])
         self.row_embed = nn.Embedding(feature_size[0], dim // 2)
         self.col_embed = nn.Embedding(feature_size[1], dim // 2)
         nn.init.uniform_(self.row_embed.weight)
@@ -358,6 +360,8 @@ class NeighborMaskedTransformer(nn.Module):
         'learned' (UniAD's MVTec config) or 'sine'.
     """
 
+    mask: torch.Tensor | None  # buffer: the neighbour mask, None without masking
+
     def __init__(
         self,
         dim: int = 256,
@@ -375,7 +379,7 @@ class NeighborMaskedTransformer(nn.Module):
         position: str = "learned",
     ) -> None:
         super().__init__()
-        self.feature_size = tuple(feature_size)
+        self.feature_size = (feature_size[0], feature_size[1])
         n = feature_size[0] * feature_size[1]
         if position == "learned":
             self.pos_embed: nn.Module = LearnedPositionEmbedding(feature_size, dim)

@@ -41,7 +41,7 @@ depth and attention are parameters so that the same code runs at the paper's siz
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -444,8 +444,8 @@ class UNet(nn.Module):
         self.output = nn.Sequential(_norm(ch, groups), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     @staticmethod
-    def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
-        for layer in layers:
+    def _run(layers: nn.Module, h: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+        for layer in layers.children():  # a ModuleList of one level's layers
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
 

@@ -74,7 +74,7 @@ def elpv_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _defect_type(p: float) -> str:
-    return f"defect_p{int(round(p * 100))}"
+    return f"defect_p{round(float(p) * 100)}"
 
 
 def load_elpv(

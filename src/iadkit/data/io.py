@@ -43,14 +43,15 @@ import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import cast
 
 import numpy as np
 
-from iadkit.files import atomic_target
 from iadkit.errors import ImageReadError
+from iadkit.files import atomic_target
 
 DEFAULT_MAX_PIXELS = 80_000_000
 """Largest image (height x width) read by default: 80 megapixels, about a 9000 x 9000 frame.
@@ -237,7 +238,7 @@ def _decode_tiff(path: Path, max_pixels: int | None, data: bytes | None = None) 
         with tifffile.TiffFile(path if data is None else io.BytesIO(data)) as tif:
             if not tif.pages:
                 raise _fail(path, "TIFF file has no pages.")
-            page = tif.pages[0]
+            page = cast("tifffile.TiffPage", tif.pages[0])  # the first page is always a full TiffPage
             _check_pixels(path, int(page.imagelength), int(page.imagewidth), max_pixels)
             photometric = int(page.photometric)
             # 0 MINISWHITE, 1 MINISBLACK, 2 RGB, 3 PALETTE; others (CMYK, YCbCr, Lab): Pillow
@@ -282,27 +283,26 @@ def _decode_pillow(path: Path, max_pixels: int | None, data: bytes | None = None
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with _strict_pillow():
-            with Image.open(path if data is None else io.BytesIO(data)) as im:
-                _check_pixels(path, im.height, im.width, max_pixels)
-                im.load()  # full decode now: truncation raises here, not later
-                im = ImageOps.exif_transpose(im)
-                mode = im.mode
-                gray_alpha = False
-                if mode == "1":
-                    im = im.convert("L")
-                elif mode in ("P", "PA"):
-                    im = im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
-                elif mode in ("LA", "La"):
-                    gray_alpha = True
-                elif mode in ("RGBa",):
-                    im = im.convert("RGBA")
-                elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                    im = im.convert("RGB")
-                arr = np.asarray(im)
-                if mode.startswith("I;16"):
-                    arr = arr.astype(np.uint16)  # big-endian variants -> native byte order
-                return arr, gray_alpha
+        with _strict_pillow(), Image.open(path if data is None else io.BytesIO(data)) as im:
+            _check_pixels(path, im.height, im.width, max_pixels)
+            im.load()  # full decode now: truncation raises here, not later
+            img = ImageOps.exif_transpose(im)
+            mode = img.mode
+            gray_alpha = False
+            if mode == "1":
+                img = img.convert("L")
+            elif mode in ("P", "PA"):
+                img = img.convert("RGBA" if ("transparency" in img.info or mode == "PA") else "RGB")
+            elif mode in ("LA", "La"):
+                gray_alpha = True
+            elif mode in ("RGBa",):
+                img = img.convert("RGBA")
+            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("RGB")
+            arr = np.asarray(img)
+            if mode.startswith("I;16"):
+                arr = arr.astype(np.uint16)  # big-endian variants -> native byte order
+            return arr, gray_alpha
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -464,7 +464,7 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
 
         try:
             with tifffile.TiffFile(p) as tif:
-                page = tif.pages[0]
+                page = cast("tifffile.TiffPage", tif.pages[0])  # the first page is always a full TiffPage
                 h, w = int(page.imagelength), int(page.imagewidth)
                 spp = int(page.samplesperpixel)
                 photometric = int(page.photometric)
@@ -502,8 +502,8 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
         channels = 1 if ihdr[3] in (0, 4) else 3
         return ImageInfo(h, w, channels, "uint16", "PNG")
     channels = 1 if mode in ("1", "L", "LA", "La", "I", "F") or mode.startswith("I;16") else 3
-    dtype = "uint16" if (mode in ("I", "F") or mode.startswith("I;16")) else "uint8"
-    return ImageInfo(h, w, channels, dtype, fmt)
+    out_dtype = "uint16" if (mode in ("I", "F") or mode.startswith("I;16")) else "uint8"
+    return ImageInfo(h, w, channels, out_dtype, fmt)
 
 
 def image_shape(path: str | os.PathLike[str]) -> tuple[int, int]:

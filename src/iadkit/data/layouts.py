@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from iadkit.data.io import IMAGE_EXTENSIONS, is_image_file, read_mask
+from iadkit.data.io import IMAGE_EXTENSIONS, is_image_file
 from iadkit.errors import DatasetLayoutError
 from iadkit.types import ANOMALOUS, GOOD, Sample
 
@@ -268,7 +269,7 @@ SOURCE_SCHEMES: dict[str, str] = {**{k: k for k in LAYOUTS}, "synthetic": "mvtec
 class CustomSource:
     """A dataset source registered by code (private data, in-memory test sets)."""
 
-    load: Callable[[str, str], "DatasetSplit | tuple[list[Sample], list[Sample]]"]  # (location, category)
+    load: Callable[[str, str], DatasetSplit | tuple[list[Sample], list[Sample]]]  # (location, category)
     categories: Callable[[str], list[str]]  # location -> category names
 
 
@@ -277,7 +278,7 @@ _CUSTOM_SOURCES: dict[str, CustomSource] = {}
 
 def register_source(
     scheme: str,
-    load: Callable[[str, str], "DatasetSplit | tuple[list[Sample], list[Sample]]"],
+    load: Callable[[str, str], DatasetSplit | tuple[list[Sample], list[Sample]]],
     categories: Callable[[str], list[str]],
 ) -> None:
     """Serve sources ``"<scheme>"`` and ``"<scheme>:<location>"`` with these functions.
@@ -401,12 +402,13 @@ def _reader(layout: str) -> tuple[Callable[..., list[str]], Callable[..., Datase
 def layout_options(layout: str) -> list[str]:
     from iadkit.data import elpv, folder, kolektor, mvtec, visa
 
-    fn = {
+    loaders: dict[str, Callable[..., Any]] = {
         "visa": visa.load_visa,
         "kolektor2": kolektor.load_kolektor2,
         "folder": folder.load_folder,
         "elpv": elpv.load_elpv,
-    }.get(layout, mvtec.load_mvtec)
+    }
+    fn = loaders.get(layout, mvtec.load_mvtec)
     skip = {"root", "category", "variant"}
     return [n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY and n not in skip]
 

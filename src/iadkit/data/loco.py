@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -124,7 +125,7 @@ class DefectsConfig:
         ]
 
     @classmethod
-    def from_list(cls, items: Any, path: str = "") -> "DefectsConfig":
+    def from_list(cls, items: Any, path: str = "") -> DefectsConfig:
         """Validate the parsed JSON (a list of objects); errors name `path` and the entry."""
         where = path or "defects config"
         if not isinstance(items, list) or not items:
@@ -208,9 +209,10 @@ def read_defect_mask(path: str | Path, expected_shape: tuple[int, int] | None = 
     if p.suffix.lower() in (".jpg", ".jpeg"):
         raise ImageReadError(f"{p}: masks must be lossless (PNG); a JPEG blurs the defect's pixel value")
     arr = read_image(p)
-    if arr.shape[2] != 1:
-        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise ImageReadError(f"{p}: colour mask with differing channels; a LOCO mask is a grayscale PNG")
+    if arr.shape[2] != 1 and not (
+        np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
+    ):
+        raise ImageReadError(f"{p}: colour mask with differing channels; a LOCO mask is a grayscale PNG")
     values = arr[..., 0]
     found = np.unique(values)
     positive = found[found != 0]

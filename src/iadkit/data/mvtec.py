@@ -29,6 +29,7 @@ file, so re-encoded copies of these datasets still load.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from iadkit.data.layouts import (
     DatasetSplit,
@@ -174,14 +175,14 @@ def load_mvtec(
 
     point_maps: dict[Path, dict[str, str | None]] = {}  # per folder, listed once
 
-    def make(split_dir: Path, images: list[Path], **fields: object) -> list[Sample]:
+    def make(split_dir: Path, images: list[Path], **fields: Any) -> list[Sample]:
         """Samples of (some) images of one folder; with their point maps for MVTec 3D-AD."""
         if variant != "mvtec3d":
-            return [Sample(path=str(p), category=name, **fields) for p in images]  # type: ignore[arg-type]
+            return [Sample(path=str(p), category=name, **fields) for p in images]
         if split_dir not in point_maps:
             point_maps[split_dir] = _xyz_paths(split_dir, xyz, remove_plane)
         return [
-            PointMapSample(  # type: ignore[arg-type]
+            PointMapSample(
                 path=str(p), category=name, xyz_path=point_maps[split_dir][p.stem], remove_plane=remove_plane, **fields
             )
             for p in images

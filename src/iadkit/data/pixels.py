@@ -22,8 +22,9 @@ it [0, 1] pixels and the mean and std live in one place.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -169,7 +170,7 @@ class PixelPreprocess:
     channels: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PixelPreprocess":
+    def from_dict(cls, d: dict[str, Any]) -> PixelPreprocess:
         """From ``Preprocess.to_dict()`` (what model files and exported graphs record)."""
         crop = d.get("crop_size")
         return cls(

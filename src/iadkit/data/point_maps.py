@@ -263,7 +263,8 @@ class PointMapSample(Sample):
 
     def _rgb_shape(self) -> tuple[int, int]:
         if self.image is not None:
-            return tuple(self.image.shape[:2])  # type: ignore[return-value]
+            h, w = self.image.shape[:2]
+            return h, w
         from iadkit.data.io import image_shape
 
         return image_shape(self.path)

@@ -34,9 +34,10 @@ of the largest change), before noise; enclosed gaps of blob-like defects are fil
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -160,7 +161,7 @@ def render_puck(p: dict[str, Any], size: int) -> Shot3D:
 
 # -- defects -------------------------------------------------------------------------------------
 def _pick(rng: np.random.Generator, surface: np.ndarray, margin_px: float) -> tuple[float, float]:
-    allowed = ndimage.binary_erosion(surface, iterations=max(1, int(math.ceil(margin_px))))
+    allowed = ndimage.binary_erosion(surface, iterations=max(1, math.ceil(margin_px)))
     if not allowed.any():
         allowed = surface
     ys, xs = np.nonzero(allowed)

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from iadkit.data.synth_scenes import (
     LABEL_ICONS,
     TRAY_SLOTS,
-    tray_part_pose,
     Params,
     Rendered,
     Scene,
@@ -31,6 +30,7 @@ from iadkit.data.synth_scenes import (
     pixel_grid,
     polyline_coverage,
     smoothstep,
+    tray_part_pose,
 )
 
 
@@ -53,7 +53,7 @@ DefectFn = Callable[[DefectContext, np.random.Generator], np.ndarray]
 # -- placement helpers --------------------------------------------------------------------------
 def pick_point(rng: np.random.Generator, surface: np.ndarray, margin: float) -> tuple[float, float]:
     """A random (x, y) on the surface at least `margin` px from its edge and the image border."""
-    m = max(1, int(math.ceil(margin)))
+    m = max(1, math.ceil(margin))
     allowed = erode(surface, m).copy()
     allowed[:m], allowed[-m:], allowed[:, :m], allowed[:, -m:] = False, False, False, False
     if not allowed.any():

@@ -13,8 +13,9 @@ Shapes are anti-aliased by supersampling (`SS` samples per pixel and axis, box-a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -316,7 +317,7 @@ def _label_to_image(p: Params, size: int, lx: float, ly: float) -> tuple[float, 
 
 def label_element_coverage(p: Params, size: int, name: str) -> np.ndarray:
     """Coverage of one printed element (its shape follows the element's kind and slot)."""
-    to_img = lambda lx, ly: _label_to_image(p, size, lx, ly)  # noqa: E731
+    to_img = lambda lx, ly: _label_to_image(p, size, lx, ly)
     if name == "logo":
         cx, cy = to_img(-0.24, -0.12)
         return disc_coverage(size, cx, cy, 0.065 * size)

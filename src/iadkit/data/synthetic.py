@@ -33,6 +33,7 @@ source, so a re-run with the same parameters keeps the files and anything else r
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -41,10 +42,11 @@ import tempfile
 import time
 import uuid
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Iterator, Mapping, Sequence
+from types import MappingProxyType, TracebackType
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -163,11 +165,9 @@ LAYOUTS: dict[str, str] = {"mvtec": "mvtec_ad", "loco": "mvtec_loco_ad", "mvtec3
 __all__ = [
     "CATEGORIES",
     "CATEGORIES_3D",
+    "DEFECT_AREA_RANGE",
     "LAYOUTS",
     "LOGICAL_CATEGORIES",
-    "loco_defects_config",
-    "synthesize_3d",
-    "DEFECT_AREA_RANGE",
     "PRESETS",
     "CategoryCounts",
     "CategorySpec",
@@ -175,7 +175,9 @@ __all__ = [
     "SynthImage",
     "SynthSummary",
     "generate",
+    "loco_defects_config",
     "synthesize",
+    "synthesize_3d",
 ]
 
 
@@ -407,7 +409,7 @@ class SynthSummary:
             "categories": {k: v.to_dict() for k, v in self.categories.items()},
         }
 
-    def table(self) -> "Any":
+    def table(self) -> Any:
         """A rich Table with one row per category (for the CLI)."""
         from rich.table import Table
 
@@ -609,7 +611,7 @@ def _write_loco_files(
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_png(out.image, path)
         advance()
-    _write_json(config, tmp / "defects_config.json")  # type: ignore[arg-type]
+    _write_json(config, tmp / "defects_config.json")
     return {"defects_config": config, "defect_of_image": files}
 
 
@@ -779,7 +781,7 @@ def generate(
             spec.channels,
             counts[0],
             counts[1],
-            {d: counts[2] for d in spec.defect_types},
+            dict.fromkeys(spec.defect_types, counts[2]),
             written=not keep,
             validation_good=int(n_validation),
         )
@@ -822,7 +824,7 @@ def _source_fingerprint() -> str:
 
     h = hashlib.sha256()
     for mod in (synth_scenes, synth_defects, synth_3d):
-        h.update(Path(mod.__file__).read_bytes())
+        h.update(Path(inspect.getfile(mod)).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
 
@@ -857,7 +859,7 @@ def _default_categories(layout: str) -> list[str]:
     if layout == "mvtec3d":
         return list(CATEGORIES_3D)
     if layout == "loco":
-        both = lambda spec: {loco_kind(spec, d) for d in spec.defect_types} == {  # noqa: E731
+        both = lambda spec: {loco_kind(spec, d) for d in spec.defect_types} == {
             "logical_anomalies",
             "structural_anomalies",
         }
@@ -919,8 +921,10 @@ class _RichBar:
             lambda name: self._progress.update(task, description=f"synthetic {name}"),
         )
 
-    def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(*exc)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.__exit__(exc_type, exc, tb)
 
 
 def _progress_bar(enabled: bool, total: int) -> Any:

@@ -20,8 +20,9 @@ that mix both kinds leave ``channels`` None (with a warning) and nothing is chec
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,7 +124,7 @@ class Preprocess:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
         """The inverse of `to_dict`; a manifest without ``channels`` (older files) checks nothing,
         one without ``depth`` has none."""
         return cls(
@@ -286,7 +287,9 @@ class ImageSet(torch.utils.data.Dataset):
         from iadkit.data.io import image_shape
 
         shape = s.image.shape[:2] if s.image is not None else image_shape(s.path)
-        return self.preprocess.mask(s.load_mask(shape=shape))
+        mask = s.load_mask(shape=shape)
+        assert mask is not None  # the sample has a mask (checked above)
+        return self.preprocess.mask(mask)
 
     def has_all_masks(self) -> bool:
         return all(s.label == 0 or s.has_mask for s in self.samples)

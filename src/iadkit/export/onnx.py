@@ -77,7 +77,7 @@ class InferenceGraph(nn.Module):
         A fitted model; its detector is used as it is (not copied).
     """
 
-    def __init__(self, model: "Model") -> None:
+    def __init__(self, model: Model) -> None:
         super().__init__()
         self.detector = model.detector
         self.postprocess = model.postprocess
@@ -96,7 +96,7 @@ class InferenceGraph(nn.Module):
         return (scores,) if pred.maps is None else (scores, pred.maps.float())
 
 
-def check_exportable(model: "Model") -> None:
+def check_exportable(model: Model) -> None:
     """Raise `ExportError` when `model` cannot be exported, saying why and what to do."""
     det = model.detector
     det.check_fitted()
@@ -116,7 +116,7 @@ def check_exportable(model: "Model") -> None:
         )
 
 
-def export_onnx(model: "Model", path: str | Path, *, check: bool = True, opset: int = ONNX_OPSET) -> Path:
+def export_onnx(model: Model, path: str | Path, *, check: bool = True, opset: int = ONNX_OPSET) -> Path:
     """Write `model`'s whole inference graph and its metadata to one ONNX file.
 
     Parameters
@@ -158,7 +158,7 @@ def export_onnx(model: "Model", path: str | Path, *, check: bool = True, opset: 
 
 
 def metadata(
-    model: "Model", *, outputs: list[str], per_image: bool, opset: int, check: dict[str, Any] | None
+    model: Model, *, outputs: list[str], per_image: bool, opset: int, check: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The JSON stored under ``metadata_props["iadkit"]``."""
     from iadkit.methods.base import jsonable
@@ -236,7 +236,7 @@ def _session(data: bytes) -> Any:
 
 
 def _self_check(
-    model: "Model", graph: InferenceGraph, data: bytes, outputs: list[str], per_image: bool
+    model: Model, graph: InferenceGraph, data: bytes, outputs: list[str], per_image: bool
 ) -> dict[str, Any]:
     """Run the exported graph on seeded random pixels and compare with torch; raise on a mismatch."""
     h, w = (int(s) for s in model.preprocess.output_size)

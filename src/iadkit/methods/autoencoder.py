@@ -166,7 +166,7 @@ class SSIMAutoencoderDetector(Detector):
                     idx = order[start : start + bs]
                     tops = torch.randint(0, h - p + 1, (len(idx),), generator=gen)
                     lefts = torch.randint(0, w - p + 1, (len(idx),), generator=gen)
-                    crops = [train.image(int(i))[:, t : t + p, l : l + p] for i, t, l in zip(idx, tops, lefts)]
+                    crops = [train.image(int(i))[:, t : t + p, left : left + p] for i, t, left in zip(idx, tops, lefts)]
                     x = self._input(torch.stack(crops).to(self.device))
                     loss = self._loss(x, self.autoencoder_(x))
                     optimizer.zero_grad(set_to_none=True)

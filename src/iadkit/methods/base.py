@@ -61,8 +61,9 @@ import copy
 import os
 import sys
 import typing
+from collections.abc import Iterator
 from inspect import Parameter, Signature
-from typing import Any, ClassVar, Iterator, Self
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
@@ -181,7 +182,7 @@ class Detector(nn.Module):
             if key not in known:
                 raise unknown_parameter(type(self).__name__, key, list(known))
         for key, (spec, _) in known.items():
-            setattr(self, key, params[key] if key in params else spec.default)
+            setattr(self, key, params.get(key, spec.default))
         self._is_fitted = False
         self._target_device = torch.device("cpu")
 
@@ -379,8 +380,8 @@ class Detector(nn.Module):
         for key, value in tensors.items():
             module_path, _, leaf = key.rpartition(".")
             module = self.get_submodule(module_path) if module_path else self
-            if leaf in module._parameters and module._parameters[leaf] is not None:
-                old_param = module._parameters[leaf]
+            old_param = module._parameters.get(leaf)
+            if old_param is not None:
                 module._parameters[leaf] = nn.Parameter(
                     value.to(old_param.device), requires_grad=old_param.requires_grad
                 )
@@ -433,7 +434,7 @@ def _annotation(klass: type, attr: str) -> Any:
     if not isinstance(raw, str):
         return raw
     namespace = {**vars(typing), **vars(sys.modules[klass.__module__])}
-    return eval(raw, namespace)  # noqa: S307 - our own source's annotations, not user input
+    return eval(raw, namespace)
 
 
 # -- methods on a frozen pretrained backbone --------------------------------------------------------
@@ -448,7 +449,7 @@ class BackboneDetector(Detector):
     the training images that feature-statistics methods (PatchCore, PaDiM, SPADE ...) make.
     """
 
-    frozen_prefixes = ("backbone_.",)
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ("backbone_.",)
 
     backbone: str = param(
         "efficientnet_lite0",

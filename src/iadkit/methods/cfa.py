@@ -65,7 +65,7 @@ The descriptor, radius and memory bank are saved in the model file; the CNN is r
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -50,6 +50,7 @@ the plain NLL measure alike here (mean image AUROC over the five synthetic demo 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,10 @@ class CFlow(BackboneDetector):
         check=OneOf(("logsigmoid", "nll")),
     )
 
+    # learned buffers, registered in _build (declared for type checkers)
+    ll_max_: torch.Tensor
+    map_max_: torch.Tensor
+
     def _build(self) -> None:
         super()._build()
         channels = self.layer_channels()
@@ -177,11 +182,12 @@ class CFlow(BackboneDetector):
         return (gaussian_log_likelihood(z, logdet) / c).reshape(b, h, w)
 
     def _likelihood_map(self, images: torch.Tensor) -> torch.Tensor:
-        size = tuple(images.shape[-2:])
+        size = (images.shape[-2], images.shape[-1])
         total = None
         for level, fmap in enumerate(standardized_features(self.backbone_, self.tapped_layers(), self.standardizers_, images)):
             prob = upsample(torch.exp(self._log_likelihood(level, fmap) - self.ll_max_[level]), size)
             total = prob if total is None else total + prob
+        assert total is not None  # at least one level
         return total
 
     # -- training ----------------------------------------------------------------------------
@@ -193,7 +199,7 @@ class CFlow(BackboneDetector):
             levels = cache.all(device)
         fibers, conds = [], []
         for norm, fmap in zip(self.standardizers_, levels):
-            x, c = self._fibers(norm.fit(fmap))
+            x, c = self._fibers(cast(ChannelStandardizer, norm).fit(fmap))
             fibers.append(x)
             conds.append(c)
         del levels

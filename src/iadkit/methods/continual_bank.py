@@ -89,6 +89,11 @@ class ContinualBank(PatchCore):
         inference=True,
     )
 
+    # learned buffers, registered in _build (declared for type checkers)
+    bank_offsets_: torch.Tensor
+    keys_: torch.Tensor
+    key_offsets_: torch.Tensor
+
     def _build(self) -> None:
         super()._build()
         dim = self.embedding_.target_dim

@@ -84,7 +84,7 @@ of a method that learns local irregularities.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ class CutPasteNet(nn.Module):
         self.head = nn.Sequential(*layers)
         self.classifier = nn.Linear(d, n_classes)
 
-    def train(self, mode: bool = True) -> "CutPasteNet":
+    def train(self, mode: bool = True) -> CutPasteNet:
         super().train(mode)
         _keep_bn_eval(self.trunk)
         return self
@@ -163,7 +163,7 @@ def receptive_field_upsample(scores: torch.Tensor, size: tuple[int, int], patch:
     The sum over covering patches is separable (a patch covers a band of rows times a band of
     columns), so it is two products with 0/1 coverage matrices — what ``F.fold`` computes,
     but in ops an ONNX graph holds (the exporter cannot export this fold)."""
-    b, nh, nw = scores.shape
+    _, nh, nw = scores.shape
     ah = _coverage_matrix(nh, patch, stride).to(scores)  # [Hc, nh]
     aw = _coverage_matrix(nw, patch, stride).to(scores)  # [Wc, nw]
     summed = torch.matmul(torch.matmul(ah, scores), aw.T)  # [B, Hc, Wc]
@@ -224,6 +224,10 @@ class CutPaste(BackboneDetector):
                 f"CutPaste: finetune_from must name a stage after the stem of {self.backbone!r}: one of {', '.join(names[1:])}"
             )
         super()._check_params()
+
+    # learned buffers, registered in _build (declared for type checkers)
+    gde_mean_: torch.Tensor
+    gde_whitening_: torch.Tensor
 
     def _build(self) -> None:
         # The full pretrained network, split: frozen stages up to `finetune_from` (excluded)
@@ -316,7 +320,7 @@ class CutPaste(BackboneDetector):
                         p = self.patch_size
                         tops = torch.randint(0, h - p + 1, (len(idx),), generator=gen)
                         lefts = torch.randint(0, w - p + 1, (len(idx),), generator=gen)
-                        x = torch.stack([im[:, t : t + p, l : l + p] for im, t, l in zip(x, tops, lefts)])
+                        x = torch.stack([im[:, t : t + p, left : left + p] for im, t, left in zip(x, tops, lefts)])
                     unit = (x * std + mean).clamp(0, 1)
                     aug, labels = self._augment(unit, min(h, w), gen)
                     _, _, logits = self.net_(self._frozen_features(((aug - mean) / std).to(device)))
@@ -345,7 +349,7 @@ class CutPaste(BackboneDetector):
         if self.patch_size is None:
             return Prediction(scores=dist, maps=None)
         b = images.shape[0]
-        size = tuple(images.shape[-2:])
+        size = (images.shape[-2], images.shape[-1])
         nh = (size[0] - self.patch_size) // self.patch_stride + 1
         nw = (size[1] - self.patch_size) // self.patch_stride + 1
         maps = receptive_field_upsample(dist.reshape(b, nh, nw), size, self.patch_size, self.patch_stride)

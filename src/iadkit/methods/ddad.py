@@ -293,6 +293,9 @@ class DDAD(BackboneDetector):
         # the diffusion model works on pixels in [-1, 1], as DDAD's
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
+    # learned buffers, registered in _build (declared for type checkers)
+    pixel_ratio_: torch.Tensor
+
     def _build(self) -> None:
         super()._build()
         self.schedule = NoiseSchedule.linear(self.diffusion_steps, self.beta_start, self.beta_end)

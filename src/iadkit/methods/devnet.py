@@ -227,7 +227,7 @@ class DeviationNetwork(BackboneDetector):
                     cache[batch[j]] = [f[row] for f in fresh]
         out = []
         for s in range(self.n_scales):
-            rows = [None] * len(batch)
+            rows: list[torch.Tensor | None] = [None] * len(batch)
             for row, j in enumerate(todo):
                 rows[j] = fresh[s][row]
             out.append(torch.stack([r if r is not None else cache[batch[j]][s] for j, r in enumerate(rows)]))

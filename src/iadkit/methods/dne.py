@@ -108,6 +108,13 @@ class DNE(BackboneDetector):
     )
     batch_size: int = param(32, "Images per feature batch (paper: 32).", check=at_least(1))
 
+    # learned buffers, registered in _build (declared for type checkers)
+    means_: torch.Tensor
+    covariances_: torch.Tensor
+    counts_: torch.Tensor
+    joint_mean_: torch.Tensor
+    joint_whitening_: torch.Tensor
+
     def _build(self) -> None:
         super()._build()
         d = self.layer_channels()[0]

@@ -72,7 +72,12 @@ from iadkit.components.losses import focal_loss, ssim_loss
 from iadkit.components.perlin import perlin_anomaly
 from iadkit.components.synthesis import rotate
 from iadkit.components.textures import FolderTextures, ProceduralTextures, SkimageTextures, TextureSource
-from iadkit.components.unet import DiscriminativeSubNetwork, ReconstructiveSubNetwork, check_divisible, init_draem_weights
+from iadkit.components.unet import (
+    DiscriminativeSubNetwork,
+    ReconstructiveSubNetwork,
+    check_divisible,
+    init_draem_weights,
+)
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError
 from iadkit.methods.base import Detector, register

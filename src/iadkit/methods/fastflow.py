@@ -52,6 +52,8 @@ makes no measurable difference, so we keep the reference's.
 
 from __future__ import annotations
 
+import functools
+from typing import cast
 
 import numpy as np
 import torch
@@ -96,10 +98,13 @@ def fastflow_flow(
             return conv_subnet(cin, cout, max(1, int(cin * hidden_ratio)), kernel(k))
 
         return coupling_flow(channels, steps, subnet, clamp=clamp, mixing="permutation", seed=seed)
+    def reference_subnet(k: int, cin: int, cout: int) -> nn.Module:
+        return conv_subnet(cin, cout, max(1, int(cin * hidden_ratio)), kernel(k), zero_init=False)
+
     blocks: list[nn.Module] = [
         AllInOneCoupling(
             channels,
-            lambda cin, cout, k=k: conv_subnet(cin, cout, max(1, int(cin * hidden_ratio)), kernel(k), zero_init=False),
+            functools.partial(reference_subnet, k),
             clamp=clamp,
             seed=seed * 1000 + k,
         )
@@ -173,7 +178,7 @@ class FastFlow(BackboneDetector):
             if isinstance(norm, SampleLayerNorm):
                 norm.initialise(f.shape[1:])
             else:
-                norm.fit(f)
+                cast(ChannelStandardizer, norm).fit(f)
         optimizer = torch.optim.Adam(
             [*self.flows_.parameters(), *self.norms_.parameters()], lr=self.lr, weight_decay=self.weight_decay
         )
@@ -181,7 +186,8 @@ class FastFlow(BackboneDetector):
 
         def step(idx: np.ndarray) -> torch.Tensor:
             sel = torch.as_tensor(idx, device=self.device)
-            return sum(flow_nll(z, logdet) for z, logdet in self._latents([f[sel] for f in levels]))
+            losses = sum(flow_nll(z, logdet) for z, logdet in self._latents([f[sel] for f in levels]))
+            return cast(torch.Tensor, losses)  # a tensor: there is at least one level
 
         self.loss_history_ = train_on_indices(
             len(train), step, optimizer, epochs=self.epochs, batch_size=self.batch_size, seed=self.seed,
@@ -191,9 +197,10 @@ class FastFlow(BackboneDetector):
 
     # -- inference -------------------------------------------------------------------------
     def _predict(self, images: torch.Tensor) -> Prediction:
-        size = tuple(images.shape[-2:])
+        size = (images.shape[-2], images.shape[-1])
         prob = None
         for z, _ in self._latents(self.features(images)):
             p = upsample(torch.exp(-0.5 * (z**2).mean(dim=1)), size)
             prob = p if prob is None else prob + p
+        assert prob is not None  # at least one level
         return Prediction(scores=None, maps=-prob / len(self.tapped_layers()))

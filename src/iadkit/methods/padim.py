@@ -105,6 +105,11 @@ class PaDiM(BackboneDetector):
                 f"PaDiM: n_features={self.n_features} exceeds the {total} channels of layers {list(self.tapped_layers())}"
             )
 
+    # learned buffers, registered in _build (declared for type checkers)
+    channel_index_: torch.Tensor
+    mean_: torch.Tensor
+    whitening_: torch.Tensor
+
     def _build(self) -> None:
         super()._build()
         channels = self.layer_channels()
@@ -135,7 +140,7 @@ class PaDiM(BackboneDetector):
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         emb = self.embed(images).to(self.mean_.device)
-        b, d, h, w = emb.shape
+        b, _, h, w = emb.shape
         if h * w != self.mean_.shape[0]:
             raise GaussianFitError(
                 f"PaDiM was fitted on a {self.mean_.shape[0]}-position grid but got {h}x{w}: "

@@ -24,8 +24,9 @@ import math
 import numbers
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from iadkit.errors import InvalidParameterError
 
@@ -50,10 +51,10 @@ class Interval(Check):
     closed: str = "both"
 
     def _one(self, v: Any) -> bool:
-        if not isinstance(v, numbers.Real) or isinstance(v, bool) or math.isnan(float(v)):
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or math.isnan(x := float(v)):
             return False
-        lo_ok = self.low is None or (v >= self.low if self.closed in ("both", "left") else v > self.low)
-        hi_ok = self.high is None or (v <= self.high if self.closed in ("both", "right") else v < self.high)
+        lo_ok = self.low is None or (x >= self.low if self.closed in ("both", "left") else x > self.low)
+        hi_ok = self.high is None or (x <= self.high if self.closed in ("both", "right") else x < self.high)
         return lo_ok and hi_ok
 
     def holds(self, value: Any) -> bool:

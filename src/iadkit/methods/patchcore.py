@@ -194,6 +194,7 @@ class PatchCore(BackboneDetector):
         self.register_buffer("memory_bank_", torch.empty(0, self.embedding_.target_dim))
         self.fit_info_: dict[str, Any] = {}
         self._index: NearestNeighborIndex | None = None
+        self._index_key: tuple[Any, ...] | None = None  # what `_index` was built for
         self._params_changed(["feature_runtime"])
 
     def _params_changed(self, names: list[str]) -> None:

@@ -84,6 +84,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,7 @@ class RegistrationNetwork(nn.Module):
     (detached, as the code's ``stn{1,2,3}_output``).
     """
 
-    def __init__(self, segments: list[nn.Module], channels: list[int], mode: str, pool: int = 4) -> None:
+    def __init__(self, segments: Sequence[nn.Module], channels: list[int], mode: str, pool: int = 4) -> None:
         super().__init__()
         self.segments = nn.ModuleList(segments)
         self.stns = nn.ModuleList([SpatialTransformer(c, mode, pool) for c in channels])
@@ -260,6 +261,11 @@ class RegAD(BackboneDetector):
         from iadkit.backbones import layer_names
 
         return [info.name for info in layer_names(self.backbone)]
+
+    # learned buffers, registered in _build (declared for type checkers)
+    channel_index_: torch.Tensor
+    mean_: torch.Tensor
+    whitening_: torch.Tensor
 
     def _build(self) -> None:
         layers = self.tapped_layers()

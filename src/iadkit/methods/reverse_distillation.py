@@ -63,8 +63,8 @@ from iadkit.components.feature_cache import train_on_indices
 from iadkit.components.losses import cosine_distance_map, flattened_cosine_loss, multilevel_cosine_loss
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import BackboneDetector, register
 from iadkit.errors import InvalidParameterError
+from iadkit.methods.base import BackboneDetector, register
 from iadkit.methods.params import Interval, Length, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 
@@ -126,7 +126,7 @@ class ReverseDistillation(BackboneDetector):
         encoder = self.frozen_features(train, batch_size=self.batch_size, progress=progress)
         trainable = nn.ModuleList([self.bottleneck_, self.decoder_])
         trainable.train()
-        optimizer = torch.optim.Adam(trainable.parameters(), lr=self.lr, betas=tuple(self.betas))
+        optimizer = torch.optim.Adam(trainable.parameters(), lr=self.lr, betas=(self.betas[0], self.betas[1]))
         loss_fn = multilevel_cosine_loss if self.loss == "position" else flattened_cosine_loss
 
         def step(idx: np.ndarray) -> torch.Tensor:
@@ -147,6 +147,6 @@ class ReverseDistillation(BackboneDetector):
         trainable.eval()
 
     def _predict(self, images: torch.Tensor) -> Prediction:
-        size = tuple(images.shape[-2:])
+        size = (images.shape[-2], images.shape[-1])
         maps = torch.stack([upsample(cosine_distance_map(e, d), size) for e, d in self._pairs(images)]).sum(0)
         return Prediction(scores=None, maps=maps)

@@ -52,7 +52,6 @@ features per epoch     —                         every step                   
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from iadkit.components.adaptor import Discriminator, FeatureAdaptor, gaussian_feature_noise, truncated_l1_loss
 from iadkit.components.features import PatchEmbedding
@@ -88,6 +87,10 @@ class SimpleNet(BackboneDetector):
     adaptor_weight_decay: float = param(0.01, "Adaptor AdamW weight decay (authors' code: AdamW's default 0.01).", check=at_least(0))
     discriminator_lr: float = param(2e-4, "Discriminator Adam learning rate (paper: 2e-4).", check=positive())
     weight_decay: float = param(1e-5, "Discriminator Adam weight decay (paper: 1e-5).", check=at_least(0))
+
+    # learned buffers, registered in _build (declared for type checkers)
+    feat_mean_: torch.Tensor
+    feat_scale_: torch.Tensor
 
     def _build(self) -> None:
         super()._build()

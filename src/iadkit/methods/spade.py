@@ -48,14 +48,15 @@ per training image with the default layers).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from iadkit.components.memory_bank import MemoryBankError, knn_exact
-from iadkit.errors import InvalidParameterError
 from iadkit.data.transforms import ImageSet
+from iadkit.errors import InvalidParameterError
 from iadkit.methods.base import BackboneDetector, register
 from iadkit.methods.params import Length, at_least, param
 from iadkit.types import Prediction
@@ -98,7 +99,7 @@ class SPADE(BackboneDetector):
         "(Lite0 'head', ResNet 'layer4', MobileNetV2 'features.18').",
     )
 
-    global_presets = {"efficientnet": "head", "resnet": "layer4", "mobilenet": "features.18"}
+    global_presets: ClassVar[dict[str, str]] = {"efficientnet": "head", "resnet": "layer4", "mobilenet": "features.18"}
 
     def _check_params(self) -> None:
         from iadkit.backbones import backbone_names, layer_names

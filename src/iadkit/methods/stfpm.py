@@ -50,7 +50,7 @@ The student is saved in the model file; the teacher is the frozen backbone, rebu
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -137,6 +137,6 @@ class STFPM(BackboneDetector):
         return [cosine_distance_map(t, student[k]) for t, k in zip(teacher, self.tapped_layers())]
 
     def _predict(self, images: torch.Tensor) -> Prediction:
-        size = tuple(images.shape[-2:])
+        size = (images.shape[-2], images.shape[-1])
         ups = [upsample(m, size) for m in self.level_maps(images)]
         return Prediction(scores=None, maps=combine_level_maps(ups, self.map_reduce))

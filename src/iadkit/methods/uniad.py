@@ -234,7 +234,7 @@ class UniAD(BackboneDetector):
             )
         if self.neighbor_size is not None:
             try:
-                neighbor_mask(tuple(self.feature_size), tuple(self.neighbor_size))
+                neighbor_mask(self._grid(), (self.neighbor_size[0], self.neighbor_size[1]))
             except ValueError as exc:
                 raise InvalidParameterError(
                     f"{owner}: neighbor_size={tuple(self.neighbor_size)} does not fit the "
@@ -242,12 +242,16 @@ class UniAD(BackboneDetector):
                     "(paper: 7 x 7 of 14 x 14) or None"
                 ) from None
 
+    def _grid(self) -> tuple[int, int]:
+        """`feature_size` as a (H, W) tuple (a user may have passed a list)."""
+        return self.feature_size[0], self.feature_size[1]
+
     def _build(self) -> None:
         super()._build()
         self.reconstructor_ = FeatureReconstructor(
             sum(self.layer_channels()),
             self.hidden_dim,
-            tuple(self.feature_size),
+            self._grid(),
             heads=self.heads,
             encoder_layers=self.encoder_layers,
             decoder_layers=self.decoder_layers,
@@ -264,7 +268,7 @@ class UniAD(BackboneDetector):
     # -- pieces ------------------------------------------------------------------------------
     def feature_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen, aligned features as tokens [B, H*W, C] (row-major grid)."""
-        aligned = align_features(self.features(images), tuple(self.feature_size))
+        aligned = align_features(self.features(images), self._grid())
         return aligned.flatten(2).transpose(1, 2)
 
     def token_errors(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -283,7 +287,7 @@ class UniAD(BackboneDetector):
         optimizer = torch.optim.AdamW(
             self.reconstructor_.parameters(), lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay
         )
-        drop_epoch = int(round(self.lr_drop_at * self.epochs))
+        drop_epoch = round(self.lr_drop_at * self.epochs)
         n_batches = -(-n // self.batch_size)
         losses = []
         self.reconstructor_.train()

@@ -17,7 +17,6 @@ raise `iadkit.errors.MetricUndefinedError`; malformed inputs raise ValueError.
 
 from __future__ import annotations
 
-
 from iadkit.metrics._inputs import ArrayLike
 from iadkit.metrics.aupro import (
     AUPRO_VARIANTS,
@@ -95,23 +94,18 @@ def compute_all(
 __all__ = [
     "AUPRO_VARIANTS",
     "DEFAULT_SPRO_FPR_LIMIT",
-    "LOCO_FPR_LIMITS",
-    "SaturatedRegion",
-    "auc_spro",
-    "auc_spro_by_type",
-    "auc_spro_limits",
-    "image_auroc_by_type",
-    "saturation_area",
-    "spro_curve_at",
-    "spro_metrics",
-    "spro_scores",
     "IMAGE_KEYS",
+    "LOCO_FPR_LIMITS",
     "PIXEL_KEYS",
     "F1Max",
     "PeakMemory",
     "PixelScores",
+    "SaturatedRegion",
     "Timer",
     "TimingResult",
+    "auc_spro",
+    "auc_spro_by_type",
+    "auc_spro_limits",
     "aupro",
     "aupro_exact",
     "aupro_thresholds",
@@ -122,6 +116,7 @@ __all__ = [
     "forgetting_per_task",
     "image_ap",
     "image_auroc",
+    "image_auroc_by_type",
     "image_f1_max",
     "image_metrics",
     "measure_time_per_image",
@@ -131,6 +126,10 @@ __all__ = [
     "pixel_f1_max",
     "pixel_metrics",
     "pro_curve_thresholds",
+    "saturation_area",
+    "spro_curve_at",
+    "spro_metrics",
+    "spro_scores",
     "time_per_image",
     "trapezoid_to",
 ]

@@ -8,7 +8,8 @@ values and every silent copy costs hundreds of megabytes.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -26,9 +26,10 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Callable, Iterable
+from typing import Any
 
 _MIB = float(1 << 20)
 _STATUS = "/proc/self/status"
@@ -63,7 +64,7 @@ class Timer:
         self._start: float | None = None
         self._elapsed: float | None = None
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         _cuda_sync()
         self._start = time.perf_counter()
         return self
@@ -192,7 +193,7 @@ class PeakMemory:
                 self._samples_kib = kib
             self._stop.wait(self.sample_interval_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._cuda_at_start = _cuda_in_use()
         self._ru_start_mb = peak_rss_mb()
         if self._cuda_at_start:

@@ -11,7 +11,8 @@ raise a bare ValueError or return a warning-laden 0.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 

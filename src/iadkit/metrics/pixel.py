@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from iadkit.errors import MetricUndefinedError
 from iadkit.metrics._curves import BinarySummary, summarize_sorted
 from iadkit.metrics._inputs import ArrayLike, check_no_nan_sorted, pixel_inputs
 from iadkit.metrics.image import F1Max, require_defined
@@ -47,7 +46,7 @@ class PixelScores:
     n_regions: int
 
     @classmethod
-    def from_maps(cls, maps: ArrayLike, masks: ArrayLike, *, regions: bool = True) -> "PixelScores":
+    def from_maps(cls, maps: ArrayLike, masks: ArrayLike, *, regions: bool = True) -> PixelScores:
         """Collect and sort the scores of `maps` ([N,H,W], [N,1,H,W], [H,W] or a list of [H,W],
         numpy or torch) split by `masks` (same shapes; bool or 0/1).
 

@@ -53,8 +53,8 @@ must have the same shape here, so upsample the maps to the mask size first.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -124,13 +124,13 @@ class SaturatedRegion:
     @classmethod
     def with_rule(
         cls, mask: np.ndarray, saturation_threshold: float, relative: bool, name: str = ""
-    ) -> "SaturatedRegion":
+    ) -> SaturatedRegion:
         """A region whose saturation area follows LOCO's rule (:func:`saturation_area`)."""
         mask = np.asarray(mask, dtype=bool)
         return cls(mask, saturation_area(int(np.count_nonzero(mask)), saturation_threshold, relative), name)
 
     @classmethod
-    def unsaturated(cls, mask: np.ndarray, name: str = "") -> "SaturatedRegion":
+    def unsaturated(cls, mask: np.ndarray, name: str = "") -> SaturatedRegion:
         """A region that saturates only when all its pixels are found: plain PRO overlap."""
         mask = np.asarray(mask, dtype=bool)
         return cls(mask, int(np.count_nonzero(mask)), name)
@@ -279,6 +279,7 @@ def spro_curve_at(maps: ArrayLike, regions: Regions, thresholds: ArrayLike) -> t
         raise MetricUndefinedError("the FPR is undefined: every pixel lies in a ground-truth region")
     t = np.asarray(thresholds, dtype=np.float64).ravel()
     fpr = (px.neg.size - np.searchsorted(px.neg, t, side="right")) / px.neg.size
+    assert px.pos_weight is not None  # spro_scores always weighs its pixels
     suffix = np.concatenate([np.cumsum(px.pos_weight[::-1])[::-1], [0.0]]) / px.n_regions
     spro = suffix[np.searchsorted(px.pos, t, side="right")]
     return fpr, spro

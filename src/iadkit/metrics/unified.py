@@ -10,7 +10,7 @@ are: an image-level method (no maps) or a dataset without masks has none.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 from iadkit.errors import MetricUndefinedError
 

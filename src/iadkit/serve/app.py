@@ -25,9 +25,10 @@ from __future__ import annotations
 import base64
 import json
 import mimetypes
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -321,7 +322,7 @@ async def _read_uploads(request: Request, limits: Limits) -> list[tuple[str, byt
             raise HTTPException(413, f"more than {limits.max_files} files in one request; send them in batches") from None
         raise HTTPException(400, f"malformed multipart body: {exc.detail}") from None
     try:
-        uploads = []
+        uploads: list[tuple[str, bytes]] = []
         for _, value in form.multi_items():
             if isinstance(value, str):  # a plain form field: not an image
                 continue

@@ -20,13 +20,17 @@ from __future__ import annotations
 import math
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from iadkit.errors import IadkitError, ModelFileError
+
+if TYPE_CHECKING:  # the torch-free ONNX server must not import iadkit.model
+    from iadkit.model import Model
 
 RUNTIMES = ("torch", "onnx")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -100,7 +104,7 @@ class TorchPredictor:
 
     runtime = "torch"
 
-    def __init__(self, model: object, name: str, *, model_version: str | None = None, batch_size: int = 8) -> None:
+    def __init__(self, model: Model, name: str, *, model_version: str | None = None, batch_size: int = 8) -> None:
         self.model = model
         self.name = check_name(name)
         self._model_version = model_version

@@ -42,16 +42,16 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from iadkit.errors import IadkitError, UnknownNameError
 from iadkit.types import ANOMALOUS, GOOD, Sample
 
-
-class Setting(Protocol):
-    def __call__(
-        self, train: Sequence[Sample], test: Sequence[Sample], *, seed: int, **params: Any
-    ) -> tuple[list[Sample], list[Sample]]: ...
+Setting = Callable[..., Any]
+"""``fn(train, test, *, seed, **its own keyword parameters)`` -> ``(train, test)`` lists of
+samples for a "split" setting, or a list of `Task` for a "tasks" setting. (Each setting declares
+its own parameters, so no signature narrower than ``...`` fits them all.)"""
 
 
 class SettingError(IadkitError, ValueError):
@@ -127,7 +127,7 @@ def apply_task_setting(
     if setting_kind(name) != "tasks":
         raise SettingError(f"setting {name!r} gives one split per category, not a task plan: use apply_setting")
     try:
-        return fn(train, test, seed=seed, **(params or {}))  # type: ignore[return-value]
+        return fn(train, test, seed=seed, **(params or {}))
     except TypeError as exc:
         raise SettingError(f"setting {name!r}: {exc}") from None
 
@@ -265,9 +265,9 @@ __all__ = [
 ]
 
 # The survey's settings register themselves on import (they need the registry above).
+from iadkit.settings.continual import continual  # noqa: E402
 from iadkit.settings.fewshot import few_shot  # noqa: E402
+from iadkit.settings.multi_class import multi_class  # noqa: E402
 from iadkit.settings.noise import noisy  # noqa: E402
 from iadkit.settings.semi import semi_supervised  # noqa: E402
-from iadkit.settings.continual import continual  # noqa: E402
-from iadkit.settings.multi_class import multi_class  # noqa: E402
 

@@ -12,7 +12,8 @@ the curves over k or the ratio free of re-drawing noise.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -24,7 +24,7 @@ fine-tuning, the forgetting baseline); a zero-shot method is refused (it learns 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from iadkit.settings import SettingError, register_setting
 from iadkit.settings.tasks import Task, categories_in_order, make_task

@@ -16,7 +16,7 @@ paper -> reference code -> ours
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from iadkit.settings import SettingError, register_setting
 from iadkit.settings.tasks import Task, categories_in_order, make_task

@@ -19,8 +19,8 @@ paper -> reference code -> ours
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 from iadkit.settings import register_setting
 from iadkit.settings._common import (

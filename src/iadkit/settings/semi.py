@@ -17,7 +17,7 @@ paper -> reference code -> ours
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from iadkit.settings import register_setting
 from iadkit.settings._common import (

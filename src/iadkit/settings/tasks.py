@@ -19,8 +19,8 @@ Tasks are plain data (sample lists), so a plan is reproducible from the cell alo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from iadkit.types import GOOD, Sample
 
