@@ -131,7 +131,9 @@ class LiteTaps(nn.Module):
         super().__init__()
         import timm
 
-        self.body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=[1, 2, 3])
+        self.body = timm.create_model(
+            "tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=[1, 2, 3]
+        )
         load_weights(self.body, weights)
         for p in self.body.parameters():
             p.requires_grad = False
@@ -173,7 +175,9 @@ class Stfpm(Runner):
         self.loss = STFPMLoss()
         # Stfpm.configure_optimizers (stfpm/lightning_model.py)
         self.optimizers = [
-            torch.optim.SGD(self.model.student_model.parameters(), lr=0.4, momentum=0.9, dampening=0.0, weight_decay=0.001)
+            torch.optim.SGD(
+                self.model.student_model.parameters(), lr=0.4, momentum=0.9, dampening=0.0, weight_decay=0.001
+            )
         ]
 
     def train_step(self, images: torch.Tensor) -> float:
@@ -194,7 +198,9 @@ class ReverseDistillation(Runner):
         from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
 
         if not cfg.get("resnet18_weights"):
-            raise SystemExit("SKIP anomalib's reverse distillation supports only ResNet-family encoders; give --resnet18-weights")
+            raise SystemExit(
+                "SKIP anomalib's reverse distillation supports only ResNet-family encoders; give --resnet18-weights"
+            )
         size = int(cfg["image_size"])
         with offline_timm():
             self.model = ReverseDistillationModel(
@@ -208,7 +214,9 @@ class ReverseDistillation(Runner):
         self.loss = ReverseDistillationLoss()
         self.optimizers = [
             torch.optim.Adam(
-                list(self.model.decoder.parameters()) + list(self.model.bottleneck.parameters()), lr=0.005, betas=(0.5, 0.99)
+                list(self.model.decoder.parameters()) + list(self.model.bottleneck.parameters()),
+                lr=0.005,
+                betas=(0.5, 0.99),
             )
         ]
 
@@ -231,7 +239,12 @@ class Fastflow(Runner):
         redirect = {"resnet18": ("tf_efficientnet_lite0", {"features_only": True, "out_indices": [1, 2, 3]})}
         with offline_timm(redirect):
             self.model = FastflowModel(
-                input_size=(size, size), backbone="resnet18", pre_trained=False, flow_steps=8, conv3x3_only=False, hidden_ratio=1.0
+                input_size=(size, size),
+                backbone="resnet18",
+                pre_trained=False,
+                flow_steps=8,
+                conv3x3_only=False,
+                hidden_ratio=1.0,
             )
         load_weights(self.model.feature_extractor, cfg["weights"])
         self.loss = FastflowLoss()
@@ -282,7 +295,9 @@ class Cflow(Runner):
             enc = activation[layer].detach()
             b, c, h, w = enc.size()
             e_len = b * h * w
-            pos = einops.repeat(positional_encoding_2d(m.condition_vector, h, w).unsqueeze(0), "b c h w-> (tile b) c h w", tile=b)
+            pos = einops.repeat(
+                positional_encoding_2d(m.condition_vector, h, w).unsqueeze(0), "b c h w-> (tile b) c h w", tile=b
+            )
             c_r = einops.rearrange(pos, "b c h w -> (b h w) c")
             e_r = einops.rearrange(enc, "b c h w -> (b h w) c")
             perm = torch.randperm(e_len)
@@ -315,7 +330,12 @@ class Cfa(Runner):
         cfa_torch.get_feature_extractor = lambda backbone, return_nodes: LiteTaps(cfg["weights"])
         try:
             self.model = cfa_torch.CfaModel(
-                backbone="resnet18", gamma_c=1, gamma_d=1, num_nearest_neighbors=3, num_hard_negative_features=3, radius=1e-5
+                backbone="resnet18",
+                gamma_c=1,
+                gamma_d=1,
+                num_nearest_neighbors=3,
+                num_hard_negative_features=3,
+                radius=1e-5,
             )
         finally:
             cfa_torch.get_feature_extractor = real
@@ -328,7 +348,10 @@ class Cfa(Runner):
         # Cfa.on_train_start: initialize_centroid over the (shuffled) training loader.
         from types import SimpleNamespace
 
-        batches = [SimpleNamespace(image=train.read(idx)) for idx in epoch_batches(train.n, cfg["batch_size"], cfg["seed"] + 10_000)]
+        batches = [
+            SimpleNamespace(image=train.read(idx))
+            for idx in epoch_batches(train.n, cfg["batch_size"], cfg["seed"] + 10_000)
+        ]
         self.model.initialize_centroid(batches)
 
     def train_step(self, images: torch.Tensor) -> float:

@@ -103,8 +103,11 @@ def prepare(work: Path, methods: list[str], n_test: int, threads: int) -> list[P
         model.save(model_file)
         t0 = time.perf_counter()
         model.export_onnx(onnx_file)
-        print(f"{name}: fit {fit_s:.1f} s on {len(train)} images, export {time.perf_counter() - t0:.1f} s, "
-              f"{onnx_file.stat().st_size / 1e6:.1f} MB", flush=True)
+        print(
+            f"{name}: fit {fit_s:.1f} s on {len(train)} images, export {time.perf_counter() - t0:.1f} s, "
+            f"{onnx_file.stat().st_size / 1e6:.1f} MB",
+            flush=True,
+        )
     return files
 
 
@@ -134,7 +137,9 @@ def child_torch(model_file: str, files: list[str], threads: int, out_scores: str
     }
 
 
-def child_runtime(onnx_file: str, files: list[str], threads: int, batch: int, arena: bool, ref_scores: str | None) -> dict[str, Any]:
+def child_runtime(
+    onnx_file: str, files: list[str], threads: int, batch: int, arena: bool, ref_scores: str | None
+) -> dict[str, Any]:
     import numpy as np
     from PIL import Image  # noqa: F401  (what a deployment imports anyway)
 
@@ -180,7 +185,11 @@ def child_runtime(onnx_file: str, files: list[str], threads: int, batch: int, ar
 
 
 def run_child(args: list[str], threads: int) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"child {args[:2]} failed:\n{proc.stderr[-3000:]}")
@@ -219,7 +228,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+        },
         "data": f"ELPV mono test files (300 px grayscale PNG), model input {SIZE} px",
         "config": {m: BENCH_CONFIG.get(m) for m in args.methods},
         "rows": [],
@@ -229,7 +242,11 @@ def main() -> None:
         model_file, onnx_file, scores = work / f"{name}.iad", work / f"{name}.onnx", work / f"{name}.scores.npy"
         n_test = BENCH_CONFIG.get(name, {}).get("n_test") or len(files)
         listing = work / f"images-{n_test}.txt"
-        listing.write_text("\n".join(str(f) for f in files[: n_test // 2] + files[len(files) // 2 : len(files) // 2 + n_test - n_test // 2]))
+        listing.write_text(
+            "\n".join(
+                str(f) for f in files[: n_test // 2] + files[len(files) // 2 : len(files) // 2 + n_test - n_test // 2]
+            )
+        )
         common = ["--images", str(listing), "--threads", str(args.threads)]
         t = run_child(["--child", "torch", "--file", str(model_file), "--scores", str(scores), *common], args.threads)
         r = run_child(["--child", "runtime", "--file", str(onnx_file), "--scores", str(scores), *common], args.threads)
@@ -237,7 +254,9 @@ def main() -> None:
         if name == "patchcore":
             sweep = {}
             for batch in (1, 4, 8, 16):
-                sweep[f"batch {batch}"] = run_child(["--child", "runtime", "--file", str(onnx_file), "--batch", str(batch), *common], args.threads)
+                sweep[f"batch {batch}"] = run_child(
+                    ["--child", "runtime", "--file", str(onnx_file), "--batch", str(batch), *common], args.threads
+                )
             sweep["batch 4, no arena"] = run_child(
                 ["--child", "runtime", "--file", str(onnx_file), "--batch", "4", "--no-arena", *common], args.threads
             )
@@ -256,8 +275,10 @@ def main() -> None:
         )
         if "runtime_sweep" in row:
             for key, s in row["runtime_sweep"].items():
-                print(f"    patchcore runtime {key:18s} {s['images_per_s']:6.1f} img/s {s.get('cpu_s_per_image', float('nan')):6.3f} cpu-s/img "
-                      f"peak {s['peak_rss_mb']:5.0f} MB  stages {s['stages_mb']}")
+                print(
+                    f"    patchcore runtime {key:18s} {s['images_per_s']:6.1f} img/s {s.get('cpu_s_per_image', float('nan')):6.3f} cpu-s/img "
+                    f"peak {s['peak_rss_mb']:5.0f} MB  stages {s['stages_mb']}"
+                )
             print(f"    bank {row['bank']}")
         out.write_text(json.dumps(record, indent=1))  # after every method: a long run keeps what it measured
     print(f"results: {out}")

@@ -45,7 +45,9 @@ def _evaluate(method: str, backbone: str | None, train, test) -> dict:
     fit_s = time.perf_counter() - t0
     ev = evaluate(model, test, batch_size=16)
     out = {k: round(float(ev.metrics[k]), 4) for k in ("image_auroc", "pixel_auroc", "aupro")}
-    out.update(n=len(test), fit_seconds=round(fit_s, 2), seconds_per_image=round(ev.timings["model_seconds_per_image"], 4))
+    out.update(
+        n=len(test), fit_seconds=round(fit_s, 2), seconds_per_image=round(ev.timings["model_seconds_per_image"], 4)
+    )
     return out
 
 

@@ -158,7 +158,10 @@ def run_iadkit(cfg: dict[str, Any]) -> dict[str, Any]:
     out["feature_gflop_per_img"] = feat_flops / 1e9
     out["search_gflop_per_img"] = search_flops / 1e9
     out["gemm_gflops_measured"] = gemm_gflops(cfg["threads"])
-    for rate, key in ((cfg["peak_gflops"], "bound_img_s_at_ref"), (out["gemm_gflops_measured"], "bound_img_s_at_measured")):
+    for rate, key in (
+        (cfg["peak_gflops"], "bound_img_s_at_ref"),
+        (out["gemm_gflops_measured"], "bound_img_s_at_measured"),
+    ):
         out[key] = rate * 1e9 / (feat_flops + search_flops)
 
     # Approximate nearest-neighbour search, same model.
@@ -182,7 +185,7 @@ def run_iadkit(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- anomalib worker (runs in bench/.anomalib-venv) --------------------------------------------------
-ANOMALIB_WORKER = r'''
+ANOMALIB_WORKER = r"""
 import json, sys, time
 import numpy as np
 import torch
@@ -243,7 +246,7 @@ if "types" in data.files:
     for name, mask in (("mono", types == 0), ("poly", types == 1)):
         res[f"image_auroc_{name}_of_all"] = float(roc_auc_score(labels[mask], scores[mask]))
 print("RESULT " + json.dumps(res))
-'''
+"""
 
 
 def prepare_anomalib_inputs(category: str, workdir: Path, limit: int | None) -> dict[str, Any]:
@@ -310,11 +313,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r.get('impl', '?'):9} {r.get('category', '?'):5} {r.get('ratio', 0):7g}  ERROR {r['error'][-300:]}")
+            lines.append(
+                f"{r.get('impl', '?'):9} {r.get('category', '?'):5} {r.get('ratio', 0):7g}  ERROR {r['error'][-300:]}"
+            )
             continue
         notes = []
         if r.get("image_auroc_mono_of_all") is not None:
-            notes.append(f"mono {r['image_auroc_mono_of_all']:.3f} / poly {r['image_auroc_poly_of_all']:.3f} within all")
+            notes.append(
+                f"mono {r['image_auroc_mono_of_all']:.3f} / poly {r['image_auroc_poly_of_all']:.3f} within all"
+            )
         if r.get("bound_img_s_at_ref") is not None and r["ratio"] >= 0.01:
             notes.append(
                 f"exact-search bound {r['bound_img_s_at_ref']:.1f} img/s at ref GFLOP/s "
@@ -405,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "benchmark": "patchcore_perf",
         "created": stamp,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "loadavg_at_start": load, "loadavg_at_end": os.getloadavg()},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_at_start": load,
+            "loadavg_at_end": os.getloadavg(),
+        },
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
         "rows": rows,
         "table": text,

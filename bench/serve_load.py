@@ -82,8 +82,22 @@ def make_model(folder: Path, category: str, image_size: int, coreset_ratio: floa
 
 
 def start_server(model: Path, port: int, threads: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-c", "from iadkit.cli import main; main()", "serve", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    cmd = [
+        sys.executable,
+        "-c",
+        "from iadkit.cli import main; main()",
+        "serve",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
@@ -123,10 +137,15 @@ def percentile(values: list[float], q: float) -> float:
 def request_files(payloads: list[tuple[str, bytes]], i: int, batch: int) -> list[tuple[str, tuple[str, bytes, str]]]:
     """Multipart files of request i: the next `batch` images, cycling."""
     picked = [payloads[(i * batch + k) % len(payloads)] for k in range(batch)]
-    return [("files", (name, data, "image/png" if name.endswith(".png") else "application/octet-stream")) for name, data in picked]
+    return [
+        ("files", (name, data, "image/png" if name.endswith(".png") else "application/octet-stream"))
+        for name, data in picked
+    ]
 
 
-def run_load(base: str, payloads: list[tuple[str, bytes]], args: argparse.Namespace, server_pid: int, n: int) -> dict[str, Any]:
+def run_load(
+    base: str, payloads: list[tuple[str, bytes]], args: argparse.Namespace, server_pid: int, n: int
+) -> dict[str, Any]:
     """`n` requests from `args.clients` threads; latencies, errors and RSS every n/10 requests."""
     import httpx
 
@@ -157,7 +176,11 @@ def run_load(base: str, payloads: list[tuple[str, bytes]], args: argparse.Namesp
                     problem = None if r.status_code == 200 else f"request {i}: HTTP {r.status_code} {r.text[:200]}"
                     results = r.json()["results"] if problem is None else []
                 except Exception as exc:
-                    elapsed, problem, results = time.perf_counter() - t0, f"request {i}: {type(exc).__name__}: {exc}", []
+                    elapsed, problem, results = (
+                        time.perf_counter() - t0,
+                        f"request {i}: {type(exc).__name__}: {exc}",
+                        [],
+                    )
                 with lock:
                     latencies.append(elapsed)
                     if problem:
@@ -207,7 +230,9 @@ def main() -> int:
         if args.model is None:
             t0 = time.perf_counter()
             model, test_images = make_model(Path(tmp), args.category, args.image_size, args.coreset_ratio)
-            print(f"fitted PatchCore on synthetic {args.category} at {args.image_size} px in {time.perf_counter() - t0:.1f} s")
+            print(
+                f"fitted PatchCore on synthetic {args.category} at {args.image_size} px in {time.perf_counter() - t0:.1f} s"
+            )
         else:
             model, test_images = args.model, []
         if args.images is not None:

@@ -38,12 +38,21 @@ DATASETS = [
 BASE = {"image_size": 96, "batch_size": 16, "seeds": [0], "gallery_size": 0, "datasets": DATASETS}
 
 GRIDS = [
-    {"name": "settings-noisy", "methods": ["patchcore", "padim", "softpatch"],
-     "settings": ["vanilla", {"noisy": {"ratio": [0.1, 0.2, 0.3]}}]},
-    {"name": "settings-few-shot", "methods": ["patchcore", "padim", {"name": "regad", "params": REGAD}],
-     "settings": [{"few_shot": {"k": [1, 2, 4, 8]}}]},
-    {"name": "settings-semi", "methods": [{"name": "devnet", "params": SEMI}, {"name": "dra", "params": SEMI}],
-     "settings": [{"semi_supervised": {"k": [1, 4, 8]}}]},
+    {
+        "name": "settings-noisy",
+        "methods": ["patchcore", "padim", "softpatch"],
+        "settings": ["vanilla", {"noisy": {"ratio": [0.1, 0.2, 0.3]}}],
+    },
+    {
+        "name": "settings-few-shot",
+        "methods": ["patchcore", "padim", {"name": "regad", "params": REGAD}],
+        "settings": [{"few_shot": {"k": [1, 2, 4, 8]}}],
+    },
+    {
+        "name": "settings-semi",
+        "methods": [{"name": "devnet", "params": SEMI}, {"name": "dra", "params": SEMI}],
+        "settings": [{"semi_supervised": {"k": [1, 4, 8]}}],
+    },
 ]
 
 

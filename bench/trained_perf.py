@@ -58,7 +58,12 @@ ANOMALIB_WORKER = HERE / "_anomalib_trained_worker.py"
 # --batch-size), the layers both sides use, and whether the method's pixels are normalised.
 METHODS: dict[str, dict[str, Any]] = {
     "stfpm": {"epochs": 20, "batch_size": 32, "layers": ["blocks.1", "blocks.2", "blocks.4"]},
-    "reverse_distillation": {"epochs": 40, "batch_size": 16, "layers": ["layer1", "layer2", "layer3"], "backbone": "resnet18"},
+    "reverse_distillation": {
+        "epochs": 40,
+        "batch_size": 16,
+        "layers": ["layer1", "layer2", "layer3"],
+        "backbone": "resnet18",
+    },
     "fastflow": {"epochs": 50, "batch_size": 32, "layers": ["blocks.1", "blocks.2", "blocks.4"]},
     "cflow": {"epochs": 20, "batch_size": 32, "layers": ["blocks.2", "blocks.4", "blocks.6"]},
     "cfa": {"epochs": 10, "batch_size": 4, "layers": ["blocks.1", "blocks.2", "blocks.4"]},
@@ -212,14 +217,25 @@ def run_iadkit(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(cfg["threads"])
     train, test = load_split(cfg["dataset"], cfg)
     out = iadkit_fit_evaluate(
-        cfg["method"], image_size=cfg["image_size"], params=cfg["params"], train=train, test=test,
+        cfg["method"],
+        image_size=cfg["image_size"],
+        params=cfg["params"],
+        train=train,
+        test=test,
         eval_batch_size=cfg["eval_batch_size"],
     )
-    out.update(impl="iadkit", n_train=len(train), n_test=len(test), peak_rss_mb=max(vm_hwm_mb(), out.get("peak_rss_mb_eval") or 0.0))
+    out.update(
+        impl="iadkit",
+        n_train=len(train),
+        n_test=len(test),
+        peak_rss_mb=max(vm_hwm_mb(), out.get("peak_rss_mb_eval") or 0.0),
+    )
     return out
 
 
-def spawn(cmd: list[str], env_threads: int, timeout: float | None, env_extra: dict[str, str | None] | None = None) -> dict[str, Any]:
+def spawn(
+    cmd: list[str], env_threads: int, timeout: float | None, env_extra: dict[str, str | None] | None = None
+) -> dict[str, Any]:
     """Run one worker; its ``RESULT {json}`` line, or {"error"} / {"skipped"} with the reason."""
     env = dict(os.environ, OMP_NUM_THREADS=str(env_threads), MKL_NUM_THREADS=str(env_threads), PYTHONUNBUFFERED="1")
     for k, v in (env_extra or {}).items():
@@ -234,16 +250,18 @@ def spawn(cmd: list[str], env_threads: int, timeout: float | None, env_extra: di
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
+            result = json.loads(line[len("RESULT ") :])
             result["wall_s"] = time.perf_counter() - t
             return result
-    text = (proc.stderr or proc.stdout)
+    text = proc.stderr or proc.stdout
     if "SKIP " in text:
-        return {"skipped": text[text.index("SKIP ") + 5:].strip().splitlines()[0]}
+        return {"skipped": text[text.index("SKIP ") + 5 :].strip().splitlines()[0]}
     return {"error": text[-2500:]}
 
 
-def run_anomalib(method: str, dataset: str, args: argparse.Namespace, cache: dict[str, Any], workdir: Path) -> dict[str, Any]:
+def run_anomalib(
+    method: str, dataset: str, args: argparse.Namespace, cache: dict[str, Any], workdir: Path
+) -> dict[str, Any]:
     """Prepare the pixels (once per data set and normalisation), run the worker, score with iadkit.metrics."""
     import numpy as np
 
@@ -286,13 +304,17 @@ def run_anomalib(method: str, dataset: str, args: argparse.Namespace, cache: dic
         "want_maps": px["masks"] is not None,
         "out_dir": str(out_dir),
     }
-    r = spawn([str(ANOMALIB_PY), str(ANOMALIB_WORKER), json.dumps(cfg)], args.threads, args.timeout, {"PYTHONPATH": None})
+    r = spawn(
+        [str(ANOMALIB_PY), str(ANOMALIB_WORKER), json.dumps(cfg)], args.threads, args.timeout, {"PYTHONPATH": None}
+    )
     if "error" in r or "skipped" in r:
         return r
     scores = np.load(out_dir / "scores.npy")
     maps = np.load(out_dir / "maps.npy") if (out_dir / "maps.npy").exists() else None
     with_pixels = px["masks"] is not None and maps is not None
-    r["metrics"] = compute_all(px["labels"], scores, masks=px["masks"] if with_pixels else None, maps=maps if with_pixels else None)
+    r["metrics"] = compute_all(
+        px["labels"], scores, masks=px["masks"] if with_pixels else None, maps=maps if with_pixels else None
+    )
     r["prep_s"] = px["prep_s"]
     return r
 
@@ -348,11 +370,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-batch-size", type=int, default=32, help="test batch (anomalib's default eval batch is 32)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None, help="at most this many train images and test images (smoke runs)")
+    ap.add_argument(
+        "--limit", type=int, default=None, help="at most this many train images and test images (smoke runs)"
+    )
     ap.add_argument("--synth-dir", default=str(HERE / "results" / "synth"))
     ap.add_argument("--synth-preset", default="demo")
-    ap.add_argument("--resnet18-weights", default=None, help="torchvision resnet18 file (reverse distillation on both sides)")
-    ap.add_argument("--dtd-dir", default=None, help="texture folder for anomalib's DRAEM (none: Perlin noise as texture)")
+    ap.add_argument(
+        "--resnet18-weights", default=None, help="torchvision resnet18 file (reverse distillation on both sides)"
+    )
+    ap.add_argument(
+        "--dtd-dir", default=None, help="texture folder for anomalib's DRAEM (none: Perlin noise as texture)"
+    )
     ap.add_argument("--timeout", type=float, default=4 * 3600.0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -383,22 +411,39 @@ def main(argv: list[str] | None = None) -> int:
         for dataset in args.datasets:
             for method in methods:
                 params = method_params(method, args)
-                for impl in (["iadkit", "anomalib"] if args.impl == "both" else [args.impl]):
+                for impl in ["iadkit", "anomalib"] if args.impl == "both" else [args.impl]:
                     print(f"{impl:8} {method} {dataset} ...", file=sys.stderr, flush=True)
                     load_before = os.getloadavg()
                     if impl == "iadkit":
                         cfg = {
-                            "method": method, "dataset": dataset, "params": params, "image_size": args.image_size,
-                            "threads": args.threads, "eval_batch_size": args.eval_batch_size, "limit": args.limit,
-                            "synth_dir": args.synth_dir, "synth_preset": args.synth_preset,
+                            "method": method,
+                            "dataset": dataset,
+                            "params": params,
+                            "image_size": args.image_size,
+                            "threads": args.threads,
+                            "eval_batch_size": args.eval_batch_size,
+                            "limit": args.limit,
+                            "synth_dir": args.synth_dir,
+                            "synth_preset": args.synth_preset,
                         }
                         env = {"PYTHONPATH": os.environ.get("PYTHONPATH") or str(ROOT / "src")}
                         if args.resnet18_weights:  # a torchvision file iadkit's lock does not list
                             env["IADKIT_ALLOW_UNLISTED_WEIGHTS"] = "1"
-                        r = spawn([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)], args.threads, args.timeout, env)
+                        r = spawn(
+                            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)],
+                            args.threads,
+                            args.timeout,
+                            env,
+                        )
                     else:
                         r = run_anomalib(method, dataset, args, cache, workdir)
-                    r.update(method=method, dataset=dataset, impl=impl, epochs=params["epochs"], batch_size=params["batch_size"])
+                    r.update(
+                        method=method,
+                        dataset=dataset,
+                        impl=impl,
+                        epochs=params["epochs"],
+                        batch_size=params["batch_size"],
+                    )
                     r["loadavg_before"], r["loadavg_after"] = load_before, os.getloadavg()
                     rows.append(r)
                     loads.append(r["loadavg_after"])

@@ -79,7 +79,9 @@ class Logged(_MeanDiff):
         return super()._predict(images)
 
 
-def write_images(folder: Path, n: int, *, size: int = 24, color: bool = False, seed: int = 0, spot: bool = False) -> list[Path]:
+def write_images(
+    folder: Path, n: int, *, size: int = 24, color: bool = False, seed: int = 0, spot: bool = False
+) -> list[Path]:
     """n PNGs of a flat grey (or coloured) part with noise; `spot`: a bright 3x3 defect."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -108,7 +110,9 @@ def mvtec_tree(root: Path, *, n_train: int = 12, size: int = 24, color: bool = F
         for p in bad:
             arr = np.asarray(Image.open(p))
             gray = arr if arr.ndim == 2 else arr[..., 0]
-            Image.fromarray(((gray > 200) * 255).astype(np.uint8)).save(cat / "ground_truth/spot" / f"{p.stem}_mask.png")
+            Image.fromarray(((gray > 200) * 255).astype(np.uint8)).save(
+                cat / "ground_truth/spot" / f"{p.stem}_mask.png"
+            )
     return root
 
 

@@ -118,7 +118,9 @@ def category(synthetic):
 @pytest.fixture(scope="module")
 def fitted(category):
     torch.set_num_threads(1)
-    return Model.create("autoencoder", image_size=SIZE, **PARAMS).fit(category.train, calibration_fraction=0, progress=False)
+    return Model.create("autoencoder", image_size=SIZE, **PARAMS).fit(
+        category.train, calibration_fraction=0, progress=False
+    )
 
 
 def test_learns_to_reconstruct_and_localise(fitted, category) -> None:

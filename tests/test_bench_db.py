@@ -14,10 +14,30 @@ CELL = Cell("m", {"k": 3}, "tinybench", "flat", "vanilla", 0, (16, 16), subsampl
 
 COLUMNS = {
     "runs": [
-        "cell_id", "method", "params", "dataset", "dataset_label", "subsample", "category", "setting",
-        "setting_params", "seed", "image_size", "status", "metrics", "timings", "operating_point", "setting_info",
-        "n_train", "n_test",
-        "iadkit_version", "host", "error", "traceback", "started", "finished",
+        "cell_id",
+        "method",
+        "params",
+        "dataset",
+        "dataset_label",
+        "subsample",
+        "category",
+        "setting",
+        "setting_params",
+        "seed",
+        "image_size",
+        "status",
+        "metrics",
+        "timings",
+        "operating_point",
+        "setting_info",
+        "n_train",
+        "n_test",
+        "iadkit_version",
+        "host",
+        "error",
+        "traceback",
+        "started",
+        "finished",
     ],
     "scores": ["cell_id", "idx", "path", "label", "defect_type", "score"],
     "overlays": ["cell_id", "kind", "rank", "path", "label", "defect_type", "score", "png"],
@@ -79,7 +99,11 @@ def test_record_and_read_back(tmp_path):
 
 def test_rerecording_a_cell_replaces_its_rows(tmp_path):
     with ResultsDB(tmp_path / "r.db") as db:
-        db.record(done_result(status="failed", metrics={}, paths=[], labels=[], defect_types=[], scores=[], overlays=[], error="X: y"))
+        db.record(
+            done_result(
+                status="failed", metrics={}, paths=[], labels=[], defect_types=[], scores=[], overlays=[], error="X: y"
+            )
+        )
         db.record(done_result())
         db.record(done_result(scores=[0.2, 0.8, 0.3]))
         assert db.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1

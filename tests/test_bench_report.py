@@ -76,7 +76,15 @@ def test_metric_tables_hold_the_database_numbers_with_mean_rows(bench):
     _, page, runs = bench
     tables = {t["attrs"]["data-metric"]: t["rows"] for t in page.tables if "data-metric" in t["attrs"]}
     # Image and pixel metrics (the tiny data has masks), never the thresholds.
-    assert set(tables) == {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"}
+    assert set(tables) == {
+        "image_auroc",
+        "image_ap",
+        "image_f1_max",
+        "pixel_auroc",
+        "pixel_ap",
+        "pixel_f1_max",
+        "aupro",
+    }
     assert not set(tables) - set(METRICS)
     done = {(r["method"], r["category"]): r["metrics"] for r in runs if r["status"] == "done"}
     for metric, rows in tables.items():
@@ -139,14 +147,35 @@ def test_operating_point_tables_hold_the_test_rates_lowest_best(tmp_path):
     from iadkit.bench.db import CellResult
 
     db_path = tmp_path / "r.db"
-    rates = {("a", "flat"): (0.0, 0.25), ("a", "dark"): (0.1, 0.5), ("b", "flat"): (0.2, 0.0), ("b", "dark"): (0.3, 0.1)}
+    rates = {
+        ("a", "flat"): (0.0, 0.25),
+        ("a", "dark"): (0.1, 0.5),
+        ("b", "flat"): (0.2, 0.0),
+        ("b", "dark"): (0.3, 0.1),
+    }
     with ResultsDB(db_path) as db:
         for (method, cat), (far, miss) in rates.items():
             cell = Cell(method, {}, "tinybench", cat, "vanilla", 0, (16, 16))
-            op = {"threshold": 1.5, "rule": "false_alarm_rate", "target_fpr": 0.01, "n_calibration": 2,
-                  "test_false_alarm_rate": far, "test_miss_rate": miss}
-            db.record(CellResult(cell=cell, status="done", metrics={"image_auroc": 0.9}, operating_point=op,
-                                 paths=["x"], labels=[0], defect_types=["good"], scores=[0.1]))
+            op = {
+                "threshold": 1.5,
+                "rule": "false_alarm_rate",
+                "target_fpr": 0.01,
+                "n_calibration": 2,
+                "test_false_alarm_rate": far,
+                "test_miss_rate": miss,
+            }
+            db.record(
+                CellResult(
+                    cell=cell,
+                    status="done",
+                    metrics={"image_auroc": 0.9},
+                    operating_point=op,
+                    paths=["x"],
+                    labels=[0],
+                    defect_types=["good"],
+                    scores=[0.1],
+                )
+            )
     before = db_path.read_bytes()
     page = Page()
     page.feed(write_report(db_path, tmp_path / "out").read_text(encoding="utf-8"))

@@ -84,7 +84,9 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path):
     support.FIT_CALLS.clear()
     again = run_benchmark(cfg(["test_bench_fail", "test_pixel_zscore"]), tmp_path / "r.db", progress=False)
     assert again.ran == 0 and again.skipped == 4 and support.FIT_CALLS == []
-    retry = run_benchmark(cfg(["test_bench_fail", "test_pixel_zscore"]), tmp_path / "r.db", progress=False, retry_failed=True)
+    retry = run_benchmark(
+        cfg(["test_bench_fail", "test_pixel_zscore"]), tmp_path / "r.db", progress=False, retry_failed=True
+    )
     assert retry.ran == 2 and support.FIT_CALLS == ["test_bench_fail/flat", "test_bench_fail/dark"]
 
 
@@ -163,7 +165,9 @@ def test_leaderboard_has_category_rows_and_a_mean_row(tmp_path):
     (t,) = [t for t in metric_tables(runs) if t.metric == "image_auroc"]
     assert [label for label, _ in t.rows] == ["tinybench / flat", "tinybench / dark"]
     by = {(r["method"], r["category"]): r["metrics"]["image_auroc"] for r in runs if r["status"] == "done"}
-    assert t.mean["test_pixel_zscore"] == pytest.approx((by[("test_pixel_zscore", "flat")] + by[("test_pixel_zscore", "dark")]) / 2)
+    assert t.mean["test_pixel_zscore"] == pytest.approx(
+        (by[("test_pixel_zscore", "flat")] + by[("test_pixel_zscore", "dark")]) / 2
+    )
     assert "test_bench_fail" not in t.methods
     console = Console(width=200, record=True, file=io.StringIO())
     for table in leaderboard(runs):

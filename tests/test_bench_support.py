@@ -133,7 +133,9 @@ class Killing(_Base):
         super()._fit(train, progress=progress)
 
 
-def grid(methods: list, *, categories: list[str] | None = None, seeds: list[int] | None = None, gallery: int = 2) -> dict:
+def grid(
+    methods: list, *, categories: list[str] | None = None, seeds: list[int] | None = None, gallery: int = 2
+) -> dict:
     """A config dict over the tiny source."""
     return {
         "name": "tiny",

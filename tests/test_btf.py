@@ -51,8 +51,11 @@ def _samples(n: int, dent: bool, seed: int, image_seed: int) -> list[PointMapSam
         image = (128 + 12 * image_rng.standard_normal((SIZE, SIZE, 3))).clip(0, 255).astype(np.uint8)
         out.append(
             PointMapSample(
-                path=f"mem://{seed}/{i}", label=ANOMALOUS if dent else GOOD, defect_type="dent" if dent else "good",
-                image=image, xyz=_plane(rng, dent),
+                path=f"mem://{seed}/{i}",
+                label=ANOMALOUS if dent else GOOD,
+                defect_type="dent" if dent else "good",
+                image=image,
+                xyz=_plane(rng, dent),
             )
         )
     return out
@@ -65,7 +68,9 @@ def data() -> tuple[list, list]:
 
 def _fit(data: tuple[list, list], **params) -> Model:
     torch.set_num_threads(1)
-    return Model.create("btf", image_size=SIZE, coreset_ratio=1.0, **params).fit(data[0], calibration_fraction=0.0, progress=False)
+    return Model.create("btf", image_size=SIZE, coreset_ratio=1.0, **params).fit(
+        data[0], calibration_fraction=0.0, progress=False
+    )
 
 
 def test_the_bank_holds_rgb_and_fpfh_features_side_by_side(data) -> None:
@@ -83,8 +88,13 @@ def test_the_bank_holds_rgb_and_fpfh_features_side_by_side(data) -> None:
     exact = torch.cdist(rows, det.memory_bank_, compute_mode="donot_use_mm_for_euclid_dist")
     assert exact.min(1).values.max() < 1e-4
     # the colour half is the RGB-only model's bank; the FPFH half scales with fpfh_scale
-    torch.testing.assert_close(torch.sort(det.memory_bank_[:, :n_rgb], 0).values, torch.sort(rgb.detector.memory_bank_, 0).values)
-    torch.testing.assert_close(torch.sort(scaled.detector.memory_bank_[:, n_rgb:], 0).values, 2 * torch.sort(det.memory_bank_[:, n_rgb:], 0).values)
+    torch.testing.assert_close(
+        torch.sort(det.memory_bank_[:, :n_rgb], 0).values, torch.sort(rgb.detector.memory_bank_, 0).values
+    )
+    torch.testing.assert_close(
+        torch.sort(scaled.detector.memory_bank_[:, n_rgb:], 0).values,
+        2 * torch.sort(det.memory_bank_[:, n_rgb:], 0).values,
+    )
 
 
 def test_depth_finds_the_dent_colour_cannot(data) -> None:

@@ -87,7 +87,9 @@ def test_map_is_max_minus_summed_relative_likelihood() -> None:
     total = torch.zeros(2, SIZE, SIZE)
     for i, f in enumerate(feats):
         ll = gaussian_log_likelihood(f) / f.shape[1]  # rotation keeps ||z||, log-det 0
-        total += torch.nn.functional.interpolate(torch.exp(ll - det.ll_max_[i])[:, None], size=(SIZE, SIZE), mode="bilinear")[:, 0]
+        total += torch.nn.functional.interpolate(
+            torch.exp(ll - det.ll_max_[i])[:, None], size=(SIZE, SIZE), mode="bilinear"
+        )[:, 0]
     assert torch.allclose(pred.maps, 2.5 - total, atol=1e-5)
 
 

@@ -44,8 +44,25 @@ def test_fit_predict_evaluate(tmp_path):
     model = tmp_path / "plate.iad"
     r = runner.invoke(
         app,
-        ["fit", "-m", "test_pixel_zscore", "-d", str(data), "-c", "plate", "-o", str(model),
-         "--image-size", "24", "--calibration-fraction", "0.25", "--target-fpr", "0", "-p", "eps=0.01"],
+        [
+            "fit",
+            "-m",
+            "test_pixel_zscore",
+            "-d",
+            str(data),
+            "-c",
+            "plate",
+            "-o",
+            str(model),
+            "--image-size",
+            "24",
+            "--calibration-fraction",
+            "0.25",
+            "--target-fpr",
+            "0",
+            "-p",
+            "eps=0.01",
+        ],
     )
     assert r.exit_code == 0, r.output
     assert model.exists()

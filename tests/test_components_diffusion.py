@@ -125,6 +125,7 @@ def test_ddim_reconstruct_repairs_an_image_with_a_perfect_model() -> None:
     oracle = OracleDenoiser(good, schedule)
     repaired = ddim_reconstruct(oracle, defective, schedule, t_start=250, skip=25, generator=g)
     assert torch.allclose(repaired, good, atol=1e-9)
+
     # DDAD's conditioning pulls the reconstruction towards the input
     def conditioned(seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -152,8 +153,15 @@ def test_ddim_reconstruct_target_and_shared_noise() -> None:
 
     def run(x: torch.Tensor, model: torch.nn.Module = oracle, **kw) -> torch.Tensor:
         return ddim_reconstruct(
-            model, x, schedule, t_start=250, skip=50, weight=2.0, eta=1.0,
-            generator=torch.Generator().manual_seed(7), **kw,
+            model,
+            x,
+            schedule,
+            t_start=250,
+            skip=50,
+            weight=2.0,
+            eta=1.0,
+            generator=torch.Generator().manual_seed(7),
+            **kw,
         )
 
     assert torch.equal(run(batch), run(batch, target=batch))

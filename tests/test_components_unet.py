@@ -37,10 +37,14 @@ def up(cin: int, cout: int) -> int:
 def reconstructive_count(b: int, cin: int = 3, cout: int = 3) -> int:
     encoder = double(cin, b) + double(b, 2 * b) + double(2 * b, 4 * b) + double(4 * b, 8 * b) + double(8 * b, 8 * b)
     decoder = (
-        up(8 * b, 8 * b) + double(8 * b, 4 * b, 8 * b)
-        + up(4 * b, 4 * b) + double(4 * b, 2 * b, 4 * b)
-        + up(2 * b, 2 * b) + double(2 * b, b, 2 * b)
-        + up(b, b) + double(b, b)
+        up(8 * b, 8 * b)
+        + double(8 * b, 4 * b, 8 * b)
+        + up(4 * b, 4 * b)
+        + double(4 * b, 2 * b, 4 * b)
+        + up(2 * b, 2 * b)
+        + double(2 * b, b, 2 * b)
+        + up(b, b)
+        + double(b, b)
         + conv(b, cout)
     )
     return encoder + decoder
@@ -48,15 +52,24 @@ def reconstructive_count(b: int, cin: int = 3, cout: int = 3) -> int:
 
 def discriminative_count(b: int, cin: int = 6, cout: int = 2) -> int:
     encoder = (
-        double(cin, b) + double(b, 2 * b) + double(2 * b, 4 * b) + double(4 * b, 8 * b)
-        + double(8 * b, 8 * b) + double(8 * b, 8 * b)
+        double(cin, b)
+        + double(b, 2 * b)
+        + double(2 * b, 4 * b)
+        + double(4 * b, 8 * b)
+        + double(8 * b, 8 * b)
+        + double(8 * b, 8 * b)
     )
     decoder = (
-        up(8 * b, 8 * b) + double(16 * b, 8 * b)
-        + up(8 * b, 4 * b) + double(12 * b, 4 * b)
-        + up(4 * b, 2 * b) + double(6 * b, 2 * b)
-        + up(2 * b, b) + double(3 * b, b)
-        + up(b, b) + double(2 * b, b)
+        up(8 * b, 8 * b)
+        + double(16 * b, 8 * b)
+        + up(8 * b, 4 * b)
+        + double(12 * b, 4 * b)
+        + up(4 * b, 2 * b)
+        + double(6 * b, 2 * b)
+        + up(2 * b, b)
+        + double(3 * b, b)
+        + up(b, b)
+        + double(2 * b, b)
         + conv(b, cout)
     )
     return encoder + decoder

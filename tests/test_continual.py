@@ -88,7 +88,9 @@ def test_kinds_are_told_apart():
 
 # -- the grid --------------------------------------------------------------------------------------
 def test_a_tasks_setting_is_one_cell_per_dataset_after_the_category_cells():
-    cfg = BenchConfig.parse(ts.grid(["test_task_means"], ["vanilla", "continual", {"continual": {"split": "2+1"}}, "multi_class"]))
+    cfg = BenchConfig.parse(
+        ts.grid(["test_task_means"], ["vanilla", "continual", {"continual": {"split": "2+1"}}, "multi_class"])
+    )
     cells = expand(cfg)
     assert [(c.category, c.setting, c.setting_params) for c in cells] == [
         ("flat", "vanilla", {}),
@@ -107,7 +109,9 @@ def test_a_tasks_setting_is_one_cell_per_dataset_after_the_category_cells():
 def test_the_grid_refuses_plans_that_cannot_run_before_any_cell():
     from iadkit.bench.runner import validate_grid
 
-    cfg = BenchConfig.parse(ts.grid(["test_task_means", "musc"], [{"continual": {"split": "1+1"}}, "multi_class"], categories=["flat"]))
+    cfg = BenchConfig.parse(
+        ts.grid(["test_task_means", "musc"], [{"continual": {"split": "1+1"}}, "multi_class"], categories=["flat"])
+    )
     with pytest.raises(BenchConfigError) as err:
         validate_grid(cfg)
     text = str(err.value)
@@ -122,7 +126,10 @@ def tasks_db(tmp_path_factory):
     path = tmp_path_factory.mktemp("tasks") / "r.db"
     ts.FITS.clear()
     cfg = BenchConfig.parse(
-        ts.grid(["test_task_means", "test_pixel_zscore"], ["vanilla", "continual", {"continual": {"split": "2+1"}}, "multi_class"])
+        ts.grid(
+            ["test_task_means", "test_pixel_zscore"],
+            ["vanilla", "continual", {"continual": {"split": "2+1"}}, "multi_class"],
+        )
     )
     summary = run_benchmark(cfg, path, progress=False)
     assert not summary.failed, [f.error for f in summary.failed]
@@ -161,12 +168,22 @@ def test_the_matrix_holds_every_metric_and_the_run_its_final_means(tasks_db):
     path, _ = tasks_db
     with ResultsDB(path, writable=False) as db:
         runs = db.runs()
-        run = next(r for r in runs if r["setting"] == "continual" and not r["setting_params"] and r["method"] == "test_pixel_zscore")
+        run = next(
+            r
+            for r in runs
+            if r["setting"] == "continual" and not r["setting_params"] and r["method"] == "test_pixel_zscore"
+        )
         m = db.task_matrix(run["cell_id"])
         assert m.tasks == ["flat", "dark", "light"] and m.n_steps == 3
-        assert {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"} <= set(m.values)
+        assert {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"} <= set(
+            m.values
+        )
         grid = m.metric("image_auroc")
-        assert grid.shape == (3, 3) and np.isnan(grid[np.triu_indices(3, 1)]).all() and np.isfinite(grid[np.tril_indices(3)]).all()
+        assert (
+            grid.shape == (3, 3)
+            and np.isnan(grid[np.triu_indices(3, 1)]).all()
+            and np.isfinite(grid[np.tril_indices(3)]).all()
+        )
         for k, v in run["metrics"].items():  # the cell's metrics: the last row's mean over tasks
             assert v == pytest.approx(np.nanmean(m.metric(k)[-1])), k
         assert len(db.image_scores(run["cell_id"])["scores"]) == 24  # the final model on every task
@@ -181,7 +198,11 @@ def test_continual_methods_get_partial_fit_and_others_a_warm_started_fit(tasks_d
     # test_task_means records each task it learns: its 3 vanilla fits, then 3 tasks of 8 images
     # (continual), 2 steps of 16 + 8 (2+1) and one fit on the union of 24 (multi_class); a step
     # with >= 10 good images holds 10 % out to calibrate the threshold (16 -> 14, 24 -> 22)
-    assert fits == [("test_task_means", 8)] * 6 + [("test_task_means", 14), ("test_task_means", 8), ("test_task_means", 22)]
+    assert fits == [("test_task_means", 8)] * 6 + [
+        ("test_task_means", 14),
+        ("test_task_means", 8),
+        ("test_task_means", 22),
+    ]
     with ResultsDB(path, writable=False) as db:
         summaries = {(s.method, s.setting_label): s for s in task_summaries(db, db.runs())}
     keeps = summaries[("test_task_means", "continual")]
@@ -199,7 +220,9 @@ def test_forgetting_from_the_stored_matrix_equals_the_metric_on_a_hand_made_matr
     assert forgetting_measure(acc) == pytest.approx(0.20)
     cell = Cell("hand", {}, "taskbench", "flat,dark,light", "continual", 0, (16, 16))
     entries = [
-        TaskEvaluation(step=i, task=j, task_name=name, metrics={"image_auroc": float(acc[i, j]), "pixel_auroc": float("nan")})
+        TaskEvaluation(
+            step=i, task=j, task_name=name, metrics={"image_auroc": float(acc[i, j]), "pixel_auroc": float("nan")}
+        )
         for i in range(3)
         for j, name in enumerate(["flat", "dark", "light"])
         if j <= i
@@ -231,7 +254,11 @@ def test_multi_class_table_puts_the_unified_model_beside_per_class_training(task
         c = comparisons["test_pixel_zscore"]
         assert c.categories == ["flat", "dark", "light"]
         for cat in c.categories:
-            vanilla = next(r for r in runs if r["setting"] == "vanilla" and r["method"] == "test_pixel_zscore" and r["category"] == cat)
+            vanilla = next(
+                r
+                for r in runs
+                if r["setting"] == "vanilla" and r["method"] == "test_pixel_zscore" and r["category"] == cat
+            )
             assert c.per_class["image_auroc"][cat] == pytest.approx(vanilla["metrics"]["image_auroc"])
         assert c.unified_mad == pytest.approx(mad(c.unified_mean))
         assert c.per_class_mad == pytest.approx(mad(c.per_class_mean))
@@ -244,7 +271,9 @@ def test_the_report_shows_matrices_forgetting_and_the_unified_table(tasks_db):
     section = section[: section.index("</section>")]
     assert section.count("<svg") == 4  # I-AUROC and P-AUROC heat maps for each of the 2 continual grids
     assert "tested on task" in section and "FM " in section
-    row = re.search(r"<tr><td class=\"l\">test_pixel_zscore</td><td class=\"l\">sequential fine-tuning[^<]*</td>(.*?)</tr>", section)
+    row = re.search(
+        r"<tr><td class=\"l\">test_pixel_zscore</td><td class=\"l\">sequential fine-tuning[^<]*</td>(.*?)</tr>", section
+    )
     assert row is not None
     assert '<table class="unified">' in section and "mAD" in section
     assert 'href="#tasks"' in page
@@ -253,7 +282,9 @@ def test_the_report_shows_matrices_forgetting_and_the_unified_table(tasks_db):
 # -- the schema ------------------------------------------------------------------------------------
 def test_a_schema_3_database_is_migrated_and_read_only_readers_cope(tmp_path, tasks_db):
     path = tmp_path / "old.db"
-    run_benchmark(BenchConfig.parse(ts.grid(["test_pixel_zscore"], ["vanilla"], categories=["flat"])), path, progress=False)
+    run_benchmark(
+        BenchConfig.parse(ts.grid(["test_pixel_zscore"], ["vanilla"], categories=["flat"])), path, progress=False
+    )
     con = sqlite3.connect(path)
     con.execute("DROP TABLE task_metrics")
     con.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
@@ -310,7 +341,9 @@ def test_warm_start_continues_from_the_previous_state_and_partial_fit_is_for_con
     with pytest.raises(NotContinualError, match=r"fit\(train, warm_start=True\)"):
         seq.partial_fit(dark, progress=False)
 
-    cont = Model.create("test_task_means", image_size=ts.SIZE).partial_fit(flat, calibration_fraction=0.0, progress=False)
+    cont = Model.create("test_task_means", image_size=ts.SIZE).partial_fit(
+        flat, calibration_fraction=0.0, progress=False
+    )
     cont.partial_fit(dark, calibration_fraction=0.0, progress=False)
     assert cont.detector.means_.shape[0] == 2 and cont.info["n_tasks"] == 2
     cont.fit(flat, calibration_fraction=0.0, progress=False)  # fit starts over

@@ -105,7 +105,9 @@ def _dataset(depth: bool = False) -> tuple[list[Sample], list[Sample], list[Samp
     for i in range(4):  # drawn after the test set, so the images above stay as they were
         img, mask = _blob(rng)
         labelled.append(
-            kind(path=f"mem://train-defect/{i}", label=ANOMALOUS, defect_type="blob", image=img, mask=mask, **extra(mask))
+            kind(
+                path=f"mem://train-defect/{i}", label=ANOMALOUS, defect_type="blob", image=img, mask=mask, **extra(mask)
+            )
         )
     return train, test, labelled
 
@@ -278,7 +280,9 @@ def test_continual_method_keeps_the_first_task(name: str, tmp_path) -> None:
     auroc = image_auroc(result.labels, result.scores)
     assert auroc >= 0.7, f"{name}: image AUROC {auroc:.3f} on the first task after learning a second"
     alone = _model(name).fit(_other_task(), calibration_fraction=0.15, progress=False)
-    assert not np.allclose(alone.predict(_DATA[False][1]).scores, result.scores), "partial_fit rebuilt the detector from scratch"
+    assert not np.allclose(alone.predict(_DATA[False][1]).scores, result.scores), (
+        "partial_fit rebuilt the detector from scratch"
+    )
     assert np.isfinite(first).all()
     loaded = Model.load(model.save(tmp_path / f"{name}.iad"))
     np.testing.assert_array_equal(loaded.predict(_DATA[False][1][:6]).scores, model.predict(_DATA[False][1][:6]).scores)

@@ -73,7 +73,9 @@ def test_scar_is_a_thin_rotated_strip_of_the_paper_size() -> None:
     top, bottom, left, right = _box(mask)
     assert (bottom - top, right - left) == (20, 4) and int(mask.sum()) == 80
     # scar sizes scale with the image: at 64 px the same strip is 1 x 5 px
-    _, small = cutpaste_scar(torch.rand(3, 64, 64), angle=(0.0, 0.0), width=(4.0, 4.0), length=(20.0, 20.0), generator=g)
+    _, small = cutpaste_scar(
+        torch.rand(3, 64, 64), angle=(0.0, 0.0), width=(4.0, 4.0), length=(20.0, 20.0), generator=g
+    )
     top, bottom, left, right = _box(small)
     assert (bottom - top, right - left) == (5, 1)
 
@@ -118,12 +120,17 @@ def _fold_reference(scores, size, patch, stride):
     return out[:, 0]
 
 
-@pytest.mark.parametrize("size, patch, stride", [((64, 64), 32, 16), ((64, 64), 32, 4), ((70, 53), 16, 5), ((224, 224), 32, 4)])
+@pytest.mark.parametrize(
+    "size, patch, stride", [((64, 64), 32, 16), ((64, 64), 32, 4), ((70, 53), 16, 5), ((224, 224), 32, 4)]
+)
 def test_receptive_field_upsampling_equals_fold(size, patch, stride) -> None:
     nh, nw = (size[0] - patch) // stride + 1, (size[1] - patch) // stride + 1
     scores = torch.rand(3, nh, nw, generator=torch.Generator().manual_seed(0)) * 50
     torch.testing.assert_close(
-        receptive_field_upsample(scores, size, patch, stride), _fold_reference(scores, size, patch, stride), rtol=1e-6, atol=1e-6
+        receptive_field_upsample(scores, size, patch, stride),
+        _fold_reference(scores, size, patch, stride),
+        rtol=1e-6,
+        atol=1e-6,
     )
 
 

@@ -145,7 +145,16 @@ def test_domain_adaptation_changes_a_copy_of_the_extractor(fitted) -> None:
 
 
 def test_paper_configuration_is_available_and_counts_its_unet_passes() -> None:
-    det = built(DDAD(base_width=64, channel_mults=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_levels=(3, 4, 5), heads=4, skip=25))
+    det = built(
+        DDAD(
+            base_width=64,
+            channel_mults=(1, 1, 2, 2, 4, 4),
+            num_res_blocks=2,
+            attention_levels=(3, 4, 5),
+            heads=4,
+            skip=25,
+        )
+    )
     assert det.unet_.unet.down_factor == 32 and (det.noise_step, det.condition_weight, det.eta) == (250, 2.0, 1.0)
     small = built(DDAD(base_width=8, channel_mults=(1, 2), attention_levels=(), skip=125), fitted=True)
     calls = []

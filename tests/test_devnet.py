@@ -23,7 +23,9 @@ FAST = dict(epochs=5, steps_per_epoch=20, batch_size=16, lr=1e-3, rotation=0.0, 
 
 
 def test_topk_mil_score_by_hand():
-    maps = torch.tensor([[[1.0, -9.0, 3.0, 0.5, 2.0], [0.0, 4.0, -1.0, 7.0, 0.1], [1.0, 1.0, 1.0, 1.0, 1.0], [0, 0, 0, 0, -8.0]]])
+    maps = torch.tensor(
+        [[[1.0, -9.0, 3.0, 0.5, 2.0], [0.0, 4.0, -1.0, 7.0, 0.1], [1.0, 1.0, 1.0, 1.0, 1.0], [0, 0, 0, 0, -8.0]]]
+    )
     # 20 positions, ratio 0.1 -> K = 2: the two largest absolute values are 9 and 8
     assert float(topk_mil_score(maps, 0.1)) == pytest.approx((9 + 8) / 2)
     assert float(topk_mil_score(maps, 0.01)) == pytest.approx(9.0)  # K is at least 1
@@ -86,7 +88,10 @@ def metal(synthetic):
 @pytest.fixture(scope="module")
 def fitted(metal):
     train, pool, _ = metal
-    return {k: Model.create("devnet", image_size=SIZE, **FAST).fit(train + pool[:k], calibration_fraction=0, progress=False) for k in (1, 8)}
+    return {
+        k: Model.create("devnet", image_size=SIZE, **FAST).fit(train + pool[:k], calibration_fraction=0, progress=False)
+        for k in (1, 8)
+    }
 
 
 def test_more_labelled_defects_detect_better(metal, fitted):

@@ -98,7 +98,10 @@ def metal(synthetic):
 @pytest.fixture(scope="module")
 def fitted(metal):
     train, pool, _ = metal
-    return {k: Model.create("dra", image_size=SIZE, **FAST).fit(train + pool[:k], calibration_fraction=0, progress=False) for k in (1, 8)}
+    return {
+        k: Model.create("dra", image_size=SIZE, **FAST).fit(train + pool[:k], calibration_fraction=0, progress=False)
+        for k in (1, 8)
+    }
 
 
 def _head_aurocs(model: Model, test) -> dict[str, float]:

@@ -108,9 +108,13 @@ def test_texture_folder_is_needed_for_training_only(tmp_path, synthetic) -> None
     folder = tmp_path / "dtd"
     folder.mkdir()
     for i in range(2):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
     data = synthetic("metal")
-    model = Model.create("draem", image_size=32, epochs=1, batch_size=4, recon_width=2, disc_width=2, texture_dir=str(folder))
+    model = Model.create(
+        "draem", image_size=32, epochs=1, batch_size=4, recon_width=2, disc_width=2, texture_dir=str(folder)
+    )
     model.fit(data.train[:4], calibration_fraction=0, progress=False)
     path = model.save(tmp_path / "draem.iad")
     for f in folder.iterdir():
@@ -137,7 +141,9 @@ def category(synthetic):
 @pytest.fixture(scope="module")
 def fitted(category):
     torch.set_num_threads(1)
-    return Model.create("draem", image_size=SIM_SIZE, **PARAMS).fit(category.train, calibration_fraction=0, progress=False)
+    return Model.create("draem", image_size=SIM_SIZE, **PARAMS).fit(
+        category.train, calibration_fraction=0, progress=False
+    )
 
 
 def _simulated_test_set(det: DRAEM, model: Model, samples) -> tuple[torch.Tensor, torch.Tensor]:

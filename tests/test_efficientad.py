@@ -81,7 +81,11 @@ def test_teacher_weights_from_other_implementations(tmp_path) -> None:
     # anomalib names its layers conv1..conv4; nelson1425 uses an nn.Sequential (0, 3, 6, 8)
     anomalib = {k: v.clone() for k, v in src.state_dict().items()}
     seq_index = [0, 3, 6, 8]
-    nelson = {f"{seq_index[i]}.{kind}": getattr(c, kind).detach().clone() for i, c in enumerate(src.convs()) for kind in ("weight", "bias")}
+    nelson = {
+        f"{seq_index[i]}.{kind}": getattr(c, kind).detach().clone()
+        for i, c in enumerate(src.convs())
+        for kind in ("weight", "bias")
+    }
     for i, state in enumerate([anomalib, nelson]):
         path = tmp_path / f"teacher{i}.pth"
         torch.save(state, path)
@@ -100,7 +104,11 @@ def test_teacher_weights_from_other_implementations(tmp_path) -> None:
 def _train() -> list[Sample]:
     rng = np.random.default_rng(0)
     return [
-        Sample(path=f"mem://{i}", label=GOOD, image=(120 + 20 * rng.standard_normal((64, 64, 3))).clip(0, 255).astype(np.uint8))
+        Sample(
+            path=f"mem://{i}",
+            label=GOOD,
+            image=(120 + 20 * rng.standard_normal((64, 64, 3))).clip(0, 255).astype(np.uint8),
+        )
         for i in range(10)
     ]
 
@@ -122,7 +130,9 @@ def test_teacher_is_distilled_once_then_read_from_the_cache(tmp_path, monkeypatc
     assert teacher_cache_path({**config, "steps": 2}) != path
 
 
-def test_fitted_model_normalises_validation_maps_to_its_quantiles_and_carries_its_teacher(tmp_path, monkeypatch) -> None:
+def test_fitted_model_normalises_validation_maps_to_its_quantiles_and_carries_its_teacher(
+    tmp_path, monkeypatch
+) -> None:
     monkeypatch.setenv("IADKIT_CACHE_DIR", str(tmp_path / "cache"))
     model = Model.create("efficientad", image_size=64, **TINY)
     train = _train()

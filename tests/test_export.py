@@ -56,12 +56,16 @@ def test_continual_bank_exports_its_routing(synthetic, tmp_path):
     model.fit(metal.train, calibration_fraction=0.2, progress=False)
     model.partial_fit(wood.train, calibration_fraction=0.2, progress=False)
     files = [s.path for s in metal.test[:3]] + [s.path for s in wood.test[:3]]
-    routes = model.detector.route(torch.stack([model.preprocess(np.asarray(Image.open(f).convert("RGB"))) for f in files]))
+    routes = model.detector.route(
+        torch.stack([model.preprocess(np.asarray(Image.open(f).convert("RGB"))) for f in files])
+    )
     assert set(routes.tolist()) == {0, 1}
     exported = runtime.load(model.export_onnx(tmp_path / "bank.onnx"), threads=1, batch_size=4)
     ref, got = model.predict(files), exported.predict(files)
     np.testing.assert_allclose(got.scores, ref.scores, rtol=TOL, atol=TOL)
     np.testing.assert_allclose(got.maps, ref.maps, rtol=TOL, atol=TOL)
+
+
 TOL = 1e-4
 
 
@@ -164,7 +168,9 @@ def test_grayscale_model(split, tmp_path):
     folder.mkdir()
 
     def gray16(sample, name):
-        rgb = np.asarray(Image.open(sample.path).convert("L"), dtype=np.uint16) * 257 + 3  # 16-bit, not a multiple of 257
+        rgb = (
+            np.asarray(Image.open(sample.path).convert("L"), dtype=np.uint16) * 257 + 3
+        )  # 16-bit, not a multiple of 257
         path = folder / name
         Image.fromarray(rgb).save(path)
         return str(path)

@@ -135,7 +135,9 @@ def test_gaussian_log_likelihood_and_nll_by_hand() -> None:
 
 
 def test_channel_standardizer_fits_per_channel_statistics() -> None:
-    x = torch.randn(50, 3, 4, 4) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1) + torch.tensor([0.0, 2.0, -3.0]).view(1, 3, 1, 1)
+    x = torch.randn(50, 3, 4, 4) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1) + torch.tensor([0.0, 2.0, -3.0]).view(
+        1, 3, 1, 1
+    )
     norm = ChannelStandardizer(3)
     y = norm.fit(x)
     assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)

@@ -63,7 +63,9 @@ def _start_benchmark(db: Path, log: Path, sleep: float) -> subprocess.Popen:
         """
     )
     env = _env(**{hs.FIT_LOG_ENV: str(log), hs.FIT_SLEEP_ENV: str(sleep)})
-    return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _lines(path: Path) -> list[str]:
@@ -104,7 +106,9 @@ def check_database(db: Path) -> dict[str, dict]:
             n_overlays = con.execute("SELECT COUNT(*) FROM overlays WHERE cell_id = ?", (r["cell_id"],)).fetchone()[0]
             assert (n_scores, n_overlays) == (N_TEST, N_OVERLAYS), f"half-written cell {r['cell_id']}"
             done[r["cell_id"]] = dict(r)
-        orphans = con.execute("SELECT COUNT(*) FROM scores WHERE cell_id NOT IN (SELECT cell_id FROM runs)").fetchone()[0]
+        orphans = con.execute("SELECT COUNT(*) FROM scores WHERE cell_id NOT IN (SELECT cell_id FROM runs)").fetchone()[
+            0
+        ]
         assert orphans == 0
         return done
     finally:
@@ -131,7 +135,9 @@ def test_benchmark_killed_at_random_points_resumes_with_every_cell_once(tmp_path
         proc = _start_benchmark(db, log, sleep=0.15)
         target = fits_before + k
         reached = _wait_for(lambda: len(_lines(log)) >= target, proc)  # noqa: B023 - called in this iteration
-        assert reached, f"the benchmark ended early: {proc.returncode}\n{proc.stderr.read()[-3000:] if proc.stderr else ''}"
+        assert reached, (
+            f"the benchmark ended early: {proc.returncode}\n{proc.stderr.read()[-3000:] if proc.stderr else ''}"
+        )
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -218,7 +224,9 @@ def test_predict_killed_then_resumed_has_every_row_once(tmp_path, monkeypatch):
     from iadkit.model import Model
 
     tree = hs.mvtec_tree(tmp_path / "data")
-    model = Model.create("test_hostile_logged", image_size=24).fit(load_dataset(str(tree), category="plate").train, progress=False)
+    model = Model.create("test_hostile_logged", image_size=24).fit(
+        load_dataset(str(tree), category="plate").train, progress=False
+    )
     model_path = model.save(tmp_path / "m.iad")
     images = tmp_path / "images"
     hs.write_images(images, 24, seed=9)
@@ -253,7 +261,9 @@ def test_predict_killed_then_resumed_has_every_row_once(tmp_path, monkeypatch):
     for path, row in kept.items():  # rows scored before the kill are kept as they were
         assert by_path[path]["score"] == row["score"]
     clean = predict_folder(model, sorted(str(p) for p in images.glob("*.png")), None)
-    np.testing.assert_allclose([by_path[r["path"]]["score"] for r in clean.rows], [r["score"] for r in clean.rows], rtol=1e-6)
+    np.testing.assert_allclose(
+        [by_path[r["path"]]["score"] for r in clean.rows], [r["score"] for r in clean.rows], rtol=1e-6
+    )
 
 
 def test_benchmark_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
@@ -261,7 +271,9 @@ def test_benchmark_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(bench_support.INTERRUPT, "on", True)
     cfg = tmp_path / "g.yaml"
-    cfg.write_text(yaml.safe_dump(bench_support.grid(["test_pixel_zscore", "test_bench_interrupt"], categories=["flat"])))
+    cfg.write_text(
+        yaml.safe_dump(bench_support.grid(["test_pixel_zscore", "test_bench_interrupt"], categories=["flat"]))
+    )
     with pytest.raises(SystemExit) as exit_:
         main(["benchmark", "--config", str(cfg), "--out", str(tmp_path / "out"), "--no-report"])
     text = " ".join(capsys.readouterr().out.split())

@@ -81,7 +81,11 @@ def world(tmp_path_factory) -> World:
     models = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
-        for name, tree, method in (("gray", gray, "test_pixel_zscore"), ("color", color, "test_pixel_zscore"), ("nan", gray, "test_hostile_nan")):
+        for name, tree, method in (
+            ("gray", gray, "test_pixel_zscore"),
+            ("color", color, "test_pixel_zscore"),
+            ("nan", gray, "test_hostile_nan"),
+        ):
             split = load_dataset(str(tree), category="plate")
             model = Model.create(method, image_size=24).fit(split.train, progress=False)
             models[name] = model.save(root / f"{name}.iad")
@@ -156,7 +160,7 @@ def cli_error(entry: str, name: str, match: str, *, no_output: Callable[[World],
             argv = args(w)
             res = cli(capsys, *argv)
             assert_cli_error(res, match)
-            for p in (no_output(w) if no_output else []):
+            for p in no_output(w) if no_output else []:
                 assert not p.exists(), f"{p} was written although the command was refused"
 
         CASES.append(Case(entry, name, "error", run, None, match))
@@ -181,7 +185,9 @@ def _gray_samples(n: int = 12, size: int = 16) -> list[Sample]:
 def _fitted(samples=None, **fit_options) -> Model:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
-        return Model.create("test_pixel_zscore", image_size=16).fit(samples or _gray_samples(), progress=False, **fit_options)
+        return Model.create("test_pixel_zscore", image_size=16).fit(
+            samples or _gray_samples(), progress=False, **fit_options
+        )
 
 
 # == Python API =====================================================================================
@@ -316,12 +322,16 @@ def _(w):
     _fitted().predict([w.root / "nope.png"])
 
 
-@api_error("api", "colour image to a grayscale model", ImageReadError, "colour image, but this model was trained on grayscale")
+@api_error(
+    "api", "colour image to a grayscale model", ImageReadError, "colour image, but this model was trained on grayscale"
+)
 def _(w):
     Model.load(w.gray_model).predict([next((w.color / "plate/test/good").glob("*.png"))])
 
 
-@api_error("api", "grayscale image to a colour model", ImageReadError, "grayscale image, but this model was trained on colour")
+@api_error(
+    "api", "grayscale image to a colour model", ImageReadError, "grayscale image, but this model was trained on colour"
+)
 def _(w):
     Model.load(w.color_model).predict([next((w.gray / "plate/test/good").glob("*.png"))])
 
@@ -453,7 +463,9 @@ def _(w):
     Model.load(_corrupt(w, "nan.iad", lambda raw: raw.__setitem__(slice(start, start + 4), nan)))
 
 
-_manifest_case("NaN threshold in the manifest", lambda m: m["threshold"].update(value=float("nan")), "not a finite number")
+_manifest_case(
+    "NaN threshold in the manifest", lambda m: m["threshold"].update(value=float("nan")), "not a finite number"
+)
 _manifest_case("extra hyper-parameter", lambda m: m["params"].update(bogus=1), r"unknown \['bogus'\]")
 _manifest_case("missing hyper-parameter", lambda m: m["params"].pop("eps"), r"missing \['eps'\]")
 _manifest_case("hyper-parameter out of bounds", lambda m: m["params"].update(eps=-1), "eps=-1 is not valid")
@@ -506,11 +518,29 @@ def _no_fit_output(w: World) -> list[Path]:
 cli_error("cli:fit", "unknown method", "did you mean test_pixel_zscore", no_output=_no_fit_output)(
     lambda w: _fit(w, None, "-m", "test_pixel_zscor")
 )
-cli_error("cli:fit", "-p without =", "key=value", no_output=_no_fit_output)(lambda w: _fit(w, None, "-m", "test_pixel_zscore", "-p", "eps"))
-cli_error("cli:fit", "-p unknown name", "epz", no_output=_no_fit_output)(lambda w: _fit(w, None, "-m", "test_pixel_zscore", "-p", "epz=1"))
-cli_error("cli:fit", "-p value out of bounds", "eps", no_output=_no_fit_output)(lambda w: _fit(w, None, "-m", "test_pixel_zscore", "-p", "eps=-1"))
+cli_error("cli:fit", "-p without =", "key=value", no_output=_no_fit_output)(
+    lambda w: _fit(w, None, "-m", "test_pixel_zscore", "-p", "eps")
+)
+cli_error("cli:fit", "-p unknown name", "epz", no_output=_no_fit_output)(
+    lambda w: _fit(w, None, "-m", "test_pixel_zscore", "-p", "epz=1")
+)
+cli_error("cli:fit", "-p value out of bounds", "eps", no_output=_no_fit_output)(
+    lambda w: _fit(w, None, "-m", "test_pixel_zscore", "-p", "eps=-1")
+)
 cli_error("cli:fit", "--image-size 0", "image-size", no_output=_no_fit_output)(
-    lambda w: ["fit", "-m", "test_pixel_zscore", "-d", w.gray, "-c", "plate", "-o", w.root / "fit-never.iad", "--image-size", 0]
+    lambda w: [
+        "fit",
+        "-m",
+        "test_pixel_zscore",
+        "-d",
+        w.gray,
+        "-c",
+        "plate",
+        "-o",
+        w.root / "fit-never.iad",
+        "--image-size",
+        0,
+    ]
 )
 cli_error("cli:fit", "--image-size abc", "image-size", no_output=_no_fit_output)(
     lambda w: ["fit", "-m", "test_pixel_zscore", "-d", w.gray, "-o", w.root / "fit-never.iad", "--image-size", "abc"]
@@ -527,12 +557,16 @@ cli_error("cli:fit", "--calibration-fraction 2", "calibration-fraction", no_outp
 cli_error("cli:fit", "--device banana", "not a device name", no_output=_no_fit_output)(
     lambda w: _fit(w, None, "-m", "test_pixel_zscore", "--device", "banana")
 )
-cli_error("cli:fit", "--device cuda:7", "cuda", no_output=_no_fit_output)(lambda w: _fit(w, None, "-m", "test_pixel_zscore", "--device", "cuda:7"))
+cli_error("cli:fit", "--device cuda:7", "cuda", no_output=_no_fit_output)(
+    lambda w: _fit(w, None, "-m", "test_pixel_zscore", "--device", "cuda:7")
+)
 cli_error("cli:fit", "output exists", "--force")(lambda w: _fit(w, w.gray_model, "-m", "test_pixel_zscore"))
 cli_error("cli:fit", "output folder cannot exist", "cannot create")(
     lambda w: _fit(w, w.gray_model / "sub" / "m.iad", "-m", "test_pixel_zscore")
 )
-cli_error("cli:fit", "output is a folder", "is a folder")(lambda w: _fit(w, w.root, "-m", "test_pixel_zscore", "--force"))
+cli_error("cli:fit", "output is a folder", "is a folder")(
+    lambda w: _fit(w, w.root, "-m", "test_pixel_zscore", "--force")
+)
 cli_error("cli:fit", "--data missing", "no such folder", no_output=_no_fit_output)(
     lambda w: ["fit", "-m", "test_pixel_zscore", "-d", w.root / "nodata", "-o", w.root / "fit-never.iad"]
 )
@@ -567,28 +601,57 @@ def _(w, capsys):
 
 
 # == iadkit predict =================================================================================
-def _predict(w: World, out: Path | None, *extra: Any, model: Path | None = None, images: Path | None = None) -> list[Any]:
-    return ["predict", model or w.gray_model, images or w.gray / "plate/test", "--out", out or w.root / "pred-never", *extra]
+def _predict(
+    w: World, out: Path | None, *extra: Any, model: Path | None = None, images: Path | None = None
+) -> list[Any]:
+    return [
+        "predict",
+        model or w.gray_model,
+        images or w.gray / "plate/test",
+        "--out",
+        out or w.root / "pred-never",
+        *extra,
+    ]
 
 
 def _no_predict_output(w: World) -> list[Path]:
     return [w.root / "pred-never"]
 
 
-cli_error("cli:predict", "--threshold nan", "finite", no_output=_no_predict_output)(lambda w: _predict(w, None, "--threshold", "nan"))
-cli_error("cli:predict", "--threshold inf", "finite", no_output=_no_predict_output)(lambda w: _predict(w, None, "--threshold", "inf"))
-cli_error("cli:predict", "--batch-size 0", "batch-size", no_output=_no_predict_output)(lambda w: _predict(w, None, "--batch-size", 0))
-cli_error("cli:predict", "--batch-size -1", "batch-size", no_output=_no_predict_output)(lambda w: _predict(w, None, "--batch-size", -1))
-cli_error("cli:predict", "model file missing", "no such model file")(lambda w: _predict(w, None, model=w.root / "none.iad"))
-cli_error("cli:predict", "model file of random bytes", "not an iadkit model file")(lambda w: _predict(w, None, model=w.root / "bright/000.png"))
+cli_error("cli:predict", "--threshold nan", "finite", no_output=_no_predict_output)(
+    lambda w: _predict(w, None, "--threshold", "nan")
+)
+cli_error("cli:predict", "--threshold inf", "finite", no_output=_no_predict_output)(
+    lambda w: _predict(w, None, "--threshold", "inf")
+)
+cli_error("cli:predict", "--batch-size 0", "batch-size", no_output=_no_predict_output)(
+    lambda w: _predict(w, None, "--batch-size", 0)
+)
+cli_error("cli:predict", "--batch-size -1", "batch-size", no_output=_no_predict_output)(
+    lambda w: _predict(w, None, "--batch-size", -1)
+)
+cli_error("cli:predict", "model file missing", "no such model file")(
+    lambda w: _predict(w, None, model=w.root / "none.iad")
+)
+cli_error("cli:predict", "model file of random bytes", "not an iadkit model file")(
+    lambda w: _predict(w, None, model=w.root / "bright/000.png")
+)
 cli_error("cli:predict", "image path missing", "no such file or folder", no_output=_no_predict_output)(
     lambda w: _predict(w, None, images=w.root / "nothing-here")
 )
-cli_error("cli:predict", "folder without images", "no images found")(lambda w: _predict(w, None, images=w.fresh("pred-noimg")))
+cli_error("cli:predict", "folder without images", "no images found")(
+    lambda w: _predict(w, None, images=w.fresh("pred-noimg"))
+)
 cli_error("cli:predict", "--out is a file", "not a folder")(lambda w: _predict(w, w.gray_model))
-cli_error("cli:predict", "--executor bogus", "use local or ray")(lambda w: _predict(w, w.fresh("pred-ex") / "o", "--executor", "bogus"))
-cli_error("cli:predict", "--address without ray", "--executor ray")(lambda w: _predict(w, w.fresh("pred-addr") / "o", "--address", "auto"))
-cli_error("cli:predict", "--device banana", "not a device name", no_output=_no_predict_output)(lambda w: _predict(w, None, "--device", "banana"))
+cli_error("cli:predict", "--executor bogus", "use local or ray")(
+    lambda w: _predict(w, w.fresh("pred-ex") / "o", "--executor", "bogus")
+)
+cli_error("cli:predict", "--address without ray", "--executor ray")(
+    lambda w: _predict(w, w.fresh("pred-addr") / "o", "--address", "auto")
+)
+cli_error("cli:predict", "--device banana", "not a device name", no_output=_no_predict_output)(
+    lambda w: _predict(w, None, "--device", "banana")
+)
 
 
 @cli_error("cli:predict", "an earlier run's predictions.csv without --resume", "--resume")
@@ -662,8 +725,12 @@ def _(w, capsys, monkeypatch=None):
 
 
 # == iadkit evaluate ===============================================================================
-cli_error("cli:evaluate", "--data missing", "no such folder")(lambda w: ["evaluate", w.gray_model, "-d", w.root / "nodata"])
-cli_error("cli:evaluate", "model corrupt", "not an iadkit model file")(lambda w: ["evaluate", w.root / "bright/000.png", "-d", w.gray])
+cli_error("cli:evaluate", "--data missing", "no such folder")(
+    lambda w: ["evaluate", w.gray_model, "-d", w.root / "nodata"]
+)
+cli_error("cli:evaluate", "model corrupt", "not an iadkit model file")(
+    lambda w: ["evaluate", w.root / "bright/000.png", "-d", w.gray]
+)
 
 
 @cli_error("cli:evaluate", "masks missing names --allow-missing-masks", "--allow-missing-masks")
@@ -705,11 +772,19 @@ def _bench_case(name: str, edit: Callable[[dict], None], match: str) -> None:
 
 _bench_case("unknown method", lambda g: g.update(methods=["test_pixel_zscor"]), "did you mean test_pixel_zscore")
 _bench_case("negative image size", lambda g: g.update(image_size=-16), "image_size must be positive")
-_bench_case("bad hyper-parameter", lambda g: g.update(methods=[{"name": "test_pixel_zscore", "params": {"eps": -1}}]), "eps=-1")
-_bench_case("unknown hyper-parameter", lambda g: g.update(methods=[{"name": "test_pixel_zscore", "params": {"epz": 1}}]), "epz")
+_bench_case(
+    "bad hyper-parameter", lambda g: g.update(methods=[{"name": "test_pixel_zscore", "params": {"eps": -1}}]), "eps=-1"
+)
+_bench_case(
+    "unknown hyper-parameter", lambda g: g.update(methods=[{"name": "test_pixel_zscore", "params": {"epz": 1}}]), "epz"
+)
 _bench_case("unknown setting", lambda g: g.update(settings=["vanila"]), "did you mean vanilla")
-_bench_case("unknown setting parameter", lambda g: g.update(settings=[{"name": "few_shot", "params": {"kk": 2}}]), "few_shot")
-_bench_case("dataset source that does not exist", lambda g: g.update(datasets=[{"source": "/no/such/data"}]), "no such folder")
+_bench_case(
+    "unknown setting parameter", lambda g: g.update(settings=[{"name": "few_shot", "params": {"kk": 2}}]), "few_shot"
+)
+_bench_case(
+    "dataset source that does not exist", lambda g: g.update(datasets=[{"source": "/no/such/data"}]), "no such folder"
+)
 _bench_case("unknown category", lambda g: g["datasets"][0].update(categories=["flta"]), "did you mean flat")
 _bench_case("unknown device", lambda g: g.update(device="banana"), "not a device name")
 _bench_case(
@@ -718,7 +793,9 @@ _bench_case(
     r"3 problem\(s\).*unknown method 'nope'.*image_size must be positive.*unknown setting 'x'",
 )
 _bench_case("unknown key", lambda g: g.update(epochs=3), "Extra inputs are not permitted")
-_bench_case("the same cell twice", lambda g: g.update(methods=["test_pixel_zscore", "test_pixel_zscore"]), "same cell twice")
+_bench_case(
+    "the same cell twice", lambda g: g.update(methods=["test_pixel_zscore", "test_pixel_zscore"]), "same cell twice"
+)
 _bench_case("missing plugin module", lambda g: g.update(imports=["no_such_module_xyz"]), "cannot import")
 _bench_case(
     "reader options on a dataset that does not exist",
@@ -726,11 +803,19 @@ _bench_case(
     "no such folder",
 )
 cli_error("cli:benchmark", "neither --config nor --preset", "exactly one")(lambda w: ["benchmark"])
-cli_error("cli:benchmark", "unknown preset", "demo, full")(lambda w: ["benchmark", "--preset", "nope", "--out", w.fresh("bench-preset")])
-cli_error("cli:benchmark", "config file missing", "no such benchmark config")(lambda w: ["benchmark", "--config", w.root / "none.yaml"])
+cli_error("cli:benchmark", "unknown preset", "demo, full")(
+    lambda w: ["benchmark", "--preset", "nope", "--out", w.fresh("bench-preset")]
+)
+cli_error("cli:benchmark", "config file missing", "no such benchmark config")(
+    lambda w: ["benchmark", "--config", w.root / "none.yaml"]
+)
 cli_error("cli:benchmark", "--workers 0", "workers")(lambda w: [*_bench(w, "workers0"), "--workers", 0])
-cli_error("cli:benchmark", "--executor bogus", "unknown executor")(lambda w: [*_bench(w, "executor"), "--executor", "bogus"])
-cli_error("cli:benchmark", "--db under a file", "not a folder")(lambda w: [*_bench(w, "db-file"), "--db", w.gray_model / "r.db"])
+cli_error("cli:benchmark", "--executor bogus", "unknown executor")(
+    lambda w: [*_bench(w, "executor"), "--executor", "bogus"]
+)
+cli_error("cli:benchmark", "--db under a file", "not a folder")(
+    lambda w: [*_bench(w, "db-file"), "--db", w.gray_model / "r.db"]
+)
 
 
 @cli_error("cli:benchmark", "invalid YAML", "cannot parse")
@@ -896,7 +981,9 @@ def _(w):
 
 
 # == iadkit data synth and serve ===================================================================
-cli_error("cli:data", "synth --out under a file", "cannot create")(lambda w: ["data", "synth", "--out", w.gray_model / "synth"])
+cli_error("cli:data", "synth --out under a file", "cannot create")(
+    lambda w: ["data", "synth", "--out", w.gray_model / "synth"]
+)
 cli_error("cli:data", "info of a missing folder", "no such folder")(lambda w: ["data", "info", w.root / "nothing"])
 cli_error("cli:serve", "--port 0", "port")(lambda w: ["serve", w.gray_model, "--port", 0])
 cli_error("cli:serve", "--max-pixels 0", "max-pixels")(lambda w: ["serve", w.gray_model, "--max-pixels", 0])
@@ -917,20 +1004,33 @@ def _client(path: Path):
 @handled("server", "an image the model scores NaN: no score, no verdict, an error")
 def _(w, capsys):
     client = _client(w.nan_model)
-    files = [("files", ("ok.png", (w.gray / "plate/test/good/000.png").read_bytes(), "image/png")),
-             ("files", ("bright.png", w.bright[0].read_bytes(), "image/png"))]
+    files = [
+        ("files", ("ok.png", (w.gray / "plate/test/good/000.png").read_bytes(), "image/png")),
+        ("files", ("bright.png", w.bright[0].read_bytes(), "image/png")),
+    ]
     res = client.post("/predict", files=files)
     assert res.status_code == 200, res.text
     ok, bright = res.json()["results"]
     assert ok["error"] is None and ok["verdict"] in ("good", "anomalous")
-    assert bright["score"] is None and bright["verdict"] is None and bright["anomalous"] is None and "nan" in bright["error"]
+    assert (
+        bright["score"] is None
+        and bright["verdict"] is None
+        and bright["anomalous"] is None
+        and "nan" in bright["error"]
+    )
 
 
 @handled("server", "a colour upload to a grayscale model: 422 with the reason")
 def _(w, capsys):
     client = _client(w.gray_model)
-    res = client.post("/predict", files=[("files", ("c.png", (w.color / "plate/test/good/000.png").read_bytes(), "image/png"))])
-    assert res.status_code == 422 and res.json()["detail"].startswith("c.png: a colour image") and "trained on grayscale" in res.json()["detail"]
+    res = client.post(
+        "/predict", files=[("files", ("c.png", (w.color / "plate/test/good/000.png").read_bytes(), "image/png"))]
+    )
+    assert (
+        res.status_code == 422
+        and res.json()["detail"].startswith("c.png: a colour image")
+        and "trained on grayscale" in res.json()["detail"]
+    )
 
 
 @handled("server", "a NaN threshold PUT is refused with 422")

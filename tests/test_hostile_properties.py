@@ -57,7 +57,11 @@ def _encode(fmt: str, mode: str) -> bytes:
     return buf.getvalue()
 
 
-VALID = {f"{fmt}-{mode}": _encode(fmt, mode) for fmt in ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP") for mode in ("L", "RGB")}
+VALID = {
+    f"{fmt}-{mode}": _encode(fmt, mode)
+    for fmt in ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")
+    for mode in ("L", "RGB")
+}
 
 
 def _chunk(kind: bytes, body: bytes, good_crc: bool) -> bytes:
@@ -93,12 +97,16 @@ def jpeg_headers(draw) -> bytes:
         marker = draw(st.sampled_from([0xC0, 0xC2, 0xC4, 0xDB, 0xDA, 0xE0, 0xE1, 0xFE, 0xDD])) | 0
         payload = draw(st.binary(max_size=60))
         if marker == 0xC0 and draw(st.booleans()):  # a frame header with random sizes
-            payload = struct.pack(">BHHB", 8, draw(st.integers(0, 65535)), draw(st.integers(0, 65535)), draw(st.integers(0, 4)))
+            payload = struct.pack(
+                ">BHHB", 8, draw(st.integers(0, 65535)), draw(st.integers(0, 65535)), draw(st.integers(0, 4))
+            )
             payload += draw(st.binary(max_size=12))
         if marker == 0xE1 and draw(st.booleans()):  # EXIF with a random orientation
-            payload = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01" + struct.pack(
-                ">H", draw(st.integers(0, 12))
-            ) + b"\x00\x00\x00\x00\x00\x00"
+            payload = (
+                b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01"
+                + struct.pack(">H", draw(st.integers(0, 12)))
+                + b"\x00\x00\x00\x00\x00\x00"
+            )
         parts.append(bytes([0xFF, marker]) + struct.pack(">H", min(len(payload) + 2, 65535)) + payload)
     parts.append(draw(st.binary(max_size=200)))
     if draw(st.booleans()):
@@ -111,7 +119,9 @@ def tiff_headers(draw) -> bytes:
     order = draw(st.sampled_from(["<", ">"]))
     magic = b"II*\x00" if order == "<" else b"MM\x00*"
     entries = []
-    for tag in draw(st.lists(st.sampled_from([256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 339]), max_size=10)):
+    for tag in draw(
+        st.lists(st.sampled_from([256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 339]), max_size=10)
+    ):
         typ = draw(st.sampled_from([3, 4]))
         entries.append(struct.pack(order + "HHII", tag, typ, draw(st.integers(0, 4)), draw(st.integers(0, 2**32 - 1))))
     ifd = struct.pack(order + "H", len(entries)) + b"".join(entries) + struct.pack(order + "I", 0)
@@ -131,8 +141,12 @@ def bmp_headers(draw) -> bytes:
 
 @st.composite
 def gif_headers(draw) -> bytes:
-    return b"GIF89a" + struct.pack("<HHBBB", draw(st.integers(0, 65535)), draw(st.integers(0, 65535)), draw(st.integers(0, 255)), 0, 0) + draw(
-        st.binary(max_size=200)
+    return (
+        b"GIF89a"
+        + struct.pack(
+            "<HHBBB", draw(st.integers(0, 65535)), draw(st.integers(0, 65535)), draw(st.integers(0, 255)), 0, 0
+        )
+        + draw(st.binary(max_size=200))
     )
 
 
@@ -167,7 +181,10 @@ def test_decoder_damaged_images(data: bytes) -> None:
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
-@given(st.one_of(st.binary(max_size=512), png_headers(), mutated_images()), st.sampled_from([".png", ".jpg", ".tif", ".bmp", ""]))
+@given(
+    st.one_of(st.binary(max_size=512), png_headers(), mutated_images()),
+    st.sampled_from([".png", ".jpg", ".tif", ".bmp", ""]),
+)
 def test_decoder_files(data: bytes, suffix: str) -> None:
     """read_image on a file: the same rules as for bytes, the file named in the error."""
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -222,7 +239,16 @@ def test_model_reader_random_bytes(data: bytes) -> None:
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(st.integers(0, 2**64 - 1), st.one_of(st.binary(max_size=300), st.builds(lambda d: json.dumps(d).encode(), st.dictionaries(st.text(max_size=8), st.text(max_size=8) | st.integers(), max_size=4))))
+@given(
+    st.integers(0, 2**64 - 1),
+    st.one_of(
+        st.binary(max_size=300),
+        st.builds(
+            lambda d: json.dumps(d).encode(),
+            st.dictionaries(st.text(max_size=8), st.text(max_size=8) | st.integers(), max_size=4),
+        ),
+    ),
+)
 def test_model_reader_forged_headers(length: int, header: bytes) -> None:
     """A header length that lies, and headers of random bytes or random JSON."""
     load(length.to_bytes(8, "little") + header)

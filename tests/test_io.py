@@ -115,7 +115,9 @@ def test_tiff_16bit_planar_float_int_and_miniswhite(tmp_path: Path) -> None:
 )
 def test_tiff_rejections(tmp_path: Path, array: np.ndarray, needle: str) -> None:
     path = tmp_path / "bad.tif"
-    tifffile.imwrite(path, array, **({"photometric": "minisblack", "planarconfig": "contig"} if array.ndim == 3 else {}))
+    tifffile.imwrite(
+        path, array, **({"photometric": "minisblack", "planarconfig": "contig"} if array.ndim == 3 else {})
+    )
     with pytest.raises(ImageReadError) as err:
         read_image(path)
     assert needle in str(err.value) and str(path) in str(err.value)

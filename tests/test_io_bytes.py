@@ -28,7 +28,9 @@ def _write_all(folder: Path) -> list[Path]:
         "rgba.png": lambda p: Image.fromarray(rgba).save(p),
         "q.jpg": lambda p: Image.fromarray(rgb).save(p, quality=90),
         "b.bmp": lambda p: Image.fromarray(rgb).save(p),
-        "planar.tif": lambda p: tifffile.imwrite(p, np.moveaxis(rgb16, -1, 0), photometric="rgb", planarconfig="separate"),
+        "planar.tif": lambda p: tifffile.imwrite(
+            p, np.moveaxis(rgb16, -1, 0), photometric="rgb", planarconfig="separate"
+        ),
         "f.tif": lambda p: tifffile.imwrite(p, np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)),
     }
     paths = []

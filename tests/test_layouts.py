@@ -26,7 +26,9 @@ def img(path: Path, value: int = 100, size: tuple[int, int] = SIZE, channels: in
     return path
 
 
-def mask(path: Path, box: tuple[int, int, int, int] = (2, 5, 3, 7), size: tuple[int, int] = SIZE, value: int = 255) -> Path:
+def mask(
+    path: Path, box: tuple[int, int, int, int] = (2, 5, 3, 7), size: tuple[int, int] = SIZE, value: int = 255
+) -> Path:
     """A mask with the rectangle rows box[0]:box[1], cols box[2]:box[3] set to `value`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     m = np.zeros(size, np.uint8)
@@ -246,7 +248,11 @@ def test_visa_split_csv_and_instance_masks(tmp_path: Path) -> None:
     assert split.license == "CC BY 4.0"
 
     # 2-class split: anomalous training rows become train_anomalous
-    _visa(tmp_path, [*rows[:2], ("candle", "train", "anomaly", rows[3][3], rows[3][4]), *rows[2:3]], name="2cls_fewshot.csv")
+    _visa(
+        tmp_path,
+        [*rows[:2], ("candle", "train", "anomaly", rows[3][3], rows[3][4]), *rows[2:3]],
+        name="2cls_fewshot.csv",
+    )
     split2 = load_dataset(tmp_path, "candle", split_file="2cls_fewshot")
     assert len(split2.train_anomalous) == 1 and len(split2.train) == 2
 
@@ -266,7 +272,10 @@ def test_visa_errors(tmp_path: Path) -> None:
 
 # -- kolektor2 --------------------------------------------------------------------------
 def test_kolektorsdd2_labels_from_masks(tmp_path: Path) -> None:
-    for part, ids, positives in (("train", ("10000", "10001", "10002"), {"10001"}), ("test", ("20000", "20001"), {"20000"})):
+    for part, ids, positives in (
+        ("train", ("10000", "10001", "10002"), {"10001"}),
+        ("test", ("20000", "20001"), {"20000"}),
+    ):
         for i in ids:
             img(tmp_path / part / f"{i}.png")
             mask(tmp_path / part / f"{i}_GT.png", box=(1, 3, 1, 3) if i in positives else (0, 0, 0, 0))

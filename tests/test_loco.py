@@ -71,7 +71,11 @@ def test_kinds_regions_and_saturation_areas(tmp_path: Path) -> None:
     (scratch,) = structural.load_regions()
     assert (scratch.name, int(scratch.mask.sum()), scratch.saturation_area) == ("scratch", 10, 3)
     assert split.test[0].load_regions() == []
-    assert split.test[0].defects is not None and split.test[0].defects.names == ["missing_part", "extra_part", "scratch"]
+    assert split.test[0].defects is not None and split.test[0].defects.names == [
+        "missing_part",
+        "extra_part",
+        "scratch",
+    ]
 
 
 def test_per_kind_image_auroc_and_spro_from_the_loaded_split(tmp_path: Path) -> None:
@@ -114,10 +118,22 @@ def test_missing_config_loads_but_regions_say_what_is_missing(tmp_path: Path) ->
         ("[{", "not valid JSON"),
         ("{}", "non-empty JSON list"),
         ([{"defect_name": "a", "pixel_value": 255, "saturation_threshold": 1.0}], "lacks relative_saturation"),
-        ([{"defect_name": "a", "pixel_value": 0, "saturation_threshold": 1.0, "relative_saturation": True}], "pixel_value"),
-        ([{"defect_name": "a", "pixel_value": 9, "saturation_threshold": 1.5, "relative_saturation": True}], r"\(0, 1\]"),
-        ([{"defect_name": "a", "pixel_value": 9, "saturation_threshold": 2.5, "relative_saturation": False}], "whole number"),
-        ([{"defect_name": "a", "pixel_value": 9, "saturation_threshold": 2, "relative_saturation": "yes"}], "true or false"),
+        (
+            [{"defect_name": "a", "pixel_value": 0, "saturation_threshold": 1.0, "relative_saturation": True}],
+            "pixel_value",
+        ),
+        (
+            [{"defect_name": "a", "pixel_value": 9, "saturation_threshold": 1.5, "relative_saturation": True}],
+            r"\(0, 1\]",
+        ),
+        (
+            [{"defect_name": "a", "pixel_value": 9, "saturation_threshold": 2.5, "relative_saturation": False}],
+            "whole number",
+        ),
+        (
+            [{"defect_name": "a", "pixel_value": 9, "saturation_threshold": 2, "relative_saturation": "yes"}],
+            "true or false",
+        ),
         ([*CONFIG, dict(CONFIG[0], defect_name="dup")], "listed more than once"),
     ],
 )

@@ -33,7 +33,9 @@ def test_evaluate_adds_loco_kinds_and_spro_at_native_size(tray) -> None:
     assert m["image_auroc_loco_mean"] == pytest.approx((m["image_auroc_logical"] + m["image_auroc_structural"]) / 2)
     # sPRO on the 64 px masks, the 32 px maps upsampled (bilinear) to them
     native = [
-        torch.nn.functional.interpolate(torch.from_numpy(a)[None, None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0].numpy()
+        torch.nn.functional.interpolate(
+            torch.from_numpy(a)[None, None], size=(64, 64), mode="bilinear", align_corners=False
+        )[0, 0].numpy()
         for a in result.maps
     ]
     expected = auc_spro_by_type(native, [s.load_regions((64, 64)) for s in tray.test], types)
@@ -69,7 +71,9 @@ def test_map_to_native_undoes_resize_and_crop() -> None:
     out = map_to_native(amap, (16, 16), Preprocess(image_size=8, crop_size=4))
     assert out.shape == (16, 16)
     assert (out[:4] == 0).all() and (out[12:] == 0).all() and (out[:, :4] == 0).all()  # the minimum outside
-    window = torch.nn.functional.interpolate(torch.from_numpy(amap)[None, None], size=(8, 8), mode="bilinear", align_corners=False)
+    window = torch.nn.functional.interpolate(
+        torch.from_numpy(amap)[None, None], size=(8, 8), mode="bilinear", align_corners=False
+    )
     np.testing.assert_allclose(out[4:12, 4:12], window[0, 0].numpy())
 
 
@@ -79,12 +83,23 @@ def test_report_tables_show_the_loco_columns_when_runs_have_them() -> None:
     def run(method: str, logical: float) -> dict:
         metrics = {"image_auroc": 0.9, "image_auroc_structural": 0.95, "image_auroc_logical": logical}
         metrics |= {"image_auroc_loco_mean": (0.95 + logical) / 2, "auc_spro_0.05": 0.5, "auc_spro_0.05_logical": 0.4}
-        return {"status": "done", "setting": "vanilla", "setting_params": {}, "method": method, "params": {},
-                "image_size": [64, 64], "dataset": "synthetic:/x", "category": "tray", "metrics": metrics}
+        return {
+            "status": "done",
+            "setting": "vanilla",
+            "setting_params": {},
+            "method": method,
+            "params": {},
+            "image_size": [64, 64],
+            "dataset": "synthetic:/x",
+            "category": "tray",
+            "metrics": metrics,
+        }
 
     tables = {t.metric: t for t in metric_tables([run("patchcore", 0.6), run("efficientad", 0.8)])}
     assert {"image_auroc_structural", "image_auroc_logical", "image_auroc_loco_mean", "auc_spro_0.05"} <= set(tables)
     assert "auc_spro_0.05_logical" not in tables  # kept in the database, not tabulated
     logical = tables["image_auroc_logical"]
     assert logical.title == "I-AUROC logical" and logical.best(logical.mean) == "efficientad"
-    assert "image_auroc_logical" not in {t.metric for t in metric_tables([{**run("a", 0.5), "metrics": {"image_auroc": 0.5}}])}
+    assert "image_auroc_logical" not in {
+        t.metric for t in metric_tables([{**run("a", 0.5), "metrics": {"image_auroc": 0.5}}])
+    }

@@ -443,8 +443,13 @@ def test_compute_all_keys_and_consistency():
     assert full["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
     assert full["aupro"] == pytest.approx(ref_aupro_all_pixels(maps, masks), abs=1e-9)
 
-    both = compute_all(torch.from_numpy(labels), torch.from_numpy(scores), torch.from_numpy(masks),
-                       torch.from_numpy(maps), aupro_variant="both")
+    both = compute_all(
+        torch.from_numpy(labels),
+        torch.from_numpy(scores),
+        torch.from_numpy(masks),
+        torch.from_numpy(maps),
+        aupro_variant="both",
+    )
     assert both["aupro_100"] == pytest.approx(ref_aupro_im_iad(maps, masks), abs=1e-9)
     assert {k: both[k] for k in full} == pytest.approx(full)
     assert "aupro" not in compute_all(labels, scores, masks, maps, aupro_variant="100")
@@ -476,12 +481,14 @@ def test_forgetting_measure_hand_computed():
     assert forgetting_per_task(a) == pytest.approx([0.2, 0.1])
     assert forgetting_measure(a) == pytest.approx(0.15)
     assert final_average(a) == pytest.approx((0.7 + 0.85 + 0.9) / 3)
-    b = np.array([
-        [0.6, 0.0, 0.0, 0.0],   # upper-triangle values are ignored, whatever they are
-        [0.9, 0.5, 0.0, 0.0],
-        [0.8, 0.6, 0.8, 0.0],
-        [0.7, 0.7, 0.8, 0.9],
-    ])
+    b = np.array(
+        [
+            [0.6, 0.0, 0.0, 0.0],  # upper-triangle values are ignored, whatever they are
+            [0.9, 0.5, 0.0, 0.0],
+            [0.8, 0.6, 0.8, 0.0],
+            [0.7, 0.7, 0.8, 0.9],
+        ]
+    )
     # task 0: best before the end is 0.9 (after task 1, not task 0): 0.9 - 0.7 = 0.2
     # task 1: max(0.5, 0.6) - 0.7 = -0.1 (improved: backward transfer); task 2: 0.8 - 0.8 = 0
     assert forgetting_per_task(b) == pytest.approx([0.2, -0.1, 0.0])

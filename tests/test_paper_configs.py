@@ -69,7 +69,11 @@ def test_paper_layers_follow_the_backbone(name, channels, wrn50_file, monkeypatc
 
 def test_rd4ad_paper_decoder_shapes_with_a_random_wrn50(wrn50_file, monkeypatch):
     monkeypatch.setenv("IADKIT_ALLOW_UNLISTED_WEIGHTS", "1")
-    det = built(available_methods()["reverse_distillation"](**{**available_methods()["reverse_distillation"].paper_params, "weights_path": str(wrn50_file)}))
+    det = built(
+        available_methods()["reverse_distillation"](
+            **{**available_methods()["reverse_distillation"].paper_params, "weights_path": str(wrn50_file)}
+        )
+    )
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         enc = det.features(x)

@@ -29,9 +29,13 @@ from iadkit.data.transforms import Preprocess
 )
 def test_resize_equals_torch_antialiased_bilinear(shape, size):
     x = np.random.default_rng(sum(shape)).random((*shape, 3), dtype=np.float32)
-    expected = F.interpolate(
-        torch.from_numpy(x).permute(2, 0, 1)[None], size=size, mode="bilinear", antialias=True, align_corners=False
-    )[0].permute(1, 2, 0).numpy()
+    expected = (
+        F.interpolate(
+            torch.from_numpy(x).permute(2, 0, 1)[None], size=size, mode="bilinear", antialias=True, align_corners=False
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     got = resize_bilinear_antialias(x, size)
     assert got.shape == expected.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
@@ -68,7 +72,9 @@ def test_pixel_preprocess_equals_preprocess(image, crop):
 def test_unit_float_keeps_16_bit_precision_and_refuses_other_types():
     a = np.array([[[1], [65534]]], dtype=np.uint16)
     out = to_unit_float(a)
-    assert out.shape == (1, 2, 3) and out[0, 0, 0] == np.float32(1 / 65535) and out[0, 1, 2] == np.float32(65534 / 65535)
+    assert (
+        out.shape == (1, 2, 3) and out[0, 0, 0] == np.float32(1 / 65535) and out[0, 1, 2] == np.float32(65534 / 65535)
+    )
     with pytest.raises(ValueError, match="unsupported image dtype int32"):
         to_unit_float(np.zeros((4, 4, 3), np.int32))
     with pytest.raises(ValueError, match="C in 1, 3 or 4"):

@@ -131,7 +131,9 @@ def test_missing_and_malformed_point_maps(tmp_path: Path) -> None:
     tifffile.imwrite(good, np.zeros((H, W), np.float32))
     tifffile.imwrite(cat / "train" / "good" / "xyz" / "001.tiff", scene(1)[:20], photometric="rgb")
     split = load_dataset(tmp_path)
-    with pytest.raises(ImageReadError, match=r"000.tiff: a point map must be an H x W x 3 array .* got shape \(40, 40\)"):
+    with pytest.raises(
+        ImageReadError, match=r"000.tiff: a point map must be an H x W x 3 array .* got shape \(40, 40\)"
+    ):
         split.test_good[0].load_xyz()
     with pytest.raises(ImageReadError, match=r"point map is 40x20 .* but its RGB image is 40x40"):
         split.train[1].load_xyz()

@@ -50,7 +50,10 @@ def test_affine_helpers_and_identity_start():
         out, th = SpatialTransformer(5, mode, pool=2)(x)
         assert torch.equal(out, x) and torch.equal(th, identity), mode
     # the Siamese loss: -cos(p, z), gradients only through p
-    p_, z = torch.tensor([[[[1.0]], [[0.0]]]], requires_grad=True), torch.tensor([[[[1.0]], [[1.0]]]], requires_grad=True)
+    p_, z = (
+        torch.tensor([[[[1.0]], [[0.0]]]], requires_grad=True),
+        torch.tensor([[[[1.0]], [[1.0]]]], requires_grad=True),
+    )
     loss = negative_cosine(p_, z)
     assert float(loss.detach()) == pytest.approx(-1 / math.sqrt(2))
     loss.backward()
@@ -77,7 +80,9 @@ def test_meta_training_categories_exclude_the_target(tmp_path):
     assert sorted(sets) == ["fabric", "label", "washer", "wood"] and all(len(s) == 3 for s in sets.values())
     from iadkit.data.synthetic import synthesize
 
-    np.testing.assert_array_equal(sets["wood"].samples[1].load_image(), synthesize("wood", seed=0, index=1, image_size=SIZE, split="train").image)
+    np.testing.assert_array_equal(
+        sets["wood"].samples[1].load_image(), synthesize("wood", seed=0, index=1, image_size=SIZE, split="train").image
+    )
     # a folder in MVTec layout: every other category's train/good images
     for cat in ("bottle", "screw", "target"):
         good = tmp_path / cat / "train" / "good"
@@ -105,13 +110,17 @@ def test_untrained_registration_is_the_plain_backbone():
 
 @pytest.fixture(scope="module")
 def categories(synthetic):
-    return {c: synthetic(c, image_size=SIZE, n_train=16, n_test_good=12, n_test_per_defect=6) for c in ("fabric", "washer")}
+    return {
+        c: synthetic(c, image_size=SIZE, n_train=16, n_test_good=12, n_test_per_defect=6) for c in ("fabric", "washer")
+    }
 
 
 @pytest.fixture(scope="module")
 def fitted(categories):
     return {
-        (c, k): Model.create("regad", image_size=SIZE, **FAST).fit(list(ds.train)[:k], calibration_fraction=0, progress=False)
+        (c, k): Model.create("regad", image_size=SIZE, **FAST).fit(
+            list(ds.train)[:k], calibration_fraction=0, progress=False
+        )
         for c, ds in categories.items()
         for k in (1, 2, 4, 8)
     }
@@ -148,7 +157,11 @@ def test_support_gaussian_by_hand(categories, fitted):
     cov = torch.cov(flat[:, :, pos].T) + 0.01 * torch.eye(flat.shape[1], dtype=torch.float64)
     diff = test_emb.flatten(2)[0, :, pos].double() - flat[:, :, pos].mean(0)
     expected = torch.sqrt(diff @ torch.linalg.inv(cov) @ diff)
-    got = det.predict(torch.stack([ImageSet(categories["fabric"].test, model.preprocess).image(0)])).maps[0].flatten()[pos]
+    got = (
+        det.predict(torch.stack([ImageSet(categories["fabric"].test, model.preprocess).image(0)]))
+        .maps[0]
+        .flatten()[pos]
+    )
     assert float(got) == pytest.approx(float(expected), rel=1e-3)
     assert len(det.meta_loss_history_) == 1
 

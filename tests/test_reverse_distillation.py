@@ -27,7 +27,9 @@ def label(synthetic):
 
 @pytest.fixture(scope="module")
 def fitted(label):
-    return Model.create("reverse_distillation", image_size=SIZE, **PARAMS).fit(label.train, calibration_fraction=0, progress=False)
+    return Model.create("reverse_distillation", image_size=SIZE, **PARAMS).fit(
+        label.train, calibration_fraction=0, progress=False
+    )
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ def files_field(paths, content_type="image/png"):
 def png_array(data_url: str) -> np.ndarray:
     prefix = "data:image/png;base64,"
     assert data_url.startswith(prefix)
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix):]))))
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix) :]))))
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -112,7 +112,9 @@ def test_predict_matches_model_predict(client, predictor, images):
         over = png_array(r["overlay"])
         assert seen.shape == over.shape == (SIZE, SIZE, 3) and seen.dtype == np.uint8
         # the plain image is the file in the model's geometry (64 x 64 from 64 x 64: unchanged)
-        np.testing.assert_array_equal(seen, read_image(path)[:, :, :3] if read_image(path).shape[2] == 3 else np.repeat(read_image(path), 3, 2))
+        np.testing.assert_array_equal(
+            seen, read_image(path)[:, :, :3] if read_image(path).shape[2] == 3 else np.repeat(read_image(path), 3, 2)
+        )
         # where the map is at or below the low end of the range the photo is untouched,
         # where it is in the top half the heat-map colour is blended in
         calm, hot = amap <= lo, amap >= (lo + hi) / 2
@@ -186,14 +188,21 @@ def test_predictor_refuses_non_finite_threshold(predictor):
 # -- refusals --------------------------------------------------------------------------------
 def test_size_limits_413(predictor, images):
     size = images[0].stat().st_size
-    client = TestClient(create_app([predictor], limits=Limits(max_request_bytes=4 * size + 2000, max_file_bytes=size - 1, max_files=3)))
+    client = TestClient(
+        create_app([predictor], limits=Limits(max_request_bytes=4 * size + 2000, max_file_bytes=size - 1, max_files=3))
+    )
     one_too_big = client.post("/predict", files=files_field(images[:1]))
     assert one_too_big.status_code == 413
-    assert re.fullmatch(rf"{images[0].name}: {size} bytes is over the per-file limit of {size - 1} bytes", one_too_big.json()["detail"])
+    assert re.fullmatch(
+        rf"{images[0].name}: {size} bytes is over the per-file limit of {size - 1} bytes", one_too_big.json()["detail"]
+    )
 
     client = TestClient(create_app([predictor], limits=Limits(max_request_bytes=10 * size, max_files=3)))
     too_many = client.post("/predict", files=files_field(images))  # 4 files
-    assert too_many.status_code == 413 and too_many.json()["detail"] == "more than 3 files in one request; send them in batches"
+    assert (
+        too_many.status_code == 413
+        and too_many.json()["detail"] == "more than 3 files in one request; send them in batches"
+    )
 
     client = TestClient(create_app([predictor], limits=Limits(max_request_bytes=size)))
     declared = client.post("/predict", files=files_field(images[:2]))  # announced by Content-Length
@@ -218,7 +227,10 @@ def test_content_type_415(client, images, tmp_path):
     assert not_multipart.status_code == 415 and "expected multipart/form-data" in not_multipart.json()["detail"]
     text = client.post("/predict", files=[("files", ("notes.txt", b"hello", "text/plain"))])
     assert text.status_code == 415
-    assert text.json()["detail"] == "notes.txt: content type text/plain: not an accepted image type (BMP, JPEG, PNG, TIFF, WebP)"
+    assert (
+        text.json()["detail"]
+        == "notes.txt: content type text/plain: not an accepted image type (BMP, JPEG, PNG, TIFF, WebP)"
+    )
     generic = client.post("/predict", files=[("files", ("notes.txt", b"hello", "application/octet-stream"))])
     assert generic.status_code == 415 and "name suggesting text/plain" in generic.json()["detail"]
     # a script that sends no type: judged by the file name, and a real PNG passes
@@ -228,7 +240,9 @@ def test_content_type_415(client, images, tmp_path):
 
 def test_undecodable_and_empty_422(client, images):
     data = images[0].read_bytes()
-    truncated = client.post("/predict", files=[*files_field(images[1:2]), ("files", ("broken-07.png", data[:len(data) // 2], "image/png"))])
+    truncated = client.post(
+        "/predict", files=[*files_field(images[1:2]), ("files", ("broken-07.png", data[: len(data) // 2], "image/png"))]
+    )
     assert truncated.status_code == 422
     assert truncated.json()["detail"].startswith("broken-07.png: ") and "truncated" in truncated.json()["detail"]
     fake = client.post("/predict", files=[("files", ("fake.jpg", b"this is not a jpeg", "image/jpeg"))])
@@ -239,7 +253,9 @@ def test_undecodable_and_empty_422(client, images):
     assert no_file.status_code in (415, 422)  # urlencoded (415) or an empty multipart body (422)
     boundary = "XyZ"
     empty_multipart = client.post(
-        "/predict", content=f"--{boundary}--\r\n".encode(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+        "/predict",
+        content=f"--{boundary}--\r\n".encode(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
     )
     assert empty_multipart.status_code == 422 and empty_multipart.json()["detail"].startswith("no image in the request")
 
@@ -312,7 +328,9 @@ def test_onnx_runtime_serves_the_same_results(onnx_file, model_file, images):
         assert np.abs(over_a.astype(int) - over_b.astype(int)).max() <= 1  # colours from maps equal to 1e-4
     moved = client.put("/models/metal/threshold", json={"value": -1e9})
     assert moved.status_code == 200 and moved.json()["threshold_rule"] == "manual"
-    assert {r["verdict"] for r in client.post("/predict?model=metal", files=files_field(images)).json()["results"]} == {"anomalous"}
+    assert {r["verdict"] for r in client.post("/predict?model=metal", files=files_field(images)).json()["results"]} == {
+        "anomalous"
+    }
     with pytest.raises(ModelFileError, match="serve it with --runtime onnx"):
         load_predictor(onnx_file)
 
@@ -347,7 +365,11 @@ def test_cli_serve_onnx_with_tiles(onnx_file, monkeypatch):
     result = CliRunner().invoke(app, ["serve", str(onnx_file), "--runtime", "onnx", "--tile", "48", "--overlap", "0.5"])
     assert result.exit_code == 0, result.output
     (predictor,) = seen["predictors"]
-    assert isinstance(predictor, OnnxPredictor) and predictor.model.tiling.tile == 48 and predictor.model.tiling.overlap == 0.5
+    assert (
+        isinstance(predictor, OnnxPredictor)
+        and predictor.model.tiling.tile == 48
+        and predictor.model.tiling.overlap == 0.5
+    )
 
 
 def test_cli_serve_builds_the_app(model_file, monkeypatch):
@@ -358,7 +380,9 @@ def test_cli_serve_builds_the_app(model_file, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(serve_app, "run", lambda predictors, **kw: seen.update(predictors=predictors, **kw))
-    result = CliRunner().invoke(app, ["serve", str(model_file), f"b={model_file}", "--port", "8123", "--max-files", "5"])
+    result = CliRunner().invoke(
+        app, ["serve", str(model_file), f"b={model_file}", "--port", "8123", "--max-files", "5"]
+    )
     assert result.exit_code == 0, result.output
     assert [p.name for p in seen["predictors"]] == ["metal", "b"]
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and seen["limits"].max_files == 5

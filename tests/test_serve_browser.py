@@ -131,10 +131,14 @@ def test_page_in_chromium(browser, served, tmp_path):
     slider = page.locator("#threshold")
     slider.focus()
     page.keyboard.press("Home")  # below every score
-    expect(page.locator("#summary")).to_have_text(f"{len(images)} of {len(images)} images flagged anomalous (not saved on the server)")
+    expect(page.locator("#summary")).to_have_text(
+        f"{len(images)} of {len(images)} images flagged anomalous (not saved on the server)"
+    )
     assert set(verdicts(page).values()) == {"anomalous"}
     page.keyboard.press("End")  # above every score
-    expect(page.locator("#summary")).to_have_text(f"0 of {len(images)} images flagged anomalous (not saved on the server)")
+    expect(page.locator("#summary")).to_have_text(
+        f"0 of {len(images)} images flagged anomalous (not saved on the server)"
+    )
     assert set(verdicts(page).values()) == {"good"}
     ranked = sorted(scores.values())
     middle = (ranked[2] + ranked[3]) / 2
@@ -160,10 +164,14 @@ def test_page_in_chromium(browser, served, tmp_path):
 
     # sortable table: by score (highest first on the first click), then reversed
     page.click("#results-table th[data-key=score] button")
-    rows = [float(v) for v in page.locator("#results-table tbody tr").evaluate_all("rs => rs.map(r => r.dataset.score)")]
+    rows = [
+        float(v) for v in page.locator("#results-table tbody tr").evaluate_all("rs => rs.map(r => r.dataset.score)")
+    ]
     assert rows == sorted(rows, reverse=True)
     page.click("#results-table th[data-key=score] button")
-    rows = [float(v) for v in page.locator("#results-table tbody tr").evaluate_all("rs => rs.map(r => r.dataset.score)")]
+    rows = [
+        float(v) for v in page.locator("#results-table tbody tr").evaluate_all("rs => rs.map(r => r.dataset.score)")
+    ]
     assert rows == sorted(rows)
     page.click("#results-table th[data-key=filename] button")
     names = page.locator("#results-table tbody tr td:nth-child(2)").all_inner_texts()
@@ -193,7 +201,9 @@ def test_page_in_chromium(browser, served, tmp_path):
     page.click("#clear")
     page.set_input_files("#files", [str(p) for p in images])
     expect(cards).to_have_count(len(images))
-    page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     shot = tmp_path / "serve-page.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000

@@ -25,21 +25,32 @@ from iadkit.types import ANOMALOUS, GOOD, Sample
 
 # category "a": 25 good training images, 2 labelled training defects, test 6 good + 7 defects;
 # category "b": 12 good training images, test 4 good + 4 defects.
-COUNTS = {"a": dict(good=25, train_bad=2, test_good=6, test_bad=7), "b": dict(good=12, train_bad=0, test_good=4, test_bad=4)}
+COUNTS = {
+    "a": dict(good=25, train_bad=2, test_good=6, test_bad=7),
+    "b": dict(good=12, train_bad=0, test_good=4, test_bad=4),
+}
 
 
 def split() -> tuple[list[Sample], list[Sample]]:
     train, test = [], []
     for cat, n in COUNTS.items():
         train += [Sample(f"{cat}/train/good/{i:03d}.png", GOOD, cat, "good") for i in range(n["good"])]
-        train += [Sample(f"{cat}/train/crack/{i:03d}.png", ANOMALOUS, cat, "crack", mask_path="m.png") for i in range(n["train_bad"])]
+        train += [
+            Sample(f"{cat}/train/crack/{i:03d}.png", ANOMALOUS, cat, "crack", mask_path="m.png")
+            for i in range(n["train_bad"])
+        ]
         test += [Sample(f"{cat}/test/good/{i:03d}.png", GOOD, cat, "good") for i in range(n["test_good"])]
-        test += [Sample(f"{cat}/test/scratch/{i:03d}.png", ANOMALOUS, cat, "scratch", mask_path="m.png") for i in range(n["test_bad"])]
+        test += [
+            Sample(f"{cat}/test/scratch/{i:03d}.png", ANOMALOUS, cat, "scratch", mask_path="m.png")
+            for i in range(n["test_bad"])
+        ]
     return train, test
 
 
 def paths(samples, category=None, label=None) -> list[str]:
-    return [s.path for s in samples if (category is None or s.category == category) and (label is None or s.label == label)]
+    return [
+        s.path for s in samples if (category is None or s.category == category) and (label is None or s.label == label)
+    ]
 
 
 # -- few-shot ---------------------------------------------------------------------------------
@@ -161,7 +172,10 @@ def test_translation_is_a_seeded_shift_within_the_schedule():
 
 def test_augmented_few_shot_is_lazy_deterministic_and_labelled_good():
     rng = np.random.default_rng(4)
-    train = [Sample(f"mem://{i}", GOOD, "c", "good", image=rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for i in range(6)]
+    train = [
+        Sample(f"mem://{i}", GOOD, "c", "good", image=rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+        for i in range(6)
+    ]
     types = "rotation+translate+perspective+flip+color_jitter+scale"
     tr, _ = few_shot(train, [], seed=5, k=2, augment=True, n_augment=4, augmentations=types)
     shots, _ = few_shot(train, [], seed=5, k=2)
@@ -213,7 +227,9 @@ def test_noisy_is_deterministic_per_seed_and_nested_in_the_ratio():
     assert sets[0] <= sets[1] <= sets[2] <= sets[3] and len(sets[3]) == 7
 
 
-@pytest.mark.parametrize("params", [{"ratio": -0.1}, {"ratio": 1.5}, {"ratio": "high"}, {"ratio": 0.1, "upper_ratio": 2}])
+@pytest.mark.parametrize(
+    "params", [{"ratio": -0.1}, {"ratio": 1.5}, {"ratio": "high"}, {"ratio": 0.1, "upper_ratio": 2}]
+)
 def test_noisy_refuses_wrong_parameters(params):
     with pytest.raises(SettingError, match="must be a number in"):
         apply_setting("noisy", *split(), seed=0, params=params)
@@ -255,7 +271,9 @@ def test_a_semi_supervised_method_without_labelled_defects_is_refused_in_one_lin
     devnet = Method("devnet", "semi-supervised")
     for name, params in [("vanilla", {}), ("few_shot", {"k": 4}), ("noisy", {"ratio": 0.2})]:
         tr, _ = apply_setting(name, train, test, seed=0, params=params)
-        with pytest.raises(SettingError, match=f"devnet learns from labelled defects, but setting '{name}' gives it none") as err:
+        with pytest.raises(
+            SettingError, match=f"devnet learns from labelled defects, but setting '{name}' gives it none"
+        ) as err:
             check_combination(name, devnet, tr)
         assert "\n" not in str(err.value)
     tr, _ = semi_supervised(train, test, seed=0, k=2)
@@ -269,7 +287,10 @@ def test_an_unsupervised_method_is_noted_once_and_zero_shot_is_noted():
     note = check_combination("semi_supervised", Method("padim", "unsupervised"), tr)
     assert note == "padim is unsupervised: it trains on the good images only (4 labelled defects unused)"
     assert usable_training(Method("padim", "unsupervised"), tr) == [s for s in tr if s.label == GOOD]
-    assert check_combination("vanilla", Method("padim", "unsupervised"), apply_setting("vanilla", train, test, seed=0)[0]) is None
+    assert (
+        check_combination("vanilla", Method("padim", "unsupervised"), apply_setting("vanilla", train, test, seed=0)[0])
+        is None
+    )
     assert "zero-shot" in check_combination("few_shot", Method("winclip", "zero-shot"), tr)
 
 

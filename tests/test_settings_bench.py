@@ -115,7 +115,9 @@ def test_a_noisy_cell_records_its_injected_images_and_their_scores(tmp_path):
     info = run["setting_info"]
     assert run["status"] == "done" and len(expected) == 2
     assert [i["path"] for i in info["injected"]] == expected
-    assert all(i["role"] == "train" and i["defect_type"] == "spot" and np.isfinite(i["score"]) for i in info["injected"])
+    assert all(
+        i["role"] == "train" and i["defect_type"] == "spot" and np.isfinite(i["score"]) for i in info["injected"]
+    )
     assert info["n_good"] == 10 and info["n_labelled_anomalous"] == 0
     assert run["n_train"] == 10 and run["n_test"] == 4
     assert scores["paths"] == [s.path for s in expected_test]  # the injected images left the test set
@@ -137,7 +139,10 @@ def test_the_note_is_said_once_per_cell_and_a_semi_supervised_method_gets_the_la
     with ResultsDB(tmp_path / "r.db") as db:
         runs = {(r["method"], json.dumps(r["setting_params"])): r for r in db.runs()}
     refused = runs[("test_bench_labelled", "{}")]
-    assert refused["status"] == "failed" and "SettingError: test_bench_labelled learns from labelled defects" in refused["error"]
+    assert (
+        refused["status"] == "failed"
+        and "SettingError: test_bench_labelled learns from labelled defects" in refused["error"]
+    )
     assert "\n" not in refused["error"]
     assert "test_bench_labelled/flat/1" in support.FIT_CALLS and "test_bench_labelled/flat/3" in support.FIT_CALLS
     semi = runs[("test_pixel_zscore", '{"k": 3}')]
@@ -198,12 +203,17 @@ def test_curves_hold_the_database_numbers(settings_db):
     assert fs.xs == [1, 2, 4] and fs.rows == ["tinybench / flat", "tinybench / dark"]
     # a line per method and per augmentation choice; the default (no augmentation) unnamed
     assert fs.series == [
-        "test_pixel_zscore", "test_bench_seeded",
-        "test_pixel_zscore [augment=True,n_augment=3]", "test_bench_seeded [augment=True,n_augment=3]",
+        "test_pixel_zscore",
+        "test_bench_seeded",
+        "test_pixel_zscore [augment=True,n_augment=3]",
+        "test_bench_seeded [augment=True,n_augment=3]",
     ]
     assert set(fs.mean["test_bench_seeded [augment=True,n_augment=3]"]) == {1, 2, 4}
     assert fs.incomplete["test_bench_seeded [augment=True,n_augment=3]"] == {2}  # no k=2 cell: no mean
-    by = {(r["method"], r["category"], r["setting"], json.dumps(r["setting_params"])): r["metrics"]["image_auroc"] for r in runs}
+    by = {
+        (r["method"], r["category"], r["setting"], json.dumps(r["setting_params"])): r["metrics"]["image_auroc"]
+        for r in runs
+    }
     for m in ("test_pixel_zscore", "test_bench_seeded"):
         for k in (1, 2, 4):
             flat, dark = (by[(m, c, "few_shot", json.dumps({"k": k}))] for c in ("flat", "dark"))
@@ -219,9 +229,16 @@ def test_the_leaderboard_shows_each_setting_s_mean(settings_db):
     _, runs = settings_db
     ov = settings_overview(runs, "image_auroc")
     assert ov.settings == [
-        "vanilla", "few_shot(k=1)", "few_shot(k=2)", "few_shot(k=4)",
-        "few_shot(augment=True,k=1,n_augment=3)", "few_shot(augment=True,k=4,n_augment=3)",
-        "noisy(ratio=0.125)", "noisy(ratio=0.25)", "semi_supervised(k=1)", "semi_supervised(k=2)",
+        "vanilla",
+        "few_shot(k=1)",
+        "few_shot(k=2)",
+        "few_shot(k=4)",
+        "few_shot(augment=True,k=1,n_augment=3)",
+        "few_shot(augment=True,k=4,n_augment=3)",
+        "noisy(ratio=0.125)",
+        "noisy(ratio=0.25)",
+        "semi_supervised(k=1)",
+        "semi_supervised(k=2)",
     ]
     console = Console(width=200, record=True, file=io.StringIO())
     for table in leaderboard(runs):
@@ -250,10 +267,18 @@ def test_the_report_draws_the_three_curves_inline(settings_db, tmp_path):
     refs = set(re.findall(r"url\(#([^)]+)\)", html)) | set(re.findall(r'href="#([^"]+)"', html))
     assert refs and refs <= set(ids)  # and every clip path / marker they use is found
     curve = next(c for c in setting_curves(runs, ["image_auroc"]) if c.setting == "noisy")
-    (table,) = [t for t in page.tables if t["attrs"].get("data-setting") == "noisy" and t["attrs"].get("data-row") == "mean" and t["attrs"]["data-metric"] == "image_auroc"]
+    (table,) = [
+        t
+        for t in page.tables
+        if t["attrs"].get("data-setting") == "noisy"
+        and t["attrs"].get("data-row") == "mean"
+        and t["attrs"]["data-metric"] == "image_auroc"
+    ]
     assert table["rows"][0] == ["method", "vanilla", "ratio=0.125", "ratio=0.25"]
     row = next(r for r in table["rows"] if r[0] == "test_bench_seeded")
-    assert row[1:] == [f"{curve.mean_reference['test_bench_seeded']:.3f}"] + [f"{curve.mean['test_bench_seeded'][x]:.3f}" for x in (0.125, 0.25)]
+    assert row[1:] == [f"{curve.mean_reference['test_bench_seeded']:.3f}"] + [
+        f"{curve.mean['test_bench_seeded'][x]:.3f}" for x in (0.125, 0.25)
+    ]
     injected = [t for t in page.tables if t["attrs"].get("class") == "injected"]
     assert {t["attrs"]["data-row"] for t in injected} == {"tinybench / flat", "tinybench / dark"}
     assert all(len(t["rows"]) == 1 + 2 for t in injected)  # ratio 0.25: int(0.25 * 8) = 2 images per category
@@ -280,6 +305,9 @@ def test_fit_with_a_setting_on_the_command_line(tmp_path):
     r = runner.invoke(app, [*args, "--force", "--setting", "semi_supervised:k=2"])
     assert r.exit_code == 0, r.output
     said = " ".join(r.output.split())  # the console wraps long lines
-    assert said.count("test_pixel_zscore is unsupervised: it trains on the good images only (2 labelled defects unused)") == 1
+    assert (
+        said.count("test_pixel_zscore is unsupervised: it trains on the good images only (2 labelled defects unused)")
+        == 1
+    )
     r = runner.invoke(app, [*args, "--force", "--setting", "few_shot:k=0"])
     assert r.exit_code != 0 and "setting 'few_shot': k must be an integer >= 1, got 0" in str(r.exception)

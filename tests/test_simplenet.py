@@ -72,7 +72,9 @@ def test_components_follow_the_paper() -> None:
     det = built(SimpleNet())
     assert isinstance(det.embedding_, PatchEmbedding) and det.embedding_.patch_size == 3
     assert det.layers is None and det.tapped_layers() == ["blocks.2", "blocks.4"]
-    assert isinstance(det.adaptor_, FeatureAdaptor) and det.adaptor_.linear.in_features == det.adaptor_.linear.out_features
+    assert (
+        isinstance(det.adaptor_, FeatureAdaptor) and det.adaptor_.linear.in_features == det.adaptor_.linear.out_features
+    )
     body = list(det.discriminator_.body)
     assert isinstance(body[0], nn.Linear) and isinstance(body[1], nn.BatchNorm1d)
     assert isinstance(body[2], nn.LeakyReLU) and body[2].negative_slope == 0.2

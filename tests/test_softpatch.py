@@ -92,7 +92,8 @@ def _splits(goods: list[np.ndarray]) -> tuple[list[Sample], list[Sample], list[S
     rng = np.random.default_rng(0)
     clean = [Sample(path=f"mem://train/{i}", label=GOOD, image=goods[i]) for i in range(N_TRAIN)]
     noise = [
-        Sample(path=f"mem://noise/{i}", label=GOOD, image=_scratch(goods[N_TRAIN - N_NOISE + i], rng)) for i in range(N_NOISE)
+        Sample(path=f"mem://noise/{i}", label=GOOD, image=_scratch(goods[N_TRAIN - N_NOISE + i], rng))
+        for i in range(N_NOISE)
     ]
     test = [Sample(path=f"mem://test/good/{i}", label=GOOD, image=goods[N_TRAIN + i]) for i in range(12)]
     test += [
@@ -176,7 +177,9 @@ def test_weighted_coreset_and_soft_scores(noisy_model, canvases):
 def test_patchcore_is_the_special_case_without_noise_handling(canvases):
     """threshold 0 (discard nothing) and no soft weights: exactly PatchCore scored by the plain maximum."""
     clean, _, test = _splits(canvases["fabric"])
-    sp = Model.create("softpatch", image_size=SIZE, threshold=0.0, soft_weight=False).fit(clean, calibration_fraction=0, progress=False)
+    sp = Model.create("softpatch", image_size=SIZE, threshold=0.0, soft_weight=False).fit(
+        clean, calibration_fraction=0, progress=False
+    )
     pc = Model.create("patchcore", image_size=SIZE, num_neighbors=1).fit(clean, calibration_fraction=0, progress=False)
     assert torch.equal(sp.detector.memory_bank_, pc.detector.memory_bank_)
     a, b = sp.predict(test[:6]), pc.predict(test[:6])

@@ -132,8 +132,12 @@ def test_regions_are_mask_files_not_connected_components():
     one = [[SaturatedRegion.unsaturated(mask[0][None])]]
     at_zero = spro_curve_at([amap], one, [0.5])[1][0]
     assert at_zero == pytest.approx(0.25)
-    two = [[SaturatedRegion.unsaturated(mask[0][None] & (np.arange(8) < 2)[None]),
-            SaturatedRegion.unsaturated(mask[0][None] & (np.arange(8) >= 2)[None])]]
+    two = [
+        [
+            SaturatedRegion.unsaturated(mask[0][None] & (np.arange(8) < 2)[None]),
+            SaturatedRegion.unsaturated(mask[0][None] & (np.arange(8) >= 2)[None]),
+        ]
+    ]
     assert spro_curve_at([amap], two, [0.5])[1][0] == pytest.approx(0.5)
     # With components as regions and no saturation, AUC-sPRO is AUPRO.
     assert auc_spro([amap], two, fpr_limit=0.3) == pytest.approx(aupro_exact(amap[None], mask[None]), abs=1e-12)
@@ -153,7 +157,9 @@ def test_unsaturated_components_equal_aupro_and_reference(seed):
         lab, k = ndimage.label(g, structure=np.ones((3, 3), int))
         regions.append([SaturatedRegion.unsaturated(lab == c) for c in range(1, k + 1)])
     for limit in (0.05, 0.3, 1.0):
-        assert auc_spro(maps, regions, fpr_limit=limit) == pytest.approx(aupro_exact(maps, masks, fpr_limit=limit), abs=1e-9)
+        assert auc_spro(maps, regions, fpr_limit=limit) == pytest.approx(
+            aupro_exact(maps, masks, fpr_limit=limit), abs=1e-9
+        )
     # Saturated, overlapping regions (a second region covering part of the first): the reference.
     sat = []
     for regs in regions:

@@ -54,8 +54,10 @@ def test_training_loss_is_the_authors_code_on_a_batch_of_four():
     SGD lr 0.4: our loss must be that number (anomalib's 0.5·Σ_batch/(H·W) would be B/2 times
     it, the paper's ½-per-image mean half of it), so lr 0.4 takes the authors' step."""
     g = torch.Generator().manual_seed(1)
-    pairs = [(torch.randn(4, 6, 5, 5, generator=g), torch.randn(4, 6, 5, 5, generator=g)),
-             (torch.randn(4, 9, 3, 3, generator=g), torch.randn(4, 9, 3, 3, generator=g))]
+    pairs = [
+        (torch.randn(4, 6, 5, 5, generator=g), torch.randn(4, 6, 5, 5, generator=g)),
+        (torch.randn(4, 9, 3, 3, generator=g), torch.randn(4, 9, 3, 3, generator=g)),
+    ]
     hand = 0.0
     for t, s in pairs:
         tn, sn = t / t.norm(dim=1, keepdim=True), s / s.norm(dim=1, keepdim=True)

@@ -72,7 +72,11 @@ def test_tray_defects_change_the_count_or_the_places(seed):
     layout = tray_layout(params["nut_row"])
     good = params["parts"]
     assert _kinds(good) == list(layout)  # one part per slot, one kind per row
-    assert all(_turn(pose["angle"], params["heading"]) < 0.5 for kind, pose in itertools.chain.from_iterable(good.values()) if kind == "bolt")
+    assert all(
+        _turn(pose["angle"], params["heading"]) < 0.5
+        for kind, pose in itertools.chain.from_iterable(good.values())
+        if kind == "bolt"
+    )
     _, missing = _tray_after("missing_part", seed)
     assert sum(len(v) for v in missing.values()) == 5 and sum(not v for v in missing.values()) == 1
     _, extra = _tray_after("extra_part", seed)
@@ -89,7 +93,11 @@ def test_tray_defects_change_the_count_or_the_places(seed):
     assert all(_turn(pose["angle"], params["heading"]) < 0.5 for pose in bolts)  # pointing like the others
     _, reversed_ = _tray_after("reversed_part", seed)
     assert _kinds(reversed_) == list(layout)
-    turns = [_turn(pose["angle"], params["heading"]) for kind, pose in itertools.chain.from_iterable(reversed_.values()) if kind == "bolt"]
+    turns = [
+        _turn(pose["angle"], params["heading"])
+        for kind, pose in itertools.chain.from_iterable(reversed_.values())
+        if kind == "bolt"
+    ]
     assert sum(t > math.pi - 0.5 for t in turns) == 1 and sum(t < 0.5 for t in turns) == 2
 
 
@@ -127,7 +135,13 @@ def loco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_loco_layout_files_config_and_loader(loco: Path) -> None:
     cat = loco / "tray"
-    assert sorted(p.name for p in cat.iterdir()) == ["defects_config.json", "ground_truth", "test", "train", "validation"]
+    assert sorted(p.name for p in cat.iterdir()) == [
+        "defects_config.json",
+        "ground_truth",
+        "test",
+        "train",
+        "validation",
+    ]
     assert sorted(p.name for p in (cat / "test").iterdir()) == ["good", "logical_anomalies", "structural_anomalies"]
     assert len(list((cat / "validation" / "good").iterdir())) == 1  # ceil(3 / 6)
     config = read_defects_config(cat / "defects_config.json")
@@ -150,7 +164,10 @@ def test_loco_layout_files_config_and_loader(loco: Path) -> None:
         kind, stem = Path(s.path).parent.name, Path(s.path).stem
         assert region.name == which[f"{kind}/{stem}"]
         mask = np.asarray(Image.open(s.mask_paths[0]))
-        assert set(np.unique(mask)) == {0, config.entries[[e.defect_name for e in config].index(region.name)].pixel_value}
+        assert set(np.unique(mask)) == {
+            0,
+            config.entries[[e.defect_name for e in config].index(region.name)].pixel_value,
+        }
     assert load_dataset(f"synthetic:{loco}", "tray").layout == "loco"  # the record names the layout
 
 
@@ -163,8 +180,12 @@ def test_loco_images_are_the_mvtec_images_regrouped(loco: Path, tmp_path: Path) 
         per_type.setdefault(defect, []).append(rel)
     for defect, rels in per_type.items():
         for i, rel in enumerate(sorted(rels)):
-            assert (loco / "tray" / "test" / f"{rel}.png").read_bytes() == (mvtec / "test" / defect / f"{i:03d}.png").read_bytes()
-    assert (loco / "tray" / "train" / "good" / "002.png").read_bytes() == (mvtec / "train" / "good" / "002.png").read_bytes()
+            assert (loco / "tray" / "test" / f"{rel}.png").read_bytes() == (
+                mvtec / "test" / defect / f"{i:03d}.png"
+            ).read_bytes()
+    assert (loco / "tray" / "train" / "good" / "002.png").read_bytes() == (
+        mvtec / "train" / "good" / "002.png"
+    ).read_bytes()
 
 
 def test_loco_spro_on_the_ground_truth_itself(loco: Path) -> None:
@@ -172,7 +193,10 @@ def test_loco_spro_on_the_ground_truth_itself(loco: Path) -> None:
     region still saturates it (threshold 50 %)."""
     split = load_dataset(loco, "tray")
     regions = [s.load_regions((48, 48)) for s in split.test]
-    perfect = [np.any([r.mask for r in regs], axis=0).astype(np.float32) if regs else np.zeros((48, 48), np.float32) for regs in regions]
+    perfect = [
+        np.any([r.mask for r in regs], axis=0).astype(np.float32) if regs else np.zeros((48, 48), np.float32)
+        for regs in regions
+    ]
     assert auc_spro(perfect, regions) == pytest.approx(1.0)
     i = next(k for k, regs in enumerate(regions) if regs and regs[0].name == "swapped_parts")
     region = regions[i][0]

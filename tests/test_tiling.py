@@ -66,7 +66,9 @@ def test_predict_tiled_score_is_the_max_over_tiles():
     def score(tiles):
         seen.extend(t.shape for t in tiles)
         n = len(seen)
-        return np.arange(n - len(tiles), n, dtype=np.float32), np.stack([np.full((16, 16), 1.0, np.float32)] * len(tiles))
+        return np.arange(n - len(tiles), n, dtype=np.float32), np.stack(
+            [np.full((16, 16), 1.0, np.float32)] * len(tiles)
+        )
 
     s, m = predict_tiled(image, Tiling(40, 0.25), score, batch_size=3)
     assert len(seen) == 9 and all(shape == (40, 40, 3) for shape in seen)
@@ -128,7 +130,9 @@ def test_tiles_find_a_defect_that_the_whole_image_resize_erases(parts, tmp_path)
 
     torch.manual_seed(0)
     whole = Model.create("patchcore", image_size=128, coreset_ratio=0.1)
-    whole.fit([Sample(path=f"g{i}", label=GOOD, image=g) for i, g in enumerate(good)], calibration_fraction=0, progress=False)
+    whole.fit(
+        [Sample(path=f"g{i}", label=GOOD, image=g) for i, g in enumerate(good)], calibration_fraction=0, progress=False
+    )
     w_twin, w_defect = whole.predict([twin, defect]).scores
     assert abs(w_defect - w_twin) < 0.002 * w_twin  # the whole-image model does not see it
 
@@ -150,8 +154,10 @@ def test_tiles_find_a_defect_that_the_whole_image_resize_erases(parts, tmp_path)
     peak = np.unravel_index(np.argmax(amap), amap.shape)
     top, left, side = DEFECT
     assert abs(peak[0] - (top + side / 2)) <= 8 and abs(peak[1] - (left + side / 2)) <= 8  # the map peaks at it
-    print(f"whole: twin {w_twin:.4f} defect {w_defect:.4f}; tiled: twin {t_twin:.3f} defect {t_defect:.3f} "
-          f"threshold {tiled.threshold.value:.3f}; map peak {peak}")
+    print(
+        f"whole: twin {w_twin:.4f} defect {w_defect:.4f}; tiled: twin {t_twin:.3f} defect {t_defect:.3f} "
+        f"threshold {tiled.threshold.value:.3f}; map peak {peak}"
+    )
     # the stitched map is continuous across tile seams: no jump larger than inside a tile
     assert np.abs(np.diff(result.maps[0], axis=0)).max() < 0.5 * (t_twin - float(np.median(result.maps[0])))
 
@@ -187,8 +193,27 @@ def test_cli_fit_and_predict_with_tiles(tmp_path):
     runner = CliRunner()
     r = runner.invoke(
         app,
-        ["fit", "-m", "test_pixel_zscore", "-d", str(data), "-c", "plate", "-o", str(model_file), "--image-size", "24",
-         "--calibration-fraction", "0.25", "--target-fpr", "0", "--tile", "24", "--overlap", "0.25"],
+        [
+            "fit",
+            "-m",
+            "test_pixel_zscore",
+            "-d",
+            str(data),
+            "-c",
+            "plate",
+            "-o",
+            str(model_file),
+            "--image-size",
+            "24",
+            "--calibration-fraction",
+            "0.25",
+            "--target-fpr",
+            "0",
+            "--tile",
+            "24",
+            "--overlap",
+            "0.25",
+        ],
     )
     assert r.exit_code == 0, r.output
     model = Model.load(model_file)
@@ -201,9 +226,25 @@ def test_cli_fit_and_predict_with_tiles(tmp_path):
     spot = [row["score"] for row in rows if row["path"].split("/")[-2] == "spot"]
     assert len(rows) == 8 and min(spot) > max(good)  # every spot image above every good one
     assert Image.open(sorted((out / "overlays").glob("*.png"))[0]).size == (48, 48)  # full resolution
-    r = runner.invoke(app, ["predict", str(model_file), str(data / "plate/test"), "--out", str(tmp_path / "p2"), "--tile", "0"])
+    r = runner.invoke(
+        app, ["predict", str(model_file), str(data / "plate/test"), "--out", str(tmp_path / "p2"), "--tile", "0"]
+    )
     assert r.exit_code == 0, r.output
     assert Image.open(sorted((tmp_path / "p2" / "overlays").glob("*.png"))[0]).size == (24, 24)  # one resized image
-    bad = runner.invoke(app, ["fit", "-m", "test_pixel_zscore", "-d", str(data), "-c", "plate", "-o", str(tmp_path / "x.iad"),
-                              "--overlap", "0.5"])
+    bad = runner.invoke(
+        app,
+        [
+            "fit",
+            "-m",
+            "test_pixel_zscore",
+            "-d",
+            str(data),
+            "-c",
+            "plate",
+            "-o",
+            str(tmp_path / "x.iad"),
+            "--overlap",
+            "0.5",
+        ],
+    )
     assert bad.exit_code != 0 and "--overlap needs --tile" in str(bad.exception)

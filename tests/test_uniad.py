@@ -128,7 +128,9 @@ def test_pooled_max_score_by_hand() -> None:
 
 def test_paper_configuration_is_available() -> None:
     det = built(
-        UniAD(feature_size=(14, 14), neighbor_size=(7, 7), hidden_dim=256, ff_dim=1024, encoder_layers=4, decoder_layers=4)
+        UniAD(
+            feature_size=(14, 14), neighbor_size=(7, 7), hidden_dim=256, ff_dim=1024, encoder_layers=4, decoder_layers=4
+        )
     )
     t = det.reconstructor_.transformer
     assert len(t.encoder) == 4 and len(t.decoder) == 4 and t.mask.shape == (196, 196)

@@ -87,7 +87,9 @@ def score_files(
         yield rows, maps
 
 
-def _row(path: str, *, score: float | None = None, anomalous: bool | None = None, error: str | None = None) -> dict[str, Any]:
+def _row(
+    path: str, *, score: float | None = None, anomalous: bool | None = None, error: str | None = None
+) -> dict[str, Any]:
     return {"path": path, "score": score, "anomalous": anomalous, "overlay": None, "error": error}
 
 
@@ -210,7 +212,9 @@ def predict_folder(
         else:
             assert loaded is not None
             overlay_dir = out_dir / "overlays" if (out_dir and overlays) else None
-            batches = score_files(loaded, todo, batch_size=batch_size, threshold=threshold, keep_maps=overlay_dir is not None)
+            batches = score_files(
+                loaded, todo, batch_size=batch_size, threshold=threshold, keep_maps=overlay_dir is not None
+            )
             if progress:
                 from iadkit.progress import track
 
@@ -281,7 +285,9 @@ def _write_overlays(model: Any, rows: list[dict[str, Any]], maps: list[Any], fol
 
 
 # -- Ray ----------------------------------------------------------------------------------------
-def _predict_shard(model_bytes: bytes, files: list[str], batch_size: int, threshold: float | None) -> list[dict[str, Any]]:
+def _predict_shard(
+    model_bytes: bytes, files: list[str], batch_size: int, threshold: float | None
+) -> list[dict[str, Any]]:
     """One Ray task: load the model from its bytes, score a shard of files (no overlays)."""
     import tempfile
 
@@ -304,7 +310,12 @@ def shard(files: Sequence[str], n: int) -> list[list[str]]:
 
 
 def _predict_ray(
-    model_path: Path, files: list[str], batch_size: int, threshold: float | None, address: str | None, shards: int | None
+    model_path: Path,
+    files: list[str],
+    batch_size: int,
+    threshold: float | None,
+    address: str | None,
+    shards: int | None,
 ) -> list[dict[str, Any]]:
     from iadkit.cluster import init_ray
     from iadkit.store import read_manifest
@@ -317,7 +328,9 @@ def _predict_ray(
     model_ref = ray.put(model_path.read_bytes())
     remote = ray.remote(num_cpus=1, max_retries=1)(_predict_shard)
     # Workers may run in another folder: send absolute paths, give back the paths as given.
-    refs = [remote.remote(model_ref, part, batch_size, threshold) for part in shard([os.path.abspath(f) for f in files], n)]
+    refs = [
+        remote.remote(model_ref, part, batch_size, threshold) for part in shard([os.path.abspath(f) for f in files], n)
+    ]
     rows: list[dict[str, Any]] = []
     for part in ray.get(refs):
         rows.extend(part)

@@ -208,7 +208,9 @@ class Model:
         batch of good images alone sets none that holds for a mixed batch (`set_threshold`).
         """
         tiling = resolve_tiling(None, tile, overlap) if tile else None
-        return self._train(train, calibration, calibration_fraction, target_fpr, seed, progress, warm_start, False, tiling)
+        return self._train(
+            train, calibration, calibration_fraction, target_fpr, seed, progress, warm_start, False, tiling
+        )
 
     def partial_fit(
         self,
@@ -228,7 +230,9 @@ class Model:
         task, forgetting the old ones). Parameters as in `fit`; `info["n_tasks"]` counts the
         tasks learned. A model fitted on tiles learns the new task on the same tiles.
         """
-        return self._train(train, calibration, calibration_fraction, target_fpr, seed, progress, False, True, self.tiling)
+        return self._train(
+            train, calibration, calibration_fraction, target_fpr, seed, progress, False, True, self.tiling
+        )
 
     def _train(
         self,
@@ -269,7 +273,9 @@ class Model:
         samples = self._usable_training(samples) if samples else []
         if calibration is None and samples:
             if calibration_fraction is None:
-                samples, calibration = split_calibration(samples, DEFAULT_CALIBRATION_FRACTION, seed, MIN_TRAIN_FOR_HOLDOUT)
+                samples, calibration = split_calibration(
+                    samples, DEFAULT_CALIBRATION_FRACTION, seed, MIN_TRAIN_FOR_HOLDOUT
+                )
             elif calibration_fraction > 0:
                 samples, calibration = split_calibration(samples, calibration_fraction, seed, 1)
         if self.detector.transductive:
@@ -362,7 +368,9 @@ class Model:
         """
         return self._calibrate(good, target_fpr, batch_size)
 
-    def _calibrate(self, good: Sequence[ImageInput], target_fpr: float, batch_size: int, stacklevel: int = 3) -> Threshold:
+    def _calibrate(
+        self, good: Sequence[ImageInput], target_fpr: float, batch_size: int, stacklevel: int = 3
+    ) -> Threshold:
         """`calibrate`, called from `calibrate` or `fit` (the warning points at their caller)."""
         result = self.predict(good, batch_size=batch_size)
         self.threshold = false_alarm_threshold(result.scores, target_fpr)
@@ -370,7 +378,9 @@ class Model:
         if note:
             warnings.warn(note, CalibrationWarning, stacklevel=stacklevel)
         if result.maps is not None:
-            maps = result.maps if isinstance(result.maps, np.ndarray) else np.concatenate([m.ravel() for m in result.maps])
+            maps = (
+                result.maps if isinstance(result.maps, np.ndarray) else np.concatenate([m.ravel() for m in result.maps])
+            )
             self.postprocess = self.postprocess.with_range(heatmap_range(maps))
         return self.threshold
 
@@ -387,9 +397,7 @@ class Model:
         raw = self.detector.predict(images.to(self.detector.device))
         pred = self.postprocess(raw, (int(images.shape[-2]), int(images.shape[-1])))
         assert pred.scores is not None
-        return Prediction(
-            scores=pred.scores.float().cpu(), maps=None if pred.maps is None else pred.maps.float().cpu()
-        )
+        return Prediction(scores=pred.scores.float().cpu(), maps=None if pred.maps is None else pred.maps.float().cpu())
 
     def predict(
         self,
@@ -553,7 +561,14 @@ def tile_samples(samples: Sequence[Sample], tiling: Tiling) -> list[Sample]:
         boxes = tiling.boxes(image.shape)
         for (top, left, _, _), tile in zip(boxes, cut(image, boxes)):
             out.append(
-                replace(s, path=f"{s.path}#tile={top},{left}", image=np.ascontiguousarray(tile), mask=None, mask_path=None, mask_paths=())
+                replace(
+                    s,
+                    path=f"{s.path}#tile={top},{left}",
+                    image=np.ascontiguousarray(tile),
+                    mask=None,
+                    mask_path=None,
+                    mask_paths=(),
+                )
             )
     return out
 

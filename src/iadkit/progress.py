@@ -95,7 +95,11 @@ class PlainProgress:
         pct = f" ({100 * task['completed'] / total:.0f} %)" if total else ""
         status = f"  {task['status']}" if task["status"] else ""
         end = " done" if final else ""
-        print(f"{task['description']}: {count}{pct}, {now - task['start']:.1f} s{status}{end}", file=sys.stderr, flush=True)
+        print(
+            f"{task['description']}: {count}{pct}, {now - task['start']:.1f} s{status}{end}",
+            file=sys.stderr,
+            flush=True,
+        )
         task["shown"], task["last"] = task["completed"], now
 
 
@@ -136,7 +140,9 @@ class StepBar:
 
 
 @contextmanager
-def step_bar(total: int, description: str, *, enabled: bool = True, steps_per_epoch: int | None = None) -> Iterator[StepBar]:
+def step_bar(
+    total: int, description: str, *, enabled: bool = True, steps_per_epoch: int | None = None
+) -> Iterator[StepBar]:
     """`with step_bar(epochs * batches, "stfpm") as bar: ... bar.advance(loss=l)`.
 
     `steps_per_epoch`: without a terminal, write a line per epoch (default: per tenth).

@@ -52,7 +52,9 @@ class PredictionResult:
         if self.threshold is None:
             raise ValueError("this model has no threshold: calibrate it or pass threshold=...")
         if not math.isfinite(self.threshold):
-            raise InvalidParameterError(f"the threshold is {self.threshold}, not a finite number: no verdict can be given")
+            raise InvalidParameterError(
+                f"the threshold is {self.threshold}, not a finite number: no verdict can be given"
+            )
         bad = np.flatnonzero(~np.isfinite(np.asarray(self.scores, dtype=np.float64)))
         if bad.size:
             first = ", ".join(f"{self.paths[i]} ({self.scores[i]})" for i in bad[:3])

@@ -57,7 +57,9 @@ class ExportedModel:
     def __init__(self, path: str | Path, *, threads: int | None = None, batch_size: int = DEFAULT_BATCH) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise ExportError(f"{self.path}: no such exported model (write one with `iadkit export MODEL.iad --out {self.path.name}`)")
+            raise ExportError(
+                f"{self.path}: no such exported model (write one with `iadkit export MODEL.iad --out {self.path.name}`)"
+            )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
         try:
@@ -73,7 +75,9 @@ class ExportedModel:
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ExportError(f"{self.path}: ONNX Runtime cannot load this file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+            raise ExportError(
+                f"{self.path}: ONNX Runtime cannot load this file ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from exc
         self.metadata = _read_metadata(self.path, self.session)
         meta = self.metadata
         self.preprocess = PixelPreprocess.from_dict(meta["preprocess"])
@@ -93,7 +97,9 @@ class ExportedModel:
         inputs = self.session.get_inputs()
         names = [o.name for o in self.session.get_outputs()]
         if len(inputs) != 1 or inputs[0].name != self.input_name or names != self.outputs:
-            raise ExportError(f"{self.path}: the graph's inputs/outputs do not match its iadkit metadata (an edited file?)")
+            raise ExportError(
+                f"{self.path}: the graph's inputs/outputs do not match its iadkit metadata (an edited file?)"
+            )
         shape = list(inputs[0].shape)
         if len(shape) != 4 or [shape[2], shape[3]] != list(self.preprocess.output_size):
             raise ExportError(
@@ -137,7 +143,9 @@ class ExportedModel:
 
     def __repr__(self) -> str:
         thr = "unset" if self._threshold is None else f"{self._threshold:.4g}"
-        return f"ExportedModel(method={self.method!r}, input={self.input_size}, threshold={thr}, file={str(self.path)!r})"
+        return (
+            f"ExportedModel(method={self.method!r}, input={self.input_size}, threshold={thr}, file={str(self.path)!r})"
+        )
 
     # -- inference -------------------------------------------------------------------------
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -145,7 +153,9 @@ class ExportedModel:
         in runs of `batch_size` images."""
         x = np.ascontiguousarray(pixels, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != self.input_size:
-            raise InvalidParameterError(f"pixels must be [B, 3, {self.input_size[0]}, {self.input_size[1]}], got {x.shape}")
+            raise InvalidParameterError(
+                f"pixels must be [B, 3, {self.input_size[0]}, {self.input_size[1]}], got {x.shape}"
+            )
         scores, maps = [], []
         for s in range(0, len(x), self.batch_size):
             out = self.session.run(None, {self.input_name: x[s : s + self.batch_size]})
@@ -228,7 +238,6 @@ class ExportedModel:
             labels=np.array([item[2] for item in items], dtype=np.int64),
         )
 
-
     def _pixels(self, item: tuple[str, Any, int]) -> np.ndarray:
         """One input -> 3xHxW [0, 1] pixels, with the model's checks (gray/colour kind, dtype,
         finite values); an error names the image, as `Model.predict` does."""
@@ -270,7 +279,9 @@ def _parse_metadata(path: Path, text: str | None) -> dict[str, Any]:
     except ValueError as exc:
         raise ExportError(f"{path}: unreadable iadkit metadata ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ExportError(f"{path}: not an iadkit export (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        raise ExportError(
+            f"{path}: not an iadkit export (format {meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ExportError(

@@ -156,7 +156,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> iadki
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
     if threshold is not None and not math.isfinite(threshold.value):
-        raise ModelFileError(f"{path}: the stored threshold is {threshold.value}, not a finite number; recalibrate the model")
+        raise ModelFileError(
+            f"{path}: the stored threshold is {threshold.value}, not a finite number; recalibrate the model"
+        )
     model = Model(
         detector, preprocess, postprocess=postprocess, threshold=threshold, info=manifest.get("info", {}), tiling=tiling
     )

@@ -58,7 +58,11 @@ class Tiling:
     def __post_init__(self) -> None:
         if isinstance(self.tile, bool) or not isinstance(self.tile, (int, np.integer)) or self.tile < MIN_TILE:
             raise InvalidParameterError(f"tile must be a whole number of pixels >= {MIN_TILE}, got {self.tile!r}")
-        if isinstance(self.overlap, bool) or not isinstance(self.overlap, (int, float)) or not 0.0 <= self.overlap < 1.0:
+        if (
+            isinstance(self.overlap, bool)
+            or not isinstance(self.overlap, (int, float))
+            or not 0.0 <= self.overlap < 1.0
+        ):
             raise InvalidParameterError(f"overlap must be a share of the tile in [0, 1), got {self.overlap!r}")
         object.__setattr__(self, "tile", int(self.tile))
         object.__setattr__(self, "overlap", float(self.overlap))

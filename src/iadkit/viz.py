@@ -183,7 +183,9 @@ def model_overlay(
         from iadkit.types import Sample
 
         if not isinstance(sample, Sample):
-            raise TypeError(f"cannot draw an overlay of {type(sample).__name__}: give a Sample, a path or an HxWxC array")
+            raise TypeError(
+                f"cannot draw an overlay of {type(sample).__name__}: give a Sample, a path or an HxWxC array"
+            )
         image = sample.load_image()
         if mask is None and sample.has_mask:
             try:

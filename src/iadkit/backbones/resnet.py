@@ -28,6 +28,6 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 
 
 def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """"stem" (conv1, bn1, relu, maxpool; stride 4), then "layer1" ... "layer4" (strides 4-32)."""
+    """ "stem" (conv1, bn1, relu, maxpool; stride 4), then "layer1" ... "layer4" (strides 4-32)."""
     stem = nn.Sequential(*(model.get_submodule(n) for n in ("conv1", "bn1", "relu", "maxpool")))
     return [("stem", stem)] + [(f"layer{i}", model.get_submodule(f"layer{i}")) for i in range(1, 5)]

@@ -179,7 +179,9 @@ class BenchConfig(BaseModel):
     @classmethod
     def parse(cls, data: Any, origin: str = "config") -> BenchConfig:
         if not isinstance(data, dict):
-            raise BenchConfigError(f"{origin}: expected a table of keys (methods, datasets, ...), got {type(data).__name__}")
+            raise BenchConfigError(
+                f"{origin}: expected a table of keys (methods, datasets, ...), got {type(data).__name__}"
+            )
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -311,7 +313,9 @@ def expand(config: BenchConfig) -> list[Cell]:
             for setting, setting_params in group_settings:
                 for seed in config.seeds:
                     for m in config.methods:
-                        size = m.image_size_for.get(ds.scheme, m.image_size if m.image_size is not None else config.image_size)
+                        size = m.image_size_for.get(
+                            ds.scheme, m.image_size if m.image_size is not None else config.image_size
+                        )
                         cells.append(
                             Cell(
                                 method=m.name,
@@ -332,7 +336,9 @@ def expand(config: BenchConfig) -> list[Cell]:
                         )
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):
-        raise BenchConfigError("the grid lists the same cell twice (same method, parameters, data, setting, seed and size)")
+        raise BenchConfigError(
+            "the grid lists the same cell twice (same method, parameters, data, setting, seed and size)"
+        )
     return cells
 
 

@@ -68,5 +68,7 @@ def subsample_test(samples: list[Sample], n: int | None, seed: int = 0) -> list[
     while sum(quota.values()) > n:  # rounding overshoot: trim the largest group
         big = max(quota, key=lambda k: quota[k])
         quota[big] -= 1
-    keep = np.concatenate([rng.choice(idx, size=min(quota[lab], len(idx)), replace=False) for lab, idx in groups.items()])
+    keep = np.concatenate(
+        [rng.choice(idx, size=min(quota[lab], len(idx)), replace=False) for lab, idx in groups.items()]
+    )
     return [samples[i] for i in np.sort(keep)]

@@ -354,7 +354,9 @@ class ResultsDB:
                     self.conn.executescript(_SCHEMA)
                     if self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() is None:
                         # OR IGNORE: another process may create the same new database at this moment
-                        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                        self.conn.execute(
+                            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                        )
                         self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (now_iso(),))
             row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as exc:
@@ -411,7 +413,12 @@ class ResultsDB:
             self._insert_running(cell, started or now_iso())
 
     def _insert_running(self, cell: Cell, started: str) -> None:
-        values = {**self._run_values(cell), "status": "running", "iadkit_version": iadkit.__version__, "started": started}
+        values = {
+            **self._run_values(cell),
+            "status": "running",
+            "iadkit_version": iadkit.__version__,
+            "started": started,
+        }
         cols = ", ".join(values)
         self.conn.execute("DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
         self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
@@ -430,8 +437,14 @@ class ResultsDB:
                 return self._end(False)
             if row is not None and row["status"] == "failed" and not retry_failed:
                 return self._end(False)
-            held = self.conn.execute("SELECT claimed_by, heartbeat FROM claims WHERE cell_id = ?", (cell.cell_id,)).fetchone()
-            if held is not None and held["claimed_by"] != me.id and claim_is_live(held["claimed_by"], held["heartbeat"], me=me):
+            held = self.conn.execute(
+                "SELECT claimed_by, heartbeat FROM claims WHERE cell_id = ?", (cell.cell_id,)
+            ).fetchone()
+            if (
+                held is not None
+                and held["claimed_by"] != me.id
+                and claim_is_live(held["claimed_by"], held["heartbeat"], me=me)
+            ):
                 return self._end(False)
             stamp = now_iso()
             self.conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)", (cell.cell_id, me.id, stamp))
@@ -490,18 +503,29 @@ class ResultsDB:
             # Deleting the run cascades to its old scores and overlays (a retried cell).
             self.conn.execute("DELETE FROM runs WHERE cell_id = ?", (cell.cell_id,))
             self.conn.execute("DELETE FROM claims WHERE cell_id = ?", (cell.cell_id,))
-            self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
+            self.conn.execute(
+                f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values())
+            )
             self.conn.executemany(
                 "INSERT INTO scores (cell_id, idx, path, label, defect_type, score) VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (cell.cell_id, i, p, int(lab), d or "", float(s))
-                    for i, (p, lab, d, s) in enumerate(zip(result.paths, result.labels, result.defect_types, result.scores))
+                    for i, (p, lab, d, s) in enumerate(
+                        zip(result.paths, result.labels, result.defect_types, result.scores)
+                    )
                 ],
             )
             self.conn.executemany(
                 "INSERT INTO task_metrics (cell_id, step, task, task_name, metric, value) VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (cell.cell_id, int(e.step), int(e.task), e.task_name, k, None if v is None or not np.isfinite(v) else float(v))
+                    (
+                        cell.cell_id,
+                        int(e.step),
+                        int(e.task),
+                        e.task_name,
+                        k,
+                        None if v is None or not np.isfinite(v) else float(v),
+                    )
                     for e in result.task_matrix
                     for k, v in sorted(e.metrics.items())
                 ],
@@ -509,7 +533,16 @@ class ResultsDB:
             self.conn.executemany(
                 "INSERT INTO overlays (cell_id, kind, rank, path, label, defect_type, score, png) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (cell.cell_id, o.kind, o.rank, o.path, int(o.label), o.defect_type or "", float(o.score), sqlite3.Binary(o.png))
+                    (
+                        cell.cell_id,
+                        o.kind,
+                        o.rank,
+                        o.path,
+                        int(o.label),
+                        o.defect_type or "",
+                        float(o.score),
+                        sqlite3.Binary(o.png),
+                    )
                     for o in result.overlays
                 ],
             )
@@ -591,7 +624,10 @@ class ResultsDB:
             "SELECT kind, rank, path, label, defect_type, score, png FROM overlays WHERE cell_id = ? ORDER BY kind, rank",
             (cell_id,),
         ).fetchall()
-        return [Overlay(r["kind"], r["rank"], r["path"], r["label"], r["defect_type"], r["score"], bytes(r["png"])) for r in rows]
+        return [
+            Overlay(r["kind"], r["rank"], r["path"], r["label"], r["defect_type"], r["score"], bytes(r["png"]))
+            for r in rows
+        ]
 
     def meta(self) -> dict[str, str]:
         return {r["key"]: r["value"] for r in self.conn.execute("SELECT key, value FROM meta")}

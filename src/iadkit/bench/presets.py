@@ -43,6 +43,7 @@ class Row:
 # (the `full` preset runs every method with its own defaults).
 DEEP = ("blocks.2", "blocks.4")  # EfficientNet-Lite0 strides 8 and 16
 #
+# fmt: off
 #   method                      size  ELPV   hyper-parameters
 DEMO_TABLE: dict[str, Row] = {
     "patchcore":            Row(96,   96, {}),
@@ -84,6 +85,7 @@ DEMO_TABLE: dict[str, Row] = {
     "draem":                Row(64,   64, {"epochs": 6, "batch_size": 8, "lr": 1e-3, "recon_width": 8, "disc_width": 8}),
     "ganomaly":             Row(64,   64, {"epochs": 15, "batch_size": 8, "base_width": 16}),
 }
+# fmt: on
 DEMO_DEFAULT = Row(96, 96, {"epochs": 3, "batch_size": 8})
 
 # The synthetic demo set is used whole (60 training, 44-52 test images per category).

@@ -129,7 +129,9 @@ def _shade(v: float, lo: float, hi: float) -> str:
 
 def _metric_table_html(t: MetricTable) -> str:
     out = [f'<table class="metric" data-metric="{_esc(t.metric)}" data-setting="{_esc(t.setting)}">']
-    out.append('<tr><th class="l">dataset / category</th>' + "".join(f"<th>{_esc(m)}</th>" for m in t.methods) + "</tr>")
+    out.append(
+        '<tr><th class="l">dataset / category</th>' + "".join(f"<th>{_esc(m)}</th>" for m in t.methods) + "</tr>"
+    )
     for label, values in [*t.rows, ("mean", t.mean)]:
         vals = [v for v in values.values() if not is_nan(v)]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 0.0)
@@ -146,7 +148,9 @@ def _metric_table_html(t: MetricTable) -> str:
         out.append(f'<tr{cls}><td class="l">{_esc(label)}</td>{"".join(cells)}</tr>')
     out.append("</table>")
     if t.incomplete:
-        out.append('<p class="note">† mean over fewer categories (a cell failed, or the method does not produce that metric, e.g. pixel metrics of image-level CutPaste): not comparable with the others.</p>')
+        out.append(
+            '<p class="note">† mean over fewer categories (a cell failed, or the method does not produce that metric, e.g. pixel metrics of image-level CutPaste): not comparable with the others.</p>'
+        )
     return "\n".join(out)
 
 
@@ -195,7 +199,13 @@ def _bar_chart(tables: list[MetricTable], setting: str) -> str | None:
         width = 0.8 / max(1, len(t.methods))
         for j, m in enumerate(t.methods):
             vals = [vals[m] for _, vals in t.rows] + [t.mean[m]]
-            ax.bar(x + (j - (len(t.methods) - 1) / 2) * width, [0 if is_nan(v) else v for v in vals], width, label=m, color=cmap(j % cmap.N))
+            ax.bar(
+                x + (j - (len(t.methods) - 1) / 2) * width,
+                [0 if is_nan(v) else v for v in vals],
+                width,
+                label=m,
+                color=cmap(j % cmap.N),
+            )
         finite = [v for _, vals in t.rows for v in vals.values() if not is_nan(v)]
         lo = max(0.0, min(finite) - 0.05) if finite else 0.0
         ax.set_ylim(lo if lo > 0.3 else 0.0, 1.0)
@@ -215,7 +225,12 @@ def _speed_plot(tables: list[MetricTable], costs: dict[str, Any], setting: str) 
     if t is None:
         return None
     pts = [
-        (m, costs[m].values.get("seconds_per_image", float("nan")) * 1000, t.mean[m], costs[m].values.get("fit_seconds", float("nan")))
+        (
+            m,
+            costs[m].values.get("seconds_per_image", float("nan")) * 1000,
+            t.mean[m],
+            costs[m].values.get("fit_seconds", float("nan")),
+        )
         for m in t.methods
         if m in costs and not is_nan(t.mean[m])
     ]
@@ -281,7 +296,11 @@ def _roc_plot(db: ResultsDB, runs: list[dict[str, Any]], setting: str) -> str | 
 
 def _cost_html(costs: list[Any]) -> str:
     keys = [k for k in TIMINGS if any(k in c.values for c in costs)]
-    out = ['<table class="cost"><tr><th class="l">method</th><th>cells</th>' + "".join(f"<th>{TIMINGS[k][0]}</th>" for k in keys) + "</tr>"]
+    out = [
+        '<table class="cost"><tr><th class="l">method</th><th>cells</th>'
+        + "".join(f"<th>{TIMINGS[k][0]}</th>" for k in keys)
+        + "</tr>"
+    ]
     for c in costs:
         out.append(
             f'<tr><td class="l">{_esc(c.method)}</td><td>{c.n_cells}</td>'
@@ -324,7 +343,7 @@ def _gallery_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
                 f'<div class="gallery" data-method="{_esc(m)}">{"".join(figs)}</div>'
             )
         if parts:
-            out.append(f'<details{" open" if i == 0 else ""}><summary>{_esc(m)}</summary>{"".join(parts)}</details>')
+            out.append(f"<details{' open' if i == 0 else ''}><summary>{_esc(m)}</summary>{''.join(parts)}</details>")
     if not out:
         return '<p class="note">No overlays stored (gallery_size was 0, or no cell finished).</p>'
     legend = (
@@ -340,9 +359,13 @@ def _failed_html(runs: list[dict[str, Any]]) -> str:
     failed = [r for r in runs if r["status"] != "done"]
     if not failed:
         return '<p class="note">None.</p>'
-    out = ['<table class="failed"><tr><th class="l">method</th><th class="l">dataset / category</th><th class="l">setting</th><th>seed</th><th class="l">status</th><th class="l">error</th></tr>']
+    out = [
+        '<table class="failed"><tr><th class="l">method</th><th class="l">dataset / category</th><th class="l">setting</th><th>seed</th><th class="l">status</th><th class="l">error</th></tr>'
+    ]
     for r in failed:
-        err = r.get("error") or ("interrupted (still 'running': rerun the benchmark)" if r["status"] == "running" else "")
+        err = r.get("error") or (
+            "interrupted (still 'running': rerun the benchmark)" if r["status"] == "running" else ""
+        )
         out.append(
             f'<tr><td class="l">{_esc(r["method"])}</td><td class="l">{_esc(row_label(r))}</td><td class="l">{_esc(setting_label(r))}</td>'
             f'<td>{r["seed"]}</td><td class="l">{_esc(r["status"])}</td><td class="l">{_esc(err)}</td></tr>'
@@ -350,7 +373,9 @@ def _failed_html(runs: list[dict[str, Any]]) -> str:
     out.append("</table>")
     for r in failed:
         if r.get("traceback"):
-            out.append(f"<details><summary>traceback: {_esc(r['method'])} · {_esc(row_label(r))}</summary><pre>{_esc(r['traceback'])}</pre></details>")
+            out.append(
+                f"<details><summary>traceback: {_esc(r['method'])} · {_esc(row_label(r))}</summary><pre>{_esc(r['traceback'])}</pre></details>"
+            )
     return "\n".join(out)
 
 
@@ -360,7 +385,9 @@ def _operating_html(runs: list[dict[str, Any]]) -> str:
     tables = operating_tables(runs)
     out = ['<section id="operating"><h2>At the calibrated threshold</h2>']
     if not tables:
-        out.append('<p class="note">No cell has a threshold (each needs at least 10 good training images left after holding 10 % out).</p></section>')
+        out.append(
+            '<p class="note">No cell has a threshold (each needs at least 10 good training images left after holding 10 % out).</p></section>'
+        )
         return "\n".join(out)
     out.append(
         '<p class="note">Each model set its own threshold on good training images it did not learn from '
@@ -377,11 +404,11 @@ def _operating_html(runs: list[dict[str, Any]]) -> str:
     ]
     rows = "".join(
         f'<tr><td class="l">{_esc(m)}</td><td class="l">{_esc(lbl)}</td><td>{op["threshold"]:.4g}</td>'
-        f'<td>{op.get("n_calibration") or "–"}</td></tr>'
+        f"<td>{op.get('n_calibration') or '–'}</td></tr>"
         for m, lbl, op in thresholds
     )
     out.append(
-        '<details><summary>thresholds per cell (and how many held-out images set each)</summary>'
+        "<details><summary>thresholds per cell (and how many held-out images set each)</summary>"
         '<table><tr><th class="l">method</th><th class="l">dataset / category</th><th>threshold</th>'
         f"<th>calibration images</th></tr>{rows}</table></details></section>"
     )
@@ -437,7 +464,9 @@ def build_report_html(db_path: str | Path) -> str:
         )
         # With several settings, the per-category charts show the reference setting; the
         # settings section below draws every setting against it.
-        charted = settings if len(settings) <= 1 else [REFERENCE_SETTING if REFERENCE_SETTING in settings else settings[0]]
+        charted = (
+            settings if len(settings) <= 1 else [REFERENCE_SETTING if REFERENCE_SETTING in settings else settings[0]]
+        )
         body.append('<section id="charts"><h2>Charts</h2>')
         for s in charted:
             if len(settings) > 1:
@@ -477,7 +506,14 @@ def build_report_html(db_path: str | Path) -> str:
         for a, n in [("overview", "Overview"), ("charts", "Charts")]
         + ([("settings", "Settings")] if settings_section else [])
         + ([("tasks", "Continual & multi-class")] if tasks_section else [])
-        + [("tables", "Tables"), ("roc", "ROC"), ("operating", "Threshold"), ("cost", "Time & memory"), ("gallery", "Gallery"), ("failed", "Failures")]
+        + [
+            ("tables", "Tables"),
+            ("roc", "ROC"),
+            ("operating", "Threshold"),
+            ("cost", "Time & memory"),
+            ("gallery", "Gallery"),
+            ("failed", "Failures"),
+        ]
     )
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
@@ -514,7 +550,9 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
 
     first = curves[0]
     columns = ["mean", *first.rows]
-    fig, axes = plt.subplots(len(curves), len(columns), figsize=(2.9 * len(columns), 2.5 * len(curves) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(
+        len(curves), len(columns), figsize=(2.9 * len(columns), 2.5 * len(curves) + 0.5), squeeze=False
+    )
     series = list(dict.fromkeys(s for c in curves for s in c.series))
     method_of = {s: m for c in curves for s, m in c.method_of.items()}
     methods = list(dict.fromkeys(method_of[s] for s in series))
@@ -530,7 +568,11 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
             for s in curve.series:
                 m = curve.method_of[s]
                 per_x = curve.mean.get(s, {}) if col == "mean" else curve.values.get((s, col), {})
-                ref = curve.mean_reference.get(m, float("nan")) if col == "mean" else curve.reference.get((m, col), float("nan"))
+                ref = (
+                    curve.mean_reference.get(m, float("nan"))
+                    if col == "mean"
+                    else curve.reference.get((m, col), float("nan"))
+                )
                 pts = [(x, per_x[x]) for x in curve.xs if x in per_x and not is_nan(per_x[x])]
                 if curve.setting == "noisy" and pts and not is_nan(ref):
                     pts = [(0.0, ref), *pts]  # noise ratio 0 is vanilla
@@ -551,7 +593,16 @@ def _curve_svg(curves: list[SettingCurve]) -> str:
             ax.grid(alpha=0.3)
             if not drawn:  # e.g. pixel metrics of a dataset without masks
                 ax.set_yticks([])
-                ax.text(0.5, 0.5, f"no {curve.title}", ha="center", va="center", transform=ax.transAxes, fontsize=8, color="#777")
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"no {curve.title}",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    fontsize=8,
+                    color="#777",
+                )
             if r == 0:
                 ax.set_title(f"mean over {len(curve.rows)} categories" if col == "mean" else col, fontsize=9)
             if c == 0:
@@ -622,7 +673,11 @@ def _injected_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
     images the method learnt from, it absorbed the defect). ⚑: above the method's own
     threshold. Images that fell in the calibration hold-out were not trained on: listed, but
     left out of the means."""
-    noisy = [r for r in runs if r["status"] == "done" and r["setting"] == "noisy" and (r.get("setting_info") or {}).get("injected")]
+    noisy = [
+        r
+        for r in runs
+        if r["status"] == "done" and r["setting"] == "noisy" and (r.get("setting_info") or {}).get("injected")
+    ]
     if not noisy:
         return ""
     by_row: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -631,7 +686,10 @@ def _injected_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
     summary: dict[tuple[str, str, float], list[float]] = defaultdict(list)  # (method, row, ratio) -> shares
     details = []
     for row, rs in by_row.items():
-        columns = sorted({(method_label(r, runs), float(r["setting_params"].get("ratio", float("nan")))) for r in rs}, key=lambda c: (c[0], c[1]))
+        columns = sorted(
+            {(method_label(r, runs), float(r["setting_params"].get("ratio", float("nan")))) for r in rs},
+            key=lambda c: (c[0], c[1]),
+        )
         images: dict[str, dict[str, Any]] = {}
         cell_of: dict[tuple[str, float], dict[str, Any]] = {}
         for r in rs:
@@ -657,12 +715,12 @@ def _injected_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
                 cells.append(f"<td>{fmt_metric(share)}{tag}</td>")
             lines.append(
                 f'<tr><td class="l">{_esc("/".join(Path(path).parts[-2:]))}</td><td class="l">{_esc(meta["defect_type"])}</td>'
-                f'<td>{meta["first"]:g}</td>{"".join(cells)}</tr>'
+                f"<td>{meta['first']:g}</td>{''.join(cells)}</tr>"
             )
         details.append(
             f"<details><summary>{_esc(row)}: {len(images)} injected images</summary>"
             f'<table class="injected" data-row="{_esc(row)}"><tr><th class="l">image</th><th class="l">defect</th>'
-            f'<th>from ratio</th>{head}</tr>{"".join(lines)}</table></details>'
+            f"<th>from ratio</th>{head}</tr>{''.join(lines)}</table></details>"
         )
     methods = sorted({m for m, _, _ in summary})
     ratios = sorted({x for _, _, x in summary})
@@ -710,7 +768,7 @@ def _settings_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
         by_setting[c.setting].append(c)
     names = {"few_shot": "few-shot", "noisy": "noisy training data", "semi_supervised": "semi-supervised"}
     for setting, cs in by_setting.items():
-        out.append(f'<h3>{_esc(names.get(setting, setting))}: metric against {_esc(cs[0].axis_label)}</h3>')
+        out.append(f"<h3>{_esc(names.get(setting, setting))}: metric against {_esc(cs[0].axis_label)}</h3>")
         out.append(f'<div class="curves" data-setting="{_esc(setting)}">{_curve_svg(cs)}</div>')
         for c in cs:
             out.append(f'<p class="note">{_esc(c.title)}, mean over categories</p>{_curve_table_html(c)}')
@@ -737,7 +795,7 @@ def _settings_overview_html(runs: list[dict[str, Any]]) -> str:
             v = vals[m]
             best = len(finite) > 1 and not is_nan(v) and v == max(finite)
             mark = "†" if (s, m) in ov.incomplete else ""
-            cells.append(f'<td{" class=best" if best else ""}>{fmt_metric(v)}{mark}</td>')
+            cells.append(f"<td{' class=best' if best else ''}>{fmt_metric(v)}{mark}</td>")
         out.append(f'<tr><td class="l">{_esc(s)}</td>{"".join(cells)}</tr>')
     out.append("</table>")
     return f"<h3>{_esc(ov.title)} by setting (mean over categories)</h3>" + "".join(out)
@@ -812,7 +870,9 @@ def _tasks_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
                     f"<td>{fmt_metric(s.final_mean.get(k, float('nan')))}</td><td>{fmt_metric(s.forgetting.get(k, float('nan')))}</td>"
                     for k in TASK_METRICS
                 )
-                out.append(f'<tr><td class="l">{_esc(s.method + seed)}</td><td class="l">{_esc(s.training)}</td>{cells}</tr>')
+                out.append(
+                    f'<tr><td class="l">{_esc(s.method + seed)}</td><td class="l">{_esc(s.training)}</td>{cells}</tr>'
+                )
             out.append("</table>")
             for k in ("image_auroc", "pixel_auroc"):
                 if any(k in s.matrix.values for s in group):
@@ -830,7 +890,9 @@ def _tasks_html(db: ResultsDB, runs: list[dict[str, Any]]) -> str:
         shown = [k for k in TASK_METRICS if any(k in c.unified for c in comparisons)]
         for c in comparisons:
             out.append(f"<h4>{_esc(c.row)} · {_esc(c.method)}</h4>")
-            head = "".join(f"<th>{_esc(METRICS.get(k, k))} per class</th><th>{_esc(METRICS.get(k, k))} unified</th>" for k in shown)
+            head = "".join(
+                f"<th>{_esc(METRICS.get(k, k))} per class</th><th>{_esc(METRICS.get(k, k))} unified</th>" for k in shown
+            )
             out.append(f'<table class="unified"><tr><th class="l">category</th>{head}</tr>')
             for cat in c.categories:
                 cells = "".join(

@@ -248,8 +248,12 @@ def run_task_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellR
             last = step == steps - 1
             for j in tested_after(tasks, step):
                 stage(f"evaluate {tasks[j].name} after step {step + 1}/{steps}")
-                ev = evaluate(model, list(tasks[j].test), batch_size=cell.batch_size, keep_maps=last and cell.gallery_size > 0)
-                result.task_matrix.append(TaskEvaluation(step=step, task=j, task_name=tasks[j].name, metrics=dict(ev.metrics)))
+                ev = evaluate(
+                    model, list(tasks[j].test), batch_size=cell.batch_size, keep_maps=last and cell.gallery_size > 0
+                )
+                result.task_matrix.append(
+                    TaskEvaluation(step=step, task=j, task_name=tasks[j].name, metrics=dict(ev.metrics))
+                )
                 if last:
                     final[j] = ev
         order = sorted(final)
@@ -263,7 +267,13 @@ def run_task_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellR
         result.setting_info = {
             "training": training,
             "tasks": [
-                {"name": t.name, "categories": list(t.categories), "step": t.step, "n_train": len(t.train), "n_test": len(t.test)}
+                {
+                    "name": t.name,
+                    "categories": list(t.categories),
+                    "step": t.step,
+                    "n_train": len(t.train),
+                    "n_test": len(t.test),
+                }
                 for t in tasks
             ],
             "n_good": sum(len(t.train) for t in tasks),
@@ -284,8 +294,11 @@ def run_task_cell(cell: Cell, *, on_stage: StageCallback | None = None) -> CellR
             "fit_seconds": fit_seconds,
             "calibration_seconds": calibration_seconds,
             "fit_peak_rss_mb": peak_fit,
-            "seconds_per_image": sum(final[j].timings["seconds_per_image"] * len(final[j].scores) for j in order) / n_eval,
-            "model_seconds_per_image": sum(final[j].timings["model_seconds_per_image"] * len(final[j].scores) for j in order)
+            "seconds_per_image": sum(final[j].timings["seconds_per_image"] * len(final[j].scores) for j in order)
+            / n_eval,
+            "model_seconds_per_image": sum(
+                final[j].timings["model_seconds_per_image"] * len(final[j].scores) for j in order
+            )
             / n_eval,
             "peak_rss_mb": max(final[j].timings["peak_rss_mb"] for j in order),
         }
@@ -423,7 +436,9 @@ def render_gallery(model: Any, test: list[Any], evaluation: Any, k: int) -> list
                     label=int(labels[i]),
                     defect_type=sample.defect_type or "",
                     score=float(scores[i]),
-                    png=model_overlay(model, sample, maps[int(i)], mask=mask, with_photo=True, max_side=256, min_side=128),
+                    png=model_overlay(
+                        model, sample, maps[int(i)], mask=mask, with_photo=True, max_side=256, min_side=128
+                    ),
                 )
             )
     return out
@@ -514,8 +529,13 @@ def run_benchmark(
                     if todo:
                         if not waiting_said:
                             holders = sorted(set(db.claimed_elsewhere(me).values()))
-                            who = ", ".join(h.replace("|", " pid ", 1).rsplit("|", 1)[0] for h in holders) or "another run"
-                            log.info("waiting for %d cell(s) that another benchmark run (%s) is working on", len(todo), who)
+                            who = (
+                                ", ".join(h.replace("|", " pid ", 1).rsplit("|", 1)[0] for h in holders)
+                                or "another run"
+                            )
+                            log.info(
+                                "waiting for %d cell(s) that another benchmark run (%s) is working on", len(todo), who
+                            )
                             waiting_said = True
                         time.sleep(poll_seconds)
         finally:
@@ -581,7 +601,9 @@ def validate_grid(config: BenchConfig) -> list[Cell]:
             problems.append(f"device: {exc}")
     if problems:
         unique = list(dict.fromkeys(problems))
-        raise BenchConfigError(f"the benchmark grid has {len(unique)} problem(s); nothing was run:\n  " + "\n  ".join(unique))
+        raise BenchConfigError(
+            f"the benchmark grid has {len(unique)} problem(s); nothing was run:\n  " + "\n  ".join(unique)
+        )
     return expand(config)
 
 
@@ -606,7 +628,9 @@ def _task_setting_problems(config: BenchConfig) -> list[str]:
         cls = methods.get(m.name)
         if cls is not None and cls.supervision == "zero-shot":
             names = ", ".join(dict.fromkeys(s.name for s in spanning))
-            problems.append(f"method {m.name} is zero-shot: it learns nothing from the tasks of setting(s) {names}; run it in vanilla")
+            problems.append(
+                f"method {m.name} is zero-shot: it learns nothing from the tasks of setting(s) {names}; run it in vanilla"
+            )
     for ds in config.datasets:
         try:
             categories = ds.categories if ds.categories is not None else list_source_categories(ds.source)
@@ -643,7 +667,9 @@ def _reader_option_problems(source: str, options: dict[str, Any]) -> list[str]:
     unknown = sorted(set(options) - set(allowed))
     if not unknown:
         return []
-    return [f"option(s) {', '.join(unknown)} not understood by the {layout} reader; it accepts: {', '.join(allowed) or 'none'}"]
+    return [
+        f"option(s) {', '.join(unknown)} not understood by the {layout} reader; it accepts: {', '.join(allowed) or 'none'}"
+    ]
 
 
 class _Heartbeat:
@@ -713,7 +739,11 @@ class CellProgress:
         self.progress.__exit__(*exc)  # type: ignore[arg-type]
 
     def _line(self, text: str) -> None:
-        print(f"benchmark [{self.done}/{self.total}, {time.perf_counter() - self._t0:.0f} s] {text}", file=sys.stderr, flush=True)
+        print(
+            f"benchmark [{self.done}/{self.total}, {time.perf_counter() - self._t0:.0f} s] {text}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def start(self, cell: Cell) -> None:
         self._current = cell.describe()

@@ -204,7 +204,9 @@ def fmt_timing(key: str, v: float) -> str:
     return f"{v:.3g}"
 
 
-def leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_auroc", "pixel_auroc", "aupro")) -> list[Any]:
+def leaderboard(
+    runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_auroc", "pixel_auroc", "aupro")
+) -> list[Any]:
     """rich Tables for the terminal, one per metric: a row per method (best mean first), a
     column per category and a mean column; the best value of each column in bold green.
 
@@ -251,7 +253,12 @@ def leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_aur
             mean = _cell(t.mean[m], m == best_mean) + ("†" if m in t.incomplete else "")
             table.add_row(m, mean, *cells)
         datasets = list(dict.fromkeys(label.split(" / ", 1)[0] for label in labels))
-        notes = ["columns: " + "; ".join(f"{d}: {', '.join(c for lbl, c in zip(labels, cats) if lbl.startswith(d + ' / '))}" for d in datasets)]
+        notes = [
+            "columns: "
+            + "; ".join(
+                f"{d}: {', '.join(c for lbl, c in zip(labels, cats) if lbl.startswith(d + ' / '))}" for d in datasets
+            )
+        ]
         if any(d.endswith("*") for d in datasets):
             notes.append("* subsampled (quick run), not the full protocol")
         if t.incomplete:
@@ -436,7 +443,9 @@ def settings_overview(runs: list[dict[str, Any]], metric: str = "image_auroc") -
     return ov
 
 
-def settings_leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_auroc", "pixel_auroc")) -> list[Any]:
+def settings_leaderboard(
+    runs: list[dict[str, Any]], metrics: Iterable[str] = ("image_auroc", "pixel_auroc")
+) -> list[Any]:
     """rich Tables: a row per setting, a column per method, each cell the mean over
     categories; the best method of each row in bold green."""
     from rich import box
@@ -462,7 +471,9 @@ def settings_leaderboard(runs: list[dict[str, Any]], metrics: Iterable[str] = ("
             vals = ov.values[s]
             finite = {m: v for m, v in vals.items() if not is_nan(v)}
             best = max(finite, key=finite.__getitem__) if len(finite) > 1 else None
-            table.add_row(s, *[_cell(vals[m], m == best) + ("†" if (s, m) in ov.incomplete else "") for m in ov.methods])
+            table.add_row(
+                s, *[_cell(vals[m], m == best) + ("†" if (s, m) in ov.incomplete else "") for m in ov.methods]
+            )
         if ov.incomplete:
             table.caption = "† mean over fewer categories than the others: not comparable"
             table.caption_justify = "left"
@@ -587,12 +598,21 @@ def unified_comparisons(db: Any, runs: list[dict[str, Any]]) -> list[UnifiedComp
         unified: dict[str, dict[str, float]] = {}
         for k in matrices[0].values:
             unified[k] = {c: _mean(float(m.metric(k)[0, j]) for m in matrices) for j, c in enumerate(categories)}
-        vanilla = [r for r in done if r["setting"] == REFERENCE_SETTING and same_model(r, first) and r["category"] in categories]
+        vanilla = [
+            r
+            for r in done
+            if r["setting"] == REFERENCE_SETTING and same_model(r, first) and r["category"] in categories
+        ]
         per_class: dict[str, dict[str, float]] = {}
         for k in unified:
-            per_class[k] = {c: _mean(r["metrics"].get(k, float("nan")) for r in vanilla if r["category"] == c) for c in categories}
+            per_class[k] = {
+                c: _mean(r["metrics"].get(k, float("nan")) for r in vanilla if r["category"] == c) for c in categories
+            }
         unified_mean = {k: _mean(v.values()) for k, v in unified.items()}
-        per_class_mean = {k: _mean(v.values()) if all(not is_nan(x) for x in v.values()) else float("nan") for k, v in per_class.items()}
+        per_class_mean = {
+            k: _mean(v.values()) if all(not is_nan(x) for x in v.values()) else float("nan")
+            for k, v in per_class.items()
+        }
 
         def mad_or_nan(values: dict[str, float]) -> float:
             try:

@@ -31,7 +31,9 @@ _DEBUG = {"on": False}
 @app.callback()
 def _options(
     debug: bool = typer.Option(
-        False, "--debug", help="On an error, show the full traceback, not just the one-line message (or IADKIT_DEBUG=1)."
+        False,
+        "--debug",
+        help="On an error, show the full traceback, not just the one-line message (or IADKIT_DEBUG=1).",
     ),
 ) -> None:
     _DEBUG["on"] = _DEBUG["on"] or debug
@@ -75,4 +77,3 @@ def _os_error_text(exc: OSError) -> str:
     what = (exc.strerror or str(exc)).lower()
     where = exc.filename if exc.filename is not None else ""
     return f"{what}: {where}" if where else what
-

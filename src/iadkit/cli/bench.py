@@ -53,7 +53,12 @@ def _run_and_report(
     t0 = time.perf_counter()
     try:
         summary = run_benchmark(
-            config, db_path, executor=executor, address=address, retry_failed=retry_failed, workers=workers  # type: ignore[arg-type]
+            config,
+            db_path,
+            executor=executor,
+            address=address,
+            retry_failed=retry_failed,
+            workers=workers,  # type: ignore[arg-type]
         )
     except KeyboardInterrupt:
         console.print(
@@ -91,15 +96,25 @@ def _run_and_report(
 
 @app.command()
 def benchmark(
-    config: Path | None = typer.Option(None, "--config", "-c", help="Grid file (YAML or TOML): methods, datasets, settings, seeds."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Grid file (YAML or TOML): methods, datasets, settings, seeds."
+    ),
     preset: str | None = typer.Option(None, "--preset", help="A named grid instead of a file: demo or full."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for results.db and report/ (default bench-out/<name>)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Folder for results.db and report/ (default bench-out/<name>)."
+    ),
     db: Path | None = typer.Option(None, "--db", help="Results database (default OUT/results.db). Reruns resume it."),
     executor: str = typer.Option("local", help="local (this process) or ray (one Ray task per cell)."),
-    address: str | None = typer.Option(None, help="Ray cluster address, e.g. auto or ray://head:10001 (default: start a local Ray)."),
+    address: str | None = typer.Option(
+        None, help="Ray cluster address, e.g. auto or ray://head:10001 (default: start a local Ray)."
+    ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run cells that failed before again."),
-    workers: int = typer.Option(1, "--workers", "-j", min=1, help="With --executor local: cells run at once in separate processes."),
-    method: list[str] | None = typer.Option(None, "--method", "-m", help="With --preset: only these methods (repeatable)."),
+    workers: int = typer.Option(
+        1, "--workers", "-j", min=1, help="With --executor local: cells run at once in separate processes."
+    ),
+    method: list[str] | None = typer.Option(
+        None, "--method", "-m", help="With --preset: only these methods (repeatable)."
+    ),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
 ) -> None:
     """Fit and evaluate every cell of a grid, resumably, into one SQLite database.
@@ -154,10 +169,14 @@ def report_cmd(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the synthetic data, results.db and report/."),
+    out: Path = typer.Option(
+        Path("demo-out"), "--out", "-o", help="Folder for the synthetic data, results.db and report/."
+    ),
     executor: str = typer.Option("local", help="local or ray."),
     address: str | None = typer.Option(None, help="Ray cluster address (with --executor ray)."),
-    method: list[str] | None = typer.Option(None, "--method", "-m", help="Only these methods (default: every installed one)."),
+    method: list[str] | None = typer.Option(
+        None, "--method", "-m", help="Only these methods (default: every installed one)."
+    ),
     elpv: bool = typer.Option(True, "--elpv/--no-elpv", help="Include the real ELPV solar-cell images (subsampled)."),
     workers: int | None = typer.Option(
         None, "--workers", "-j", help="Cells at once in separate processes (default: 2 on a multi-core machine)."

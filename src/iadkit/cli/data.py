@@ -96,7 +96,10 @@ def print_info(source: str, category: str | None = None, layout: str = "auto", s
     console = _console()
     detected = detect_layout(source) if layout == "auto" else layout
     categories = [category] if category else list_categories(source, layout=layout)
-    console.print(f"[bold]{source}[/bold]: layout [cyan]{detected}[/cyan], {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}", highlight=False)
+    console.print(
+        f"[bold]{source}[/bold]: layout [cyan]{detected}[/cyan], {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}",
+        highlight=False,
+    )
     for cat in categories:
         split = _load_for_info(source, cat, layout)
         table = Table(title=f"{split.name} / {cat}  ({split.layout})", title_justify="left")
@@ -133,7 +136,11 @@ def list_cmd(
     path: str | None = typer.Argument(
         None, help="A dataset folder (or 'elpv'). Leave out to list the built-in sources and readable layouts."
     ),
-    layout: str = typer.Option("auto", "--layout", help="Force a layout instead of detecting it: mvtec, btad, loco, mvtec3d, visa, kolektor2, folder."),
+    layout: str = typer.Option(
+        "auto",
+        "--layout",
+        help="Force a layout instead of detecting it: mvtec, btad, loco, mvtec3d, visa, kolektor2, folder.",
+    ),
 ) -> None:
     """List the categories of a dataset folder and its detected layout, or the built-in sources.
 
@@ -151,10 +158,18 @@ def list_cmd(
     if path is not None:
         detected = detect_layout(path) if layout == "auto" else layout
         categories = list_categories(path, layout=layout)
-        console.print(f"[bold]{path}[/bold]: layout [cyan]{detected}[/cyan] ({LAYOUTS.get(detected, '')})", highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold]{path}[/bold]: layout [cyan]{detected}[/cyan] ({LAYOUTS.get(detected, '')})",
+            highlight=False,
+            soft_wrap=True,
+        )
         for c in categories:
             console.print(f"  {c}", highlight=False)
-        console.print(f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'}. Details: iadkit data info {path} --category {categories[0] if categories else 'NAME'}", highlight=False, soft_wrap=True)
+        console.print(
+            f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'}. Details: iadkit data info {path} --category {categories[0] if categories else 'NAME'}",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
 
     from iadkit.data.elpv import ELPV_CATEGORIES, ELPV_LICENSE
@@ -238,7 +253,9 @@ def synth_cmd(
         from iadkit.data.synthetic import generate
     except ImportError as exc:
         typer.secho(
-            f"error: the synthetic generator is not available in this installation ({exc}).", fg=typer.colors.RED, err=True
+            f"error: the synthetic generator is not available in this installation ({exc}).",
+            fg=typer.colors.RED,
+            err=True,
         )
         raise typer.Exit(1) from None
     from iadkit.files import check_writable_dir
@@ -251,4 +268,6 @@ def synth_cmd(
         kwargs["categories"] = [c.strip() for item in categories for c in item.split(",") if c.strip()]
     generate(out, **kwargs)
     print_info(str(out), layout="mvtec")
-    _console().print(f"Next: iadkit fit --method patchcore --data {out} --category NAME --out NAME.iad", highlight=False)
+    _console().print(
+        f"Next: iadkit fit --method patchcore --data {out} --category NAME --out NAME.iad", highlight=False
+    )

@@ -44,7 +44,9 @@ def expand_images(inputs: list[Path]) -> list[Path]:
         else:
             raise IadkitError(f"{p}: no such file or folder")
     if not files:
-        raise IadkitError(f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise IadkitError(
+            f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_EXTENSIONS)})"
+        )
     return files
 
 
@@ -100,7 +102,9 @@ def methods_cmd(
         outputs = "scores, maps" if r["produces_maps"] else "scores"
         extras = [k.replace("_", "-") for k in ("continual", "multi_class", "uses_depth") if r[k]]
         paper = r["paper"].split(",")[0] + ", " + r["paper"].rsplit(",", 1)[-1].strip()
-        table.add_row(r["name"], r["family"], r["supervision"] + (f" ({', '.join(extras)})" if extras else ""), outputs, paper)
+        table.add_row(
+            r["name"], r["family"], r["supervision"] + (f" ({', '.join(extras)})" if extras else ""), outputs, paper
+        )
     console.print(table)
     console.print("`iadkit methods NAME` shows a method's hyper-parameters; pass them with `iadkit fit -p key=value`.")
 
@@ -124,11 +128,17 @@ def _describe(cls: Any) -> dict[str, Any]:
 
 @app.command()
 def fit(
-    method: str = typer.Option(..., "--method", "-m", help="Method name, e.g. patchcore, padim (see `iadkit methods`)."),
-    data: str = typer.Option(..., "--data", "-d", help="Dataset folder (MVTec/VisA/... layout, auto-detected) or 'elpv'."),
+    method: str = typer.Option(
+        ..., "--method", "-m", help="Method name, e.g. patchcore, padim (see `iadkit methods`)."
+    ),
+    data: str = typer.Option(
+        ..., "--data", "-d", help="Dataset folder (MVTec/VisA/... layout, auto-detected) or 'elpv'."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (safetensors + JSON manifest)."),
     category: str | None = typer.Option(None, "--category", "-c", help="Category (product) to train on."),
-    layout: str = typer.Option("auto", "--layout", help="Dataset layout instead of detecting it (see `iadkit data list`)."),
+    layout: str = typer.Option(
+        "auto", "--layout", help="Dataset layout instead of detecting it (see `iadkit data list`)."
+    ),
     image_size: int = typer.Option(224, help="Input size in pixels (square)."),
     param: list[str] | None = typer.Option(None, "--param", "-p", help="Hyper-parameter key=value (repeatable)."),
     setting: str = typer.Option("vanilla", help="Data setting, e.g. vanilla, few_shot:k=4 (see the README)."),
@@ -192,7 +202,12 @@ def fit(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
         model.fit(
-            train, calibration_fraction=calibration_fraction, target_fpr=target_fpr, seed=seed, tile=tile, overlap=overlap
+            train,
+            calibration_fraction=calibration_fraction,
+            target_fpr=target_fpr,
+            seed=seed,
+            tile=tile,
+            overlap=overlap,
         )
     model.info.update(dataset=str(data), category=split.category, setting=setting)
     model.save(out)
@@ -211,7 +226,9 @@ def _threshold_text(model: Any) -> str:
     d = thr.details
     text = f"{thr.value:.5g} ({thr.rule}"
     if "n_good" in d:
-        text += f", from {d['n_good']} held-out good images: target FPR {d['target_fpr']}, resolution {d['resolution']:.3g}"
+        text += (
+            f", from {d['n_good']} held-out good images: target FPR {d['target_fpr']}, resolution {d['resolution']:.3g}"
+        )
     return text + ")"
 
 
@@ -230,12 +247,15 @@ def predict(
     overlays: bool = typer.Option(True, help="Write heatmap overlay PNGs."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows of an earlier run in OUT; score only the rest."),
-    force: bool = typer.Option(False, "--force", help="Start over in an OUT that holds an earlier run's predictions.csv."),
+    force: bool = typer.Option(
+        False, "--force", help="Start over in an OUT that holds an earlier run's predictions.csv."
+    ),
     executor: str = typer.Option("local", help="local, or ray to shard the files across Ray workers."),
     address: str | None = typer.Option(None, help="Ray cluster address (with --executor ray)."),
     device: str = typer.Option("cpu"),
     tile: int | None = typer.Option(
-        None, help="Cut images larger than TILE pixels into tiles at the model's resolution (0: off; default: the model's own)."
+        None,
+        help="Cut images larger than TILE pixels into tiles at the model's resolution (0: off; default: the model's own).",
     ),
     overlap: float | None = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
 ) -> None:
@@ -273,7 +293,9 @@ def predict(
         if model.tiling is not None:
             model._check_tiling(model.tiling)
     elif tile is not None or overlap is not None:
-        raise InvalidParameterError("--tile/--overlap work with --executor local; Ray workers use the model's own tiling")
+        raise InvalidParameterError(
+            "--tile/--overlap work with --executor local; Ray workers use the model's own tiling"
+        )
     elif executor == "ray":
         read_manifest(model_path)  # a clear error here, not in every worker
     check_writable_dir(out, "output folder")  # after the inputs are known to be usable
@@ -304,7 +326,9 @@ def predict(
     console.print(f"{scored} images scored{kept}, {verdict}; results in [bold]{out}[/]", highlight=False)
     if result.failed:
         for row in result.failed[:10]:
-            console.print(f"[red]failed[/red] {row['path']}: {row['error']}", highlight=False, soft_wrap=True)  # a path is never cut
+            console.print(
+                f"[red]failed[/red] {row['path']}: {row['error']}", highlight=False, soft_wrap=True
+            )  # a path is never cut
         more = f" (first 10 shown; all in {out / 'predictions.csv'})" if len(result.failed) > 10 else ""
         console.print(f"[red]{len(result.failed)} image(s) could not be scored[/red]{more}", highlight=False)
         raise typer.Exit(1)
@@ -315,9 +339,13 @@ def evaluate(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file from `iadkit fit`."),
     data: str = typer.Option(..., "--data", "-d", help="Dataset folder or 'elpv' (its test split is used)."),
     category: str | None = typer.Option(None, "--category", "-c"),
-    layout: str = typer.Option("auto", "--layout", help="Dataset layout instead of detecting it (see `iadkit data list`)."),
+    layout: str = typer.Option(
+        "auto", "--layout", help="Dataset layout instead of detecting it (see `iadkit data list`)."
+    ),
     allow_missing_masks: bool = typer.Option(
-        False, "--allow-missing-masks", help="Keep defective test images that have no mask (pixel metrics then unavailable)."
+        False,
+        "--allow-missing-masks",
+        help="Keep defective test images that have no mask (pixel metrics then unavailable).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON (for scripts)."),
     batch_size: int = typer.Option(16, min=1),

@@ -27,14 +27,16 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on. 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(8000, help="TCP port."),
     runtime: str = typer.Option(
-        "torch", help="torch (model files from `iadkit fit`) or onnx (files from `iadkit export`; no torch in the server)."
+        "torch",
+        help="torch (model files from `iadkit fit`) or onnx (files from `iadkit export`; no torch in the server).",
     ),
     device: str = typer.Option("cpu", help="Torch device: cpu, cuda, cuda:1, mps ..."),
     max_file_mb: float = typer.Option(20.0, help="Largest accepted image file, in MB."),
     max_request_mb: float = typer.Option(64.0, help="Largest request (all its files together), in MB."),
     max_files: int = typer.Option(32, help="Most images in one request."),
     tile: int | None = typer.Option(
-        None, help="Cut images larger than TILE pixels into tiles at the model's resolution (0: off; default: the model's own)."
+        None,
+        help="Cut images larger than TILE pixels into tiles at the model's resolution (0: off; default: the model's own).",
     ),
     overlap: float | None = typer.Option(None, help="Share of a tile shared with its neighbour (default 0.25)."),
     max_pixels: int | None = typer.Option(
@@ -65,12 +67,13 @@ def serve(
         predictor = load_predictor(path, name, runtime=runtime, device=device, tile=tile, overlap=overlap)
         if predictor.name in names:
             raise IadkitError(
-                f"{path} and {names[predictor.name]} would both be served as {predictor.name!r}; "
-                f"name them: NAME={path}"
+                f"{path} and {names[predictor.name]} would both be served as {predictor.name!r}; name them: NAME={path}"
             )
         names[predictor.name] = path
         predictors.append(predictor)
-        typer.echo(f"model {predictor.name}: {predictor.method}, input {predictor.input_size}, threshold {predictor.threshold}")
+        typer.echo(
+            f"model {predictor.name}: {predictor.method}, input {predictor.input_size}, threshold {predictor.threshold}"
+        )
     limits = Limits(
         max_request_bytes=int(max_request_mb * 1024 * 1024),
         max_file_bytes=int(max_file_mb * 1024 * 1024),

@@ -51,4 +51,3 @@ def weights(
         "cache; every file is checked against iadkit's sha256 lockfile before use. Nothing is downloaded.",
         highlight=False,
     )
-

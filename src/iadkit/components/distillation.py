@@ -239,8 +239,14 @@ def train_epochs(
         return step(torch.stack([train.image(int(i)) for i in idx]).to(device))
 
     return train_on_indices(
-        len(train), on_indices, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
-        description=description, progress=progress,
+        len(train),
+        on_indices,
+        optimizer,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        description=description,
+        progress=progress,
     )
 
 

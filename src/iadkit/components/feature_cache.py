@@ -119,7 +119,10 @@ def cache_features(
                         tmpdir = tempfile.TemporaryDirectory(prefix="iadkit-features-")
                         levels = [
                             np.lib.format.open_memmap(
-                                os.path.join(tmpdir.name, f"level{i}.npy"), mode="w+", dtype=np.float32, shape=(n, *o.shape[1:])
+                                os.path.join(tmpdir.name, f"level{i}.npy"),
+                                mode="w+",
+                                dtype=np.float32,
+                                shape=(n, *o.shape[1:]),
                             )
                             for i, o in enumerate(outs)
                         ]

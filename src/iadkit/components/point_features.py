@@ -77,7 +77,9 @@ def _check_points(points: np.ndarray, what: str = "points") -> np.ndarray:
     return pts
 
 
-def neighbours(points: np.ndarray, radius: float, max_nn: int, tree: cKDTree | None = None) -> tuple[np.ndarray, np.ndarray]:
+def neighbours(
+    points: np.ndarray, radius: float, max_nn: int, tree: cKDTree | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The `max_nn` nearest points within `radius` of each point, itself included.
 
     Parameters

@@ -130,7 +130,9 @@ def load_folder(
     if defect_dir is not None:
         typed = [(defect_dir.name.lower(), defect_dir, list_images(defect_dir))]
         typed += [
-            (d.name, d, list_images(d)) for d in sorted(defect_dir.iterdir()) if d.is_dir() and not d.name.startswith(".")
+            (d.name, d, list_images(d))
+            for d in sorted(defect_dir.iterdir())
+            if d.is_dir() and not d.name.startswith(".")
         ]
         for defect_type, ddir, images in typed:
             index = None
@@ -151,7 +153,9 @@ def load_folder(
                     )
                 )
     handle_missing_masks(missing, allow_missing_masks, f"{cat_dir} (folder layout)")
-    notes = "" if test_good_dir is not None else f"good images split {train_fraction:g} train / rest test with seed {seed}"
+    notes = (
+        "" if test_good_dir is not None else f"good images split {train_fraction:g} train / rest test with seed {seed}"
+    )
     return DatasetSplit(
         name=root.name,
         category=name,

@@ -74,8 +74,11 @@ def default_max_pixels() -> int:
     if not text.isdigit() or int(text) < 1:
         from iadkit.errors import InvalidParameterError
 
-        raise InvalidParameterError(f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r}: give a positive number of pixels")
+        raise InvalidParameterError(
+            f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r}: give a positive number of pixels"
+        )
     return int(text)
+
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes (lower case) that dataset readers treat as images."""
@@ -122,7 +125,9 @@ def _check_file(path: Path) -> bytes:
     try:
         size = path.stat().st_size
         if size == 0:
-            raise _fail(path, "file is empty (0 bytes); the copy or download was probably interrupted. Replace the file.")
+            raise _fail(
+                path, "file is empty (0 bytes); the copy or download was probably interrupted. Replace the file."
+            )
         with open(path, "rb") as fh:
             return fh.read(32)
     except PermissionError:
@@ -250,7 +255,9 @@ def _decode_tiff(path: Path, max_pixels: int | None, data: bytes | None = None) 
     except ImageReadError:
         raise
     except Exception as exc:  # truncated strips, bad compression, corrupt IFD, ...
-        raise _fail(path, f"cannot decode TIFF ({type(exc).__name__}: {exc}); the file is truncated or corrupt.") from None
+        raise _fail(
+            path, f"cannot decode TIFF ({type(exc).__name__}: {exc}); the file is truncated or corrupt."
+        ) from None
 
     if "S" in axes and arr.ndim == len(axes):
         arr = np.moveaxis(arr, axes.index("S"), -1)  # planar (SYX) -> YXS

@@ -59,7 +59,11 @@ def _read_part(folder: Path) -> tuple[list[Sample], list[Sample]]:
         if read_mask(mask_path, nonzero=True).any():
             anomalous.append(
                 Sample(
-                    path=str(p), label=ANOMALOUS, category=KOLEKTOR2_CATEGORY, defect_type="defect", mask_path=str(mask_path),
+                    path=str(p),
+                    label=ANOMALOUS,
+                    category=KOLEKTOR2_CATEGORY,
+                    defect_type="defect",
+                    mask_path=str(mask_path),
                     mask_values="nonzero",
                 )
             )

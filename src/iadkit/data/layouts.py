@@ -201,7 +201,9 @@ def handle_missing_masks(missing: Sequence[str], allow_missing_masks: bool, wher
 def pick_category(categories: Sequence[str], category: str | None, root: Path | str, layout: str) -> str:
     """The requested category, checked; or the only one when none was requested."""
     if not categories:
-        raise DatasetLayoutError(f"{root}: no category found for layout {layout!r}. Expected: {LAYOUTS.get(layout, '')}")
+        raise DatasetLayoutError(
+            f"{root}: no category found for layout {layout!r}. Expected: {LAYOUTS.get(layout, '')}"
+        )
     if category is None:
         if len(categories) == 1:
             return categories[0]
@@ -396,7 +398,9 @@ def _reader(layout: str) -> tuple[Callable[..., list[str]], Callable[..., Datase
         return folder.list_folder_categories, folder.load_folder
     from iadkit.data import elpv
 
-    return (lambda root: list(elpv.ELPV_CATEGORIES)), (lambda root, category, **o: elpv.load_elpv(category or "all", **o))
+    return (lambda root: list(elpv.ELPV_CATEGORIES)), (
+        lambda root, category, **o: elpv.load_elpv(category or "all", **o)
+    )
 
 
 def layout_options(layout: str) -> list[str]:
@@ -426,9 +430,7 @@ def list_categories(source: str | Path, layout: str = "auto") -> list[str]:
     return list_fn(root)
 
 
-def load_dataset(
-    source: str | Path, category: str | None = None, layout: str = "auto", **options: Any
-) -> DatasetSplit:
+def load_dataset(source: str | Path, category: str | None = None, layout: str = "auto", **options: Any) -> DatasetSplit:
     """Load one category of a dataset as a :class:`DatasetSplit`.
 
     ``source``: a dataset folder, ``"<layout>:<folder>"`` (e.g. ``"mvtec:/data/mvtec_ad"``,
@@ -453,7 +455,9 @@ def load_dataset(
         if isinstance(loaded, DatasetSplit):
             return loaded
         train, test = loaded
-        return DatasetSplit(name=str(source), category=category or "", train=list(train), test=list(test), layout="custom")
+        return DatasetSplit(
+            name=str(source), category=category or "", train=list(train), test=list(test), layout="custom"
+        )
     layout, source = parse_source(source, layout)
     if layout == "auto":
         layout = detect_layout(source)

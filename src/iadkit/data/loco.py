@@ -217,7 +217,11 @@ def read_defect_mask(path: str | Path, expected_shape: tuple[int, int] | None = 
     found = np.unique(values)
     positive = found[found != 0]
     if positive.size != 1:
-        what = "no defect pixel (all zero)" if positive.size == 0 else f"{positive.size} defect values {positive[:6].tolist()}"
+        what = (
+            "no defect pixel (all zero)"
+            if positive.size == 0
+            else f"{positive.size} defect values {positive[:6].tolist()}"
+        )
         raise ImageReadError(
             f"{p}: a LOCO mask holds exactly one defect, i.e. zero plus one pixel value; this one has {what}"
         )

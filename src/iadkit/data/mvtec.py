@@ -204,7 +204,9 @@ def load_mvtec(
         key=lambda d: (d.name != good, d.name),
     )
     if not defect_dirs:
-        raise DatasetLayoutError(f"{test_root}: no sub-folders; expected test/{good} and test/<defect_type>. Expected: {expected}")
+        raise DatasetLayoutError(
+            f"{test_root}: no sub-folders; expected test/{good} and test/<defect_type>. Expected: {expected}"
+        )
 
     loco_config = None
     if variant == "loco" and (cat_dir / DEFECTS_CONFIG).is_file():

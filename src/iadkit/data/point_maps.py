@@ -290,7 +290,9 @@ class PointMapSample(Sample):
 def _checked_array(xyz: np.ndarray, where: str, shape: tuple[int, int] | None) -> np.ndarray:
     arr = np.asarray(xyz)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype.kind != "f":
-        raise ImageReadError(f"{where}: a point map is an H x W x 3 float array of (x, y, z), got {arr.dtype} {arr.shape}")
+        raise ImageReadError(
+            f"{where}: a point map is an H x W x 3 float array of (x, y, z), got {arr.dtype} {arr.shape}"
+        )
     if not np.isfinite(arr).all():
         raise ImageReadError(f"{where}: the point map holds NaN or infinite coordinates; mark missing points (0, 0, 0)")
     if shape is not None and tuple(arr.shape[:2]) != tuple(shape):

@@ -216,7 +216,9 @@ def contamination(shot: Shot3D, rng: np.random.Generator, size: int) -> Shot3D:
     return Shot3D(shot.height, albedo.astype(np.float32), shot.surface)
 
 
-SCENES_3D: dict[str, tuple[Callable[[np.random.Generator, int], dict[str, Any]], Callable[[dict[str, Any], int], Shot3D]]] = {
+SCENES_3D: dict[
+    str, tuple[Callable[[np.random.Generator, int], dict[str, Any]], Callable[[dict[str, Any], int], Shot3D]]
+] = {
     "puck": (sample_puck, render_puck),
 }
 
@@ -239,7 +241,9 @@ def point_map(shot: Shot3D, p: dict[str, Any], size: int, rng: np.random.Generat
     f = size * WORKING_DISTANCE / FIELD_OF_VIEW  # focal length in pixels
     c = size / 2
     lateral = (x - c) / f, (y - c) / f  # ray slopes
-    plate = WORKING_DISTANCE + p["tilt"][0] * lateral[0] * WORKING_DISTANCE + p["tilt"][1] * lateral[1] * WORKING_DISTANCE
+    plate = (
+        WORKING_DISTANCE + p["tilt"][0] * lateral[0] * WORKING_DISTANCE + p["tilt"][1] * lateral[1] * WORKING_DISTANCE
+    )
     z = plate - shot.height
     if rng is not None:
         z = z + rng.normal(0.0, DEPTH_NOISE, z.shape)
@@ -308,4 +312,13 @@ def synthesize_3d(
     )
 
 
-__all__ = ["CATEGORIES_3D", "DEFECTS_3D", "SCENES_3D", "Spec3D", "Synth3DImage", "point_map", "render_puck", "sample_puck"]
+__all__ = [
+    "CATEGORIES_3D",
+    "DEFECTS_3D",
+    "SCENES_3D",
+    "Spec3D",
+    "Synth3DImage",
+    "point_map",
+    "render_puck",
+    "sample_puck",
+]

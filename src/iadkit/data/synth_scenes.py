@@ -405,7 +405,9 @@ def sample_tray(rng: np.random.Generator, size: int) -> Params:
     return {
         "centre": (size / 2 + rng.uniform(-0.02, 0.02) * size, size / 2 + rng.uniform(-0.02, 0.02) * size),
         "angle": math.radians(rng.uniform(-2.5, 2.5)),
-        "table": (np.array([0.78, 0.77, 0.74]) * rng.uniform(0.97, 1.03, 3) * (1 + table)[..., None]).astype(np.float32),
+        "table": (np.array([0.78, 0.77, 0.74]) * rng.uniform(0.97, 1.03, 3) * (1 + table)[..., None]).astype(
+            np.float32
+        ),
         "plastic": np.array([0.20, 0.22, 0.27]) * rng.uniform(0.95, 1.05),
         "brass": np.array([0.74, 0.58, 0.26]) * rng.uniform(0.94, 1.06, 3),
         "steel": np.array([0.62, 0.63, 0.66]) * rng.uniform(0.94, 1.06),
@@ -454,7 +456,8 @@ def render_tray(p: Params, size: int) -> Rendered:
     for slot in range(TRAY_SLOTS):
         fx, fy = _tray_to_image(p, size, *tray_slot_centre(slot))
         floor_cov = np.maximum(
-            floor_cov, polygon_coverage(size, rotated_rect(fx, fy, TRAY_CELL[0] * size, TRAY_CELL[1] * size, p["angle"]))
+            floor_cov,
+            polygon_coverage(size, rotated_rect(fx, fy, TRAY_CELL[0] * size, TRAY_CELL[1] * size, p["angle"])),
         )
     plastic = np.asarray(p["plastic"], np.float32)
     # Compartment floors are a little lighter than the walls; the table casts no pattern on them.

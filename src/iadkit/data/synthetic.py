@@ -313,9 +313,7 @@ def synthesize_3d(
     and the defect-free twin (`reference`, `reference_xyz`). See :mod:`iadkit.data.synth_3d`.
     """
     if category not in CATEGORIES_3D:
-        raise SynthConfigError(
-            f"unknown synthetic 3D category {category!r}; choose from {', '.join(CATEGORIES_3D)}"
-        )
+        raise SynthConfigError(f"unknown synthetic 3D category {category!r}; choose from {', '.join(CATEGORIES_3D)}")
     spec = CATEGORIES_3D[category]
     _check_size(image_size)
     if defect_type is not None and defect_type not in spec.defects:
@@ -565,12 +563,19 @@ def loco_defects_config(spec: CategorySpec, image_size: int) -> list[dict[str, A
         else:
             threshold, relative = 1.0, True
         entries.append(
-            {"defect_name": d, "pixel_value": 255 - k, "saturation_threshold": threshold, "relative_saturation": relative}
+            {
+                "defect_name": d,
+                "pixel_value": 255 - k,
+                "saturation_threshold": threshold,
+                "relative_saturation": relative,
+            }
         )
     return entries
 
 
-def _write_mvtec_files(tmp: Path, spec: CategorySpec, seed: int, size: int, counts: tuple[int, ...], advance: Any) -> None:
+def _write_mvtec_files(
+    tmp: Path, spec: CategorySpec, seed: int, size: int, counts: tuple[int, ...], advance: Any
+) -> None:
     for split, defect, index, rel in _jobs(spec, *counts):
         out = synthesize(spec.name, defect, seed=seed, index=index, image_size=size, split=split)
         path = tmp / f"{rel}.png"
@@ -859,10 +864,13 @@ def _default_categories(layout: str) -> list[str]:
     if layout == "mvtec3d":
         return list(CATEGORIES_3D)
     if layout == "loco":
-        both = lambda spec: {loco_kind(spec, d) for d in spec.defect_types} == {
-            "logical_anomalies",
-            "structural_anomalies",
-        }
+        both = lambda spec: (
+            {loco_kind(spec, d) for d in spec.defect_types}
+            == {
+                "logical_anomalies",
+                "structural_anomalies",
+            }
+        )
         return [name for name, spec in _all_2d().items() if both(spec)]
     return list(CATEGORIES)
 

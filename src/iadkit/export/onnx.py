@@ -108,7 +108,9 @@ def check_exportable(model: Model) -> None:
             "model.detector.set_params(search='exact'), then export again"
         )
     if det.uses_depth:
-        raise ExportError(f"{det.name} reads depth / point maps besides the image; the exported graph takes images only")
+        raise ExportError(
+            f"{det.name} reads depth / point maps besides the image; the exported graph takes images only"
+        )
     if det.transductive:
         raise ExportError(
             f"{det.name} is transductive: each image is scored against the other images of its set, which a "
@@ -227,7 +229,9 @@ def _session(data: bytes) -> Any:
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - onnxruntime is in the onnx extra
-        raise ExportError("checking the exported graph needs onnxruntime: pip install 'iadkit[onnx]' (or check=False)") from exc
+        raise ExportError(
+            "checking the exported graph needs onnxruntime: pip install 'iadkit[onnx]' (or check=False)"
+        ) from exc
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, torch.get_num_threads())
     opts.inter_op_num_threads = 1
@@ -288,4 +292,12 @@ def _with_metadata(data: bytes, meta: dict[str, Any]) -> bytes:
     return proto.SerializeToString()
 
 
-__all__ = ["FORMAT", "METADATA_KEY", "PER_IMAGE_METHODS", "InferenceGraph", "check_exportable", "export_onnx", "metadata"]
+__all__ = [
+    "FORMAT",
+    "METADATA_KEY",
+    "PER_IMAGE_METHODS",
+    "InferenceGraph",
+    "check_exportable",
+    "export_onnx",
+    "metadata",
+]

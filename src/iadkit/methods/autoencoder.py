@@ -108,11 +108,15 @@ class SSIMAutoencoderDetector(Detector):
     latent_dim: int = param(100, "Size of the code (paper: 100).", check=at_least(1))
     base_width: int = param(32, "Width b of the first layers; others are 2b, 4b (paper: 32).", check=at_least(1))
     grayscale: bool = param(False, "Work on luma (1 channel, as the paper's grayscale data) instead of RGB.")
-    patch_size: int = param(128, "Side of the patches the network sees (paper: 128).", check=(at_least(16), Divisible(16)))
+    patch_size: int = param(
+        128, "Side of the patches the network sees (paper: 128).", check=(at_least(16), Divisible(16))
+    )
     patch_stride: int = param(32, "Stride between overlapping patches at test time.", check=at_least(1))
     ssim_window: int = param(11, "SSIM window side, odd (paper: 11).", check=at_least(3))
     epochs: int = param(40, "Training epochs (paper: 200 over 10,000 crops; CPU-sized default).", check=at_least(1))
-    batch_size: int = param(8, "Patches per Adam step (paper: 128; 8 gives a few dozen images several steps per epoch).", check=at_least(1))
+    batch_size: int = param(
+        8, "Patches per Adam step (paper: 128; 8 gives a few dozen images several steps per epoch).", check=at_least(1)
+    )
     lr: float = param(2e-4, "Adam learning rate (paper: 2e-4).", check=positive())
     weight_decay: float = param(1e-5, "Adam weight decay (paper: 1e-5).", check=at_least(0))
 
@@ -122,7 +126,9 @@ class SSIMAutoencoderDetector(Detector):
 
     def _check_params(self) -> None:
         if self.ssim_window % 2 == 0:
-            raise InvalidParameterError(f"SSIMAutoencoderDetector: ssim_window={self.ssim_window} must be odd (paper: 11)")
+            raise InvalidParameterError(
+                f"SSIMAutoencoderDetector: ssim_window={self.ssim_window} must be odd (paper: 11)"
+            )
         if self.ssim_window > self.patch_size:
             raise InvalidParameterError(
                 f"SSIMAutoencoderDetector: ssim_window={self.ssim_window} is larger than patch_size={self.patch_size}"

@@ -621,7 +621,9 @@ def get_method(name: str) -> type[Detector]:
 
         close = difflib.get_close_matches(str(name), list(registry), n=2, cutoff=0.5)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise UnknownNameError(f"unknown method {name!r}; {hint}available: {', '.join(registry)} (see `iadkit methods`)")
+        raise UnknownNameError(
+            f"unknown method {name!r}; {hint}available: {', '.join(registry)} (see `iadkit methods`)"
+        )
     return registry[name]
 
 

@@ -180,23 +180,38 @@ class BTF(BackboneDetector):
 
     layer_presets = PatchCore.layer_presets
     modality: str = param(
-        "rgb+fpfh", "Features in the bank: 'rgb+fpfh' (BTF), or the paper's baselines 'rgb' and 'fpfh'.", check=OneOf(MODALITIES)
+        "rgb+fpfh",
+        "Features in the bank: 'rgb+fpfh' (BTF), or the paper's baselines 'rgb' and 'fpfh'.",
+        check=OneOf(MODALITIES),
     )
     layers: tuple[str, ...] | None = param(
         None, "RGB layers (strides 8, 16: WRN-50 layer2/3); None: PatchCore's preset for the backbone.", check=Length(1)
     )
-    fpfh_scale: float = param(1.0, "Factor on the FPFH half of a fused vector (paper: 1, plain concatenation).", check=positive())
-    normal_radius: float = param(BTF_NORMAL_RADIUS, "Normal estimation radius, point-map units (BTF: 0.1).", check=positive())
+    fpfh_scale: float = param(
+        1.0, "Factor on the FPFH half of a fused vector (paper: 1, plain concatenation).", check=positive()
+    )
+    normal_radius: float = param(
+        BTF_NORMAL_RADIUS, "Normal estimation radius, point-map units (BTF: 0.1).", check=positive()
+    )
     normal_max_nn: int = param(BTF_NORMAL_MAX_NN, "Normal estimation neighbours (BTF: 30).", check=at_least(3))
     feature_radius: float = param(BTF_FEATURE_RADIUS, "FPFH radius, point-map units (BTF: 0.25).", check=positive())
     feature_max_nn: int = param(BTF_FEATURE_MAX_NN, "FPFH neighbours (BTF: 100).", check=at_least(2))
-    coreset_ratio: float = param(0.1, "Share of training positions kept in the bank (BTF: 0.1).", check=Interval(0, 1, closed="right"))
-    coreset_method: str = param("composable", "'composable' (streaming) or 'greedy' k-center (see PatchCore).", check=OneOf(CORESET_METHODS))
+    coreset_ratio: float = param(
+        0.1, "Share of training positions kept in the bank (BTF: 0.1).", check=Interval(0, 1, closed="right")
+    )
+    coreset_method: str = param(
+        "composable", "'composable' (streaming) or 'greedy' k-center (see PatchCore).", check=OneOf(CORESET_METHODS)
+    )
     projection_dim: int = param(128, "Random-projection dimension of the coreset selection.", check=at_least(1))
-    num_neighbors: int = param(3, "b of the image-score reweighting (BTF: 3; 1: plain maximum).", check=at_least(1), inference=True)
+    num_neighbors: int = param(
+        3, "b of the image-score reweighting (BTF: 3; 1: plain maximum).", check=at_least(1), inference=True
+    )
     batch_size: int = param(16, "Images per feature batch.", check=at_least(1))
     feature_runtime: str = param(
-        "auto", "RGB features: 'auto' (ONNX Runtime on CPU when installed), 'torch' or 'onnxruntime'.", check=OneOf(RUNTIMES), inference=True
+        "auto",
+        "RGB features: 'auto' (ONNX Runtime on CPU when installed), 'torch' or 'onnxruntime'.",
+        check=OneOf(RUNTIMES),
+        inference=True,
     )
 
     def _build(self) -> None:
@@ -204,7 +219,9 @@ class BTF(BackboneDetector):
         self.embedding_ = PatchEmbedding(
             self.layer_channels(), patch_size=3, pretrain_dim=None, target_dim=None, aggregation="average"
         )
-        dim = (self.embedding_.target_dim if self.modality != "fpfh" else 0) + (FPFH_DIM if self.modality != "rgb" else 0)
+        dim = (self.embedding_.target_dim if self.modality != "fpfh" else 0) + (
+            FPFH_DIM if self.modality != "rgb" else 0
+        )
         self.register_buffer("memory_bank_", torch.empty(0, dim))
         self.fit_info_: dict[str, Any] = {}
         self._params_changed(["feature_runtime"])
@@ -255,7 +272,9 @@ class BTF(BackboneDetector):
         bank_sq = (bank.float() ** 2).sum(1)
         dist, idx = knn_exact(emb.reshape(-1, d), bank, 1, bank_sq=bank_sq)
         patch_scores = dist[:, 0].reshape(b, h * w)
-        scores = btf_image_scores(patch_scores, idx[:, 0].reshape(b, h * w), emb, bank, self.num_neighbors, bank_sq=bank_sq)
+        scores = btf_image_scores(
+            patch_scores, idx[:, 0].reshape(b, h * w), emb, bank, self.num_neighbors, bank_sq=bank_sq
+        )
         return Prediction(scores=scores.to(images.device), maps=patch_scores.reshape(b, h, w).to(images.device))
 
 

@@ -132,9 +132,15 @@ class CFA(BackboneDetector):
     paper_params = {"backbone": "wide_resnet50_2", "epochs": 30}
     paper_image_size = 256
 
-    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layer_presets = {
+        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
+        "resnet": ("layer1", "layer2", "layer3"),
+        "mobilenet": ("features.3", "features.6", "features.13"),
+    }
     layers: tuple[str, ...] | None = param(
-        None, "Backbone stages (WRN-50 stages 1-3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+        None,
+        "Backbone stages (WRN-50 stages 1-3); None: the preset for the backbone's family (`layer_presets`).",
+        check=Length(1),
     )
     gamma_c: int = param(1, "Memory compression: K-means to (h*w)/gamma_c centres (paper: 1).", check=at_least(1))
     gamma_d: int = param(1, "Descriptor width divisor (paper: 1).", check=at_least(1))
@@ -237,8 +243,14 @@ class CFA(BackboneDetector):
             [*self.descriptor_.parameters(), self.r_], lr=self.lr, weight_decay=self.weight_decay, amsgrad=True
         )
         self.loss_history_ = train_on_indices(
-            len(train), step, optimizer, epochs=self.epochs, batch_size=self.batch_size, seed=self.seed,
-            description="cfa", progress=progress,
+            len(train),
+            step,
+            optimizer,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            description="cfa",
+            progress=progress,
         )
         self.descriptor_.eval()
 

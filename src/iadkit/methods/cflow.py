@@ -130,12 +130,20 @@ class CFlow(BackboneDetector):
     paper_image_size = 256
     map_sigma = 0.0  # the paper does not smooth its maps
 
-    layer_presets = {"efficientnet": ('blocks.2', 'blocks.4', 'blocks.6'), "resnet": ('layer2', 'layer3', 'layer4'), "mobilenet": ('features.6', 'features.13', 'features.17')}
+    layer_presets = {
+        "efficientnet": ("blocks.2", "blocks.4", "blocks.6"),
+        "resnet": ("layer2", "layer3", "layer4"),
+        "mobilenet": ("features.6", "features.13", "features.17"),
+    }
     layers: tuple[str, ...] | None = param(
-        None, "Encoder scales (strides 8/16/32); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+        None,
+        "Encoder scales (strides 8/16/32); None: the preset for the backbone's family (`layer_presets`).",
+        check=Length(1),
     )
     coupling_blocks: int = param(8, "Conditional coupling blocks per scale (paper: 8).", check=at_least(1))
-    condition_dim: int = param(128, "Positional-encoding condition size (paper: 128).", check=(at_least(4), Divisible(4)))
+    condition_dim: int = param(
+        128, "Positional-encoding condition size (paper: 128).", check=(at_least(4), Divisible(4))
+    )
     clamp: float = param(1.9, "Soft clamp of the coupling scales (authors' code: 1.9).", check=at_least(0))
     epochs: int = param(20, "Training epochs (CPU-sized default).", check=at_least(1))
     batch_size: int = param(32, "Images per feature batch.", check=at_least(1))
@@ -184,7 +192,9 @@ class CFlow(BackboneDetector):
     def _likelihood_map(self, images: torch.Tensor) -> torch.Tensor:
         size = (images.shape[-2], images.shape[-1])
         total = None
-        for level, fmap in enumerate(standardized_features(self.backbone_, self.tapped_layers(), self.standardizers_, images)):
+        for level, fmap in enumerate(
+            standardized_features(self.backbone_, self.tapped_layers(), self.standardizers_, images)
+        ):
             prob = upsample(torch.exp(self._log_likelihood(level, fmap) - self.ll_max_[level]), size)
             total = prob if total is None else total + prob
         assert total is not None  # at least one level

@@ -148,7 +148,9 @@ class ContinualBank(PatchCore):
         key = (bank.data_ptr(), tuple(bank.shape), bank.device, self.search, self.nprobe, self.ef_search)
         cached = self._task_indexes.get(t)
         if cached is None or cached[0] != key:
-            index = NearestNeighborIndex(bank, self.search, nprobe=self.nprobe, ef_search=self.ef_search, seed=self.seed)
+            index = NearestNeighborIndex(
+                bank, self.search, nprobe=self.nprobe, ef_search=self.ef_search, seed=self.seed
+            )
             self._task_indexes[t] = (key, index)
         return self._task_indexes[t][1]
 
@@ -156,7 +158,9 @@ class ContinualBank(PatchCore):
         feats = self.embed(images)
         b, d, h, w = feats.shape
         if d != self.memory_bank_.shape[1]:
-            raise MemoryBankError(f"patch features have {d} dimensions but the memory bank has {self.memory_bank_.shape[1]}")
+            raise MemoryBankError(
+                f"patch features have {d} dimensions but the memory bank has {self.memory_bank_.shape[1]}"
+            )
         return feats.permute(0, 2, 3, 1).reshape(b, h * w, d).to(self.memory_bank_.device), (h, w)
 
     def routing_scores(self, patches: torch.Tensor) -> torch.Tensor:
@@ -210,7 +214,9 @@ class ContinualBank(PatchCore):
             patch_scores = dist[:, 0].reshape(b, n)
             nn_idx = idx[:, 0].reshape(b, n)
             all_scores.append(
-                reweighted_image_scores(patch_scores, nn_idx, patches, self.task_bank(t), self.num_neighbors, bank_sq=index.bank_sq)
+                reweighted_image_scores(
+                    patch_scores, nn_idx, patches, self.task_bank(t), self.num_neighbors, bank_sq=index.bank_sq
+                )
             )
             all_maps.append(patch_scores)
         scores = torch.stack(all_scores, 0).gather(0, task[None])[0]

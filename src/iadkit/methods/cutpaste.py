@@ -183,20 +183,33 @@ class CutPaste(BackboneDetector):
     family = "one-class classification"
     paper = "Li et al., CutPaste: Self-Supervised Learning for Anomaly Detection and Localization, CVPR 2021"
     smoke_params = {"epochs": 1, "batch_size": 8, "patch_size": 32, "patch_stride": 16}
-    paper_params = {"backbone": "resnet18", "epochs": 256, "finetune_from": "layer1", "head_dims": (512, 512, 512, 512, 512, 512, 512, 512, 128)}
+    paper_params = {
+        "backbone": "resnet18",
+        "epochs": 256,
+        "finetune_from": "layer1",
+        "head_dims": (512, 512, 512, 512, 512, 512, 512, 512, 128),
+    }
     paper_image_size = 256
     produces_maps = False  # the image-level variant; `patch_size` turns on maps (`draws_maps`)
 
     finetune_from: str = param("blocks.5", "First backbone stage that is fine-tuned (earlier stages stay frozen).")
-    variant: str = param("3way", "'binary' (CutPaste), 'scar' or '3way' (both; paper's best).", check=OneOf(tuple(VARIANTS)))
-    head_dims: tuple[int, ...] = param((512, 128), "Projection-head widths (Linear-BN-ReLU).", check=(Length(1), Interval(1, None)))
-    embedding: str = param("backbone", "GDE on the pooled 'backbone' representation or the 'head' output.", check=OneOf(EMBEDDINGS))
+    variant: str = param(
+        "3way", "'binary' (CutPaste), 'scar' or '3way' (both; paper's best).", check=OneOf(tuple(VARIANTS))
+    )
+    head_dims: tuple[int, ...] = param(
+        (512, 128), "Projection-head widths (Linear-BN-ReLU).", check=(Length(1), Interval(1, None))
+    )
+    embedding: str = param(
+        "backbone", "GDE on the pooled 'backbone' representation or the 'head' output.", check=OneOf(EMBEDDINGS)
+    )
     epochs: int = param(40, "Training epochs (paper: 256; CPU-sized default).", check=at_least(1))
     batch_size: int = param(32, "Good images per step (paper: 32, + augmented copies).", check=at_least(1))
     lr: float = param(0.03, "SGD learning rate, cosine decay (paper: 0.03).", check=positive())
     momentum: float = param(0.9, "SGD momentum (paper: 0.9).", check=Interval(0, 1, closed="left"))
     weight_decay: float = param(3e-5, "SGD weight decay (paper: 3e-5).", check=at_least(0))
-    patch_size: int | None = param(None, "Patch side for the localisation variant (None: image level).", check=at_least(8))
+    patch_size: int | None = param(
+        None, "Patch side for the localisation variant (None: image level).", check=at_least(8)
+    )
     patch_stride: int = param(4, "Stride between scored patches (paper: 4).", check=at_least(1))
 
     def draws_maps(self) -> bool:

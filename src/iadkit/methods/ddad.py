@@ -179,9 +179,7 @@ def whole_map_cosine_loss(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch
     a, b
         Per level, feature maps [B, C_l, H_l, W_l] to compare.
     """
-    return sum(
-        (1 - F.cosine_similarity(x.flatten(1), y.flatten(1), dim=1)).mean() for x, y in zip(a, b)
-    )  # type: ignore[return-value]
+    return sum((1 - F.cosine_similarity(x.flatten(1), y.flatten(1), dim=1)).mean() for x, y in zip(a, b))  # type: ignore[return-value]
 
 
 @register
@@ -225,7 +223,9 @@ class DDAD(BackboneDetector):
     )
     base_width: int = param(32, "U-Net channels at full resolution (paper: 64).", check=at_least(2))
     channel_mults: tuple[int, ...] = param(
-        (1, 2, 2), "U-Net width multiplier per level (paper: 1, 1, 2, 2, 4, 4 at 256 px).", check=(Length(1), at_least(1))
+        (1, 2, 2),
+        "U-Net width multiplier per level (paper: 1, 1, 2, 2, 4, 4 at 256 px).",
+        check=(Length(1), at_least(1)),
     )
     num_res_blocks: int = param(1, "Residual blocks per U-Net level (paper: 2).", check=at_least(1))
     attention_levels: tuple[int, ...] = param(
@@ -235,11 +235,17 @@ class DDAD(BackboneDetector):
     dropout: float = param(0.0, "U-Net dropout (paper: 0).", check=Interval(0, 1, closed="left"))
     groups: int = param(32, "GroupNorm groups (ADM: 32; reduced to a divisor of narrow widths).", check=at_least(1))
     diffusion_steps: int = param(DDPM_STEPS, "T, forward steps of the schedule (paper: 1000).", check=at_least(2))
-    beta_start: float = param(DDPM_BETA_RANGE[0], "First beta of the linear schedule (paper: 1e-4).", check=Interval(0, 1, closed="neither"))
+    beta_start: float = param(
+        DDPM_BETA_RANGE[0], "First beta of the linear schedule (paper: 1e-4).", check=Interval(0, 1, closed="neither")
+    )
     beta_end: float = param(DDPM_BETA_RANGE[1], "Last beta (paper: 0.02).", check=Interval(0, 1, closed="neither"))
-    epochs: int = param(20, "U-Net training epochs (paper: 3000, checkpoint 2000; CPU-sized default).", check=at_least(1))
+    epochs: int = param(
+        20, "U-Net training epochs (paper: 3000, checkpoint 2000; CPU-sized default).", check=at_least(1)
+    )
     batch_size: int = param(8, "Images per U-Net step (paper: 32; 8 gives a short run more steps).", check=at_least(1))
-    lr: float = param(1e-3, "Adam learning rate (paper: 3e-4 over 3000 epochs; 1e-3 for the short CPU run).", check=positive())
+    lr: float = param(
+        1e-3, "Adam learning rate (paper: 3e-4 over 3000 epochs; 1e-3 for the short CPU run).", check=positive()
+    )
     weight_decay: float = param(0.05, "Adam L2 weight decay (paper: 0.05).", check=at_least(0))
     train_max_step: int | None = param(
         250,
@@ -249,13 +255,19 @@ class DDAD(BackboneDetector):
     )
     noise_step: int = param(250, "Step the test image is noised to (paper: 250 of 1000).", check=at_least(0))
     skip: int = param(125, "Steps per DDIM jump (paper: 25; CPU default 125, three U-Net passes).", check=at_least(1))
-    condition_weight: float = param(2.0, "w, pull of each step towards the test image (paper: 2 for MVTec).", check=at_least(0))
+    condition_weight: float = param(
+        2.0, "w, pull of each step towards the test image (paper: 2 for MVTec).", check=at_least(0)
+    )
     eta: float = param(1.0, "DDIM stochasticity (paper: 1).", check=at_least(0))
-    pixel_weight: float = param(1.0, "v, weight of the pixel discrepancy (paper: 1 for MVTec, 7 for VisA).", check=at_least(0))
+    pixel_weight: float = param(
+        1.0, "v, weight of the pixel discrepancy (paper: 1 for MVTec, 7 for VisA).", check=at_least(0)
+    )
     adaptation_epochs: int = param(
         4, "Epochs of feature-extractor domain adaptation (paper: 4 for MVTec); 0: frozen features.", check=at_least(0)
     )
-    adaptation_batch_size: int = param(16, "Images per adaptation step, split in halves (paper: 16).", check=at_least(2))
+    adaptation_batch_size: int = param(
+        16, "Images per adaptation step, split in halves (paper: 16).", check=at_least(2)
+    )
     adaptation_weight: float = param(3.0, "w_DA, conditioning weight during adaptation (paper: 3).", check=at_least(0))
     adaptation_lambda: float = param(0.1, "lambda of the distillation terms (paper: 0.1 for MVTec).", check=at_least(0))
     adaptation_lr: float = param(1e-4, "AdamW learning rate of the adaptation (paper: 1e-4).", check=positive())
@@ -287,7 +299,9 @@ class DDAD(BackboneDetector):
                     f"{owner}: heads={self.heads} must divide the {self.base_width * mult} channels of attention level {level}"
                 )
         if self.base_width % 2:
-            raise InvalidParameterError(f"{owner}: base_width must be even (timestep embedding size), got {self.base_width}")
+            raise InvalidParameterError(
+                f"{owner}: base_width must be even (timestep embedding size), got {self.base_width}"
+            )
 
     def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         # the diffusion model works on pixels in [-1, 1], as DDAD's
@@ -338,7 +352,11 @@ class DDAD(BackboneDetector):
         return [taps[layer] for layer in self.layers]
 
     def reconstruct(
-        self, x: torch.Tensor, *, target: torch.Tensor | None = None, weight: float | None = None,
+        self,
+        x: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        weight: float | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """DDAD's conditioned DDIM reconstruction of [-1, 1] images `x` (conditioned on `x`
@@ -423,7 +441,8 @@ class DDAD(BackboneDetector):
                         frozen_x0 = self.feature_levels(x0, frozen=True)
                     adapted_target, adapted_x0 = self.feature_levels(target), self.feature_levels(x0)
                     loss = whole_map_cosine_loss(adapted_x0, adapted_target) + self.adaptation_lambda * (
-                        whole_map_cosine_loss(adapted_target, frozen_target) + whole_map_cosine_loss(adapted_x0, frozen_x0)
+                        whole_map_cosine_loss(adapted_target, frozen_target)
+                        + whole_map_cosine_loss(adapted_x0, frozen_x0)
                     )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

@@ -89,17 +89,25 @@ class DeviationNetwork(BackboneDetector):
 
     layer: str = param("blocks.6", "Feature map that is scored (stride 32 like ResNet-18's layer4).")
     finetune_from: str = param("blocks.5", "First trained stage; earlier stages stay frozen ('stem': train all).")
-    topk: float = param(0.1, "Share of positions whose scores make the image score (paper: 10 %).", check=Interval(0, 1, closed="right"))
+    topk: float = param(
+        0.1, "Share of positions whose scores make the image score (paper: 10 %).", check=Interval(0, 1, closed="right")
+    )
     n_scales: int = param(2, "Image scales scored and averaged (full, half, ...; paper: 2).", check=at_least(1))
     epochs: int = param(10, "Training epochs (code: 50; CPU-sized default).", check=at_least(1))
     steps_per_epoch: int = param(20, "Balanced batches per epoch (code: 20).", check=at_least(1))
-    batch_size: int = param(48, "Images per batch, half normal and half labelled defects (code: 48).", check=at_least(2))
+    batch_size: int = param(
+        48, "Images per batch, half normal and half labelled defects (code: 48).", check=at_least(2)
+    )
     lr: float = param(2e-4, "Adam learning rate (code: 2e-4).", check=positive())
     weight_decay: float = param(1e-5, "Adam weight decay (code: 1e-5).", check=at_least(0))
     lr_step: int = param(10, "Epochs between learning-rate decays by 10x (code: 10).", check=at_least(1))
     margin: float = param(5.0, "Deviation a that labelled defects must reach (paper: 5).", check=positive())
-    reference_size: int = param(5000, "Draws from N(0, 1) in the deviation loss's reference set (paper: 5000).", check=at_least(2))
-    rotation: float = param(180.0, "Training images are rotated by up to this many degrees (code: 180; 0: off).", check=Interval(0, 180))
+    reference_size: int = param(
+        5000, "Draws from N(0, 1) in the deviation loss's reference set (paper: 5000).", check=at_least(2)
+    )
+    rotation: float = param(
+        180.0, "Training images are rotated by up to this many degrees (code: 180; 0: off).", check=Interval(0, 180)
+    )
 
     # -- backbone: frozen stages, then trained copies of the rest ---------------------------------
     def _stage_names(self) -> list[str]:
@@ -179,7 +187,9 @@ class DeviationNetwork(BackboneDetector):
                 "images, and got none; add a few (e.g. the semi_supervised setting) or use an unsupervised method"
             )
         if not normal:
-            raise TrainingDataError(f"{type(self).__name__} needs good training images (label 0) besides the labelled defects")
+            raise TrainingDataError(
+                f"{type(self).__name__} needs good training images (label 0) besides the labelled defects"
+            )
         gen = torch.Generator().manual_seed(self.seed)
         self._prepare_training(train, normal, gen)
         params = [p for p in self.parameters() if p.requires_grad]
@@ -203,7 +213,9 @@ class DeviationNetwork(BackboneDetector):
                     frozen = self._frozen_cached(images, batch, changed, cache)
                     loss = self._batch_loss(frozen, batch_labels.to(self.device), gen)
                     if not torch.isfinite(loss):
-                        raise TrainingDataError(f"{self.name}: the training loss became {float(loss)}; lower the learning rate")
+                        raise TrainingDataError(
+                            f"{self.name}: the training loss became {float(loss)}; lower the learning rate"
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -250,13 +262,17 @@ class DeviationNetwork(BackboneDetector):
         rotated = torch.stack([rotate(img, float(a)) for img, a in zip(pixels, angles)])
         return rotated, labels, torch.ones(pixels.shape[0], dtype=torch.bool)
 
-    def _batch_loss(self, frozen: list[torch.Tensor], labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:  # pragma: no cover
+    def _batch_loss(
+        self, frozen: list[torch.Tensor], labels: torch.Tensor, gen: torch.Generator
+    ) -> torch.Tensor:  # pragma: no cover
         """The loss of a batch given the frozen stages' output at each scale."""
         raise NotImplementedError
 
     def deviation(self, scores: torch.Tensor, targets: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The deviation loss of `scores` for 0/1 `targets`, reference drawn from `gen`."""
-        return deviation_loss(scores, targets.float(), margin=self.margin, reference_size=self.reference_size, generator=gen)
+        return deviation_loss(
+            scores, targets.float(), margin=self.margin, reference_size=self.reference_size, generator=gen
+        )
 
 
 @register

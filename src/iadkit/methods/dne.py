@@ -150,9 +150,13 @@ class DNE(BackboneDetector):
         self._fit_task(train, progress=progress)
 
     def _fit_task(self, train: ImageSet, *, progress: bool) -> None:
-        z = torch.cat([self.embed(x).cpu() for x in self.single_pass(train, self.batch_size, "dne embeddings", progress=progress)])
+        z = torch.cat(
+            [self.embed(x).cpu() for x in self.single_pass(train, self.batch_size, "dne embeddings", progress=progress)]
+        )
         if z.shape[0] < 2:
-            raise TrainingDataError(f"dne: a task needs at least 2 good training images to estimate its Gaussian, got {z.shape[0]}")
+            raise TrainingDataError(
+                f"dne: a task needs at least 2 good training images to estimate its Gaussian, got {z.shape[0]}"
+            )
         mean = z.mean(0)
         cov = ledoit_wolf(z)
         dev = self.means_.device

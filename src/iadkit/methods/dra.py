@@ -84,10 +84,19 @@ class DRA(DeviationNetwork):
     family = "few-shot supervised"
     paper = "Ding et al., Catching Both Gray and Black Swans: Open-set Supervised Anomaly Detection, CVPR 2022"
     smoke_params = {"epochs": 2, "steps_per_epoch": 4, "batch_size": 8, "lr": 1e-3, "n_reference": 2}
-    paper_params = {"backbone": "resnet18", "layer": "layer4", "finetune_from": "stem", "epochs": 30, "lr": 1e-3, "weight_decay": 1e-2}
+    paper_params = {
+        "backbone": "resnet18",
+        "layer": "layer4",
+        "finetune_from": "stem",
+        "epochs": 30,
+        "lr": 1e-3,
+        "weight_decay": 1e-2,
+    }
     paper_image_size = 448  # the code's default img_size
 
-    n_reference: int = param(5, "Normal reference images whose mean map the residual head compares with (paper: 5).", check=at_least(1))
+    n_reference: int = param(
+        5, "Normal reference images whose mean map the residual head compares with (paper: 5).", check=at_least(1)
+    )
     pseudo_probability: float = param(
         0.5, "Chance that a normal image of a batch is turned into a pseudo anomaly (code: 1/2).", check=Interval(0, 1)
     )

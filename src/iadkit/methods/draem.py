@@ -130,7 +130,9 @@ class DRAEM(Detector):
     recon_width: int = param(16, "Base width of the reconstructive network (paper: 128).", check=at_least(1))
     disc_width: int = param(16, "Base width of the discriminative U-Net (paper: 64).", check=at_least(1))
     textures: str = param(
-        "skimage", "Anomaly textures when texture_dir is None: 'skimage' (bundled) or 'procedural'.", check=OneOf(TEXTURES)
+        "skimage",
+        "Anomaly textures when texture_dir is None: 'skimage' (bundled) or 'procedural'.",
+        check=OneOf(TEXTURES),
     )
     texture_dir: str | os.PathLike[str] | None = param(
         None, "Folder of texture images, e.g. DTD's images/ (the paper's source); used for training only."
@@ -180,7 +182,9 @@ class DRAEM(Detector):
         """One training sample from a good image [3, H, W] in [0, 1]: (target image, image with
         a simulated anomaly, mask [H, W] float), with the reference's random rotation first."""
         if float(torch.rand((), generator=generator)) < self.rotate_probability:
-            angle = ROTATION[0] + (ROTATION[1] - ROTATION[0]) * float(torch.rand((), generator=generator, dtype=torch.float64))
+            angle = ROTATION[0] + (ROTATION[1] - ROTATION[0]) * float(
+                torch.rand((), generator=generator, dtype=torch.float64)
+            )
             image = rotate(image, angle, fill=0.0)
         augmented, mask = perlin_anomaly(image, textures, generator=generator)
         return image, augmented, mask.float()

@@ -308,7 +308,11 @@ def distillation_config(
     from iadkit.backbones import FeatureExtractor, get_spec
 
     spec = get_spec(backbone)
-    family_layers = {"efficientnet": ("blocks.2", "blocks.4"), "resnet": ("layer2", "layer3"), "mobilenet": ("features.6", "features.13")}
+    family_layers = {
+        "efficientnet": ("blocks.2", "blocks.4"),
+        "resnet": ("layer2", "layer3"),
+        "mobilenet": ("features.6", "features.13"),
+    }
     chosen = tuple(layers) if layers is not None else family_layers.get(spec.family)
     if chosen is None:
         raise InvalidParameterError(f"EfficientAD: no default distillation layers for backbone {backbone!r}")
@@ -365,7 +369,9 @@ def distill_teacher(
     if crop % 16:
         raise InvalidParameterError(f"EfficientAD: distill_size must be a multiple of 16 (pixels), got {crop}")
     fx = FeatureExtractor(config["backbone"], config["layers"], weights_path).to(device)
-    embed = PatchEmbedding(list(fx.channels.values()), patch_size=3, pretrain_dim=1024, target_dim=config["out_channels"]).to(device)
+    embed = PatchEmbedding(
+        list(fx.channels.values()), patch_size=3, pretrain_dim=1024, target_dim=config["out_channels"]
+    ).to(device)
     source = GeneralImages(textures=True)
     g = torch.Generator().manual_seed(int(config["seed"]))
 
@@ -408,7 +414,9 @@ def distill_teacher(
                 target = F.interpolate(target, size=pred.shape[-2:], mode="bilinear", align_corners=False)
             loss = torch.mean((pred - target) ** 2)
             if not torch.isfinite(loss):
-                raise TrainingDivergedError(f"EfficientAD teacher distillation: the loss became {float(loss)} at step {step + 1}")
+                raise TrainingDivergedError(
+                    f"EfficientAD teacher distillation: the loss became {float(loss)} at step {step + 1}"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -424,7 +432,9 @@ def distill_teacher(
     return state, info
 
 
-def save_teacher(path: str | os.PathLike[str], state: dict[str, torch.Tensor], config: dict[str, Any], info: dict[str, Any]) -> Path:
+def save_teacher(
+    path: str | os.PathLike[str], state: dict[str, torch.Tensor], config: dict[str, Any], info: dict[str, Any]
+) -> Path:
     """Write a teacher as safetensors (atomically), its config and cost in the metadata."""
     from safetensors.torch import save
 
@@ -539,26 +549,44 @@ class EfficientAD(Detector):
     out_channels: int = param(384, "Teacher channels (paper: 384); the student has twice as many.", check=at_least(1))
     steps: int = param(1000, "Training iterations (paper: 70000; CPU-sized default).", check=at_least(1))
     batch_size: int = param(1, "Training images per iteration (paper: 1).", check=at_least(1))
-    lr: float = param(1e-4, "Adam learning rate (paper: 1e-4), divided by 10 after 95 % of the steps.", check=positive())
+    lr: float = param(
+        1e-4, "Adam learning rate (paper: 1e-4), divided by 10 after 95 % of the steps.", check=positive()
+    )
     weight_decay: float = param(1e-5, "Adam weight decay (paper: 1e-5).", check=at_least(0))
-    hard_quantile: float = param(0.999, "p_hard of the hard feature loss (paper: 0.999; 0: plain mean).", check=Interval(0, 1, closed="left"))
+    hard_quantile: float = param(
+        0.999, "p_hard of the hard feature loss (paper: 0.999; 0: plain mean).", check=Interval(0, 1, closed="left")
+    )
     penalty: bool = param(True, "Add the penalty on general images to the student's loss (paper: yes).")
     penalty_folder: str | os.PathLike[str] | None = param(
         None, "A folder of general images for the penalty (the paper's: ImageNet); None: scikit-image's bundled photos."
     )
-    quantile_low: float = param(0.9, "q_a of the map normalisation (paper: 0.9).", check=Interval(0, 1, closed="neither"))
-    quantile_high: float = param(0.995, "q_b of the map normalisation (paper: 0.995).", check=Interval(0, 1, closed="neither"))
+    quantile_low: float = param(
+        0.9, "q_a of the map normalisation (paper: 0.9).", check=Interval(0, 1, closed="neither")
+    )
+    quantile_high: float = param(
+        0.995, "q_b of the map normalisation (paper: 0.995).", check=Interval(0, 1, closed="neither")
+    )
     validation_fraction: float = param(
-        0.1, "Share of the training images held out for the map quantiles (references: 10 %).", check=Interval(0, 1, closed="neither")
+        0.1,
+        "Share of the training images held out for the map quantiles (references: 10 %).",
+        check=Interval(0, 1, closed="neither"),
     )
     teacher_path: str | os.PathLike[str] | None = param(
         None, "A distilled teacher file (ours, or a reference's PDN state dict); None: distil once and cache."
     )
-    distill_backbone: str = param("efficientnet_lite0", "Pretrained network the teacher is distilled from (paper: WideResNet-101).")
-    distill_weights_path: str | os.PathLike[str] | None = param(None, "Weight file of `distill_backbone` (torchvision backbones).")
-    distill_steps: int = param(300, "Teacher distillation iterations (paper: 60000; CPU-sized default).", check=at_least(1))
+    distill_backbone: str = param(
+        "efficientnet_lite0", "Pretrained network the teacher is distilled from (paper: WideResNet-101)."
+    )
+    distill_weights_path: str | os.PathLike[str] | None = param(
+        None, "Weight file of `distill_backbone` (torchvision backbones)."
+    )
+    distill_steps: int = param(
+        300, "Teacher distillation iterations (paper: 60000; CPU-sized default).", check=at_least(1)
+    )
     distill_batch_size: int = param(8, "Images per distillation iteration (paper: 16).", check=at_least(1))
-    distill_size: int = param(64, "PDN crop size of the distillation in pixels, a multiple of 16 (paper: 256).", check=at_least(16))
+    distill_size: int = param(
+        64, "PDN crop size of the distillation in pixels, a multiple of 16 (paper: 256).", check=at_least(16)
+    )
 
     def _check_params(self) -> None:
         from iadkit.backbones import backbone_names
@@ -578,7 +606,9 @@ class EfficientAD(Detector):
             if value is not None and not os.path.isfile(value):
                 raise InvalidParameterError(f"EfficientAD: {name} {os.fspath(value)!r} is not a file")
         if self.penalty_folder is not None and not os.path.isdir(self.penalty_folder):
-            raise InvalidParameterError(f"EfficientAD: penalty_folder {os.fspath(self.penalty_folder)!r} is not a folder")
+            raise InvalidParameterError(
+                f"EfficientAD: penalty_folder {os.fspath(self.penalty_folder)!r} is not a folder"
+            )
 
     # -- networks -----------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -650,7 +680,9 @@ class EfficientAD(Detector):
             crop=self.distill_size,
             seed=self.seed,
         )
-        tensors, info = cached_teacher(config, weights_path=self.distill_weights_path, device=self.device, progress=progress)
+        tensors, info = cached_teacher(
+            config, weights_path=self.distill_weights_path, device=self.device, progress=progress
+        )
         return tensors, info, str(teacher_cache_path(config))
 
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
@@ -739,7 +771,9 @@ class EfficientAD(Detector):
                 x_ae = (augment_for_autoencoder((x * std + mean).clamp(0, 1), g) - mean) / std
                 parts = [x, x_ae]
                 if penalty_source is not None:
-                    pen = penalty_source.batch(len(idx), (int(x.shape[-2]), int(x.shape[-1])), g, grayscale=PENALTY_GRAYSCALE).to(self.device)
+                    pen = penalty_source.batch(
+                        len(idx), (int(x.shape[-2]), int(x.shape[-1])), g, grayscale=PENALTY_GRAYSCALE
+                    ).to(self.device)
                     parts.append((pen - mean) / std)
                 # One student pass over the three kinds of images (the same numbers as three).
                 out = self.student_(torch.cat(parts).contiguous(memory_format=torch.channels_last))

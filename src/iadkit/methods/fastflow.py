@@ -98,6 +98,7 @@ def fastflow_flow(
             return conv_subnet(cin, cout, max(1, int(cin * hidden_ratio)), kernel(k))
 
         return coupling_flow(channels, steps, subnet, clamp=clamp, mixing="permutation", seed=seed)
+
     def reference_subnet(k: int, cin: int, cout: int) -> nn.Module:
         return conv_subnet(cin, cout, max(1, int(cin * hidden_ratio)), kernel(k), zero_init=False)
 
@@ -125,16 +126,23 @@ class FastFlow(BackboneDetector):
     paper_image_size = 256
     map_sigma = 0.0  # the paper does not smooth its maps
 
-    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layer_presets = {
+        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
+        "resnet": ("layer1", "layer2", "layer3"),
+        "mobilenet": ("features.3", "features.6", "features.13"),
+    }
     layers: tuple[str, ...] | None = param(
-        None, "Feature levels (ResNet stages 1-3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+        None,
+        "Feature levels (ResNet stages 1-3); None: the preset for the backbone's family (`layer_presets`).",
+        check=Length(1),
     )
     flow_steps: int = param(8, "Flow steps per level (paper: 8 for ResNets).", check=at_least(1))
     hidden_ratio: float = param(1.0, "Sub-network hidden channels / input channels (paper: 1.0).", check=positive())
     conv3x3_only: bool = param(False, "Use 3x3 kernels in every step (paper: alternate 3x3 and 1x1 for ResNets).")
     clamp: float = param(2.0, "Clamp of the coupling scales (reference: 2.0).", check=at_least(0))
     step: str = param(
-        "affine", "Flow step: 'allinone' (the reference's FrEIA AllInOneBlock) or 'affine' (RealNVP, atan clamp).",
+        "affine",
+        "Flow step: 'allinone' (the reference's FrEIA AllInOneBlock) or 'affine' (RealNVP, atan clamp).",
         check=OneOf(("allinone", "affine")),
     )
     normalization: str = param(
@@ -190,8 +198,14 @@ class FastFlow(BackboneDetector):
             return cast(torch.Tensor, losses)  # a tensor: there is at least one level
 
         self.loss_history_ = train_on_indices(
-            len(train), step, optimizer, epochs=self.epochs, batch_size=self.batch_size, seed=self.seed,
-            description="fastflow", progress=progress,
+            len(train),
+            step,
+            optimizer,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            description="fastflow",
+            progress=progress,
         )
         self.flows_.eval()
 

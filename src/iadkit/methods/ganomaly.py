@@ -130,7 +130,9 @@ class GANomaly(Detector):
     paper_params = {"epochs": 15, "batch_size": 64, "base_width": 64, "latent_dim": 100, "input_size": 32}
     paper_image_size = 32
 
-    input_size: int = param(64, "Side the networks work at, a power of two >= 16 (reference isize: 32).", check=at_least(16))
+    input_size: int = param(
+        64, "Side the networks work at, a power of two >= 16 (reference isize: 32).", check=at_least(16)
+    )
     latent_dim: int = param(100, "Size of the code z (paper: 100).", check=at_least(1))
     base_width: int = param(32, "Width of the first conv, doubling per level (paper: 64).", check=at_least(1))
     extra_layers: int = param(0, "Extra conv layers in every encoder/decoder (reference: 0).", check=at_least(0))
@@ -157,7 +159,9 @@ class GANomaly(Detector):
     def _build(self) -> None:
         args = (self.input_size, self.base_width, self.extra_layers)
         gen = torch.Generator().manual_seed(self.seed)
-        self.generator_ = dcgan_init(GanomalyGenerator(self.input_size, self.latent_dim, self.base_width, self.extra_layers), gen)
+        self.generator_ = dcgan_init(
+            GanomalyGenerator(self.input_size, self.latent_dim, self.base_width, self.extra_layers), gen
+        )
         self.discriminator_ = dcgan_init(GanomalyDiscriminator(*args), gen)
         self.generator_.eval()
         self.discriminator_.eval()
@@ -165,7 +169,9 @@ class GANomaly(Detector):
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[-2:]) == (self.input_size, self.input_size):
             return images
-        return F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(
+            images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
+        )
 
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
         n = len(train)
@@ -212,7 +218,11 @@ class GANomaly(Detector):
                     if float(loss_d.detach()) < DISCRIMINATOR_RESET_LOSS:
                         dcgan_init(self.discriminator_, gen)
                         self.discriminator_resets_ += 1
-                    bar.advance(**{k: round(v, 4) for k, v in terms.items()}, d=round(float(loss_d.detach()), 4), epoch=f"{epoch + 1}/{self.epochs}")
+                    bar.advance(
+                        **{k: round(v, 4) for k, v in terms.items()},
+                        d=round(float(loss_d.detach()), 4),
+                        epoch=f"{epoch + 1}/{self.epochs}",
+                    )
         self.generator_.eval()
         self.discriminator_.eval()
 

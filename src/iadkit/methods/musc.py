@@ -167,7 +167,9 @@ class MuSc(BackboneDetector):
 
     name = "musc"
     family = "zero-shot mutual scoring"
-    paper = "Li et al., MuSc: Zero-Shot Industrial Anomaly Classification and Segmentation with Mutual Scoring, ICLR 2024"
+    paper = (
+        "Li et al., MuSc: Zero-Shot Industrial Anomaly Classification and Segmentation with Mutual Scoring, ICLR 2024"
+    )
     supervision = "zero-shot"
     transductive = True
     map_sigma = 0.0
@@ -192,31 +194,44 @@ class MuSc(BackboneDetector):
         "(paper, ViT-L: 5, 11, 17, 23 of 24); None: `layer_presets`.",
         check=Length(1),
     )
-    aggregation_degrees: tuple[int, ...] = param((1, 3, 5), "LNAMD's neighbourhood sizes r (paper: 1, 3, 5).", check=Length(1))
+    aggregation_degrees: tuple[int, ...] = param(
+        (1, 3, 5), "LNAMD's neighbourhood sizes r (paper: 1, 3, 5).", check=Length(1)
+    )
     interval: tuple[float, float] = param(
-        (0.0, 0.3), "Fractions [low, high) of the sorted distances to the other images that are averaged (paper: 0, 0.3).",
+        (0.0, 0.3),
+        "Fractions [low, high) of the sorted distances to the other images that are averaged (paper: 0, 0.3).",
         check=Length(2, 2),
     )
     rscin_k: tuple[int, ...] = param(
         (1, 2, 3), "RsCIN's neighbourhood sizes (paper: 1, 2, 3 on MVTec; 1, 8, 9 on VisA); () turns RsCIN off."
     )
-    batch_size: int = param(16, "Images per feature-extraction batch (the scoring always sees the whole set).", check=at_least(1))
+    batch_size: int = param(
+        16, "Images per feature-extraction batch (the scoring always sees the whole set).", check=at_least(1)
+    )
 
     # -- configuration -----------------------------------------------------------------------------
     def _check_params(self) -> None:
         if any(not isinstance(r, int) or isinstance(r, bool) or r < 1 or r % 2 == 0 for r in self.aggregation_degrees):
-            raise InvalidParameterError(f"MuSc: aggregation_degrees must be odd integers >= 1, got {self.aggregation_degrees!r}")
+            raise InvalidParameterError(
+                f"MuSc: aggregation_degrees must be odd integers >= 1, got {self.aggregation_degrees!r}"
+            )
         lo, hi = (float(v) for v in self.interval)
         if not 0.0 <= lo < hi <= 1.0:
             raise InvalidParameterError(f"MuSc: interval must be fractions 0 <= low < high <= 1, got {self.interval!r}")
         if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in self.rscin_k):
-            raise InvalidParameterError(f"MuSc: rscin_k must be integers >= 1 (or empty to turn RsCIN off), got {self.rscin_k!r}")
+            raise InvalidParameterError(
+                f"MuSc: rscin_k must be integers >= 1 (or empty to turn RsCIN off), got {self.rscin_k!r}"
+            )
         if self.backbone == DINOV2_ONNX:
             blocks = self.tapped_layers()
             if any(not str(b).isdigit() or not 0 <= int(b) < 12 for b in blocks) or len(set(blocks)) != len(blocks):
-                raise InvalidParameterError(f"MuSc: layers of {DINOV2_ONNX} are distinct block indices '0'..'11', got {blocks}")
+                raise InvalidParameterError(
+                    f"MuSc: layers of {DINOV2_ONNX} are distinct block indices '0'..'11', got {blocks}"
+                )
             if self.weights_path is not None and not __import__("os").path.isfile(self.weights_path):
-                raise InvalidParameterError(f"MuSc: weights_path {self.weights_path!r} is not a file (the ViT's ONNX file)")
+                raise InvalidParameterError(
+                    f"MuSc: weights_path {self.weights_path!r} is not a file (the ViT's ONNX file)"
+                )
             return
         super()._check_params()
 

@@ -86,15 +86,28 @@ class PaDiM(BackboneDetector):
     paper_params = {"backbone": "wide_resnet50_2", "n_features": 550}
     paper_image_size = 256
 
-    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layer_presets = {
+        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
+        "resnet": ("layer1", "layer2", "layer3"),
+        "mobilenet": ("features.3", "features.6", "features.13"),
+    }
     layers: tuple[str, ...] | None = param(
-        None, "Backbone layers, concatenated on the finest grid (ResNet layer1-3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+        None,
+        "Backbone layers, concatenated on the finest grid (ResNet layer1-3); None: the preset for the backbone's family (`layer_presets`).",
+        check=Length(1),
     )
-    n_features: int = param(100, "Channels kept by the seeded random reduction (paper: 100 for R18).", check=at_least(1))
-    eps: float = param(PAPER_EPS, "Regularisation added to each covariance's diagonal (paper: 0.01).", check=at_least(0))
+    n_features: int = param(
+        100, "Channels kept by the seeded random reduction (paper: 100 for R18).", check=at_least(1)
+    )
+    eps: float = param(
+        PAPER_EPS, "Regularisation added to each covariance's diagonal (paper: 0.01).", check=at_least(0)
+    )
     batch_size: int = param(32, "Images per feature batch.", check=at_least(1))
     feature_runtime: str = param(
-        "auto", "'auto' (ONNX Runtime on CPU when installed), 'torch' or 'onnxruntime'.", check=OneOf(RUNTIMES), inference=True
+        "auto",
+        "'auto' (ONNX Runtime on CPU when installed), 'torch' or 'onnxruntime'.",
+        check=OneOf(RUNTIMES),
+        inference=True,
     )
 
     def _check_params(self) -> None:

@@ -143,9 +143,7 @@ class Param:
         return self.check if isinstance(self.check, tuple) else (self.check,)
 
 
-def param(
-    default: Any, doc: str, *, check: Check | tuple[Check, ...] | None = None, inference: bool = False
-) -> Any:
+def param(default: Any, doc: str, *, check: Check | tuple[Check, ...] | None = None, inference: bool = False) -> Any:
     """Declare a hyper-parameter (see the module docstring). Typed `Any` so that
     ``x: float = param(...)`` type-checks, as ``dataclasses.field`` does."""
     if isinstance(default, (list, dict, set)):
@@ -211,14 +209,15 @@ def check_value(owner: str, name: str, value: Any, annotation: Any, spec: Param)
     """Raise `InvalidParameterError` unless `value` has the annotated type and passes the checks."""
     if not matches_type(value, annotation):
         raise InvalidParameterError(
-            f"{owner}: {name}={value!r} is not valid; expected {_type_name(annotation)}"
-            + _example(spec)
+            f"{owner}: {name}={value!r} is not valid; expected {_type_name(annotation)}" + _example(spec)
         )
     if value is None:
         return
     for c in spec.checks():
         if not c.holds(value):
-            raise InvalidParameterError(f"{owner}: {name}={value!r} is not valid; it must be {c.describe()}" + _example(spec))
+            raise InvalidParameterError(
+                f"{owner}: {name}={value!r} is not valid; it must be {c.describe()}" + _example(spec)
+            )
 
 
 def _example(spec: Param) -> str:

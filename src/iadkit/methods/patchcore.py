@@ -155,31 +155,57 @@ class PatchCore(BackboneDetector):
     paper_params = {"backbone": "wide_resnet50_2", "aggregation": "unfold", "pretrain_dim": 1024, "target_dim": 1024}
     paper_image_size = 256
 
-    layer_presets = {"efficientnet": ('blocks.2', 'blocks.4'), "resnet": ('layer2', 'layer3'), "mobilenet": ('features.6', 'features.13')}
+    layer_presets = {
+        "efficientnet": ("blocks.2", "blocks.4"),
+        "resnet": ("layer2", "layer3"),
+        "mobilenet": ("features.6", "features.13"),
+    }
     layers: tuple[str, ...] | None = param(
-        None, "Backbone layers (strides 8, 16: WRN-50 layer2/3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+        None,
+        "Backbone layers (strides 8, 16: WRN-50 layer2/3); None: the preset for the backbone's family (`layer_presets`).",
+        check=Length(1),
     )
     patch_size: int = param(3, "Neighbourhood p aggregated around each position (paper: 3).", check=at_least(1))
     aggregation: str = param(
-        "average", "'average' (paper's local smoothing) or 'unfold' (authors' code).", check=OneOf(("average", "unfold"))
+        "average",
+        "'average' (paper's local smoothing) or 'unfold' (authors' code).",
+        check=OneOf(("average", "unfold")),
     )
-    pretrain_dim: int | None = param(None, "Per-layer adaptive-pooling dimension (authors': 1024; None: keep).", check=at_least(1))
-    target_dim: int | None = param(None, "Final projection dimension (authors': 1024; None: concatenate).", check=at_least(1))
+    pretrain_dim: int | None = param(
+        None, "Per-layer adaptive-pooling dimension (authors': 1024; None: keep).", check=at_least(1)
+    )
+    target_dim: int | None = param(
+        None, "Final projection dimension (authors': 1024; None: concatenate).", check=at_least(1)
+    )
     coreset_ratio: float = param(
         0.1, "Share of training patches kept in the memory bank (paper: 0.1).", check=Interval(0, 1, closed="right")
     )
-    coreset_method: str = param("composable", "'composable' (streaming) or 'greedy' k-center.", check=OneOf(CORESET_METHODS))
-    projection_dim: int = param(128, "Random-projection dimension for coreset selection (paper: 128).", check=at_least(1))
+    coreset_method: str = param(
+        "composable", "'composable' (streaming) or 'greedy' k-center.", check=OneOf(CORESET_METHODS)
+    )
+    projection_dim: int = param(
+        128, "Random-projection dimension for coreset selection (paper: 128).", check=at_least(1)
+    )
     chunk_size: int = param(16384, "Patches per chunk of the composable coreset.", check=at_least(1))
     oversample: float = param(2.0, "Each chunk keeps this many times the ratio.", check=at_least(1))
     chunk_min_keep: float = param(0.05, "Each chunk keeps at least this share of its patches.", check=Interval(0, 1))
-    num_neighbors: int = param(9, "b of the paper's Eq. 7 reweighting (1: plain maximum).", check=at_least(1), inference=True)
-    search: str = param("exact", "Nearest-neighbour search: exact, or faiss 'ivf' / 'hnsw'.", check=OneOf(SEARCH_METHODS), inference=True)
+    num_neighbors: int = param(
+        9, "b of the paper's Eq. 7 reweighting (1: plain maximum).", check=at_least(1), inference=True
+    )
+    search: str = param(
+        "exact",
+        "Nearest-neighbour search: exact, or faiss 'ivf' / 'hnsw'.",
+        check=OneOf(SEARCH_METHODS),
+        inference=True,
+    )
     nprobe: int = param(8, "faiss IVF lists probed.", check=at_least(1), inference=True)
     ef_search: int = param(64, "faiss HNSW search depth.", check=at_least(1), inference=True)
     batch_size: int = param(32, "Images per feature batch.", check=at_least(1))
     feature_runtime: str = param(
-        "auto", "'auto' (ONNX Runtime on CPU when installed), 'torch' or 'onnxruntime'.", check=OneOf(RUNTIMES), inference=True
+        "auto",
+        "'auto' (ONNX Runtime on CPU when installed), 'torch' or 'onnxruntime'.",
+        check=OneOf(RUNTIMES),
+        inference=True,
     )
 
     def _build(self) -> None:
@@ -252,7 +278,9 @@ class PatchCore(BackboneDetector):
         bank = self.memory_bank_
         key = (bank.data_ptr(), tuple(bank.shape), bank.device, self.search, self.nprobe, self.ef_search)
         if self._index is None or self._index_key != key:
-            self._index = NearestNeighborIndex(bank, self.search, nprobe=self.nprobe, ef_search=self.ef_search, seed=self.seed)
+            self._index = NearestNeighborIndex(
+                bank, self.search, nprobe=self.nprobe, ef_search=self.ef_search, seed=self.seed
+            )
             self._index_key = key
         return self._index
 
@@ -265,7 +293,9 @@ class PatchCore(BackboneDetector):
         feats = self.embed(images)
         b, d, h, w = feats.shape
         if d != self.memory_bank_.shape[1]:
-            raise MemoryBankError(f"patch features have {d} dimensions but the memory bank has {self.memory_bank_.shape[1]}")
+            raise MemoryBankError(
+                f"patch features have {d} dimensions but the memory bank has {self.memory_bank_.shape[1]}"
+            )
         emb = feats.permute(0, 2, 3, 1).reshape(b, h * w, d).to(self.memory_bank_.device)
         dist, idx = self.nn_index().search(emb.reshape(-1, d), 1)
         return dist[:, 0].reshape(b, h, w).to(emb.device), idx[:, 0].reshape(b, h, w).to(emb.device), emb
@@ -274,7 +304,11 @@ class PatchCore(BackboneDetector):
         dist, idx, emb = self.nearest_patches(images)
         b = dist.shape[0]
         scores = reweighted_image_scores(
-            dist.reshape(b, -1), idx.reshape(b, -1), emb, self.memory_bank_, self.num_neighbors,
+            dist.reshape(b, -1),
+            idx.reshape(b, -1),
+            emb,
+            self.memory_bank_,
+            self.num_neighbors,
             bank_sq=self.nn_index().bank_sq,
         )
         return Prediction(scores=scores.to(images.device), maps=dist.to(images.device))

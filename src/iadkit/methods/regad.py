@@ -154,7 +154,9 @@ def meta_training_sets(
             if cat == exclude:
                 continue
             samples = [
-                Sample(path=f"synthetic://{cat}/{i}", label=GOOD, category=cat, image=_synthetic_image(cat, seed, i, size))
+                Sample(
+                    path=f"synthetic://{cat}/{i}", label=GOOD, category=cat, image=_synthetic_image(cat, seed, i, size)
+                )
                 for i in range(per_category)
             ]
             sets[cat] = ImageSet(samples, preprocess)
@@ -169,7 +171,9 @@ def meta_training_sets(
         good = folder / "train" / "good"
         files = sorted(p for p in good.iterdir() if is_image_file(p)) if good.is_dir() else []
         if files:
-            sets[folder.name] = ImageSet([Sample(path=str(p), label=GOOD, category=folder.name) for p in files], preprocess)
+            sets[folder.name] = ImageSet(
+                [Sample(path=str(p), label=GOOD, category=folder.name) for p in files], preprocess
+            )
     return sets
 
 
@@ -223,7 +227,11 @@ class RegAD(BackboneDetector):
         "(`layer_presets`).",
         check=Length(1),
     )
-    stn_mode: str = param("rotation_scale", "Affine parameters the transformers predict (paper: rotation_scale).", check=OneOf(tuple(TRANSFORM_PARAMS)))
+    stn_mode: str = param(
+        "rotation_scale",
+        "Affine parameters the transformers predict (paper: rotation_scale).",
+        check=OneOf(tuple(TRANSFORM_PARAMS)),
+    )
     meta_source: str | os.PathLike[str] = param(
         "synthetic", "Other categories to learn registration on: 'synthetic' or an MVTec-layout folder."
     )
@@ -236,7 +244,9 @@ class RegAD(BackboneDetector):
     lr: float = param(1e-4, "SGD learning rate, cosine decay (code: 1e-4).", check=positive())
     momentum: float = param(0.9, "SGD momentum (code: 0.9).", check=Interval(0, 1, closed="left"))
     augment_support: bool = param(True, "Expand each support image into RegAD's 22 augmented variants.")
-    n_features: int | None = param(None, "Random subset of the concatenated channels for the Gaussian (None: all, as RegAD).", check=at_least(1))
+    n_features: int | None = param(
+        None, "Random subset of the concatenated channels for the Gaussian (None: all, as RegAD).", check=at_least(1)
+    )
     eps: float = param(PAPER_EPS, "Regularisation added to each covariance's diagonal (code: 0.01).", check=at_least(0))
     batch_size: int = param(32, "Images per feature batch when fitting the Gaussian.", check=at_least(1))
 
@@ -378,7 +388,9 @@ class RegAD(BackboneDetector):
                 emb = self.embed(images[s : s + self.batch_size].to(self.device))
                 acc.add(emb.flatten(2).transpose(1, 2).cpu())
         if acc.n < 2:
-            raise GaussianFitError("RegAD needs at least 2 support images for its Gaussian; turn augment_support on or give more images")
+            raise GaussianFitError(
+                "RegAD needs at least 2 support images for its Gaussian; turn augment_support on or give more images"
+            )
         mean, cov = acc.finalize()
         self.mean_ = mean.float().to(self.device)
         self.whitening_ = whitening_matrices(cov, self.eps).float().to(self.device)

@@ -77,25 +77,49 @@ class ReverseDistillation(BackboneDetector):
     family = "teacher-student"
     paper = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
     smoke_params = {"epochs": 4, "batch_size": 8}
-    paper_params = {"backbone": "wide_resnet50_2", "epochs": 200, "embed_channels": 2048, "bottleneck_blocks": 3, "decoder_blocks": (3, 4, 6)}
+    paper_params = {
+        "backbone": "wide_resnet50_2",
+        "epochs": 200,
+        "embed_channels": 2048,
+        "bottleneck_blocks": 3,
+        "decoder_blocks": (3, 4, 6),
+    }
     paper_image_size = 256
 
-    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layer_presets = {
+        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
+        "resnet": ("layer1", "layer2", "layer3"),
+        "mobilenet": ("features.3", "features.6", "features.13"),
+    }
     layers: tuple[str, ...] | None = param(
-        None, "Encoder stages, shallow to deep (WRN-50 layer1-3); None: the preset for the backbone's family (`layer_presets`).", check=Length(2)
+        None,
+        "Encoder stages, shallow to deep (WRN-50 layer1-3); None: the preset for the backbone's family (`layer_presets`).",
+        check=Length(2),
     )
-    embed_channels: int | None = param(None, "Width of the one-class embedding (None: twice the deepest stage).", check=at_least(1))
-    bottleneck_blocks: int = param(1, "Residual blocks in the one-class embedding stage (official: 2 for ResNet-18, 3 for WRN-50).", check=at_least(1))
+    embed_channels: int | None = param(
+        None, "Width of the one-class embedding (None: twice the deepest stage).", check=at_least(1)
+    )
+    bottleneck_blocks: int = param(
+        1,
+        "Residual blocks in the one-class embedding stage (official: 2 for ResNet-18, 3 for WRN-50).",
+        check=at_least(1),
+    )
     decoder_blocks: int | tuple[int, ...] = param(
-        1, "Residual blocks per decoder stage, or one count per stage from the deepest (official: 2,2,2 / 3,4,6).", check=at_least(1)
+        1,
+        "Residual blocks per decoder stage, or one count per stage from the deepest (official: 2,2,2 / 3,4,6).",
+        check=at_least(1),
     )
     loss: str = param(
-        "flat", "'position': 1 - cos per position (the paper's equation); 'flat': 1 - cos of the whole flattened map (official code, anomalib).", check=OneOf(("position", "flat"))
+        "flat",
+        "'position': 1 - cos per position (the paper's equation); 'flat': 1 - cos of the whole flattened map (official code, anomalib).",
+        check=OneOf(("position", "flat")),
     )
     epochs: int = param(40, "Training epochs (paper: 200; CPU-sized default).", check=at_least(1))
     batch_size: int = param(16, "Images per Adam step (paper: 16).", check=at_least(1))
     lr: float = param(0.005, "Adam learning rate (paper: 0.005).", check=positive())
-    betas: tuple[float, float] = param((0.5, 0.999), "Adam betas (paper: 0.5, 0.999).", check=Interval(0, 1, closed="left"))
+    betas: tuple[float, float] = param(
+        (0.5, 0.999), "Adam betas (paper: 0.5, 0.999).", check=Interval(0, 1, closed="left")
+    )
 
     def _build(self) -> None:
         super()._build()

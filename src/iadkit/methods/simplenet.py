@@ -73,9 +73,15 @@ class SimpleNet(BackboneDetector):
     paper_params = {"backbone": "wide_resnet50_2", "embed_dim": 1536, "epochs": 160}
     paper_image_size = 288
 
-    layer_presets = {"efficientnet": ('blocks.2', 'blocks.4'), "resnet": ('layer2', 'layer3'), "mobilenet": ('features.6', 'features.13')}
+    layer_presets = {
+        "efficientnet": ("blocks.2", "blocks.4"),
+        "resnet": ("layer2", "layer3"),
+        "mobilenet": ("features.6", "features.13"),
+    }
     layers: tuple[str, ...] | None = param(
-        None, "Backbone layers (strides 8, 16: WRN-50 layer2/3); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+        None,
+        "Backbone layers (strides 8, 16: WRN-50 layer2/3); None: the preset for the backbone's family (`layer_presets`).",
+        check=Length(1),
     )
     patch_size: int = param(3, "Neighbourhood aggregated around each position (paper: 3).", check=at_least(1))
     embed_dim: int = param(384, "Patch feature dimension (paper: 1536 on WRN-50).", check=at_least(1))
@@ -84,7 +90,9 @@ class SimpleNet(BackboneDetector):
     epochs: int = param(40, "Training epochs (paper: 160; CPU-sized default).", check=at_least(1))
     batch_size: int = param(8, "Images per step (paper: 8).", check=at_least(1))
     adaptor_lr: float = param(1e-4, "Adaptor AdamW learning rate (authors' code: 0.1 x 1e-3).", check=positive())
-    adaptor_weight_decay: float = param(0.01, "Adaptor AdamW weight decay (authors' code: AdamW's default 0.01).", check=at_least(0))
+    adaptor_weight_decay: float = param(
+        0.01, "Adaptor AdamW weight decay (authors' code: AdamW's default 0.01).", check=at_least(0)
+    )
     discriminator_lr: float = param(2e-4, "Discriminator Adam learning rate (paper: 2e-4).", check=positive())
     weight_decay: float = param(1e-5, "Discriminator Adam weight decay (paper: 1e-5).", check=at_least(0))
 
@@ -133,7 +141,9 @@ class SimpleNet(BackboneDetector):
         adaptor_opt = torch.optim.AdamW(
             self.adaptor_.parameters(), lr=self.adaptor_lr, weight_decay=self.adaptor_weight_decay
         )
-        disc_opt = torch.optim.Adam(self.discriminator_.parameters(), lr=self.discriminator_lr, weight_decay=self.weight_decay)
+        disc_opt = torch.optim.Adam(
+            self.discriminator_.parameters(), lr=self.discriminator_lr, weight_decay=self.weight_decay
+        )
         gen = torch.Generator().manual_seed(self.seed)
         n_batches = -(-n // self.batch_size)
         self.adaptor_.train()

@@ -97,11 +97,15 @@ class SoftPatch(PatchCore):
     )
     lof_k: int = param(5, "Neighbours of the Local Outlier Factor (reference code: 5).", check=at_least(1))
     threshold: float = param(
-        0.15, "Share of all training patches discarded as noise before the coreset (paper: 0.15).", check=Interval(0, 1, closed="left")
+        0.15,
+        "Share of all training patches discarded as noise before the coreset (paper: 0.15).",
+        check=Interval(0, 1, closed="left"),
     )
     soft_weight: bool = param(True, "Multiply test distances by the neighbour's outlier score (paper).", inference=True)
     num_neighbors: int = param(
-        1, "SoftPatch scores an image by its largest re-weighted patch score (no PatchCore Eq. 7): 1 only.", check=OneOf((1,))
+        1,
+        "SoftPatch scores an image by its largest re-weighted patch score (no PatchCore Eq. 7): 1 only.",
+        check=OneOf((1,)),
     )
 
     def _build(self) -> None:
@@ -110,7 +114,10 @@ class SoftPatch(PatchCore):
 
     # -- fit ---------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
-        maps = [self.embed(images).cpu() for images in self.single_pass(train, self.batch_size, "softpatch features", progress=progress)]
+        maps = [
+            self.embed(images).cpu()
+            for images in self.single_pass(train, self.batch_size, "softpatch features", progress=progress)
+        ]
         feats = torch.cat(maps)  # [N, D, h, w]
         n, d, h, w = feats.shape
         patches = feats.permute(0, 2, 3, 1).reshape(n, h * w, d)  # [N, P, D]

@@ -89,9 +89,15 @@ class SPADE(BackboneDetector):
     paper_params = {"backbone": "wide_resnet50_2"}
     paper_image_size = 256
 
-    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layer_presets = {
+        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
+        "resnet": ("layer1", "layer2", "layer3"),
+        "mobilenet": ("features.3", "features.6", "features.13"),
+    }
     layers: tuple[str, ...] | None = param(
-        None, "Pyramid layers for the pixel gallery; None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+        None,
+        "Pyramid layers for the pixel gallery; None: the preset for the backbone's family (`layer_presets`).",
+        check=Length(1),
     )
     global_layer: str | None = param(
         None,
@@ -119,6 +125,7 @@ class SPADE(BackboneDetector):
         from iadkit.backbones import get_spec
 
         return self.global_presets[get_spec(self.backbone).family]
+
     k_images: int = param(50, "K nearest training images (paper: 50).", check=at_least(1))
     k_pixels: int = param(1, "kappa nearest gallery features per position (paper: 1).", check=at_least(1))
     batch_size: int = param(16, "Images per feature batch.", check=at_least(1))

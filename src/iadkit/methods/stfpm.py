@@ -87,16 +87,24 @@ class STFPM(BackboneDetector):
     paper_image_size = 256
     map_sigma = 0.0  # the paper does not smooth its maps
 
-    layer_presets = {"efficientnet": ('blocks.1', 'blocks.2', 'blocks.4'), "resnet": ('layer1', 'layer2', 'layer3'), "mobilenet": ('features.3', 'features.6', 'features.13')}
+    layer_presets = {
+        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
+        "resnet": ("layer1", "layer2", "layer3"),
+        "mobilenet": ("features.3", "features.6", "features.13"),
+    }
     layers: tuple[str, ...] | None = param(
-        None, "Pyramid levels (ResNet-18 conv2_x-conv4_x); None: the preset for the backbone's family (`layer_presets`).", check=Length(1)
+        None,
+        "Pyramid levels (ResNet-18 conv2_x-conv4_x); None: the preset for the backbone's family (`layer_presets`).",
+        check=Length(1),
     )
     epochs: int = param(20, "Training epochs (paper: 100; CPU-sized default).", check=at_least(1))
     batch_size: int = param(32, "Images per SGD step (paper: 32).", check=at_least(1))
     lr: float = param(0.4, "SGD learning rate (paper: 0.4).", check=positive())
     momentum: float = param(0.9, "SGD momentum (paper: 0.9).", check=Interval(0, 1, closed="left"))
     weight_decay: float = param(1e-4, "SGD weight decay (paper: 1e-4).", check=at_least(0))
-    map_reduce: str = param("product", "How level maps combine: 'product' (paper) or 'sum'.", check=OneOf(MAP_REDUCTIONS))
+    map_reduce: str = param(
+        "product", "How level maps combine: 'product' (paper) or 'sum'.", check=OneOf(MAP_REDUCTIONS)
+    )
 
     def _build(self) -> None:
         super()._build()
@@ -115,7 +123,9 @@ class STFPM(BackboneDetector):
         def step(idx: np.ndarray) -> torch.Tensor:
             images = torch.stack([train.image(int(i)) for i in idx]).to(self.device)
             student = self.student_(images)
-            return pyramid_matching_loss(list(zip(teacher.take(idx, self.device), (student[k] for k in self.tapped_layers()))))
+            return pyramid_matching_loss(
+                list(zip(teacher.take(idx, self.device), (student[k] for k in self.tapped_layers())))
+            )
 
         with teacher:
             self.loss_history_ = train_on_indices(

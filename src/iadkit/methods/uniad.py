@@ -189,7 +189,9 @@ class UniAD(BackboneDetector):
         check=Length(1),
     )
     feature_size: tuple[int, int] = param(
-        (8, 8), "Token grid every stage is resized to (paper: 14 x 14, stride 16 at 224 px).", check=(Length(2, 2), at_least(1))
+        (8, 8),
+        "Token grid every stage is resized to (paper: 14 x 14, stride 16 at 224 px).",
+        check=(Length(2, 2), at_least(1)),
     )
     hidden_dim: int = param(128, "Transformer width (paper: 256).", check=at_least(1))
     heads: int = param(8, "Attention heads (paper: 8); must divide hidden_dim.", check=at_least(1))
@@ -205,11 +207,15 @@ class UniAD(BackboneDetector):
         check=(Length(2, 2), at_least(1)),
     )
     position: str = param("learned", "Position embedding: 'learned' (paper) or 'sine'.", check=OneOf(POSITIONS))
-    jitter_scale: float = param(UNIAD_JITTER_SCALE, "Feature-jitter alpha (paper: 20); 0: no jitter.", check=at_least(0))
+    jitter_scale: float = param(
+        UNIAD_JITTER_SCALE, "Feature-jitter alpha (paper: 20); 0: no jitter.", check=at_least(0)
+    )
     jitter_prob: float = param(UNIAD_JITTER_PROB, "Probability a batch is jittered (paper: 1).", check=Interval(0, 1))
     epochs: int = param(40, "Training epochs (paper: 1000; CPU-sized default).", check=at_least(1))
     batch_size: int = param(8, "Images per step (paper: 8).", check=at_least(1))
-    lr: float = param(1e-3, "AdamW learning rate (paper: 1e-4 over 1000 epochs; 1e-3 for the short CPU schedule).", check=positive())
+    lr: float = param(
+        1e-3, "AdamW learning rate (paper: 1e-4 over 1000 epochs; 1e-3 for the short CPU schedule).", check=positive()
+    )
     weight_decay: float = param(1e-4, "AdamW weight decay (paper: 1e-4).", check=at_least(0))
     lr_drop_at: float = param(
         0.8, "Share of the epochs after which the lr drops tenfold (paper: epoch 800 of 1000).", check=Interval(0, 1)
@@ -280,7 +286,10 @@ class UniAD(BackboneDetector):
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
         # features once, kept in memory: UniAD has no image augmentation
         tokens = torch.cat(
-            [self.feature_tokens(x) for x in self.single_pass(train, self.batch_size, "uniad features", progress=progress)]
+            [
+                self.feature_tokens(x)
+                for x in self.single_pass(train, self.batch_size, "uniad features", progress=progress)
+            ]
         )
         n = tokens.shape[0]
         gen = torch.Generator().manual_seed(self.seed)

@@ -191,9 +191,7 @@ def pro_curve_thresholds(
     return pro_curve_thresholds_from(PixelScores.from_maps(maps, masks), num_thresholds=num_thresholds)
 
 
-def aupro(
-    maps: ArrayLike, masks: ArrayLike, *, fpr_limit: float = DEFAULT_FPR_LIMIT, variant: str = "exact"
-) -> float:
+def aupro(maps: ArrayLike, masks: ArrayLike, *, fpr_limit: float = DEFAULT_FPR_LIMIT, variant: str = "exact") -> float:
     """AUPRO up to `fpr_limit`; variant "exact" (default, every threshold) or "100" (IM-IAD)."""
     if variant == "exact":
         return aupro_exact(maps, masks, fpr_limit=fpr_limit)

@@ -109,7 +109,11 @@ def batch_size(batch: Any) -> int:
         return int(batch.shape[0])
     if isinstance(batch, dict) and batch:
         return batch_size(next(iter(batch.values())))
-    if isinstance(batch, (tuple, list)) and batch and (hasattr(batch[0], "shape") or isinstance(batch[0], (tuple, list, dict))):
+    if (
+        isinstance(batch, (tuple, list))
+        and batch
+        and (hasattr(batch[0], "shape") or isinstance(batch[0], (tuple, list, dict)))
+    ):
         return batch_size(batch[0])
     return len(batch)
 

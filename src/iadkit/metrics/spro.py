@@ -97,7 +97,9 @@ def saturation_area(defect_area: int, saturation_threshold: float, relative: boo
         s = int(saturation_threshold * defect_area)
     else:
         if saturation_threshold < 1 or saturation_threshold != math.floor(saturation_threshold):
-            raise ValueError(f"an absolute saturation threshold must be a whole number of pixels >= 1, got {saturation_threshold}")
+            raise ValueError(
+                f"an absolute saturation threshold must be a whole number of pixels >= 1, got {saturation_threshold}"
+            )
         s = min(int(saturation_threshold), int(defect_area))
     return max(s, 1)
 
@@ -322,7 +324,9 @@ def auc_spro_by_type(
         )
     good = [i for i, t in enumerate(types) if t == good_type]
     if not good:
-        raise MetricUndefinedError(f"no image of type {good_type!r}: per-type AUC-sPRO adds the good images to each type")
+        raise MetricUndefinedError(
+            f"no image of type {good_type!r}: per-type AUC-sPRO adds the good images to each type"
+        )
     out: dict[str, dict[float, float]] = {}
     for kind in sorted(set(types) - {good_type}):
         idx = [i for i, t in enumerate(types) if t == kind] + good
@@ -332,9 +336,7 @@ def auc_spro_by_type(
     return out
 
 
-def spro_metrics(
-    maps: ArrayLike, regions: Regions, fpr_limits: Sequence[float] = LOCO_FPR_LIMITS
-) -> dict[str, float]:
+def spro_metrics(maps: ArrayLike, regions: Regions, fpr_limits: Sequence[float] = LOCO_FPR_LIMITS) -> dict[str, float]:
     """``{"auc_spro_0.05": ..., ...}``: AUC-sPRO at each limit under stable keys.
 
     Parameters

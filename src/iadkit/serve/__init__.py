@@ -34,9 +34,7 @@ def require_extra() -> None:
     """Raise a one-line error naming the install command when a server package is missing."""
     missing = [package for module, package in EXTRA_MODULES.items() if find_spec(module) is None]
     if missing:
-        raise MissingExtraError(
-            f"iadkit serve needs {', '.join(missing)}: pip install 'iadkit[serve]'"
-        )
+        raise MissingExtraError(f"iadkit serve needs {', '.join(missing)}: pip install 'iadkit[serve]'")
 
 
 def __getattr__(name: str) -> Any:
@@ -49,4 +47,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'iadkit.serve' has no attribute {name!r}")
 
 
-__all__ = ["Limits", "MissingExtraError", "OnnxPredictor", "Predictor", "TorchPredictor", "create_app", "load_predictor", "require_extra", "run"]
+__all__ = [
+    "Limits",
+    "MissingExtraError",
+    "OnnxPredictor",
+    "Predictor",
+    "TorchPredictor",
+    "create_app",
+    "load_predictor",
+    "require_extra",
+    "run",
+]

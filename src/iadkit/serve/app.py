@@ -276,9 +276,7 @@ def create_app(predictors: Sequence[Predictor], *, limits: Limits | None = None)
     async def predict(request: Request, model: str | None = None) -> dict[str, Any]:
         if model is None:
             if len(models) > 1:
-                raise HTTPException(
-                    422, f"several models are served ({', '.join(models)}): name one with ?model=NAME"
-                )
+                raise HTTPException(422, f"several models are served ({', '.join(models)}): name one with ?model=NAME")
             model = next(iter(models))
         return await predict_with(get_model(model), request)
 
@@ -319,7 +317,9 @@ async def _read_uploads(request: Request, limits: Limits) -> list[tuple[str, byt
         form = await request.form(max_files=limits.max_files, max_fields=16)
     except StarletteHTTPException as exc:
         if exc.status_code == 400 and "too many files" in str(exc.detail).lower():
-            raise HTTPException(413, f"more than {limits.max_files} files in one request; send them in batches") from None
+            raise HTTPException(
+                413, f"more than {limits.max_files} files in one request; send them in batches"
+            ) from None
         raise HTTPException(400, f"malformed multipart body: {exc.detail}") from None
     try:
         uploads: list[tuple[str, bytes]] = []
@@ -338,15 +338,21 @@ async def _read_uploads(request: Request, limits: Limits) -> list[tuple[str, byt
                     stated += f" and name suggesting {kind or 'no image type'}"
                 raise HTTPException(415, f"{filename}: {stated}: not an accepted image type ({accepted})")
             if value.size is not None and value.size > limits.max_file_bytes:
-                raise HTTPException(413, f"{filename}: {_mb(value.size)} is over the per-file limit of {_mb(limits.max_file_bytes)}")
+                raise HTTPException(
+                    413, f"{filename}: {_mb(value.size)} is over the per-file limit of {_mb(limits.max_file_bytes)}"
+                )
             data = await value.read()
             if len(data) > limits.max_file_bytes:
-                raise HTTPException(413, f"{filename}: {_mb(len(data))} is over the per-file limit of {_mb(limits.max_file_bytes)}")
+                raise HTTPException(
+                    413, f"{filename}: {_mb(len(data))} is over the per-file limit of {_mb(limits.max_file_bytes)}"
+                )
             uploads.append((filename, data))
     finally:
         await form.close()
     if not uploads:
-        raise HTTPException(422, "no image in the request: send one or more files as multipart/form-data (field 'files')")
+        raise HTTPException(
+            422, "no image in the request: send one or more files as multipart/form-data (field 'files')"
+        )
     return uploads
 
 
@@ -382,7 +388,11 @@ async def _send_json(send: Send, status: int, content: dict[str, Any]) -> None:
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -393,9 +403,10 @@ def _load_static() -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in ("index.html", "app.js", "style.css")}
 
 
-def run(predictors: Sequence[Predictor], *, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:
+def run(
+    predictors: Sequence[Predictor], *, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None
+) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
     uvicorn.run(create_app(predictors, limits=limits), host=host, port=port, log_level="info")
-

@@ -301,7 +301,11 @@ def load_predictor(
     if runtime not in RUNTIMES:
         raise IadkitError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if not path.is_file():
-        what = "the .onnx file written by `iadkit export`" if runtime == "onnx" else "the .iad file written by `iadkit fit`"
+        what = (
+            "the .onnx file written by `iadkit export`"
+            if runtime == "onnx"
+            else "the .iad file written by `iadkit fit`"
+        )
         raise ModelFileError(f"{path}: no such model file (give {what})")
     from iadkit.tiling import resolve_tiling
 

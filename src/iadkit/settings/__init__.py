@@ -85,7 +85,7 @@ def register_setting(name: str, *, kind: str = "split") -> Callable[[Setting], S
 
 
 def setting_kind(name: str) -> str:
-    """"split" (one (train, test) per category) or "tasks" (a task plan over several categories)."""
+    """ "split" (one (train, test) per category) or "tasks" (a task plan over several categories)."""
     get_setting(name)
     return _KINDS.get(name, "split")
 
@@ -270,4 +270,3 @@ from iadkit.settings.fewshot import few_shot  # noqa: E402
 from iadkit.settings.multi_class import multi_class  # noqa: E402
 from iadkit.settings.noise import noisy  # noqa: E402
 from iadkit.settings.semi import semi_supervised  # noqa: E402
-

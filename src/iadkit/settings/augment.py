@@ -114,9 +114,7 @@ def variant_seed(seed: int, key: str, variant: int) -> int:
     return int(np.random.SeedSequence([int(seed) % 2**63, zlib.crc32(key.encode()), int(variant)]).generate_state(1)[0])
 
 
-def augment_image(
-    image: np.ndarray, step: VariantStep, augmentations: Sequence[str], *, seed: int
-) -> np.ndarray:
+def augment_image(image: np.ndarray, step: VariantStep, augmentations: Sequence[str], *, seed: int) -> np.ndarray:
     """Apply one variant's step to an HxW or HxWxC image; same shape and dtype back.
 
     Parameters
@@ -150,7 +148,9 @@ def augment_image(
                     continue
                 x = TF.hflip(x) if f.startswith("h") else TF.vflip(x)
         if "translate" in chosen and step.translate > 0:
-            _, (tx, ty), _, _ = T.RandomAffine.get_params([0.0, 0.0], [step.translate, step.translate], None, None, [w, h])
+            _, (tx, ty), _, _ = T.RandomAffine.get_params(
+                [0.0, 0.0], [step.translate, step.translate], None, None, [w, h]
+            )
             x = TF.affine(x, 0.0, [tx, ty], 1.0, [0.0, 0.0], interpolation=T.InterpolationMode.NEAREST, fill=fill)
         if "scale" in chosen and step.scale != 1.0:
             x = TF.affine(x, 0.0, [0, 0], step.scale, [0.0, 0.0], interpolation=T.InterpolationMode.NEAREST, fill=fill)
@@ -187,7 +187,10 @@ class AugmentedSample(Sample):
             raise ValueError(f"{self.path}: an augmented sample needs its source sample")
         step = variant_schedule(self.n_augment)[self.variant]
         return augment_image(
-            self.source.load_image(), step, self.augmentations, seed=variant_seed(self.seed, self.source.path, self.variant)
+            self.source.load_image(),
+            step,
+            self.augmentations,
+            seed=variant_seed(self.seed, self.source.path, self.variant),
         )
 
 

@@ -38,7 +38,9 @@ def parse_split(split: str | None) -> list[int] | None:
     if isinstance(split, int) and not isinstance(split, bool):
         split = str(split)
     if not isinstance(split, str) or not split.strip():
-        raise SettingError(f"setting 'continual': split must be task sizes joined by '+', e.g. \"3+1+1\", got {split!r}")
+        raise SettingError(
+            f"setting 'continual': split must be task sizes joined by '+', e.g. \"3+1+1\", got {split!r}"
+        )
     sizes = []
     for part in split.split("+"):
         part = part.strip()
@@ -51,9 +53,7 @@ def parse_split(split: str | None) -> list[int] | None:
 
 
 @register_setting("continual", kind="tasks")
-def continual(
-    train: Sequence[Sample], test: Sequence[Sample], *, seed: int, split: str | None = None
-) -> list[Task]:
+def continual(train: Sequence[Sample], test: Sequence[Sample], *, seed: int, split: str | None = None) -> list[Task]:
     """The categories of the split, in order, as a sequence of tasks learned one after the other.
 
     Parameters

@@ -65,7 +65,12 @@ def few_shot(
     chosen: list[int] = []
     for category, positions in by_category(good).items():
         if k > len(positions):
-            log.warning("few_shot: category %r has %d good training images, fewer than k=%d: using all", category, len(positions), k)
+            log.warning(
+                "few_shot: category %r has %d good training images, fewer than k=%d: using all",
+                category,
+                len(positions),
+                k,
+            )
         chosen += draw(category_rng(seed, category, "few_shot"), positions, k)
     shots = [good[i] for i in sorted(chosen)]
     if augment:

@@ -64,7 +64,12 @@ def semi_supervised(
         if n < k:
             log.warning(
                 "semi_supervised: category %r has %d test anomalies; at most %d (%.0f %%) may move: using %d, not k=%d",
-                category, len(positions), n, 100 * upper_ratio, n, k,
+                category,
+                len(positions),
+                n,
+                100 * upper_ratio,
+                n,
+                k,
             )
         moved += draw(category_rng(seed, category, "semi_supervised"), positions, n)
     taken = set(moved)
