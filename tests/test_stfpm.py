@@ -67,6 +67,19 @@ def test_training_loss_is_the_authors_code_on_a_batch_of_four():
     assert float(pyramid_matching_loss(pairs)) == pytest.approx(2 * float(multilevel_cosine_loss(pairs)), rel=1e-6)
 
 
+def test_batch_sum_reduction_is_anomalibs_loss(metal):
+    """``loss_reduction="batch_sum"`` (the CPU default) trains on anomalib's ½·Σ_batch of the
+    per-image loss: on one step of 4 images that is B/2 = 2 times the authors' mean, from the
+    same student and teacher."""
+    images = metal.train[:4]
+    first = {}
+    for reduction in ("mean", "batch_sum"):
+        det = STFPM(epochs=1, batch_size=4, loss_reduction=reduction, seed=0)
+        det.fit(ImageSet(images, Preprocess(image_size=(64, 64))), progress=False)
+        first[reduction] = float(det.loss_history_[0])
+    assert first["batch_sum"] == pytest.approx(2 * first["mean"], rel=1e-5)
+
+
 def test_level_maps_combine_by_product_as_in_the_paper():
     a = torch.tensor([[[1.0, 2.0], [3.0, 0.5]]])
     b = torch.tensor([[[2.0, 0.5], [1.0, 4.0]]])
