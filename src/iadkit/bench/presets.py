@@ -51,7 +51,8 @@ DEMO_TABLE: dict[str, Row] = {
     "spade":                Row(96,   96, {"layers": DEEP}),
     "cfa":                  Row(96,   96, {"epochs": 3, "batch_size": 8, "layers": DEEP}),
     "stfpm":                Row(64,   64, {"epochs": 4, "batch_size": 8}),
-    "reverse_distillation": Row(64,   64, {"epochs": 4, "batch_size": 8}),
+    # RD: 4 epochs left it at 0.699 mean image AUROC, 8 give 0.754 (about 3 s of CPU per cell)
+    "reverse_distillation": Row(64,   64, {"epochs": 8, "batch_size": 8}),
     "fastflow":             Row(96,   96, {"epochs": 4, "batch_size": 8, "layers": DEEP, "flow_steps": 4}),
     "cflow":                Row(96,   96, {"epochs": 2, "batch_size": 8, "layers": DEEP, "coupling_blocks": 4}),
     "cutpaste":             Row(96,   96, {"epochs": 3, "batch_size": 8}),
