@@ -6,12 +6,16 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from iadkit.cli import app
 from iadkit.errors import IadkitError
+
+if TYPE_CHECKING:
+    from iadkit.bench.config import BenchConfig
 
 console = Console()
 
@@ -27,7 +31,7 @@ def _log_to_console() -> None:
 
 
 def _run_and_report(
-    config: object,
+    config: BenchConfig,
     out: Path,
     *,
     db: Path | None,
@@ -43,7 +47,7 @@ def _run_and_report(
     from iadkit.bench.summary import leaderboard
     from iadkit.files import check_writable_dir, check_writable_file
 
-    validate_grid(config)  # type: ignore[arg-type]  # every cell, before any output is made
+    validate_grid(config)  # every cell, before any output is made
     if executor not in ("local", "ray"):
         raise IadkitError(f"unknown executor {executor!r}; use local or ray")
     db_path = db or out / "results.db"
@@ -58,7 +62,7 @@ def _run_and_report(
             executor=executor,
             address=address,
             retry_failed=retry_failed,
-            workers=workers,  # type: ignore[arg-type]
+            workers=workers,
         )
     except KeyboardInterrupt:
         console.print(
