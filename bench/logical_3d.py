@@ -52,7 +52,7 @@ def puck_grid(data: Path, size: int) -> BenchConfig:
             "name": "puck-3d",
             "methods": [
                 "patchcore",
-                {"name": "btf", "params": {"modality": "fused"}},
+                {"name": "btf", "params": {"modality": "rgb+fpfh"}},
                 {"name": "btf", "params": {"modality": "fpfh"}},
                 {"name": "btf", "params": {"modality": "rgb"}},
             ],
