@@ -67,6 +67,12 @@ def test_continual_bank_exports_its_routing(synthetic, tmp_path):
 
 
 TOL = 1e-4
+# Maps whose float32 rounding is amplified by the method's arithmetic, with the reason:
+MAP_TOL = {
+    # 1 - SSIM: local variances are E[x^2] - E[x]^2 of nearly equal numbers, so the kernels'
+    # different summation order (torch vs ONNX Runtime) moves a pixel by ~1e-4 (seen: 1.2e-4)
+    "autoencoder": 5e-4,
+}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +113,8 @@ def assert_parity(model: Model, exported: runtime.ExportedModel, inputs) -> dict
     assert (ref.maps is None) == (got.maps is None)
     if ref.maps is not None:
         assert got.maps.shape == ref.maps.shape and got.maps.dtype == np.float32
-        np.testing.assert_allclose(got.maps, ref.maps, rtol=TOL, atol=TOL)
+        tol = MAP_TOL.get(model.detector.name, TOL)
+        np.testing.assert_allclose(got.maps, ref.maps, rtol=tol, atol=tol)
     assert got.threshold == ref.threshold == model.threshold.value
     # identical verdicts (a score within float noise of the threshold would be a tie, not a bug)
     near = np.abs(ref.scores - ref.threshold) <= TOL * max(1.0, abs(ref.threshold))
