@@ -85,6 +85,20 @@ if typing.TYPE_CHECKING:
 
 SUPERVISION_KINDS = ("unsupervised", "semi-supervised", "zero-shot")
 
+# The two layer presets most methods share (`BackboneDetector.layer_presets`), per backbone
+# family: the three stages at strides 4, 8 and 16 (ResNet layer1-3: STFPM, RD, PaDiM, ...) and
+# the two at strides 8 and 16 (layer2-3: PatchCore, SimpleNet).
+PRESET_STRIDES_4_8_16: dict[str, tuple[str, ...]] = {
+    "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
+    "resnet": ("layer1", "layer2", "layer3"),
+    "mobilenet": ("features.3", "features.6", "features.13"),
+}
+PRESET_STRIDES_8_16: dict[str, tuple[str, ...]] = {
+    "efficientnet": ("blocks.2", "blocks.4"),
+    "resnet": ("layer2", "layer3"),
+    "mobilenet": ("features.6", "features.13"),
+}
+
 
 def split_depth(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A depth method's input [B, 6, H, W] -> (colour [B, 3, H, W], point map [B, 3, H, W]).

@@ -76,7 +76,7 @@ from iadkit.components.feature_cache import train_on_indices
 from iadkit.components.losses import coupled_hypersphere_loss
 from iadkit.components.memory_bank import MemoryBankError, knn_exact, squared_distances
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.base import PRESET_STRIDES_4_8_16, BackboneDetector, register
 from iadkit.methods.params import Length, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 
@@ -132,11 +132,7 @@ class CFA(BackboneDetector):
     paper_params = {"backbone": "wide_resnet50_2", "epochs": 30}
     paper_image_size = 256
 
-    layer_presets = {
-        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
-        "resnet": ("layer1", "layer2", "layer3"),
-        "mobilenet": ("features.3", "features.6", "features.13"),
-    }
+    layer_presets = PRESET_STRIDES_4_8_16
     layers: tuple[str, ...] | None = param(
         None,
         "Backbone stages (WRN-50 stages 1-3); None: the preset for the backbone's family (`layer_presets`).",

@@ -72,7 +72,7 @@ from iadkit.components.flows import (
 )
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.base import PRESET_STRIDES_4_8_16, BackboneDetector, register
 from iadkit.methods.params import Length, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 
@@ -126,11 +126,7 @@ class FastFlow(BackboneDetector):
     paper_image_size = 256
     map_sigma = 0.0  # the paper does not smooth its maps
 
-    layer_presets = {
-        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
-        "resnet": ("layer1", "layer2", "layer3"),
-        "mobilenet": ("features.3", "features.6", "features.13"),
-    }
+    layer_presets = PRESET_STRIDES_4_8_16
     layers: tuple[str, ...] | None = param(
         None,
         "Feature levels (ResNet stages 1-3); None: the preset for the backbone's family (`layer_presets`).",

@@ -64,7 +64,7 @@ from iadkit.components.features import RUNTIMES, ConcatEmbedding, FeaturePath
 from iadkit.components.gaussian import PAPER_EPS, GaussianAccumulator, GaussianFitError, mahalanobis, whitening_matrices
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError
-from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.base import PRESET_STRIDES_4_8_16, BackboneDetector, register
 from iadkit.methods.params import Length, OneOf, at_least, param
 from iadkit.types import Prediction
 
@@ -86,11 +86,7 @@ class PaDiM(BackboneDetector):
     paper_params = {"backbone": "wide_resnet50_2", "n_features": 550}
     paper_image_size = 256
 
-    layer_presets = {
-        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
-        "resnet": ("layer1", "layer2", "layer3"),
-        "mobilenet": ("features.3", "features.6", "features.13"),
-    }
+    layer_presets = PRESET_STRIDES_4_8_16
     layers: tuple[str, ...] | None = param(
         None,
         "Backbone layers, concatenated on the finest grid (ResNet layer1-3); None: the preset for the backbone's family (`layer_presets`).",

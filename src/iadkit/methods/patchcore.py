@@ -106,7 +106,7 @@ from iadkit.components.memory_bank import (
     knn_exact,
 )
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.base import PRESET_STRIDES_8_16, BackboneDetector, register
 from iadkit.methods.params import Interval, Length, OneOf, at_least, param
 from iadkit.types import Prediction
 
@@ -155,11 +155,7 @@ class PatchCore(BackboneDetector):
     paper_params = {"backbone": "wide_resnet50_2", "aggregation": "unfold", "pretrain_dim": 1024, "target_dim": 1024}
     paper_image_size = 256
 
-    layer_presets = {
-        "efficientnet": ("blocks.2", "blocks.4"),
-        "resnet": ("layer2", "layer3"),
-        "mobilenet": ("features.6", "features.13"),
-    }
+    layer_presets = PRESET_STRIDES_8_16
     layers: tuple[str, ...] | None = param(
         None,
         "Backbone layers (strides 8, 16: WRN-50 layer2/3); None: the preset for the backbone's family (`layer_presets`).",

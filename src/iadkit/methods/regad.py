@@ -106,7 +106,7 @@ from iadkit.components.registration import (
 )
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError, TrainingDataError
-from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.base import PRESET_STRIDES_4_8_16, BackboneDetector, register
 from iadkit.methods.padim import random_channel_index
 from iadkit.methods.params import Interval, Length, OneOf, at_least, param, positive
 from iadkit.progress import step_bar
@@ -216,11 +216,7 @@ class RegAD(BackboneDetector):
     paper_params = {"backbone": "resnet18", "meta_epochs": 50, "meta_batch_size": 32}
     paper_image_size = 224
 
-    layer_presets = {
-        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
-        "resnet": ("layer1", "layer2", "layer3"),
-        "mobilenet": ("features.3", "features.6", "features.13"),
-    }
+    layer_presets = PRESET_STRIDES_4_8_16
     layers: tuple[str, ...] | None = param(
         None,
         "Stages followed by a spatial transformer (ResNet-18 layer1-3); None: the preset for the backbone's family "

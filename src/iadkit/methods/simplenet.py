@@ -56,7 +56,7 @@ import torch
 from iadkit.components.adaptor import Discriminator, FeatureAdaptor, gaussian_feature_noise, truncated_l1_loss
 from iadkit.components.features import PatchEmbedding
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.base import PRESET_STRIDES_8_16, BackboneDetector, register
 from iadkit.methods.params import Length, at_least, param, positive
 from iadkit.progress import step_bar
 from iadkit.types import Prediction
@@ -73,11 +73,7 @@ class SimpleNet(BackboneDetector):
     paper_params = {"backbone": "wide_resnet50_2", "embed_dim": 1536, "epochs": 160}
     paper_image_size = 288
 
-    layer_presets = {
-        "efficientnet": ("blocks.2", "blocks.4"),
-        "resnet": ("layer2", "layer3"),
-        "mobilenet": ("features.6", "features.13"),
-    }
+    layer_presets = PRESET_STRIDES_8_16
     layers: tuple[str, ...] | None = param(
         None,
         "Backbone layers (strides 8, 16: WRN-50 layer2/3); None: the preset for the backbone's family (`layer_presets`).",

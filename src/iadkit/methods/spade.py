@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from iadkit.components.memory_bank import MemoryBankError, knn_exact
 from iadkit.data.transforms import ImageSet
 from iadkit.errors import InvalidParameterError
-from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.base import PRESET_STRIDES_4_8_16, BackboneDetector, register
 from iadkit.methods.params import Length, at_least, param
 from iadkit.types import Prediction
 
@@ -89,11 +89,7 @@ class SPADE(BackboneDetector):
     paper_params = {"backbone": "wide_resnet50_2"}
     paper_image_size = 256
 
-    layer_presets = {
-        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
-        "resnet": ("layer1", "layer2", "layer3"),
-        "mobilenet": ("features.3", "features.6", "features.13"),
-    }
+    layer_presets = PRESET_STRIDES_4_8_16
     layers: tuple[str, ...] | None = param(
         None,
         "Pyramid layers for the pixel gallery; None: the preset for the backbone's family (`layer_presets`).",

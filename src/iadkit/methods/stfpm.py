@@ -64,7 +64,7 @@ from iadkit.components.feature_cache import train_on_indices
 from iadkit.components.losses import cosine_distance_map, pyramid_matching_loss
 from iadkit.components.postprocess import upsample
 from iadkit.data.transforms import ImageSet
-from iadkit.methods.base import BackboneDetector, register
+from iadkit.methods.base import PRESET_STRIDES_4_8_16, BackboneDetector, register
 from iadkit.methods.params import Interval, Length, OneOf, at_least, param, positive
 from iadkit.types import Prediction
 
@@ -92,11 +92,7 @@ class STFPM(BackboneDetector):
     paper_image_size = 256
     map_sigma = 0.0  # the paper does not smooth its maps
 
-    layer_presets = {
-        "efficientnet": ("blocks.1", "blocks.2", "blocks.4"),
-        "resnet": ("layer1", "layer2", "layer3"),
-        "mobilenet": ("features.3", "features.6", "features.13"),
-    }
+    layer_presets = PRESET_STRIDES_4_8_16
     layers: tuple[str, ...] | None = param(
         None,
         "Pyramid levels (ResNet-18 conv2_x-conv4_x); None: the preset for the backbone's family (`layer_presets`).",
