@@ -41,25 +41,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from iadkit.metrics.efficiency import high_water_mark_mb
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ANOMALIB_PY = HERE / ".anomalib-venv" / "bin" / "python"
 IMAGE_SIZE = 224
 LAYERS = ("blocks.2", "blocks.4")
-
-
-def vm_hwm_mb() -> float:
-    """This process's resident-memory high-water mark (MiB), from /proc (Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def gemm_gflops(threads: int) -> float:
@@ -106,10 +94,10 @@ def run_iadkit(cfg: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     model.fit(train, progress=False)
     fit_s = time.perf_counter() - t
-    fit_peak = vm_hwm_mb()
+    fit_peak = high_water_mark_mb()
 
     res = evaluate(model, test, batch_size=cfg["batch_size"])
-    peak = max(fit_peak, vm_hwm_mb(), float(res.timings.get("peak_rss_mb") or 0.0))
+    peak = max(fit_peak, high_water_mark_mb(), float(res.timings.get("peak_rss_mb") or 0.0))
     labels = np.array([s.label for s in test])
     out: dict[str, Any] = {
         "impl": "iadkit",
@@ -177,7 +165,7 @@ def run_iadkit(cfg: dict[str, Any]) -> dict[str, Any]:
                 "index_build_s": build_s,
                 "predict_img_s": r.timings["images_per_second"],
                 "image_auroc": r.metrics.get("image_auroc"),
-                "peak_rss_mb": max(vm_hwm_mb(), float(r.timings.get("peak_rss_mb") or 0.0)),
+                "peak_rss_mb": max(high_water_mark_mb(), float(r.timings.get("peak_rss_mb") or 0.0)),
             }
         det.search = "exact"
         out["peak_rss_mb_with_approx"] = max(peak, *(v["peak_rss_mb"] for v in out["approx"].values()))
@@ -197,7 +185,7 @@ torch.set_num_threads(cfg["threads"])
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from sklearn.metrics import roc_auc_score
 
-def vm_hwm_mb():
+def high_water_mark_mb():
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -238,7 +226,7 @@ with torch.no_grad():
 pred_s = time.perf_counter() - t
 scores = np.concatenate(scores)
 res = {"impl": "anomalib", "fit_s": fit_s, "predict_img_s": len(test) / pred_s,
-       "image_auroc": float(roc_auc_score(labels, scores)), "peak_rss_mb": vm_hwm_mb(),
+       "image_auroc": float(roc_auc_score(labels, scores)), "peak_rss_mb": high_water_mark_mb(),
        "bank_size": int(model.memory_bank.shape[0]), "dim": int(model.memory_bank.shape[1]),
        "n_patches": n_patches}
 if "types" in data.files:

@@ -49,6 +49,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from iadkit.metrics.efficiency import high_water_mark_mb
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ANOMALIB_PY = HERE / ".anomalib-venv" / "bin" / "python"
@@ -92,7 +94,7 @@ def iadkit_fit_evaluate(
     t0, c0 = time.perf_counter(), cpu_seconds()
     model.fit(train, progress=False)
     fit_s, fit_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
-    fit_peak = vm_hwm_mb()
+    fit_peak = high_water_mark_mb()
     t0, c0 = time.perf_counter(), cpu_seconds()
     res = iadkit.evaluate(model, test, batch_size=eval_batch_size)
     pred_cpu_s = cpu_seconds() - c0
@@ -111,16 +113,6 @@ def iadkit_fit_evaluate(
 
 
 # == helpers =============================================================================================
-def vm_hwm_mb() -> float:
-    """This process's resident-memory high-water mark (MiB), from /proc (Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def cpu_seconds() -> float:
@@ -228,7 +220,7 @@ def run_iadkit(cfg: dict[str, Any]) -> dict[str, Any]:
         impl="iadkit",
         n_train=len(train),
         n_test=len(test),
-        peak_rss_mb=max(vm_hwm_mb(), out.get("peak_rss_mb_eval") or 0.0),
+        peak_rss_mb=max(high_water_mark_mb(), out.get("peak_rss_mb_eval") or 0.0),
     )
     return out
 

@@ -151,6 +151,13 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def high_water_mark_mb() -> float:
+    """Peak resident memory of this process, MiB: VmHWM from /proc where it exists (it honours
+    a `PeakMemory` reset), else the getrusage maximum."""
+    kib = _status_kib("VmHWM")
+    return kib / 1024.0 if kib is not None else peak_rss_mb()
+
+
 def current_rss_mb() -> float | None:
     """Resident memory now, MiB (None where /proc is unavailable)."""
     kib = _status_kib("VmRSS")
