@@ -71,7 +71,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "cfa": {"epochs": 10, "batch_size": 4, "layers": ["blocks.1", "blocks.2", "blocks.4"]},
     # issue 10 (reconstruction family): anomalib's own pre-processing (DRAEM: [0, 1] pixels, no
     # normalisation; GANomaly: ImageNet normalisation); schedules are placeholders until iadkit has them.
-    "draem": {"epochs": 20, "batch_size": 8, "layers": None, "normalise": "none"},
+    "draem": {"epochs": 50, "batch_size": 8, "layers": None, "normalise": "none"},
     "ganomaly": {"epochs": 20, "batch_size": 32, "layers": None, "normalise": "imagenet"},
 }
 TRAINED = ["stfpm", "reverse_distillation", "fastflow", "cflow", "cfa"]
