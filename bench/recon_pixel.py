@@ -1,12 +1,13 @@
 """Reconstruction methods against PatchCore on the synthetic categories (issue 10): image AUROC,
 pixel AUROC, pixel AP and AUPRO per category at each method's default CPU schedule.
 
-    python bench/recon_pixel.py                          # draem, autoencoder, ganomaly, patchcore at 64 px
-    python bench/recon_pixel.py --methods draem patchcore --size 128
+    python bench/recon_pixel.py                          # draem, autoencoder, ganomaly, patchcore at 128 px
+    python bench/recon_pixel.py --methods draem patchcore --size 64
 
 The survey's finding to check: DRAEM (reconstruction + simulated anomalies) localises better
 than PatchCore by pixel AP. One benchmark grid, vanilla setting, seed 0; results database
-``bench/results/recon-pixel.db`` and its report beside it.
+``bench/results/recon-pixel-<size>px.db`` and its report beside it (one database per size, so
+a table never mixes sizes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ KEYS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=["draem", "autoencoder", "ganomaly", "patchcore"])
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=128)
     args = ap.parse_args()
 
     from iadkit.bench import BenchConfig, ResultsDB, run_benchmark, write_report
@@ -32,7 +33,7 @@ def main() -> None:
 
     if not (SYNTH / "synthetic.json").exists():
         generate(SYNTH, seed=0, preset="demo")
-    db_path = RESULTS / "recon-pixel.db"
+    db_path = RESULTS / f"recon-pixel-{args.size}px.db"
     cfg = BenchConfig.parse(
         {
             "name": "recon-pixel",
@@ -44,7 +45,7 @@ def main() -> None:
         }
     )
     run_benchmark(cfg, db_path, progress=True)
-    write_report(db_path, RESULTS / "recon-pixel-report")
+    write_report(db_path, RESULTS / f"recon-pixel-{args.size}px-report")
     table: dict[str, dict[str, dict[str, float]]] = {}
     with ResultsDB(db_path, writable=False) as db:
         for r in db.runs("done"):
