@@ -226,6 +226,7 @@ def test_cli_weights_lists_backbones():
     table = runner.invoke(app, ["weights"], env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "efficientnet_lite0" in table.output and "Apache-2.0" in table.output
     assert "579344248a93e230" in table.output
+    assert "efficientad_teacher_s.safetensors" in table.output  # the shipped, derived teacher
 
 
 # -- user-supplied weights ----------------------------------------------------------------------

@@ -85,8 +85,8 @@ DEMO_TABLE: dict[str, Row] = {
     "autoencoder":          Row(64,   64, {"patch_size": 64, "epochs": 20, "batch_size": 8}),
     "draem":                Row(64,   64, {"epochs": 6, "batch_size": 8, "lr": 1e-3, "recon_width": 8, "disc_width": 8}),
     "ganomaly":             Row(64,   64, {"epochs": 15, "batch_size": 8, "base_width": 16}),
-    # EfficientAD: the teacher is distilled once (about 100 s of CPU at 64 px, then cached in
-    # ~/.cache/iadkit); the student and autoencoder get 100 of the default 1000 steps here
+    # EfficientAD: the default teacher ships with iadkit (no distillation); the student and
+    # autoencoder get 100 of the default 1000 steps here
     "efficientad":          Row(64,   64, {"steps": 100}),
 }
 # fmt: on

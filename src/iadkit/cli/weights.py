@@ -46,6 +46,20 @@ def weights(
         # Printed outside the table so that paths and URLs are never cut.
         text = f"found: {i.path}" if i.available else i.hint
         console.print(f"[bold]{i.name}[/bold]: {text}", soft_wrap=True, highlight=False)
+    from iadkit.methods.efficientad import PACKAGED_TEACHER, PACKAGED_TEACHER_LICENCE
+
+    shipped = Table(title="Weights shipped inside iadkit (derived from a backbone above)")
+    shipped.add_column("file", style="bold", no_wrap=True)
+    shipped.add_column("what")
+    shipped.add_column("licence")
+    shipped.add_column("here", no_wrap=True)
+    shipped.add_row(
+        PACKAGED_TEACHER.name,
+        "EfficientAD-S teacher distilled from efficientnet_lite0 (the default teacher; float16)",
+        PACKAGED_TEACHER_LICENCE,
+        "[green]yes[/green]" if PACKAGED_TEACHER.is_file() else "[red]no[/red]",
+    )
+    console.print(shipped)
     console.print(
         f"User-supplied weights are looked up in weights_path=, ${WEIGHTS_DIR_ENV}, then torch's download "
         "cache; every file is checked against iadkit's sha256 lockfile before use. Nothing is downloaded.",

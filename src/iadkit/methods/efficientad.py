@@ -51,14 +51,29 @@ distillation images         ImageNet, 512 px for the     same, grayscale p 0.1  
                                                                                       synthetic fabric/metal/wood
                                                                                       textures; grayscale p 0.1;
                                                                                       extractor at 2x the PDN size
-distillation size           60 000 it. x 16 images at    same                         ``distill_steps`` (300) x
+distillation size           60 000 it. x 16 images at    same                         ``distill_steps`` (3000) x
                             256 px (PDN)                                              ``distill_batch_size`` (8) at
                                                                                       ``distill_size`` (64 px):
                                                                                       fully convolutional, so the
                                                                                       weights serve any input size;
                                                                                       ``paper=True``: 60 000 x 16
-                                                                                      at 256 px. Done once and
+                                                                                      at 256 px. Shipped for the
+                                                                                      defaults, else done once and
                                                                                       cached on disk (see below)
+distillation optimiser      Adam 1e-4, weight decay      same (constant lr)           Adam ``distill_lr`` 1e-3,
+                            1e-5                                                      weight decay 1e-5, lr / 10
+                                                                                      after 95 % of the steps (as
+                                                                                      the training's): 20x fewer
+                                                                                      steps than the paper need
+                                                                                      larger ones (measured: MSE
+                                                                                      after 160 steps 0.79 at
+                                                                                      1e-4, 0.71 at 1e-3; 3e-3
+                                                                                      diverges first);
+                                                                                      ``paper=True``: 1e-4 (the
+                                                                                      drop at 95 % stays)
+distillation seed           one teacher for all          one released teacher         ``distill_seed`` (0), apart
+                            experiments                                               from ``seed``: one teacher
+                                                                                      serves every training seed
 channel standardisation     mean/std of the features     10 000 images                256 images (fewer when the
 of the distillation target                                                            distillation sees fewer)
 PDN padding                 table 6: padded convs        training and test without    as the references; maps
@@ -94,12 +109,16 @@ map / score                 0.5 M_ST + 0.5 M_AE,         same; bilinear to the  
                                                                                       (bilinear), no smoothing
 ==========================  ==========================  ===========================  ==============================
 
-The teacher is the expensive part: distillation runs once per configuration and its
-result is cached in ``$IADKIT_CACHE_DIR`` (default ``~/.cache/iadkit``) as
+The teacher is the expensive part (the default's 3000 steps: about 35 minutes on one CPU
+core), so the default configuration's teacher ships with iadkit: `PACKAGED_TEACHER`, float16
+(its held-out distillation MSE equals the float32 one's to 4 decimals), licensed like the
+Apache-2.0 EfficientNet-Lite0 weights it is distilled from, written by
+``bench/efficientad_teacher.py``. Any other configuration distils once and caches the result
+in ``$IADKIT_CACHE_DIR`` (default ``~/.cache/iadkit``) as
 ``efficientad-teacher-<key>.safetensors``, the key hashing everything that shapes it
-(PDN size, channels, backbone weights sha256, layers, steps, batch, crop size, seed).
-Measured cost on the 2-core development machine (shared with other jobs): see the README's
-EfficientAD section. ``teacher_path`` loads a teacher distilled elsewhere instead (e.g. a
+(PDN size, channels, backbone weights sha256, layers, steps, batch, crop size, lr, seed).
+Measured cost and quality on the 2-core development machine: see the README's EfficientAD
+section. ``teacher_path`` loads a teacher distilled elsewhere instead (e.g. a
 reference implementation's ``teacher_small.pth`` state dict, or our cache file). The
 teacher's weights are stored in every model file, so a model never depends on the cache.
 """
@@ -133,10 +152,11 @@ log = logging.getLogger(__name__)
 
 PDN_SIZES = ("S", "M")
 MAP_PAD = 4  # the references pad the un-padded PDN's maps by 4 on each side
-DISTILL_VERSION = 1  # bump when the distillation recipe changes (invalidates cached teachers)
+DISTILL_VERSION = 2  # bump when the distillation recipe changes (invalidates cached teachers)
 DISTILL_NORM_IMAGES = 256
 DISTILL_GRAYSCALE = 0.1
 PENALTY_GRAYSCALE = 0.3
+LR_DROP_AT = 0.95  # the learning rate is divided by 10 after this share of the steps (training and distillation)
 AE_BOTTLENECK_GRID = 8  # the encoder's last convolution is 8 x 8 (a 256-px input's grid)
 
 
@@ -299,10 +319,11 @@ def distillation_config(
     backbone: str = "efficientnet_lite0",
     weights_path: str | os.PathLike[str] | None = None,
     layers: tuple[str, ...] | None = None,
-    steps: int = 300,
+    steps: int = 3000,
     batch_size: int = 8,
     crop: int = 64,
     seed: int = 0,
+    lr: float = 1e-3,
 ) -> dict[str, Any]:
     """Everything that shapes a distilled teacher, as JSON (its hash names the cache file)."""
     from iadkit.backbones import FeatureExtractor, get_spec
@@ -328,7 +349,8 @@ def distillation_config(
         "batch_size": int(batch_size),
         "crop": int(crop),
         "seed": int(seed),
-        "lr": 1e-4,
+        "lr": float(lr),
+        "lr_drop_at": LR_DROP_AT,
         "weight_decay": 1e-5,
         "norm_images": min(DISTILL_NORM_IMAGES, int(steps) * int(batch_size)),
         "grayscale": DISTILL_GRAYSCALE,
@@ -344,6 +366,102 @@ def teacher_cache_path(config: dict[str, Any]) -> Path:
     return cache_dir() / f"efficientad-teacher-{key}.safetensors"
 
 
+class DistillationTarget:
+    """What the teacher regresses: a pretrained backbone's PatchCore features of general images.
+
+    ``draw(n, generator)`` gives ``n`` general images twice, at twice the crop size (for the
+    backbone) and at the crop size (for the PDN); ``features(big)`` is the target, the
+    backbone's patch features (3x3 "unfold" aggregation, 1024 per layer, pooled to
+    ``out_channels``), standardised per channel with `mean` and `std`, measured on the first
+    ``config["norm_images"]`` draws of the generator seeded with ``config["seed"]``.
+
+    Parameters
+    ----------
+    config
+        From `distillation_config`.
+    weights_path
+        The backbone's weight file (torchvision backbones).
+    device
+        Where the backbone runs.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        weights_path: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from iadkit.backbones import FeatureExtractor
+        from iadkit.components.features import PatchEmbedding
+        from iadkit.components.general_images import GeneralImages
+
+        self.crop = int(config["crop"])
+        if self.crop % 16:
+            raise InvalidParameterError(f"EfficientAD: distill_size must be a multiple of 16 (pixels), got {self.crop}")
+        self.layers = list(config["layers"])
+        self.device = torch.device(device)
+        self.fx = FeatureExtractor(config["backbone"], self.layers, weights_path).to(self.device)
+        self.embed = PatchEmbedding(
+            list(self.fx.channels.values()), patch_size=3, pretrain_dim=1024, target_dim=config["out_channels"]
+        ).to(self.device)
+        self.source = GeneralImages(textures=True)
+        self.mean = torch.zeros(1, config["out_channels"], 1, 1, device=self.device)
+        self.std = torch.ones_like(self.mean)
+        g = torch.Generator().manual_seed(int(config["seed"]))
+        n_norm, batch = int(config["norm_images"]), int(config["batch_size"])
+        with torch.no_grad():  # channel statistics of the target (the references: two passes)
+            total = torch.zeros(config["out_channels"], dtype=torch.float64, device=self.device)
+            total_sq = torch.zeros_like(total)
+            count = 0
+            for start in range(0, n_norm, batch):
+                t = self.raw_features(self.draw(min(batch, n_norm - start), g)[0]).double()
+                total += t.sum(dim=(0, 2, 3))
+                total_sq += (t * t).sum(dim=(0, 2, 3))
+                count += t.shape[0] * t.shape[2] * t.shape[3]
+            mean = total / count
+            std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+        self.mean, self.std = mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
+        self.generator = g  # training draws continue the same stream
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n` general images: (at twice the crop size, at the crop size), values in [0, 1]."""
+        big = self.source.batch(n, 2 * self.crop, generator, grayscale=DISTILL_GRAYSCALE).to(self.device)
+        small = F.interpolate(big, size=(self.crop, self.crop), mode="bilinear", antialias=True, align_corners=False)
+        return big, small
+
+    @torch.no_grad()
+    def raw_features(self, big: torch.Tensor) -> torch.Tensor:
+        feats = self.fx(_normalize(big, self.fx.mean, self.fx.std))
+        return self.embed([feats[name] for name in self.layers])
+
+    def features(self, big: torch.Tensor) -> torch.Tensor:
+        """The standardised target of images at twice the crop size, [B, out_channels, h, w]."""
+        return (self.raw_features(big) - self.mean) / self.std
+
+
+#: The default teacher (EfficientAD-S, 384 channels, distilled from the packaged EfficientNet-
+#: Lite0 with `distillation_config`'s defaults), shipped in float16 so that no user pays the
+#: distillation; written by ``bench/efficientad_teacher.py``.
+PACKAGED_TEACHER = Path(__file__).with_name("efficientad_teacher_s.safetensors")
+PACKAGED_TEACHER_LICENCE = "Apache-2.0 (distilled from the EfficientNet-Lite0 weights, Apache-2.0)"
+
+
+def packaged_teacher(config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The teacher shipped with iadkit (as float32), when it was distilled with `config`; else None."""
+    if not PACKAGED_TEACHER.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(PACKAGED_TEACHER), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if json.loads(meta.get("config", "null")) != config:
+        return None
+    tensors, meta = read_teacher(PACKAGED_TEACHER)
+    info = {**meta.get("info", {}), "packaged": True}
+    return {k: v.float() for k, v in tensors.items()}, info
+
+
 def distill_teacher(
     config: dict[str, Any],
     *,
@@ -353,66 +471,38 @@ def distill_teacher(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Distil a PDN teacher as `config` (from `distillation_config`) says: (state dict, info).
 
-    The target is the backbone's PatchCore features of the image at twice the crop size
-    (3x3 "unfold" aggregation, 1024 per layer, pooled to ``out_channels``), standardised per
-    channel over ``config["norm_images"]`` images (at most `DISTILL_NORM_IMAGES`); the PDN (padded) sees the image at the crop
-    size; the loss is the mean squared difference; Adam 1e-4, weight decay 1e-5.
+    The target is `DistillationTarget`'s; the PDN (padded) sees the image at the crop size; the
+    loss is the mean squared difference; Adam with ``config["lr"]``, divided by 10 after
+    ``config["lr_drop_at"]`` of the steps, weight decay 1e-5. Besides the PDN's weights the
+    state holds ``distill_target_mean`` / ``distill_target_std`` (the target's channel
+    statistics, [out_channels]: what a check of the teacher against its target needs;
+    `load_teacher_weights` skips them). ``info["loss_curve"]`` is [step, mean loss of the
+    preceding window] at 20 points.
     """
-    from iadkit.backbones import FeatureExtractor
-    from iadkit.components.features import PatchEmbedding
-    from iadkit.components.general_images import GeneralImages
     from iadkit.progress import step_bar
 
     t0 = time.perf_counter()
     device = torch.device(device)
-    crop, batch = int(config["crop"]), int(config["batch_size"])
-    if crop % 16:
-        raise InvalidParameterError(f"EfficientAD: distill_size must be a multiple of 16 (pixels), got {crop}")
-    fx = FeatureExtractor(config["backbone"], config["layers"], weights_path).to(device)
-    embed = PatchEmbedding(
-        list(fx.channels.values()), patch_size=3, pretrain_dim=1024, target_dim=config["out_channels"]
-    ).to(device)
-    source = GeneralImages(textures=True)
-    g = torch.Generator().manual_seed(int(config["seed"]))
-
-    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        big = source.batch(n, 2 * crop, g, grayscale=DISTILL_GRAYSCALE).to(device)
-        small = F.interpolate(big, size=(crop, crop), mode="bilinear", antialias=True, align_corners=False)
-        return big, small
-
-    @torch.no_grad()
-    def target_of(big: torch.Tensor) -> torch.Tensor:
-        feats = fx(_normalize(big, fx.mean, fx.std))
-        return embed([feats[name] for name in config["layers"]])
-
-    n_norm = int(config["norm_images"])
-    with torch.no_grad():  # channel statistics of the target (the references: two passes)
-        total = torch.zeros(config["out_channels"], dtype=torch.float64, device=device)
-        total_sq = torch.zeros_like(total)
-        count = 0
-        for start in range(0, n_norm, batch):
-            t = target_of(draw(min(batch, n_norm - start))[0]).double()
-            total += t.sum(dim=(0, 2, 3))
-            total_sq += (t * t).sum(dim=(0, 2, 3))
-            count += t.shape[0] * t.shape[2] * t.shape[3]
-        mean = total / count
-        std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
-        mean_, std_ = mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
+    batch = int(config["batch_size"])
+    target = DistillationTarget(config, weights_path=weights_path, device=device)
+    g = target.generator
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(config["seed"]))
         pdn = PatchDescriptionNetwork(config["size"], config["out_channels"], padding=True).to(device)
     pdn = pdn.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(pdn.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    drop_at = max(1, int(config["lr_drop_at"] * int(config["steps"])))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=drop_at, gamma=0.1)
     losses: list[float] = []
     with step_bar(int(config["steps"]), "efficientad: distilling the teacher", enabled=progress) as bar:
         for step in range(int(config["steps"])):
-            big, small = draw(batch)
-            target = (target_of(big) - mean_) / std_
+            big, small = target.draw(batch, g)
+            goal = target.features(big)
             pred = pdn(_normalize(small, IMAGENET_MEAN, IMAGENET_STD).contiguous(memory_format=torch.channels_last))
-            if pred.shape != target.shape:  # only for a crop the two grids disagree on
-                target = F.interpolate(target, size=pred.shape[-2:], mode="bilinear", align_corners=False)
-            loss = torch.mean((pred - target) ** 2)
+            if pred.shape != goal.shape:  # only for a crop the two grids disagree on
+                goal = F.interpolate(goal, size=pred.shape[-2:], mode="bilinear", align_corners=False)
+            loss = torch.mean((pred - goal) ** 2)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"EfficientAD teacher distillation: the loss became {float(loss)} at step {step + 1}"
@@ -420,10 +510,16 @@ def distill_teacher(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             losses.append(float(loss.detach()))
             bar.advance(loss=float(np.mean(losses[-50:])))
     state = {k: v.detach().cpu().contiguous() for k, v in pdn.state_dict().items()}
+    state["distill_target_mean"] = target.mean.reshape(-1).cpu().contiguous()
+    state["distill_target_std"] = target.std.reshape(-1).cpu().contiguous()
+    window = max(1, len(losses) // 20)  # the loss curve: 20 points, each the mean of its window
+    curve = [[end, float(np.mean(losses[end - window : end]))] for end in range(window, len(losses) + 1, window)]
     info = {
+        "loss_curve": curve,
         "seconds": time.perf_counter() - t0,
         "loss_first": float(np.mean(losses[:10])) if losses else float("nan"),
         "loss_last": float(np.mean(losses[-50:])) if losses else float("nan"),
@@ -508,7 +604,11 @@ def cached_teacher(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The teacher distilled with `config`: read from the cache, or distilled now and cached."""
+    """The teacher distilled with `config`: the packaged one (`PACKAGED_TEACHER`) when its
+    configuration is `config`, else read from the cache, or distilled now and cached."""
+    packaged = packaged_teacher(config)
+    if packaged is not None:
+        return packaged
     path = teacher_cache_path(config)
     if path.is_file():
         try:
@@ -542,7 +642,13 @@ class EfficientAD(Detector):
         "distill_batch_size": 2,
         "distill_size": 64,
     }
-    paper_params = {"steps": 70000, "distill_steps": 60000, "distill_batch_size": 16, "distill_size": 256}
+    paper_params = {
+        "steps": 70000,
+        "distill_steps": 60000,
+        "distill_batch_size": 16,
+        "distill_size": 256,
+        "distill_lr": 1e-4,
+    }
     paper_image_size = 256
 
     model_size: str = param("S", "PDN size: 'S' (EfficientAD-S) or 'M' (EfficientAD-M).", check=OneOf(PDN_SIZES))
@@ -581,7 +687,18 @@ class EfficientAD(Detector):
         None, "Weight file of `distill_backbone` (torchvision backbones)."
     )
     distill_steps: int = param(
-        300, "Teacher distillation iterations (paper: 60000; CPU-sized default).", check=at_least(1)
+        3000, "Teacher distillation iterations (paper: 60000; CPU-sized default).", check=at_least(1)
+    )
+    distill_lr: float = param(
+        1e-3,
+        "Adam learning rate of the distillation, divided by 10 after 95 % of the steps (paper: 1e-4, constant, "
+        "over 60000 iterations; 1e-3 fits our 3000).",
+        check=positive(),
+    )
+    distill_seed: int = param(
+        0,
+        "Seed of the teacher's distillation (one teacher serves every training seed, as in the paper).",
+        check=at_least(0),
     )
     distill_batch_size: int = param(8, "Images per distillation iteration (paper: 16).", check=at_least(1))
     distill_size: int = param(
@@ -678,12 +795,13 @@ class EfficientAD(Detector):
             steps=self.distill_steps,
             batch_size=self.distill_batch_size,
             crop=self.distill_size,
-            seed=self.seed,
+            seed=self.distill_seed,
+            lr=self.distill_lr,
         )
         tensors, info = cached_teacher(
             config, weights_path=self.distill_weights_path, device=self.device, progress=progress
         )
-        return tensors, info, str(teacher_cache_path(config))
+        return tensors, info, str(PACKAGED_TEACHER if info.get("packaged") else teacher_cache_path(config))
 
     def _fit(self, train: ImageSet, *, progress: bool) -> None:
         t0 = time.perf_counter()
@@ -740,7 +858,9 @@ class EfficientAD(Detector):
         penalty_source = GeneralImages(folder=self.penalty_folder) if self.penalty else None
         params = list(self.student_.parameters()) + list(self.autoencoder_.parameters())
         optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(0.95 * self.steps)), gamma=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=max(1, int(LR_DROP_AT * self.steps)), gamma=0.1
+        )
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         # The teacher's output on an un-augmented training image never changes: computed once
@@ -818,7 +938,9 @@ class EfficientAD(Detector):
 
 
 __all__ = [
+    "PACKAGED_TEACHER",
     "AutoEncoder",
+    "DistillationTarget",
     "EfficientAD",
     "PatchDescriptionNetwork",
     "augment_for_autoencoder",
@@ -829,6 +951,7 @@ __all__ = [
     "load_teacher_weights",
     "map_quantiles",
     "normalize_map",
+    "packaged_teacher",
     "pdn_output_size",
     "read_teacher",
     "save_teacher",
