@@ -462,6 +462,34 @@ def packaged_teacher(config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], d
     return {k: v.float() for k, v in tensors.items()}, info
 
 
+@torch.no_grad()
+def held_out_distillation_mse(
+    config: dict[str, Any], states: dict[str, dict[str, torch.Tensor]], *, n: int, seed: int
+) -> dict[str, float]:
+    """Distillation MSE of each teacher state on `n` general images drawn with `seed` (a stream
+    no distillation step drew from); 1.0 = predicting the channel mean.
+
+    The target is standardised with the first state's ``distill_target_mean`` / ``_std`` (kept
+    by `distill_teacher`); an empty state stands for an undistilled PDN (seeded with 0).
+    """
+    target = DistillationTarget({**config, "norm_images": 1})  # statistics: the teacher's own, below
+    first = next(iter(states.values()))
+    target.mean = first["distill_target_mean"].float().view(1, -1, 1, 1)
+    target.std = first["distill_target_std"].float().view(1, -1, 1, 1)
+    big, small = target.draw(n, torch.Generator().manual_seed(seed))
+    goal = target.features(big)
+    x = _normalize(small, IMAGENET_MEAN, IMAGENET_STD)
+    out = {}
+    for name, state in states.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            pdn = PatchDescriptionNetwork(config["size"], config["out_channels"], padding=True).eval()
+        if state:
+            load_teacher_weights(pdn, {k: v.float() for k, v in state.items()}, name)
+        out[name] = float(torch.mean((pdn(x) - goal) ** 2))
+    return out
+
+
 def distill_teacher(
     config: dict[str, Any],
     *,
@@ -776,6 +804,20 @@ class EfficientAD(Detector):
         return Prediction(scores=None, maps=combined)
 
     # -- fit -------------------------------------------------------------------------------------------
+    def teacher_config(self) -> dict[str, Any]:
+        """The `distillation_config` of this detector's teacher (what names its cache file)."""
+        return distillation_config(
+            size=self.model_size,
+            out_channels=self.out_channels,
+            backbone=self.distill_backbone,
+            weights_path=self.distill_weights_path,
+            steps=self.distill_steps,
+            batch_size=self.distill_batch_size,
+            crop=self.distill_size,
+            seed=self.distill_seed,
+            lr=self.distill_lr,
+        )
+
     def _teacher_state(self, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
         # Distilling (or only building the backbone to hash its weights) draws from the global
         # random generator; kept out of the seeded stream of training, whose result then does
@@ -787,17 +829,7 @@ class EfficientAD(Detector):
         if self.teacher_path is not None:
             tensors, meta = read_teacher(self.teacher_path)
             return tensors, meta.get("info", {}), os.fspath(self.teacher_path)
-        config = distillation_config(
-            size=self.model_size,
-            out_channels=self.out_channels,
-            backbone=self.distill_backbone,
-            weights_path=self.distill_weights_path,
-            steps=self.distill_steps,
-            batch_size=self.distill_batch_size,
-            crop=self.distill_size,
-            seed=self.distill_seed,
-            lr=self.distill_lr,
-        )
+        config = self.teacher_config()
         tensors, info = cached_teacher(
             config, weights_path=self.distill_weights_path, device=self.device, progress=progress
         )
@@ -948,6 +980,7 @@ __all__ = [
     "distill_teacher",
     "distillation_config",
     "hard_feature_loss",
+    "held_out_distillation_mse",
     "load_teacher_weights",
     "map_quantiles",
     "normalize_map",
